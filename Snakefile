@@ -1,0 +1,26 @@
+# nodulesynth: lesion maps of chest CT, lesion-map-to-CT synthesis and a downstream study.
+# Run: snakemake --cores N [--use-singularity] ; see README.md. Every rule calls one `nodulesynth` command.
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/cohort.smk"
+include: "rules/folds.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "results/cohort/manifest.tsv",
+        "results/cohort/rejected.tsv",
+        "results/folds/folds.tsv",
+        qc_montages,

@@ -1,0 +1,108 @@
+# The data half of the DAG: the cohort, one ingestion and one lesion-map job per scan, the manifest.
+
+
+checkpoint cohort:
+    output:
+        scans="results/cohort/scans.tsv",
+        annotations="results/cohort/annotations.csv",
+        cohort_rejected="results/cohort/cohort_rejected.tsv",
+        demo=directory("results/demo"),
+    params:
+        cohort=section("cohort"),
+        nodules=section("nodules"),
+    log:
+        "results/logs/cohort.log",
+    benchmark:
+        "results/benchmarks/cohort.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    conda:
+        "../envs/data.yaml"
+    container:
+        config["containers"]["data"]
+    shell:
+        "mkdir -p {output.demo} && "
+        "nodulesynth cohort --params {params.cohort:q} --nodules {params.nodules:q} --demo-dir {output.demo} "
+        "--scans {output.scans} --annotations {output.annotations} "
+        "--cohort-rejected {output.cohort_rejected} > {log} 2>&1"
+
+
+rule ingest:
+    input:
+        scans="results/cohort/scans.tsv",
+        annotations="results/cohort/annotations.csv",
+    output:
+        temp("results/volumes/{scan}.npz"),
+    params:
+        cohort=section("cohort"),
+        nodules=section("nodules"),
+    log:
+        "results/logs/ingest/{scan}.log",
+    benchmark:
+        "results/benchmarks/ingest/{scan}.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=20,
+    conda:
+        "../envs/data.yaml"
+    container:
+        config["containers"]["data"]
+    shell:
+        "nodulesynth ingest --scans {input.scans} --scan {wildcards.scan} --annotations {input.annotations} "
+        "--params {params.cohort:q} --nodules {params.nodules:q} --out {output} > {log} 2>&1"
+
+
+rule masks:
+    input:
+        "results/volumes/{scan}.npz",
+    output:
+        slices="results/slices/{scan}.npz",
+        nodules="results/slices/{scan}.nodules.tsv",
+        qc=report("results/qc/{scan}.png", category="Lesion maps", subcategory="QC montages",
+                  labels={"scan": "{scan}"}),
+    params:
+        masks=section("masks"),
+        window=section("window"),
+    log:
+        "results/logs/masks/{scan}.log",
+    benchmark:
+        "results/benchmarks/masks/{scan}.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=20,
+    conda:
+        "../envs/data.yaml"
+    container:
+        config["containers"]["data"]
+    shell:
+        "nodulesynth masks --volume {input} --params {params.masks:q} --window {params.window:q} "
+        "--slices {output.slices} --nodules {output.nodules} --qc {output.qc} > {log} 2>&1"
+
+
+rule manifest:
+    input:
+        scans="results/cohort/scans.tsv",
+        cohort_rejected="results/cohort/cohort_rejected.tsv",
+        slices=slice_stacks,
+    output:
+        manifest="results/cohort/manifest.tsv",
+        rejected="results/cohort/rejected.tsv",
+    log:
+        "results/logs/manifest.log",
+    benchmark:
+        "results/benchmarks/manifest.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/data.yaml"
+    container:
+        config["containers"]["data"]
+    shell:
+        "nodulesynth manifest --scans {input.scans} --cohort-rejected {input.cohort_rejected} "
+        "--slices {input.slices} --manifest {output.manifest} --rejected {output.rejected} > {log} 2>&1"

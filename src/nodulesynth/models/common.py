@@ -1,0 +1,199 @@
+"""Training utilities shared by the generators (SDM and SPADE).
+
+Device choice, EMA weights, atomic checkpoints, per-step random generators (so a resumed run
+is bitwise equal to an unbroken one on CPU), the in-memory slice/label training set, one-hot
+maps, the loss curve file and the progress bar.
+"""
+
+import csv
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nodulesynth.io import atomic_path
+from nodulesynth.masks.labels import NUM_CLASSES
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """"auto" = the GPU when one is present, else the CPU; anything else is taken literally."""
+    requested = str(requested or "auto")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # An explicit request must not silently fall back: a GPU job on the CPU would run for days.
+        raise RuntimeError(f"device {requested!r} requested but CUDA is not available (use 'auto')")
+    return device
+
+
+class EMA:
+    """Exponential moving average of a model's parameters; buffers are copied as they are.
+
+    `warmup=True` uses min(decay, (1 + n) / (10 + n)) after n updates, so that short runs
+    (the CPU demo) do not end with weights still close to the random initialisation.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, warmup: bool = False):
+        self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.num_updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in _state_tensors(model).items()}
+        self._param_names = {k for k, _ in model.named_parameters()}
+
+    def current_decay(self) -> float:
+        if self.warmup:
+            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module):
+        decay = self.current_decay()
+        self.num_updates += 1
+        for name, value in _state_tensors(model).items():
+            shadow = self.shadow[name]
+            if name in self._param_names and value.is_floating_point():
+                shadow.lerp_(value.detach().to(shadow.dtype), 1.0 - decay)
+            else:
+                shadow.copy_(value.detach())
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
+                "shadow": {k: v.clone() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict):
+        self.decay = float(state["decay"])
+        self.warmup = bool(state.get("warmup", False))
+        self.num_updates = int(state["num_updates"])
+        for name, value in state["shadow"].items():
+            self.shadow[name].copy_(value)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module):
+        for name, value in _state_tensors(model).items():
+            value.copy_(self.shadow[name])
+
+
+def _state_tensors(model):
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    return tensors
+
+
+def save_checkpoint(path, state: dict):
+    """torch.save to a temporary sibling, then rename: a kill never leaves a torn checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    # Our own files, holding options and optimiser state besides tensors.
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
+    """A generator seeded from (seed, step) alone.
+
+    Every random draw of training step `step` comes from it, so resuming at step k needs no
+    saved RNG state and replays exactly the draws an unbroken run would make.
+    """
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step)]).generate_state(2, np.uint32)
+    generator = torch.Generator(device=device)
+    generator.manual_seed((int(state[0]) << 31 | int(state[1]) >> 1) & 0x7FFFFFFFFFFFFFFF)
+    return generator
+
+
+def seed_everything_for_step(seed: int, step: int):
+    """Seed the global RNGs from (seed, step) too, for dropout and any op drawing globally."""
+    torch.manual_seed(int(step_generator(seed, step).initial_seed()) ^ 0x5DEECE66D)
+
+
+class SlicePairs:
+    """(image, label) training slices, resized once to `image_size` and kept as tensors.
+
+    `image` float32 [N,1,S,S] in [-1, 1]; `label` int64 [N,S,S].
+    """
+
+    def __init__(self, images_u8: np.ndarray, labels_u8: np.ndarray, image_size: int):
+        images_u8, labels_u8 = np.asarray(images_u8), np.asarray(labels_u8)
+        if images_u8.shape != labels_u8.shape or images_u8.ndim != 3:
+            raise ValueError(f"images {images_u8.shape} and labels {labels_u8.shape} must be equal [N,H,W]")
+        size = int(image_size)
+        images = np.stack([_resize(im, size, cv2.INTER_AREA) for im in images_u8]) if len(images_u8) else \
+            np.zeros((0, size, size), np.uint8)
+        labels = np.stack([_resize(lb, size, cv2.INTER_NEAREST) for lb in labels_u8]) if len(labels_u8) else \
+            np.zeros((0, size, size), np.uint8)
+        self.image_size = size
+        self.image = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).unsqueeze(1).contiguous()
+        self.label = torch.from_numpy(labels.astype(np.int64)).contiguous()
+
+    def __len__(self):
+        return len(self.image)
+
+    def batch(self, indices):
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return self.image[indices], self.label[indices]
+
+
+def _resize(array, size, interpolation):
+    if array.shape == (size, size):
+        return array
+    return cv2.resize(array, (size, size), interpolation=interpolation)
+
+
+def one_hot(label: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Label map long [B,H,W] -> float [B,C,H,W]."""
+    return F.one_hot(label.long(), num_classes).permute(0, 3, 1, 2).float()
+
+
+class LossCurve:
+    """Rows of (step, named values), written as a TSV for the report."""
+
+    def __init__(self):
+        self.rows = []
+
+    def append(self, step: int, **values):
+        self.rows.append({"step": int(step), **{k: float(v) for k, v in values.items()}})
+
+    def truncate(self, step: int):
+        """Drop rows after `step` (a resumed run replays them)."""
+        self.rows = [row for row in self.rows if row["step"] <= step]
+
+    def columns(self):
+        names = []
+        for row in self.rows:
+            names.extend(k for k in row if k not in names)
+        return names
+
+    def write(self, path):
+        columns = self.columns() or ["step"]
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, columns, delimiter="\t", restval="")
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+    @classmethod
+    def load(cls, path):
+        curve = cls()
+        if Path(path).exists():
+            with open(path, newline="") as fh:
+                for row in csv.DictReader(fh, delimiter="\t"):
+                    step = int(row.pop("step"))
+                    curve.append(step, **{k: float(v) for k, v in row.items() if v not in ("", None)})
+        return curve
+
+
+def progress(total: int, initial: int = 0, desc: str = ""):
+    """A tqdm bar that also shows in Snakemake logs (not a tty): then refreshed every 5 s."""
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, mininterval=0.5 if tty else 5.0,
+                dynamic_ncols=tty, ascii=not tty, file=sys.stderr)
+
+
+__all__ = ["pick_device", "EMA", "save_checkpoint", "load_checkpoint", "step_generator",
+           "seed_everything_for_step", "SlicePairs", "one_hot", "LossCurve", "progress"]

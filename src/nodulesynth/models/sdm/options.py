@@ -1,0 +1,102 @@
+"""SDM options: the network, the diffusion, training and sampling, in one flat dataclass.
+
+Defaults are the paper's 256-pixel setting (Wang et al. 2022, official ADE20K/Cityscapes scripts:
+256 channels, channel_mult (1,1,2,2,4,4), 2 res blocks, attention at 32/16/8 px with 64-channel
+heads, BigGAN-style up/down res blocks, learned sigma, linear 1000-step schedule, lr 1e-4 at a
+total batch of 32, EMA 0.9999, guidance drop rate 0.2 and scale 1.5, 1000-step ancestral sampling).
+A CPU demo overrides the size keys from the config (e.g. image_size 64, model_channels 32,
+channel_mult [1, 2], num_res_blocks 1, attention_resolutions [32], spade_hidden 32).
+"""
+
+from dataclasses import asdict, dataclass, fields, replace
+
+SCHEDULES = ("linear", "cosine")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+ATTENTION = ("sdpa", "plain")
+
+
+@dataclass(frozen=True)
+class SDMOptions:
+    # --- network ---
+    image_size: int = 256
+    in_channels: int = 1                # one CT channel
+    num_classes: int = 6                # nodulesynth.masks.labels.NUM_CLASSES
+    model_channels: int = 256
+    channel_mult: tuple = (1, 1, 2, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple = (32, 16, 8)  # feature-map sizes in pixels that get self-attention
+    num_head_channels: int = 64         # channels per attention head (heads = channels // this, at least 1)
+    dropout: float = 0.0
+    resblock_updown: bool = True        # resample inside residual blocks (BigGAN style) rather than by conv
+    spade_hidden: int = 128             # hidden width of the spatially-adaptive norm's shared conv
+    norm_groups: int = 32               # GroupNorm groups (reduced to a divisor for narrow layers)
+    learn_sigma: bool = True            # second output channel: learned-range variance interpolation
+    # --- diffusion ---
+    diffusion_steps: int = 1000
+    noise_schedule: str = "linear"
+    vlb_weight: float = 0.001           # lambda of the hybrid loss L_simple + lambda * L_vlb
+    # --- training ---
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False            # min(decay, (1+n)/(10+n)): for short CPU runs
+    drop_rate: float = 0.2              # classifier-free guidance: P(map replaced by the null map)
+    max_steps: int = 100_000            # not fixed by the paper for this data: set per run
+    checkpoint_every: int = 2_000
+    log_every: int = 100
+    seed: int = 0
+    # --- speed features (the benchmark switches them off to measure the plain implementation) ---
+    bf16: bool = True                   # bf16 autocast, CUDA only
+    channels_last: bool = True          # CUDA only
+    attention: str = "sdpa"             # "sdpa" (F.scaled_dot_product_attention) or "plain"
+    grad_checkpoint: bool = False       # trade compute for memory at 256 px
+    # --- sampling ---
+    sampler: str = "ddpm"
+    sample_steps: int = 1000
+    guidance_scale: float = 1.5
+    ddim_eta: float = 0.0
+    sample_batch_size: int = 16
+
+    def __post_init__(self):
+        # Lists from YAML become tuples so options stay hashable and compare equal after a round trip.
+        for name in ("channel_mult", "attention_resolutions"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)):
+                value = (value,)
+            object.__setattr__(self, name, tuple(value))
+        if self.noise_schedule not in SCHEDULES:
+            raise ValueError(f"sdm.noise_schedule must be one of {SCHEDULES}, got {self.noise_schedule!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sdm.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"sdm.attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.image_size % 2 ** (len(self.channel_mult) - 1):
+            raise ValueError(f"sdm.image_size {self.image_size} is not divisible by "
+                             f"2**{len(self.channel_mult) - 1} (len(channel_mult) - 1 downsamplings)")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"sdm.drop_rate must be in [0, 1), got {self.drop_rate}")
+        if self.sample_steps < 1 or self.sample_steps > self.diffusion_steps:
+            raise ValueError(f"sdm.sample_steps must be in [1, {self.diffusion_steps}], got {self.sample_steps}")
+
+    @classmethod
+    def from_config(cls, config: dict | None) -> "SDMOptions":
+        """Options from the `sdm:` section of the config; an unknown key is a KeyError naming it."""
+        config = dict(config or {})
+        known = {f.name for f in fields(cls)}
+        for key in config:
+            if key not in known:
+                raise KeyError(f"sdm.{key}")
+        return cls(**config)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes) -> "SDMOptions":
+        return replace(self, **changes)
+
+    # Keys that define the trained network and its diffusion; a checkpoint with other values cannot resume.
+    MODEL_KEYS = ("image_size", "in_channels", "num_classes", "model_channels", "channel_mult",
+                  "num_res_blocks", "attention_resolutions", "num_head_channels", "resblock_updown",
+                  "spade_hidden", "norm_groups", "learn_sigma", "diffusion_steps", "noise_schedule")

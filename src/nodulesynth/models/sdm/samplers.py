@@ -1,0 +1,132 @@
+"""Samplers as small pure functions (in the spirit of k-diffusion).
+
+A sampler takes `model_fn(x, t_model) -> network output [B, C or 2C, H, W]` (float32), the full
+`GaussianDiffusion`, the starting noise x_T, a step count and a torch.Generator (all randomness
+comes from it: same generator state, same images), and returns x_0 in [-1, 1].
+`guided_model` turns the network and a one-hot map into such a model_fn with classifier-free
+guidance.
+"""
+
+import numpy as np
+import torch
+
+from nodulesynth.models.sdm.diffusion import GaussianDiffusion, spaced_timesteps, split_output
+
+
+def randn(shape, generator: torch.Generator, device) -> torch.Tensor:
+    """Normal noise drawn on the generator's device, then moved: a CPU generator gives the same
+    numbers whatever device the model runs on."""
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+def guided_model(model, cond: torch.Tensor, guidance_scale: float = 1.0, channels: int = 1, null=None):
+    """model_fn with classifier-free guidance: eps = eps(null) + s * (eps(map) - eps(null)).
+
+    Both branches run in ONE forward pass on the batch [x; x] with maps [map; null]. The learned
+    variance channel is taken from the conditional branch (as the SDM code does). s = 1 is the
+    plain conditional model (one pass of batch B).
+    """
+    null = torch.zeros_like(cond) if null is None else null
+    scale = float(guidance_scale)
+
+    def model_fn(x, t):
+        if scale == 1.0:
+            return model(x, t, cond).float()
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])).float()
+        out_cond, out_null = out.chunk(2)
+        eps = out_null[:, :channels] + scale * (out_cond[:, :channels] - out_null[:, :channels])
+        return torch.cat([eps, out_cond[:, channels:]], dim=1)
+
+    return model_fn
+
+
+def _steps(x: torch.Tensor, i: int) -> torch.Tensor:
+    return torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+
+
+@torch.no_grad()
+def sample_ddpm(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int,
+                generator: torch.Generator, clip_denoised: bool = True) -> torch.Tensor:
+    """Ancestral sampling on a respaced schedule: x_{t-1} ~ N(mu_theta, Sigma_theta), with the
+    learned variance interpolating the RESPACED beta and posterior variance."""
+    spaced = diffusion.respaced(steps)
+    channels = x.shape[1]
+    for i in reversed(range(spaced.num_timesteps)):
+        t = _steps(x, i)
+        eps, v = split_output(model_fn(x, spaced.model_t(t)), channels)
+        out = spaced.p_mean_variance(eps, v, x, t, clip_denoised)
+        x = out["mean"]
+        if i > 0:
+            x = x + torch.exp(0.5 * out["log_variance"]) * randn(x.shape, generator, x.device)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int,
+                generator: torch.Generator, eta: float = 0.0, clip_denoised: bool = True) -> torch.Tensor:
+    """DDIM (Song et al. 2021) on a respaced schedule; eta = 0 is deterministic, eta = 1 ~ DDPM."""
+    spaced = diffusion.respaced(steps)
+    channels = x.shape[1]
+    for i in reversed(range(spaced.num_timesteps)):
+        t = _steps(x, i)
+        eps, _ = split_output(model_fn(x, spaced.model_t(t)), channels)
+        x0 = spaced.predict_x0_from_eps(x, t, eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+            eps = spaced.predict_eps_from_x0(x, t, x0)  # keep eps consistent with the clipped x0
+        abar = spaced._get("alphas_cumprod", t, x)
+        abar_prev = spaced._get("alphas_cumprod_prev", t, x)
+        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+        x = x0 * torch.sqrt(abar_prev) + torch.sqrt((1 - abar_prev - sigma ** 2).clamp(min=0)) * eps
+        if i > 0 and eta > 0:
+            x = x + sigma * randn(x.shape, generator, x.device)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int,
+                    generator: torch.Generator = None, clip_denoised: bool = True) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, alg. 2): second-order multistep in data (x0) prediction.
+
+    Evaluates the network at `steps` evenly spaced timesteps T-1 .. 0 of the discrete schedule
+    (alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t)); the
+    first step is first order (DDIM), the last one lands on the final x0 estimate. Deterministic:
+    the generator is accepted for a uniform signature only.
+    """
+    keep = spaced_timesteps(diffusion.num_timesteps, steps)[::-1]  # descending
+    times = diffusion.timestep_map[keep]  # what the network was trained on
+    abar = diffusion.alphas_cumprod[keep]
+    alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
+    lam = np.log(alpha) - np.log(sigma)
+    channels = x.shape[1]
+    prev_x0, prev_h = None, None
+    for i, step in enumerate(times):
+        t = torch.full((x.shape[0],), int(step), dtype=torch.long, device=x.device)
+        eps, _ = split_output(model_fn(x, t), channels)
+        x0 = float(1 / alpha[i]) * x - float(sigma[i] / alpha[i]) * eps
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)  # thresholding: CT intensities live in [-1, 1]
+        if i == len(times) - 1:
+            return x0
+        h = float(lam[i + 1] - lam[i])
+        if prev_x0 is None:
+            d = x0
+        else:
+            r = prev_h / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+        x = float(sigma[i + 1] / sigma[i]) * x - float(alpha[i + 1] * np.expm1(-h)) * d
+        prev_x0, prev_h = x0, h
+    return x
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+
+
+def sample(sampler: str, model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int,
+           generator: torch.Generator, eta: float = 0.0) -> torch.Tensor:
+    """Dispatch by name ("ddpm", "ddim", "dpmpp_2m")."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; one of {sorted(SAMPLERS)}")
+    if sampler == "ddim":
+        return sample_ddim(model_fn, diffusion, x, steps, generator, eta=eta)
+    return SAMPLERS[sampler](model_fn, diffusion, x, steps, generator)

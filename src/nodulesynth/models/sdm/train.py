@@ -1,0 +1,173 @@
+"""SDM training loop: AdamW, gradient clipping, EMA, classifier-free guidance drop, bf16 autocast and
+channels-last on CUDA, periodic atomic checkpoints, and exact resume.
+
+Exact resume: every random draw of step t (batch indices, timesteps, noise, guidance drop, and the
+global RNG used by dropout) is seeded from (seed, t) alone, and the checkpoint holds the model,
+optimiser and EMA states. A run killed after its checkpoint at step k and restarted therefore
+replays steps k+1.. exactly as an unbroken run would (bitwise on CPU).
+"""
+
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nodulesynth.data.slices import load_training_pairs
+from nodulesynth.models.common import (EMA, LossCurve, SlicePairs, load_checkpoint, one_hot, pick_device,
+                                       progress, save_checkpoint, seed_everything_for_step, step_generator)
+from nodulesynth.models.sdm.diffusion import GaussianDiffusion
+from nodulesynth.models.sdm.options import SDMOptions
+from nodulesynth.models.sdm.unet import SDMUNet
+
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+LOSS = "loss.tsv"
+FORMAT = "nodulesynth.sdm/1"
+
+
+def draw_batch(data: SlicePairs, options: SDMOptions, step: int):
+    """All random inputs of one step, from the (seed, step) generator: x0, labels, t, noise, keep."""
+    g = step_generator(options.seed, step)
+    n, b = len(data), options.batch_size
+    indices = torch.randint(n, (b,), generator=g)
+    t = torch.randint(options.diffusion_steps, (b,), generator=g)
+    x0, label = data.batch(indices)
+    noise = torch.randn(x0.shape, generator=g)
+    # Classifier-free guidance: the WHOLE map becomes the null (all-zeros) map for a dropped sample.
+    keep = (torch.rand(b, generator=g) >= options.drop_rate).float()
+    return x0, label, t, noise, keep
+
+
+def build_model(options: SDMOptions, device: torch.device) -> SDMUNet:
+    torch.manual_seed(options.seed)  # the same initial weights for the same seed
+    model = SDMUNet(options).to(device)
+    if device.type == "cuda" and options.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class Trainer:
+    """One SDM, its optimiser and EMA; `step()` runs training step `self.step + 1`."""
+
+    def __init__(self, data: SlicePairs, options: SDMOptions, device="auto"):
+        self.options = options
+        self.device = pick_device(device)
+        self.cuda = self.device.type == "cuda"
+        self.data = data
+        self.model = build_model(options, self.device)
+        self.diffusion = GaussianDiffusion.from_options(options)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+        self.ema = EMA(self.model, options.ema_decay, warmup=options.ema_warmup)
+        self.step = 0
+        self.channels_last = self.cuda and options.channels_last
+        self.bf16 = self.cuda and options.bf16
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True
+
+    def train_step(self):
+        """One optimiser step; returns the detached per-batch means (loss, mse, vb)."""
+        o = self.options
+        seed_everything_for_step(o.seed, self.step)  # dropout draws from the global RNG
+        x0, label, t, noise, keep = draw_batch(self.data, o, self.step)
+        dev = self.device
+        x0, noise = x0.to(dev, non_blocking=True), noise.to(dev, non_blocking=True)
+        t, keep, label = t.to(dev), keep.to(dev), label.to(dev, non_blocking=True)
+        cond = one_hot(label, o.num_classes) * keep[:, None, None, None]
+        xt = self.diffusion.q_sample(x0, t, noise)
+        if self.channels_last:
+            xt, cond = xt.contiguous(memory_format=torch.channels_last), cond.contiguous(memory_format=torch.channels_last)
+        self.model.train()
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+            output = self.model(xt, t, cond)
+        losses = self.diffusion.training_losses(output.float(), x0, xt, t, noise, o.vlb_weight)
+        loss = losses["loss"].mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if o.grad_clip and o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+        self.optimizer.step()
+        self.ema.update(self.model)
+        self.step += 1
+        return torch.stack([loss.detach(), losses["mse"].mean().detach(), losses["vb"].mean().detach()])
+
+    def state_dict(self):
+        return {"format": FORMAT, "step": self.step, "options": self.options.to_dict(),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict()}
+
+    def load_state_dict(self, state):
+        if state.get("format") != FORMAT:
+            raise ValueError(f"not an SDM checkpoint (format {state.get('format')!r})")
+        saved = SDMOptions.from_config(state["options"])
+        changed = [k for k in SDMOptions.MODEL_KEYS if getattr(saved, k) != getattr(self.options, k)]
+        if changed:
+            raise ValueError(f"checkpoint was trained with other sdm.{', sdm.'.join(changed)}: "
+                             "delete it to start over")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
+        self.step = int(state["step"])
+
+    def ema_state_dict(self):
+        """EMA weights as a plain model state dict on the CPU."""
+        ema_model = copy.deepcopy(self.model)
+        self.ema.copy_to(ema_model)
+        return {k: v.detach().cpu().contiguous() for k, v in ema_model.state_dict().items()}
+
+
+def train_sdm(slice_paths, out_dir, options: SDMOptions, device="auto", max_steps_this_run=None) -> Path:
+    """Train on the given slice stacks (and on nothing else); resume from out_dir/checkpoint.pt.
+
+    Writes out_dir/checkpoint.pt every `checkpoint_every` steps and when stopping, out_dir/loss.tsv
+    (step, loss, mse, vb, images_per_s) and, once `max_steps` are done, out_dir/model.pt (EMA
+    weights + options). `max_steps_this_run` stops early (as a kill would, but after a checkpoint).
+    Returns model.pt when training is complete, else checkpoint.pt.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images, labels = load_training_pairs(list(slice_paths))
+    data = SlicePairs(images, labels, options.image_size)
+    trainer = Trainer(data, options, device)
+    curve = LossCurve()
+    checkpoint_path = out_dir / CHECKPOINT
+    if checkpoint_path.exists():
+        trainer.load_state_dict(load_checkpoint(checkpoint_path, map_location=trainer.device))
+        curve = LossCurve.load(out_dir / LOSS)
+        curve.truncate(trainer.step)
+        print(f"sdm: resumed from {checkpoint_path} at step {trainer.step}", file=sys.stderr)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    print(f"sdm: {len(data)} slices at {options.image_size} px, {n_params / 1e6:.2f} M parameters, "
+          f"device {trainer.device}, bf16 {trainer.bf16}, channels_last {trainer.channels_last}", file=sys.stderr)
+
+    end = options.max_steps
+    if max_steps_this_run is not None:
+        end = min(end, trainer.step + int(max_steps_this_run))
+    bar = progress(options.max_steps, trainer.step, "sdm train")
+    window, window_steps, window_start = None, 0, time.perf_counter()
+
+    def save():
+        save_checkpoint(checkpoint_path, trainer.state_dict())
+        curve.write(out_dir / LOSS)
+
+    while trainer.step < end:
+        values = trainer.train_step()
+        window = values if window is None else window + values
+        window_steps += 1
+        bar.update(1)
+        if trainer.step % options.log_every == 0 or trainer.step == end:
+            loss, mse, vb = (window / window_steps).tolist()  # one device sync per window
+            rate = window_steps * options.batch_size / (time.perf_counter() - window_start)
+            curve.append(trainer.step, loss=loss, mse=mse, vb=vb, images_per_s=rate)
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+            window, window_steps, window_start = None, 0, time.perf_counter()
+        if trainer.step % options.checkpoint_every == 0 or trainer.step == end:
+            save()
+    bar.close()
+    if trainer.step < options.max_steps:
+        return checkpoint_path
+    save_checkpoint(out_dir / MODEL, {"format": FORMAT, "step": trainer.step, "options": options.to_dict(),
+                                      "model": trainer.ema_state_dict()})
+    curve.write(out_dir / LOSS)
+    return out_dir / MODEL

