@@ -17,8 +17,8 @@ class ScanRejected(Exception):
 
 @dataclass
 class CTVolume:
-    hu: np.ndarray            # int16 [Z, H, W], slices ordered by ImagePositionPatient along the normal
-    z: np.ndarray             # float [Z], slice position along the normal (mm), increasing
+    hu: np.ndarray            # int16 [Z, H, W], slices ordered by ImagePositionPatient z
+    z: np.ndarray             # float [Z], slice z position (mm), increasing (inferior -> superior)
     spacing: tuple            # (slice, row, column) spacing in mm
     origin: np.ndarray        # ImagePositionPatient of the first slice (mm)
     orientation: np.ndarray   # ImageOrientationPatient: row cosine (3), column cosine (3)
@@ -32,14 +32,12 @@ class CTVolume:
         return bool(self.orientation[0] > 0)
 
     def world_to_voxel(self, xyz):
-        """World (x, y, z) mm -> fractional (slice, row, column) index."""
+        """World (x, y, z) mm -> fractional (slice, row, column) index; slice is NaN outside the scan."""
         xyz = np.asarray(xyz, float)
-        row_cos, col_cos = self.orientation[:3], self.orientation[3:]
         offset = xyz - self.origin
-        column = offset @ row_cos / self.spacing[2]
-        row = offset @ col_cos / self.spacing[1]
-        along = offset @ np.cross(row_cos, col_cos) + self.z[0]
-        slice_ = np.interp(along, self.z, np.arange(len(self.z)), left=np.nan, right=np.nan)
+        column = offset @ self.orientation[:3] / self.spacing[2]
+        row = offset @ self.orientation[3:] / self.spacing[1]
+        slice_ = np.interp(xyz[2], self.z, np.arange(len(self.z)), left=np.nan, right=np.nan)
         return np.array([slice_, row, column])
 
 
@@ -96,10 +94,10 @@ def read_series(folder, max_gap_factor: float = 1.5, spacing_tolerance: float = 
     normal = np.cross(orientation[:3], orientation[3:])
     if abs(abs(normal[2]) - 1) > 0.05:
         raise ScanRejected("not an axial series (slice normal is not along z)")
+    # Slices go inferior -> superior (z increasing) whichever way the normal points.
     positions = np.array([np.array(ds.ImagePositionPatient, float) for _, ds in datasets])
-    along = positions @ normal
-    order = np.argsort(along, kind="stable")
-    along = along[order]
+    order = np.argsort(positions[:, 2], kind="stable")
+    along = positions[order, 2]
     datasets = [datasets[i] for i in order]
 
     gaps = np.diff(along)

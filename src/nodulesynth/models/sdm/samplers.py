@@ -83,30 +83,49 @@ def sample_ddim(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: 
     return x
 
 
+def logsnr_times(diffusion: GaussianDiffusion, steps: int):
+    """`steps` times, from the noisiest step to step 0, uniform in log-SNR lambda = log(alpha/sigma).
+
+    Continuous-time view of the discrete schedule (as DPM-Solver's discrete noise schedule):
+    log(alpha) is interpolated linearly between the integer steps, so the times are fractional
+    step indices. Returns (times, alpha, sigma, lambda), times descending.
+    """
+    log_alpha = 0.5 * np.log(diffusion.alphas_cumprod)
+    lam_n = log_alpha - 0.5 * np.log1p(-np.exp(2 * log_alpha))  # decreasing in the step index
+    if steps == 1:
+        lam = lam_n[-1:]
+    else:
+        lam = np.linspace(lam_n[-1], lam_n[0], steps)
+    log_alpha_i = -0.5 * np.logaddexp(0.0, -2 * lam)
+    index = np.arange(len(log_alpha), dtype=np.float64)
+    s = np.interp(-log_alpha_i, -log_alpha, index)  # -log_alpha increases with the index
+    alpha = np.exp(log_alpha_i)
+    sigma = np.sqrt(-np.expm1(2 * log_alpha_i))
+    return s, alpha, sigma, lam
+
+
 @torch.no_grad()
 def sample_dpmpp_2m(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int,
                     generator: torch.Generator = None, clip_denoised: bool = True) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, alg. 2): second-order multistep in data (x0) prediction.
 
-    Evaluates the network at `steps` evenly spaced timesteps T-1 .. 0 of the discrete schedule
-    (alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t)); the
-    first step is first order (DDIM), the last one lands on the final x0 estimate. Deterministic:
-    the generator is accepted for a uniform signature only.
+    `steps` network evaluations at times uniform in log-SNR from the noisiest step to step 0
+    (a time-uniform grid makes the last steps far too long for a linear schedule); the first step
+    is first order (DDIM), the last evaluation's x0 estimate is returned. The network gets
+    fractional step indices there. Deterministic: the generator is accepted for a uniform
+    signature only.
     """
-    keep = spaced_timesteps(diffusion.num_timesteps, steps)[::-1]  # descending
-    times = diffusion.timestep_map[keep]  # what the network was trained on
-    abar = diffusion.alphas_cumprod[keep]
-    alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
-    lam = np.log(alpha) - np.log(sigma)
+    s, alpha, sigma, lam = logsnr_times(diffusion, steps)
+    model_times = np.interp(s, np.arange(diffusion.num_timesteps), diffusion.timestep_map.astype(np.float64))
     channels = x.shape[1]
     prev_x0, prev_h = None, None
-    for i, step in enumerate(times):
-        t = torch.full((x.shape[0],), int(step), dtype=torch.long, device=x.device)
+    for i in range(len(s)):
+        t = torch.full((x.shape[0],), float(model_times[i]), dtype=torch.float32, device=x.device)
         eps, _ = split_output(model_fn(x, t), channels)
         x0 = float(1 / alpha[i]) * x - float(sigma[i] / alpha[i]) * eps
         if clip_denoised:
             x0 = x0.clamp(-1, 1)  # thresholding: CT intensities live in [-1, 1]
-        if i == len(times) - 1:
+        if i == len(s) - 1:
             return x0
         h = float(lam[i + 1] - lam[i])
         if prev_x0 is None:

@@ -1,9 +1,12 @@
-"""SPADE / GauGAN baseline (Park et al. 2019): the comparison arm B of the study.
+"""SPADE / GauGAN baseline (Park et al. 2019, NVlabs/SPADE): the comparison arm B of the study.
 
-options (SPADEOptions) - networks (generator, multi-scale PatchGAN) - losses (hinge, feature
-matching, optional VGG19) - train (trainer, `train_spade`) - sample (`load_spade`, `sample_spade`).
+options (SPADEOptions), networks (SPADE generator, multi-scale PatchGAN discriminator), losses
+(hinge, feature matching, optional VGG19 from a local file), train (SPADETrainer, train_spade) and
+sample (load_spade, generate, sample_spade).
 """
 
-from .options import SPADEOptions
+from nodulesynth.models.spade.options import SPADEOptions
+from nodulesynth.models.spade.sample import generate, load_spade, sample_spade
+from nodulesynth.models.spade.train import train_spade
 
-__all__ = ["SPADEOptions"]
+__all__ = ["SPADEOptions", "train_spade", "load_spade", "generate", "sample_spade"]
