@@ -20,6 +20,15 @@ from nodulesynth.models.sdm.samplers import (guided_model, sample_ddim, sample_d
 from nodulesynth.models.sdm.unet import SDMUNet, SPADEGroupNorm, set_attention, timestep_embedding
 from nodulesynth.models.transplant import choose_maps, nodule_shapes, transplant_nodule
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks run fastest on one thread, and much faster than on two when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY = dict(image_size=16, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
             num_head_channels=8, spade_hidden=16, diffusion_steps=40, batch_size=4, sample_steps=5,
             sample_batch_size=8, ema_decay=0.9, log_every=1, checkpoint_every=1000)
@@ -49,8 +58,8 @@ def synthetic_map(size=32, nodule=None):
     s = size
     label = np.zeros((s, s), np.uint8)
     label[disk(s, s * 0.5, s * 0.5, s * 0.4, s * 0.45)] = BODY
-    label[disk(s, s * 0.5, s * 0.3, s * 0.25, s * 0.12)] = RIGHT_LUNG  # patient's right on image left
-    label[disk(s, s * 0.5, s * 0.7, s * 0.25, s * 0.12)] = LEFT_LUNG
+    label[disk(s, s * 0.5, s * 0.3, s * 0.27, s * 0.17)] = RIGHT_LUNG  # patient's right on image left
+    label[disk(s, s * 0.5, s * 0.7, s * 0.27, s * 0.17)] = LEFT_LUNG
     label[disk(s, s * 0.3, s * 0.5, s * 0.05, s * 0.05)] = TRACHEA
     if nodule is not None:
         label[disk(s, *nodule[:2], nodule[2], nodule[2])] = NODULE

@@ -45,6 +45,14 @@ def _ellipse(xx, yy, cx, cy, ax, ay):
     return ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 <= 1.0
 
 
+def _capsule(xx, yy, a, b, radius):
+    """Pixels within `radius` of the segment a-b."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    ab = b - a
+    t = np.clip(((xx - a[0]) * ab[0] + (yy - a[1]) * ab[1]) / max(ab @ ab, 1e-9), 0, 1)
+    return np.hypot(xx - a[0] - t * ab[0], yy - a[1] - t * ab[1]) <= radius
+
+
 def _lung_scale(t):
     """Cross-section scale of a lung at normalised height t (0 = base, 1 = apex)."""
     apex = np.clip((1.0 - t) / 0.35, 0, 1) ** 0.5
@@ -72,7 +80,7 @@ def render(geometry: PhantomGeometry, seed: int = 0):
         lz0 = min(lz0, nod.center_mm[2] - nod.diameter_mm)
         lz1 = max(lz1, nod.center_mm[2] + nod.diameter_mm)
     carina = lz0 + 0.68 * (lz1 - lz0)
-    lung_ax, lung_ay, lung_cx, lung_cy = 0.30 * body_ax, 0.62 * body_ay, 0.47 * body_ax, body_cy + 5
+    lung_ax, lung_ay, lung_cx, lung_cy = 0.30 * body_ax, 0.70 * body_ay, 0.47 * body_ax, body_cy + 0.1 * body_ay
     trachea_r, trachea_cy = 8.0, body_cy - 0.15 * body_ay
 
     # Vessels: straight tubes from each hilum outward, sampled once per scan.
@@ -106,20 +114,23 @@ def render(geometry: PhantomGeometry, seed: int = 0):
 
         left = np.zeros_like(body)
         right = np.zeros_like(body)
+        s_lobe = 0.0
         if geometry.lungs and lz0 <= z <= lz1:
             t = (z - lz0) / (lz1 - lz0)
-            s = _lung_scale(t)
+            s = s_lobe = _lung_scale(t)
             if s > 0.05:
                 # Patient's right lung sits at negative x (image left in the standard orientation).
                 right = _ellipse(xx, yy, -lung_cx, lung_cy, lung_ax * s * 1.05, lung_ay * s) & inner
                 left = _ellipse(xx, yy, lung_cx, lung_cy, lung_ax * s, lung_ay * s) & inner
-        for nod in geometry.nodules:  # the pleura bulges around a nodule so it lies in lung
+        for nod in geometry.nodules:
+            # Real nodules sit where the real lung is, which an ellipse need not cover: a lobe of lung
+            # reaches from the lung's centre to the nodule so that it lies in lung, as in the patient.
             r = nod.diameter_mm / 2 + 6.0
             dz = z - nod.center_mm[2]
-            if abs(dz) < r:
-                ball = np.hypot(xx - nod.center_mm[0], yy - nod.center_mm[1]) <= np.sqrt(r * r - dz * dz)
-                ball &= inner & ~spine
-                (left if nod.center_mm[0] > 0 else right)[...] |= ball
+            if abs(dz) < r and s_lobe > 0.05:
+                side = 1 if nod.center_mm[0] > 0 else -1
+                lobe = _capsule(xx, yy, (side * lung_cx, lung_cy), nod.center_mm[:2], np.sqrt(r * r - dz * dz))
+                (left if side > 0 else right)[...] |= lobe & inner & ~spine
         right &= ~left
         lung = left | right
         slice_hu[lung] = HU_LUNG

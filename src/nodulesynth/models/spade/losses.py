@@ -64,11 +64,11 @@ class VGGLoss(nn.Module):
 
         model = vgg19(weights=None)
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        # torchvision's vgg19 file, or the state dict of its `.features` alone; strict either way.
+        # torchvision's vgg19 file (its classifier is not used), or the state dict of `.features`
+        # alone; every conv of the feature extractor must be in the file.
         if any(key.startswith("features.") for key in state):
-            model.load_state_dict(state)
-        else:
-            model.features.load_state_dict(state)
+            state = {key[len("features."):]: value for key, value in state.items() if key.startswith("features.")}
+        model.features.load_state_dict(state)
         features = model.features
         self.slices = nn.ModuleList(features[a:b] for a, b in VGG_SLICES)
         self.requires_grad_(False)
