@@ -15,6 +15,7 @@ validate(config, "schemas/config.schema.yaml")
 include: "rules/common.smk"
 include: "rules/cohort.smk"
 include: "rules/folds.smk"
+include: "rules/generators.smk"
 
 
 rule all:
@@ -24,3 +25,4 @@ rule all:
         "results/cohort/rejected.tsv",
         "results/folds/folds.tsv",
         qc_montages,
+        expand("results/synth/{generator}/{fold}.fidelity.tsv", generator=["sdm", "spade"], fold=generator_folds()),

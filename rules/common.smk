@@ -7,6 +7,8 @@ import pandas as pd
 
 wildcard_constraints:
     scan=r"[A-Za-z0-9._-]+",
+    fold=r"\d+|holdout",
+    generator=r"sdm|spade",
 
 
 def section(name):
@@ -25,3 +27,17 @@ def slice_stacks(wildcards=None):
 
 def qc_montages(wildcards=None):
     return expand("results/qc/{scan}.png", scan=scan_ids())
+
+
+def training_stacks(wildcards):
+    """Slice stacks of the patients a generator for `wildcards.fold` may see (never its test fold)."""
+    folds = pd.read_csv(checkpoints.folds.get().output[0], sep="\t", dtype={"patient_id": str})
+    manifest = pd.read_csv("results/cohort/manifest.tsv", sep="\t", dtype={"scan_id": str, "patient_id": str})
+    usable = manifest[manifest.status == "ok"].merge(folds, on="patient_id")
+    if wildcards.fold != "holdout":
+        usable = usable[usable.fold != int(wildcards.fold)]
+    return expand("results/slices/{scan}.npz", scan=sorted(usable.scan_id))
+
+
+def generator_folds():
+    return [str(k) for k in range(config["folds"]["k"])] + ["holdout"]

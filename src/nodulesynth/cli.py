@@ -126,6 +126,76 @@ def cmd_folds(args):
     write_tsv(folds, args.out)
 
 
+# Sampling keys of the `sdm:` section: a change reruns sampling only, not training.
+SDM_SAMPLING_KEYS = ("sampler", "sample_steps", "guidance_scale", "ddim_eta", "sample_batch_size")
+
+
+def _synthesis(params):
+    unknown = sorted(set(params) - {"mask_source", "max_slices_per_scan", "seed"})
+    if unknown:
+        raise KeyError(f"unknown config key synthesis.{unknown[0]}")
+    return dict(mask_source=params.get("mask_source", "real"),
+                max_slices_per_scan=params.get("max_slices_per_scan"), seed=params.get("seed", 0))
+
+
+def cmd_train_sdm(args):
+    from nodulesynth.models.sdm import SDMOptions
+    from nodulesynth.models.sdm.train import train_sdm
+
+    train_sdm(args.slices, args.out_dir, SDMOptions.from_config(args.params), device=args.device)
+
+
+def cmd_sample_sdm(args):
+    from nodulesynth.models.sdm.sample import sample_sdm
+
+    unknown = sorted(set(args.params) - set(SDM_SAMPLING_KEYS))
+    if unknown:
+        raise KeyError(f"sample-sdm takes only the sampling keys of sdm, not sdm.{unknown[0]}")
+    p = args.params
+    sample_sdm(args.model, args.slices, args.out_dir, sampler=p.get("sampler"), steps=p.get("sample_steps"),
+               guidance_scale=p.get("guidance_scale"), eta=p.get("ddim_eta"),
+               batch_size=p.get("sample_batch_size"), device=args.device, **_synthesis(args.synthesis))
+
+
+def cmd_train_spade(args):
+    from nodulesynth.models.spade import SPADEOptions
+    from nodulesynth.models.spade.train import train_spade
+
+    train_spade(args.slices, args.out_dir, SPADEOptions.from_config(args.params), device=args.device)
+
+
+def cmd_sample_spade(args):
+    from nodulesynth.models.spade.sample import sample_spade
+
+    sample_spade(args.model, args.slices, args.out_dir, device=args.device, **_synthesis(args.synthesis))
+
+
+def cmd_fidelity(args):
+    import pandas as pd
+
+    from nodulesynth.data.slices import load_slices
+    from nodulesynth.io import write_tsv
+    from nodulesynth.masks.fidelity import fidelity_table
+
+    tables = []
+    for path in sorted(Path(args.synth).glob("*.npz")):
+        stack = load_slices(path)
+        if stack.status == "ok" and len(stack):
+            table = fidelity_table(stack.image, stack.label)
+            table.insert(0, "slice_index", stack.slice_index)
+            table.insert(0, "scan_id", stack.scan_id)
+            tables.append(table)
+    if not tables:
+        raise ValueError(f"no synthetic slices under {args.synth}")
+    table = pd.concat(tables, ignore_index=True)
+    table.insert(0, "generator", args.generator)
+    table.insert(1, "fold", args.fold)
+    write_tsv(table, args.out)
+    means = table.drop(columns=["generator", "fold", "scan_id", "slice_index"]).mean()
+    log.info("fidelity %s fold %s: %s", args.generator, args.fold,
+             ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="nodulesynth", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -171,6 +241,33 @@ def build_parser():
     p.add_argument("--params", type=_json, default={})
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_folds)
+
+    for name, func, helptext in (("train-sdm", cmd_train_sdm, "train the semantic diffusion model on given stacks"),
+                                 ("train-spade", cmd_train_spade, "train the SPADE baseline on given stacks")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--slices", nargs="+", required=True, help="the training stacks (results/slices/*.npz)")
+        p.add_argument("--params", type=_json, default={}, help="the config's model section as JSON")
+        p.add_argument("--out-dir", required=True, help="model.pt, loss.tsv and the resumable checkpoint.pt")
+        p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+        p.set_defaults(func=func)
+
+    for name, func, helptext in (("sample-sdm", cmd_sample_sdm, "synthesise slices from lesion maps with the SDM"),
+                                 ("sample-spade", cmd_sample_spade, "synthesise slices from lesion maps with SPADE")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--model", required=True)
+        p.add_argument("--slices", nargs="+", required=True, help="stacks whose lesion maps are used")
+        p.add_argument("--params", type=_json, default={}, help="sdm: the sampling keys of the sdm section")
+        p.add_argument("--synthesis", type=_json, default={}, help="the config's synthesis section as JSON")
+        p.add_argument("--out-dir", required=True)
+        p.add_argument("--device", default="auto")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("fidelity", help="mask fidelity of synthetic slices: Dice of our segmentation vs their maps")
+    p.add_argument("--synth", required=True, help="folder of synthetic stacks")
+    p.add_argument("--generator", required=True)
+    p.add_argument("--fold", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_fidelity)
     return parser
 
 

@@ -14,13 +14,3 @@ def assign_folds(manifest: pd.DataFrame, k=5, seed=0) -> pd.DataFrame:
         fold[test] = i
     return pd.DataFrame({"patient_id": patients, "fold": fold})
 
-
-def training_scans(manifest: pd.DataFrame, folds: pd.DataFrame, fold) -> list:
-    """Usable scans of the patients a generator for `fold` may see: every fold but `fold`.
-
-    fold "holdout" means the generator used outside the cross-validation: all patients.
-    """
-    ok = manifest[manifest.status == "ok"].merge(folds, on="patient_id")
-    if fold != "holdout":
-        ok = ok[ok.fold != int(fold)]
-    return sorted(ok.scan_id)

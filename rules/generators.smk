@@ -1,0 +1,141 @@
+# Generators: one SDM and one SPADE per fold, trained on that fold's training patients only
+# ("holdout": on all patients, for the report), then sampled on the same lesion maps.
+# GPU jobs: `gpu=1` asks SLURM for a GPU; without one they run on the CPU.
+
+SDM_SAMPLING_KEYS = ["sampler", "sample_steps", "guidance_scale", "ddim_eta", "sample_batch_size"]
+
+
+def sdm_training_params():
+    return json.dumps({k: v for k, v in config["sdm"].items() if k not in SDM_SAMPLING_KEYS}, sort_keys=True)
+
+
+def sdm_sampling_params():
+    return json.dumps({k: v for k, v in config["sdm"].items() if k in SDM_SAMPLING_KEYS}, sort_keys=True)
+
+
+rule train_sdm:
+    input:
+        training_stacks,
+    output:
+        model="results/generators/sdm/{fold}/model.pt",
+        loss=report("results/generators/sdm/{fold}/loss.tsv", category="Generators", subcategory="SDM"),
+    params:
+        sdm=sdm_training_params(),
+        out_dir=subpath(output.model, parent=True),
+    log:
+        "results/logs/train_sdm/{fold}.log",
+    benchmark:
+        "results/benchmarks/train_sdm/{fold}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=24 * 60,
+    conda:
+        "../envs/generators.yaml"
+    container:
+        config["containers"]["generators"]
+    shell:
+        "nodulesynth train-sdm --slices {input} --params {params.sdm:q} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule sample_sdm:
+    input:
+        model="results/generators/sdm/{fold}/model.pt",
+        stacks=training_stacks,
+    output:
+        directory("results/synth/sdm/{fold}"),
+    params:
+        sampling=sdm_sampling_params(),
+        synthesis=section("synthesis"),
+    log:
+        "results/logs/sample_sdm/{fold}.log",
+    benchmark:
+        "results/benchmarks/sample_sdm/{fold}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=12 * 60,
+    conda:
+        "../envs/generators.yaml"
+    container:
+        config["containers"]["generators"]
+    shell:
+        "nodulesynth sample-sdm --model {input.model} --slices {input.stacks} --params {params.sampling:q} "
+        "--synthesis {params.synthesis:q} --out-dir {output} > {log} 2>&1"
+
+
+rule train_spade:
+    input:
+        training_stacks,
+    output:
+        model="results/generators/spade/{fold}/model.pt",
+        loss=report("results/generators/spade/{fold}/loss.tsv", category="Generators", subcategory="SPADE"),
+    params:
+        spade=section("spade"),
+        out_dir=subpath(output.model, parent=True),
+    log:
+        "results/logs/train_spade/{fold}.log",
+    benchmark:
+        "results/benchmarks/train_spade/{fold}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=24 * 60,
+    conda:
+        "../envs/generators.yaml"
+    container:
+        config["containers"]["generators"]
+    shell:
+        "nodulesynth train-spade --slices {input} --params {params.spade:q} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule sample_spade:
+    input:
+        model="results/generators/spade/{fold}/model.pt",
+        stacks=training_stacks,
+    output:
+        directory("results/synth/spade/{fold}"),
+    params:
+        synthesis=section("synthesis"),
+    log:
+        "results/logs/sample_spade/{fold}.log",
+    benchmark:
+        "results/benchmarks/sample_spade/{fold}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=6 * 60,
+    conda:
+        "../envs/generators.yaml"
+    container:
+        config["containers"]["generators"]
+    shell:
+        "nodulesynth sample-spade --model {input.model} --slices {input.stacks} "
+        "--synthesis {params.synthesis:q} --out-dir {output} > {log} 2>&1"
+
+
+rule fidelity:
+    input:
+        "results/synth/{generator}/{fold}",
+    output:
+        report("results/synth/{generator}/{fold}.fidelity.tsv", category="Generators",
+               subcategory="Mask fidelity", labels={"generator": "{generator}", "fold": "{fold}"}),
+    log:
+        "results/logs/fidelity/{generator}_{fold}.log",
+    benchmark:
+        "results/benchmarks/fidelity/{generator}_{fold}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../envs/data.yaml"
+    container:
+        config["containers"]["data"]
+    shell:
+        "nodulesynth fidelity --synth {input} --generator {wildcards.generator} --fold {wildcards.fold} "
+        "--out {output} > {log} 2>&1"
