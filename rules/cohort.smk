@@ -61,8 +61,6 @@ rule masks:
     output:
         slices="results/slices/{scan}.npz",
         nodules="results/slices/{scan}.nodules.tsv",
-        qc=report("results/qc/{scan}.png", category="Lesion maps", subcategory="QC montages",
-                  labels={"scan": "{scan}"}),
     params:
         masks=section("masks"),
         window=section("window"),
@@ -80,7 +78,30 @@ rule masks:
         config["containers"]["data"]
     shell:
         "nodulesynth masks --volume {input} --params {params.masks:q} --window {params.window:q} "
-        "--slices {output.slices} --nodules {output.nodules} --qc {output.qc} > {log} 2>&1"
+        "--slices {output.slices} --nodules {output.nodules} > {log} 2>&1"
+
+
+rule qc:
+    input:
+        "results/slices/{scan}.npz",
+    output:
+        report("results/qc/{scan}.png", category="Lesion maps", subcategory="QC montages", labels={"scan": "{scan}"}),
+    params:
+        qc_slices=config["report"]["qc_slices"],
+    log:
+        "results/logs/qc/{scan}.log",
+    benchmark:
+        "results/benchmarks/qc/{scan}.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../envs/data.yaml"
+    container:
+        config["containers"]["data"]
+    shell:
+        "nodulesynth qc --slices {input} --count {params.qc_slices} --out {output} > {log} 2>&1"
 
 
 rule manifest:

@@ -41,3 +41,15 @@ def training_stacks(wildcards):
 
 def generator_folds():
     return [str(k) for k in range(config["folds"]["k"])] + ["holdout"]
+
+
+# Sampling keys of the `sdm:` section: a change reruns sampling only, not training.
+SDM_SAMPLING_KEYS = ["sampler", "sample_steps", "guidance_scale", "ddim_eta", "sample_batch_size"]
+
+
+def sdm_training_params():
+    return json.dumps({k: v for k, v in config["sdm"].items() if k not in SDM_SAMPLING_KEYS}, sort_keys=True)
+
+
+def sdm_sampling_params():
+    return json.dumps({k: v for k, v in config["sdm"].items() if k in SDM_SAMPLING_KEYS}, sort_keys=True)

@@ -2,22 +2,12 @@
 # ("holdout": on all patients, for the report), then sampled on the same lesion maps.
 # GPU jobs: `gpu=1` asks SLURM for a GPU; without one they run on the CPU.
 
-SDM_SAMPLING_KEYS = ["sampler", "sample_steps", "guidance_scale", "ddim_eta", "sample_batch_size"]
-
-
-def sdm_training_params():
-    return json.dumps({k: v for k, v in config["sdm"].items() if k not in SDM_SAMPLING_KEYS}, sort_keys=True)
-
-
-def sdm_sampling_params():
-    return json.dumps({k: v for k, v in config["sdm"].items() if k in SDM_SAMPLING_KEYS}, sort_keys=True)
-
-
 rule train_sdm:
     input:
         training_stacks,
     output:
         model="results/generators/sdm/{fold}/model.pt",
+        scans="results/generators/sdm/{fold}/training_scans.tsv",
         loss=report("results/generators/sdm/{fold}/loss.tsv", category="Generators", subcategory="SDM"),
     params:
         sdm=sdm_training_params(),
@@ -71,6 +61,7 @@ rule train_spade:
         training_stacks,
     output:
         model="results/generators/spade/{fold}/model.pt",
+        scans="results/generators/spade/{fold}/training_scans.tsv",
         loss=report("results/generators/spade/{fold}/loss.tsv", category="Generators", subcategory="SPADE"),
     params:
         spade=section("spade"),

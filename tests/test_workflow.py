@@ -10,10 +10,14 @@ from conftest import REPO, run_snakemake
 
 
 def small_config(tmp_path, **masks):
+    """The demo config, smaller: 3 scans, 2 folds, generators trained for a handful of steps."""
     config = yaml.safe_load(open(REPO / "config.yaml"))
     config["cohort"]["demo"].update(n_scans=3, image_size=96)
     config["folds"]["k"] = 2
     config["masks"].update(masks)
+    config["sdm"].update(max_steps=4, checkpoint_every=2, log_every=2, sample_steps=3)
+    config["spade"].update(steps=4, checkpoint_every=2, log_every=2)
+    config["synthesis"]["max_slices_per_scan"] = 2
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -52,20 +56,55 @@ def test_demo_writes_the_data_contract(demo_run):
     assert not (work / "results/volumes").exists() or not list((work / "results/volumes").glob("*.npz"))
 
 
+@pytest.mark.parametrize("generator", ["sdm", "spade"])
+def test_generators_see_only_training_patients_and_write_the_slices_layout(demo_run, generator):
+    work, _ = demo_run
+    folds = pd.read_csv(work / "results/folds/folds.tsv", sep="\t", dtype={"patient_id": str})
+    for fold in ("0", "1", "holdout"):
+        seen = pd.read_csv(work / f"results/generators/{generator}/{fold}/training_scans.tsv", sep="\t", dtype=str)
+        expected = folds if fold == "holdout" else folds[folds.fold != int(fold)]
+        assert sorted(seen.patient_id) == sorted(expected.patient_id)
+        loss = pd.read_csv(work / f"results/generators/{generator}/{fold}/loss.tsv", sep="\t")
+        assert loss.step.max() == 4
+        synth = sorted((work / f"results/synth/{generator}/{fold}").glob("*.npz"))
+        assert {p.stem for p in synth} == set(seen.scan_id)
+        for path in synth:
+            with np.load(path) as data:
+                assert data["image"].dtype == np.uint8 and data["image"].shape == data["label"].shape
+                assert data["image"].shape[0] == 2 and data["label"].max() <= 5
+        fidelity = pd.read_csv(work / f"results/synth/{generator}/{fold}.fidelity.tsv", sep="\t")
+        assert {"left_lung", "right_lung", "body", "trachea", "nodule"} <= set(fidelity.columns)
+        assert len(fidelity) == 2 * len(synth)
+
+
 def test_second_run_has_nothing_to_do(demo_run):
     work, config = demo_run
     proc = run_snakemake(work, "--configfile", str(config), "-n")
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
-def test_changed_mask_value_reruns_masks_but_not_the_cohort(demo_run, tmp_path):
+def dry_run_jobs(work, config):
+    proc = run_snakemake(work, "--configfile", str(config), "-n")
+    stats = (proc.stdout + proc.stderr).split("Job stats:")[-1].split("Reasons:")[0]
+    return {line.split()[0] for line in stats.splitlines()[3:] if line.strip() and not line.startswith("total")}
+
+
+def test_a_changed_value_reruns_only_what_uses_it(demo_run, tmp_path):
     work, _ = demo_run
-    changed = small_config(tmp_path, qc_slices=6)
-    proc = run_snakemake(work, "--configfile", str(changed), "-n")
-    out = proc.stdout + proc.stderr
-    assert "rule masks:" in out or "masks" in out.split("Job stats:")[-1]
-    stats = out.split("Job stats:")[-1]
-    assert "masks" in stats and "cohort" not in stats
+    qc = small_config(tmp_path)
+    config = yaml.safe_load(qc.read_text())
+    config["report"]["qc_slices"] = 6
+    qc.write_text(yaml.safe_dump(config))
+    assert dry_run_jobs(work, qc) == {"qc", "all"}
+
+    config["report"]["qc_slices"] = 12
+    config["sdm"]["sample_steps"] = 4  # a sampling value: sampling reruns, training does not
+    qc.write_text(yaml.safe_dump(config))
+    assert dry_run_jobs(work, qc) == {"sample_sdm", "fidelity", "all"}
+
+    masks = small_config(tmp_path, min_lung_area_mm2=150)
+    jobs = dry_run_jobs(work, masks)
+    assert {"ingest", "masks", "manifest"} <= jobs and "cohort" not in jobs
 
 
 def test_config_error_fails_before_any_job_naming_the_key(tmp_path):

@@ -88,7 +88,6 @@ def cmd_masks(args):
     from nodulesynth.data.slices import save_slices
     from nodulesynth.io import write_tsv
     from nodulesynth.masks.lesion_map import slice_stack
-    from nodulesynth.masks.qc import write_montage
     from nodulesynth.masks.segment import MaskOptions
 
     opts = MaskOptions.from_config(args.params)
@@ -96,11 +95,17 @@ def cmd_masks(args):
     stack, boxes = slice_stack(args.volume, opts, window)
     save_slices(args.slices, stack)
     write_tsv(boxes, args.nodules)
-    write_montage(args.qc, stack, opts.qc_slices)
     if stack.status == "ok":
         log.info("masks %s: %d slices kept, %d with nodules", stack.scan_id, len(stack), int(stack.has_nodule.sum()))
     else:
         log.warning("masks %s: rejected: %s", stack.scan_id, stack.reason)
+
+
+def cmd_qc(args):
+    from nodulesynth.data.slices import load_slices
+    from nodulesynth.masks.qc import write_montage
+
+    write_montage(args.out, load_slices(args.slices), args.count)
 
 
 def cmd_manifest(args):
@@ -138,11 +143,26 @@ def _synthesis(params):
                 max_slices_per_scan=params.get("max_slices_per_scan"), seed=params.get("seed", 0))
 
 
+def _record_training_scans(slices, out_dir):
+    """training_scans.tsv beside the model: what the generator saw, for the leakage audit."""
+    import pandas as pd
+
+    from nodulesynth.data.slices import load_slices
+    from nodulesynth.io import write_tsv
+
+    rows = []
+    for path in slices:
+        stack = load_slices(path)
+        rows.append(dict(scan_id=stack.scan_id, patient_id=stack.patient_id, slices=len(stack), path=str(path)))
+    write_tsv(pd.DataFrame(rows), Path(out_dir) / "training_scans.tsv")
+
+
 def cmd_train_sdm(args):
     from nodulesynth.models.sdm import SDMOptions
     from nodulesynth.models.sdm.train import train_sdm
 
     train_sdm(args.slices, args.out_dir, SDMOptions.from_config(args.params), device=args.device)
+    _record_training_scans(args.slices, args.out_dir)
 
 
 def cmd_sample_sdm(args):
@@ -162,6 +182,7 @@ def cmd_train_spade(args):
     from nodulesynth.models.spade.train import train_spade
 
     train_spade(args.slices, args.out_dir, SPADEOptions.from_config(args.params), device=args.device)
+    _record_training_scans(args.slices, args.out_dir)
 
 
 def cmd_sample_spade(args):
@@ -225,8 +246,13 @@ def build_parser():
     p.add_argument("--window", type=_json, default={}, help="the config's window section as JSON")
     p.add_argument("--slices", required=True)
     p.add_argument("--nodules", required=True)
-    p.add_argument("--qc", required=True)
     p.set_defaults(func=cmd_masks)
+
+    p = sub.add_parser("qc", help="QC montage of a slice stack with its lesion maps overlaid")
+    p.add_argument("--slices", required=True)
+    p.add_argument("--count", type=int, default=12, help="slices in the montage")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_qc)
 
     p = sub.add_parser("manifest", help="manifest.tsv and rejected.tsv of the whole cohort")
     p.add_argument("--scans", required=True)

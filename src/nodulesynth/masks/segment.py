@@ -23,7 +23,6 @@ class MaskOptions:
     trachea_min_area_mm2: float = 20.0
     trachea_max_area_mm2: float = 800.0
     trachea_search_fraction: float = 0.35  # the trachea is sought in this top fraction of slices
-    qc_slices: int = 12
 
     @classmethod
     def from_config(cls, cfg: dict | None):
