@@ -12,11 +12,12 @@ rule train_sdm:
     params:
         sdm=sdm_training_params(),
         out_dir=subpath(output.model, parent=True),
+        device=config["generators"]["device"],
     log:
         "results/logs/train_sdm/{fold}.log",
     benchmark:
         "results/benchmarks/train_sdm/{fold}.tsv"
-    threads: 2
+    threads: config["generators"]["threads"]
     resources:
         gpu=1,
         mem_mb=16000,
@@ -26,7 +27,8 @@ rule train_sdm:
     container:
         config["containers"]["generators"]
     shell:
-        "nodulesynth train-sdm --slices {input} --params {params.sdm:q} --out-dir {params.out_dir} > {log} 2>&1"
+        "nodulesynth train-sdm --slices {input} --params {params.sdm:q} --out-dir {params.out_dir} "
+        "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
 rule sample_sdm:
@@ -38,11 +40,12 @@ rule sample_sdm:
     params:
         sampling=sdm_sampling_params(),
         synthesis=section("synthesis"),
+        device=config["generators"]["device"],
     log:
         "results/logs/sample_sdm/{fold}.log",
     benchmark:
         "results/benchmarks/sample_sdm/{fold}.tsv"
-    threads: 2
+    threads: config["generators"]["threads"]
     resources:
         gpu=1,
         mem_mb=16000,
@@ -53,7 +56,8 @@ rule sample_sdm:
         config["containers"]["generators"]
     shell:
         "nodulesynth sample-sdm --model {input.model} --slices {input.stacks} --params {params.sampling:q} "
-        "--synthesis {params.synthesis:q} --out-dir {output} > {log} 2>&1"
+        "--synthesis {params.synthesis:q} --out-dir {output} "
+        "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
 rule train_spade:
@@ -66,11 +70,12 @@ rule train_spade:
     params:
         spade=section("spade"),
         out_dir=subpath(output.model, parent=True),
+        device=config["generators"]["device"],
     log:
         "results/logs/train_spade/{fold}.log",
     benchmark:
         "results/benchmarks/train_spade/{fold}.tsv"
-    threads: 2
+    threads: config["generators"]["threads"]
     resources:
         gpu=1,
         mem_mb=16000,
@@ -80,7 +85,8 @@ rule train_spade:
     container:
         config["containers"]["generators"]
     shell:
-        "nodulesynth train-spade --slices {input} --params {params.spade:q} --out-dir {params.out_dir} > {log} 2>&1"
+        "nodulesynth train-spade --slices {input} --params {params.spade:q} --out-dir {params.out_dir} "
+        "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
 rule sample_spade:
@@ -91,11 +97,12 @@ rule sample_spade:
         directory("results/synth/spade/{fold}"),
     params:
         synthesis=section("synthesis"),
+        device=config["generators"]["device"],
     log:
         "results/logs/sample_spade/{fold}.log",
     benchmark:
         "results/benchmarks/sample_spade/{fold}.tsv"
-    threads: 2
+    threads: config["generators"]["threads"]
     resources:
         gpu=1,
         mem_mb=16000,
@@ -106,7 +113,8 @@ rule sample_spade:
         config["containers"]["generators"]
     shell:
         "nodulesynth sample-spade --model {input.model} --slices {input.stacks} "
-        "--synthesis {params.synthesis:q} --out-dir {output} > {log} 2>&1"
+        "--synthesis {params.synthesis:q} --out-dir {output} "
+        "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
 rule fidelity:

@@ -471,6 +471,28 @@ def test_train_then_sample_files(tmp_path):
     assert (source.label[transplanted.extra["source_index"]] != NODULE).all()  # made from nodule-free maps
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_speed_features_match_fp32(tmp_path):
+    """bf16 autocast + channels-last + SDPA on CUDA: training runs, and the network's output stays
+    close to the plain fp32 one with the same weights."""
+    paths = write_stacks(tmp_path / "slices", count=1)
+    model_path = train_sdm(paths, tmp_path / "m", tiny(max_steps=2), device="cuda")
+    model, diffusion, options = load_sdm(model_path, "cuda")
+    randomize(model, scale=0.05)
+    x, t = torch.randn(4, 1, 16, 16, device="cuda"), torch.tensor([0, 10, 20, 39], device="cuda")
+    cond = one_hot(torch.randint(6, (4, 16, 16), device="cuda"))
+    with torch.no_grad():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fast = model(x.contiguous(memory_format=torch.channels_last), t,
+                         cond.contiguous(memory_format=torch.channels_last)).float()
+        set_attention(model, "plain")
+        plain = model(x, t, cond)
+    assert torch.allclose(fast, plain, atol=0.05 * plain.abs().max().item())
+    labels = torch.from_numpy(np.stack([synthetic_map(16)] * 2).astype(np.int64))
+    images = sample_images(model, diffusion, labels, "dpmpp_2m", 4, 1.5, torch.Generator().manual_seed(0))
+    assert images.shape == (2, 16, 16)
+
+
 # --- transplanted nodules ----------------------------------------------------------------------
 
 
@@ -503,5 +525,10 @@ def test_choose_maps():
     shapes = nodule_shapes(labels)
     idx, maps = choose_maps(labels, "transplant", np.random.default_rng(0), shapes)
     assert idx.tolist() == [0, 2, 3, 5, 6, 7] and all((m == NODULE).any() for m in maps)
+    # Maps without room for a nodule (no lung: 0, 2, 7) are replaced by others.
+    lungless = labels.copy()
+    lungless[[0, 2, 7]] = np.where(np.isin(labels[[0, 2, 7]], (LEFT_LUNG, RIGHT_LUNG)), BODY, labels[[0, 2, 7]])
+    idx, maps = choose_maps(lungless, "transplant", np.random.default_rng(0), shapes, max_slices=3)
+    assert idx.tolist() == [3, 5, 6] and len(maps) == 3
     with pytest.raises(ValueError):
         choose_maps(labels, "imagined", np.random.default_rng(0))

@@ -16,7 +16,7 @@ def small_config(tmp_path, **masks):
     config["folds"]["k"] = 2
     config["masks"].update(masks)
     config["sdm"].update(max_steps=4, checkpoint_every=2, log_every=2, sample_steps=3)
-    config["spade"].update(steps=4, checkpoint_every=2, log_every=2)
+    config["spade"].update(max_steps=4, checkpoint_every=2, log_every=2)
     config["synthesis"]["max_slices_per_scan"] = 2
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -157,7 +157,14 @@ def _record_training_scans(slices, out_dir):
     write_tsv(pd.DataFrame(rows), Path(out_dir) / "training_scans.tsv")
 
 
+def _torch_threads(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+
 def cmd_train_sdm(args):
+    _torch_threads(args)
     from nodulesynth.models.sdm import SDMOptions
     from nodulesynth.models.sdm.train import train_sdm
 
@@ -166,6 +173,7 @@ def cmd_train_sdm(args):
 
 
 def cmd_sample_sdm(args):
+    _torch_threads(args)
     from nodulesynth.models.sdm.sample import sample_sdm
 
     unknown = sorted(set(args.params) - set(SDM_SAMPLING_KEYS))
@@ -178,6 +186,7 @@ def cmd_sample_sdm(args):
 
 
 def cmd_train_spade(args):
+    _torch_threads(args)
     from nodulesynth.models.spade import SPADEOptions
     from nodulesynth.models.spade.train import train_spade
 
@@ -186,6 +195,7 @@ def cmd_train_spade(args):
 
 
 def cmd_sample_spade(args):
+    _torch_threads(args)
     from nodulesynth.models.spade.sample import sample_spade
 
     sample_spade(args.model, args.slices, args.out_dir, device=args.device, **_synthesis(args.synthesis))
@@ -275,6 +285,7 @@ def build_parser():
         p.add_argument("--params", type=_json, default={}, help="the config's model section as JSON")
         p.add_argument("--out-dir", required=True, help="model.pt, loss.tsv and the resumable checkpoint.pt")
         p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+        p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
         p.set_defaults(func=func)
 
     for name, func, helptext in (("sample-sdm", cmd_sample_sdm, "synthesise slices from lesion maps with the SDM"),
@@ -286,6 +297,7 @@ def build_parser():
         p.add_argument("--synthesis", type=_json, default={}, help="the config's synthesis section as JSON")
         p.add_argument("--out-dir", required=True)
         p.add_argument("--device", default="auto")
+        p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
         p.set_defaults(func=func)
 
     p = sub.add_parser("fidelity", help="mask fidelity of synthetic slices: Dice of our segmentation vs their maps")

@@ -72,8 +72,9 @@ def choose_maps(labels: np.ndarray, mask_source: str, rng: np.random.Generator, 
     """The lesion maps to synthesise from one stack: (indices into the stack, label maps [n,H,W]).
 
     "real": the stack's own maps (evenly spaced subset when `max_slices` is given).
-    "transplant": its nodule-free maps (evenly spaced subset) each given a transplanted nodule;
-    maps where no shape fits are skipped.
+    "transplant": its nodule-free maps (evenly spaced subset) each given a transplanted nodule; a
+    map where no shape fits (a lung apex) is replaced by other nodule-free maps, evenly spread
+    again, until `max_slices` maps are made or none are left.
     """
     labels = np.asarray(labels)
     if mask_source == "real":
@@ -81,16 +82,19 @@ def choose_maps(labels: np.ndarray, mask_source: str, rng: np.random.Generator, 
         return indices, labels[indices]
     if mask_source != "transplant":
         raise ValueError(f"mask_source must be 'real' or 'transplant', got {mask_source!r}")
-    candidates = np.array([i for i in range(len(labels)) if is_nodule_free(labels[i])], dtype=np.int64)
-    kept, maps = [], []
-    for i in _evenly(candidates, max_slices):
-        new = transplant_nodule(labels[i], shapes, rng)
-        if new is not None:
-            kept.append(i)
-            maps.append(new)
-    if not maps:
+    remaining = [i for i in range(len(labels)) if is_nodule_free(labels[i])]
+    made = {}
+    while remaining and (max_slices is None or len(made) < max_slices):
+        wanted = None if max_slices is None else max_slices - len(made)
+        for i in _evenly(np.array(remaining, np.int64), wanted).tolist():
+            remaining.remove(i)
+            new = transplant_nodule(labels[i], shapes, rng)
+            if new is not None:
+                made[i] = new
+    if not made:
         return np.zeros(0, np.int64), np.zeros((0, *labels.shape[1:]), labels.dtype)
-    return np.array(kept, np.int64), np.stack(maps)
+    indices = np.array(sorted(made), np.int64)
+    return indices, np.stack([made[i] for i in indices])
 
 
 def _evenly(indices: np.ndarray, count: int | None) -> np.ndarray:

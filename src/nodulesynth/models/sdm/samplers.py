@@ -10,7 +10,7 @@ guidance.
 import numpy as np
 import torch
 
-from nodulesynth.models.sdm.diffusion import GaussianDiffusion, spaced_timesteps, split_output
+from nodulesynth.models.sdm.diffusion import GaussianDiffusion, split_output
 
 
 def randn(shape, generator: torch.Generator, device) -> torch.Tensor:

@@ -131,10 +131,12 @@ class ResBlock(Block):
 
 
 class AttentionBlock(Block):
-    """Global self-attention over the feature map (GroupNorm, 1x1 qkv, heads, zero-init projection).
+    """Global self-attention over the feature map (GroupNorm, qkv projection, heads, zero-init output).
 
     `impl="sdpa"` uses F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU);
     "plain" is the explicit softmax(QK^T / sqrt(d)) V, kept for the benchmark and as a reference.
+    Tokens are laid out [B, L, C] so q, k, v have a contiguous head dimension (the fused kernels
+    need it); with channels-last features that layout is free.
     """
 
     def __init__(self, channels, head_channels=64, groups=32, impl="sdpa"):
@@ -144,20 +146,21 @@ class AttentionBlock(Block):
             raise ValueError(f"attention: {channels} channels not divisible into {self.heads} heads")
         self.impl = impl
         self.norm = group_norm(channels, groups)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = zero_module(nn.Conv2d(channels, channels, 1))
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = zero_module(nn.Linear(channels, channels))
 
     def forward(self, h, emb=None, seg=None):
         b, c, height, width = h.shape
-        qkv = self.qkv(self.norm(h)).reshape(b, 3, self.heads, c // self.heads, height * width)
-        q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(1))  # each [B, heads, L, d]
+        tokens = self.norm(h).flatten(2).transpose(1, 2)  # [B, L, C]
+        qkv = self.qkv(tokens).view(b, -1, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [B, heads, L, d]
         if self.impl == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             weights = torch.softmax((q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1]), dim=-1)
             out = weights.to(v.dtype) @ v
-        out = out.transpose(-1, -2).reshape(b, c, height, width)
-        return h + self.proj(out)
+        out = self.proj(out.transpose(1, 2).reshape(b, -1, c))  # [B, L, C]
+        return h + out.transpose(1, 2).reshape(b, c, height, width)
 
 
 class Stage(nn.ModuleList):

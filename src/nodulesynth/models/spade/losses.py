@@ -60,16 +60,16 @@ class VGGLoss(nn.Module):
         weights_path = Path(weights_path)
         if not weights_path.is_file():
             raise FileNotFoundError(f"spade.vgg_weights: {weights_path} does not exist")
-        from torchvision.models import vgg19  # only the architecture; weights come from the file
+        # torchvision's vgg19 feature extractor (configuration "E"), architecture only: its
+        # classifier is never used, so it is not built.
+        from torchvision.models.vgg import cfgs, make_layers
 
-        model = vgg19(weights=None)
+        features = make_layers(cfgs["E"], batch_norm=False)
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        # torchvision's vgg19 file (its classifier is not used), or the state dict of `.features`
-        # alone; every conv of the feature extractor must be in the file.
+        # torchvision's vgg19 file or the state dict of `.features` alone; strict over the convs.
         if any(key.startswith("features.") for key in state):
             state = {key[len("features."):]: value for key, value in state.items() if key.startswith("features.")}
-        model.features.load_state_dict(state)
-        features = model.features
+        features.load_state_dict(state)
         self.slices = nn.ModuleList(features[a:b] for a, b in VGG_SLICES)
         self.requires_grad_(False)
         self.eval()

@@ -35,7 +35,7 @@ class SPADEOptions:
     beta1: float = 0.0
     beta2: float = 0.9
     batch_size: int = 16
-    steps: int = 50000
+    max_steps: int = 50000
     ema: bool = False                 # the paper has no EMA; optional here
     ema_decay: float = 0.999
     ema_warmup: bool = False          # min(decay, (1+n)/(10+n)): for short CPU runs
@@ -93,8 +93,8 @@ class SPADEOptions:
                     "log_every", "sample_batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"spade.{key} must be positive, got {getattr(self, key)}")
-        if self.steps < 0:
-            raise ValueError(f"spade.steps must be >= 0, got {self.steps}")
+        if self.max_steps < 0:
+            raise ValueError(f"spade.max_steps must be >= 0, got {self.max_steps}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"spade.ema_decay must be in [0, 1), got {self.ema_decay}")
 

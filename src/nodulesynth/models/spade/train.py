@@ -125,7 +125,7 @@ class SPADETrainer:
         if changed:
             raise ValueError(f"checkpoint was trained with other network options ({', '.join(changed)}): "
                              "delete it to start over")
-        other = [k for k, v in saved.items() if k not in ("steps",) and getattr(self.options, k, v) != v]
+        other = [k for k, v in saved.items() if k not in ("max_steps",) and getattr(self.options, k, v) != v]
         if other:
             _say(f"resuming with changed options {other}; the result will differ from an unbroken run")
         self.generator.load_state_dict(state["generator"])
@@ -196,8 +196,11 @@ def train_spade(slice_paths, out_dir, options: SPADEOptions, device="auto", max_
         curve.rows = [dict(row) for row in state["curve"]]
         running.sums, running.count = dict(state["running"]["sums"]), int(state["running"]["count"])
         _say(f"resumed from {checkpoint_path} at step {trainer.step}")
+        if trainer.step > options.max_steps:
+            _say(f"the checkpoint is past spade.max_steps ({options.max_steps}): its step-{trainer.step} weights are used")
     _say(f"{len(data)} training slices from {len(slice_paths)} stacks at {options.image_size} px on {device}; "
-         f"G {count_parameters(trainer.generator) / 1e6:.2f} M, D {count_parameters(trainer.discriminator) / 1e6:.2f} M "
+         f"G {count_parameters(trainer.generator) / 1e6:.2f} M, "
+         f"D {count_parameters(trainer.discriminator) / 1e6:.2f} M "
          f"parameters; {options.upsampling} upsamplings from {options.start_size} px")
 
     def write_checkpoint():
@@ -207,8 +210,8 @@ def train_spade(slice_paths, out_dir, options: SPADEOptions, device="auto", max_
         save_checkpoint(checkpoint_path, state)
         curve.write(loss_path)
 
-    end = options.steps if max_steps_this_run is None else min(options.steps, trainer.step + int(max_steps_this_run))
-    bar = progress(total=options.steps, initial=trainer.step, desc="spade")
+    end = options.max_steps if max_steps_this_run is None else min(options.max_steps, trainer.step + int(max_steps_this_run))
+    bar = progress(total=options.max_steps, initial=trainer.step, desc="spade")
     window_start, window_steps = time.perf_counter(), 0
     try:
         while trainer.step < end:
@@ -221,18 +224,18 @@ def train_spade(slice_paths, out_dir, options: SPADEOptions, device="auto", max_
             running.add(losses)
             window_steps += 1
             rate = window_steps * options.batch_size / max(time.perf_counter() - window_start, 1e-9)
-            if trainer.step % options.log_every == 0 or trainer.step == options.steps:
+            if trainer.step % options.log_every == 0 or trainer.step == options.max_steps:
                 curve.append(trainer.step, **running.pop(), images_per_s=rate)
                 window_start, window_steps = time.perf_counter(), 0
             bar.update(1)
             bar.set_postfix(g=f"{losses['g_total']:.3f}", d=f"{losses['d_real'] + losses['d_fake']:.3f}",
                             img_s=f"{rate:.1f}", refresh=False)
-            if trainer.step % options.checkpoint_every == 0 and trainer.step < options.steps:
+            if trainer.step % options.checkpoint_every == 0 and trainer.step < options.max_steps:
                 write_checkpoint()
     finally:
         bar.close()
 
-    if trainer.step < options.steps:
+    if trainer.step < options.max_steps:
         return checkpoint_path  # stopped early on purpose (simulated kill)
     write_checkpoint()  # so that a rerun, or a longer run, resumes instead of starting over
     save_checkpoint(model_path, model_state(trainer))

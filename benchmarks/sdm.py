@@ -1,0 +1,228 @@
+"""SDM speed benchmark: our speed features ON vs OFF, side by side, on one device in one run.
+
+  ON  ("fast"):  bf16 autocast + channels-last (CUDA only) + F.scaled_dot_product_attention
+  OFF ("plain"): fp32, contiguous NCHW, explicit softmax(QK^T)V attention
+
+Reports training images/s and sampling seconds/image (same weights, same maps, same seed) for both,
+then DPM-Solver++ (default 25 steps) against ancestral DDPM (default: the schedule length) with the
+fast settings. With --model and --slices it also compares the mask fidelity of the two samplers on
+real lesion maps (needs nodulesynth.masks.fidelity).
+
+  python benchmarks/sdm.py                                   # small CPU defaults, a minute or two
+  python benchmarks/sdm.py --config config.yaml --device cuda --image-size 256 --batch-size 16
+
+The network, diffusion and loss are the ones `train_sdm` uses (Trainer.train_step), on random
+images/maps of the configured size: throughput does not depend on the content.
+"""
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from nodulesynth.models.common import SlicePairs, pick_device
+from nodulesynth.models.sdm.options import SDMOptions
+from nodulesynth.models.sdm.sample import load_sdm, sample_images
+from nodulesynth.models.synthesis import resize_labels
+from nodulesynth.models.sdm.train import Trainer
+from nodulesynth.models.sdm.unet import set_attention
+
+SMALL = dict(image_size=32, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
+             num_head_channels=16, spade_hidden=16, batch_size=8)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config; its `sdm:` section (or the whole file) gives the options")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--model-channels", type=int)
+    p.add_argument("--channel-mult", help="comma separated, e.g. 1,1,2,2,4,4")
+    p.add_argument("--attention-resolutions", help="comma separated feature sizes, e.g. 32,16,8")
+    p.add_argument("--batch-size", type=int, help="training batch")
+    p.add_argument("--train-steps", type=int, default=None, help="timed training steps (default 5 CPU, 20 CUDA)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (kernel selection, allocator)")
+    p.add_argument("--sample-batch", type=int, default=4, help="maps per sampling batch")
+    p.add_argument("--steps", type=int, default=10, help="sampler steps for the ON/OFF sampling comparison")
+    p.add_argument("--sampler", default="dpmpp_2m", choices=["ddpm", "ddim", "dpmpp_2m"])
+    p.add_argument("--dpm-steps", type=int, default=25)
+    p.add_argument("--ddpm-steps", type=int, default=None,
+                   help="default: the schedule length (1000) on CUDA, 100 on the CPU")
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--skip-ddpm", action="store_true", help="skip the (slow) DDPM timing")
+    p.add_argument("--model", help="trained model.pt: also compare mask fidelity of DPM-Solver++ vs DDPM")
+    p.add_argument("--slices", nargs="*", default=[], help="slice stacks whose maps --model samples")
+    p.add_argument("--fidelity-maps", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is best on a shared machine)")
+    return p.parse_args(argv)
+
+
+def options_from(args) -> SDMOptions:
+    if args.config:
+        config = yaml.safe_load(Path(args.config).read_text()) or {}
+        config = config.get("sdm", config)
+        options = SDMOptions.from_config({k: v for k, v in config.items()})
+    else:
+        options = SDMOptions(**SMALL)
+    changes = {}
+    if args.image_size:
+        changes["image_size"] = args.image_size
+    if args.model_channels:
+        changes["model_channels"] = args.model_channels
+    if args.channel_mult:
+        changes["channel_mult"] = tuple(int(v) for v in args.channel_mult.split(","))
+    if args.attention_resolutions:
+        changes["attention_resolutions"] = tuple(int(v) for v in args.attention_resolutions.split(","))
+    if args.batch_size:
+        changes["batch_size"] = args.batch_size
+    if args.guidance_scale is not None:
+        changes["guidance_scale"] = args.guidance_scale
+    return options.replace(**changes)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_data(options, count=64, seed=0):
+    rng = np.random.default_rng(seed)
+    size = options.image_size
+    images = rng.integers(0, 256, (count, size, size), dtype=np.uint8)
+    labels = rng.integers(0, options.num_classes, (count, size, size), dtype=np.uint8)
+    return SlicePairs(images, labels, size)
+
+
+def time_training(options, device, data, steps, warmup, state=None):
+    trainer = Trainer(data, options, device)
+    if state is not None:
+        trainer.model.load_state_dict(state)
+    set_attention(trainer.model, options.attention)
+    for _ in range(warmup):
+        trainer.train_step()
+    sync(trainer.device)
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    sync(trainer.device)
+    elapsed = time.perf_counter() - start
+    memory = torch.cuda.max_memory_allocated(trainer.device) / 2**30 if trainer.device.type == "cuda" else float("nan")
+    return steps * options.batch_size / elapsed, memory, trainer
+
+
+def eval_model(trainer, options):
+    model = copy.deepcopy(trainer.model).eval()
+    model.options = options
+    set_attention(model, options.attention)
+    return model
+
+
+def time_sampling(model, diffusion, labels, sampler, steps, guidance, seed, bf16):
+    device = next(model.parameters()).device
+    sample_images(model, diffusion, labels, sampler, min(steps, 2), guidance, torch.Generator().manual_seed(seed), bf16=bf16)
+    sync(device)
+    start = time.perf_counter()
+    images = sample_images(model, diffusion, labels, sampler, steps, guidance, torch.Generator().manual_seed(seed),
+                           bf16=bf16)
+    sync(device)
+    return (time.perf_counter() - start) / len(labels), images
+
+
+def fidelity_comparison(args, device):
+    from nodulesynth.data.slices import load_training_pairs
+    from nodulesynth.masks.fidelity import mask_fidelity
+
+    model, diffusion, options = load_sdm(args.model, device)
+    _, labels = load_training_pairs(args.slices)
+    labels = resize_labels(labels, options.image_size)
+    pick = np.round(np.linspace(0, len(labels) - 1, min(args.fidelity_maps, len(labels)))).astype(int)
+    maps = torch.from_numpy(labels[pick].astype(np.int64))
+    ddpm_steps = args.ddpm_steps or options.diffusion_steps
+    rows = {}
+    for name, sampler, steps in (("dpmpp_2m", "dpmpp_2m", args.dpm_steps), ("ddpm", "ddpm", ddpm_steps)):
+        images = []
+        for start in range(0, len(maps), args.sample_batch):
+            images.append(sample_images(model, diffusion, maps[start:start + args.sample_batch], sampler, steps,
+                                        options.guidance_scale, torch.Generator().manual_seed(args.seed + start)))
+        rows[f"{name} {steps}"] = mask_fidelity(np.concatenate(images), labels[pick])
+    print("\nmask fidelity (mean Dice) on", len(maps), "maps")
+    keys = sorted(next(iter(rows.values())))
+    print(f"{'sampler':<16}" + "".join(f"{k:>12}" for k in keys))
+    for name, values in rows.items():
+        print(f"{name:<16}" + "".join(f"{values[k]:>12.3f}" for k in keys))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    cuda = device.type == "cuda"
+    fast = options_from(args)
+    plain = fast.replace(bf16=False, channels_last=False, attention="plain")
+    fast = fast.replace(bf16=True, channels_last=True, attention="sdpa")
+    steps = args.train_steps or (20 if cuda else 5)
+    data = random_data(fast, count=max(64, fast.batch_size), seed=args.seed)
+    n_params = None
+
+    print(f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if cuda else
+                                f" ({torch.get_num_threads()} threads)"))
+    print(f"model: {fast.image_size} px, channels {fast.model_channels} x {list(fast.channel_mult)}, "
+          f"{fast.num_res_blocks} res blocks, attention at {list(fast.attention_resolutions)} px, "
+          f"spade_hidden {fast.spade_hidden}; training batch {fast.batch_size}, {steps} timed steps")
+    if not cuda:
+        print("note: bf16 and channels-last apply on CUDA only; on the CPU only the attention differs")
+
+    results = {}
+    state = None
+    for name, options in (("on", fast), ("off", plain)):
+        rate, memory, trainer = time_training(options, device, data, steps, args.warmup, state)
+        state = state or copy.deepcopy(trainer.model.state_dict())
+        n_params = sum(p.numel() for p in trainer.model.parameters())
+        model = eval_model(trainer, options)
+        model.load_state_dict(state)  # same weights for both sampling timings
+        labels = data.label[: args.sample_batch]
+        s_per_image, images = time_sampling(model, trainer.diffusion, labels, args.sampler, args.steps,
+                                            options.guidance_scale, args.seed, bf16=options.bf16)
+        results[name] = dict(rate=rate, memory=memory, sample=s_per_image, images=images, model=model,
+                             diffusion=trainer.diffusion)
+        del trainer
+
+    on, off = results["on"], results["off"]
+    print(f"parameters: {n_params / 1e6:.2f} M")
+    print(f"\n{'':<34}{'speed ON':>12}{'speed OFF':>12}{'ON/OFF':>9}")
+    print(f"{'training images/s':<34}{on['rate']:>12.2f}{off['rate']:>12.2f}{on['rate'] / off['rate']:>8.2f}x")
+    label = f"sampling s/image ({args.sampler} {args.steps})"
+    print(f"{label:<34}{on['sample']:>12.4f}{off['sample']:>12.4f}{off['sample'] / on['sample']:>8.2f}x")
+    if cuda:
+        print(f"{'training peak memory GiB':<34}{on['memory']:>12.2f}{off['memory']:>12.2f}")
+    diff = np.abs(on["images"].astype(int) - off["images"].astype(int))
+    print(f"ON vs OFF sample difference: mean {diff.mean():.2f}, max {diff.max()} gray levels"
+          + (" (bf16 rounding)" if cuda else ""))
+
+    model, diffusion = on["model"], on["diffusion"]
+    labels = data.label[: args.sample_batch]
+    dpm, _ = time_sampling(model, diffusion, labels, "dpmpp_2m", args.dpm_steps, fast.guidance_scale, args.seed, True)
+    print(f"\n{'sampler (speed ON)':<34}{'s/image':>12}")
+    print(f"{f'dpmpp_2m {args.dpm_steps} steps':<34}{dpm:>12.4f}")
+    if not args.skip_ddpm:
+        ddpm_steps = args.ddpm_steps or (fast.diffusion_steps if cuda else min(100, fast.diffusion_steps))
+        ddpm, _ = time_sampling(model, diffusion, labels, "ddpm", ddpm_steps, fast.guidance_scale, args.seed, True)
+        print(f"{f'ddpm {ddpm_steps} steps':<34}{ddpm:>12.4f}   ({ddpm / dpm:.1f}x slower than DPM-Solver++)")
+
+    if args.model:
+        if not args.slices:
+            sys.exit("--model needs --slices")
+        fidelity_comparison(args, device)
+
+
+if __name__ == "__main__":
+    main()

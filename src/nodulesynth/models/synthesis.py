@@ -1,0 +1,97 @@
+"""What both generators share at sampling time: which lesion maps to synthesise from, and writing
+the synthetic stacks. SDM and SPADE go through the same code, so the study's arms B and C are
+synthesised from exactly the same maps."""
+
+import sys
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from nodulesynth.data.slices import SliceStack, load_slices, save_slices
+from nodulesynth.masks.labels import NODULE
+from nodulesynth.models.common import progress
+from nodulesynth.models.transplant import choose_maps, nodule_shapes
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] -> 0..255, the inverse of the training scaling (u / 127.5 - 1)."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
+    """Label maps [N,H,W] -> [N,size,size], nearest neighbour (as the training set)."""
+    labels = np.asarray(labels)
+    if labels.shape[1:] == (size, size):
+        return labels.astype(np.uint8)
+    if not len(labels):
+        return np.zeros((0, size, size), np.uint8)
+    return np.stack([cv2.resize(lb, (size, size), interpolation=cv2.INTER_NEAREST) for lb in labels]).astype(np.uint8)
+
+
+def scan_seed(seed: int, scan_id: str, *more: int) -> np.random.SeedSequence:
+    """A seed sequence for one scan (and batch): independent of the order scans are processed in."""
+    return np.random.SeedSequence([int(seed) & 0xFFFFFFFF, zlib.crc32(scan_id.encode()), *map(int, more)])
+
+
+def plan_maps(slice_paths, size, seed, mask_source="real", max_slices_per_scan=None, shape_paths=None):
+    """[(stack, scan_id, indices or None, maps or None)]: the maps to synthesise from each stack.
+
+    mask_source "real": the stacks' own maps; "transplant": their nodule-free maps, each given a
+    nodule shaped like one of the real nodules of `shape_paths` (default: the given stacks).
+    """
+    shapes = None
+    if mask_source == "transplant":
+        shapes = []
+        for path in (shape_paths if shape_paths is not None else slice_paths):
+            stack = load_slices(path)
+            if stack.status == "ok" and len(stack):
+                shapes.extend(nodule_shapes(resize_labels(stack.label, size)))
+        if not shapes:
+            raise ValueError("mask_source 'transplant': no nodules in the stacks to draw shapes from")
+    plans = []
+    for path in slice_paths:
+        stack = load_slices(path)
+        scan_id = Path(path).stem
+        if stack.status != "ok" or not len(stack):
+            plans.append((stack, scan_id, None, None))
+            continue
+        rng = np.random.default_rng(scan_seed(seed, scan_id))
+        indices, maps = choose_maps(resize_labels(stack.label, size), mask_source, rng, shapes, max_slices_per_scan)
+        plans.append((stack, scan_id, indices, maps))
+    return plans
+
+
+def write_synthetic(plans, out_dir, size, batch_size, synthesise, extra, desc):
+    """Write out_dir/{scan_id}.npz for each plan in the slices layout; returns the paths.
+
+    synthesise(labels long [B,S,S], scan_id, start) -> uint8 [B,S,S]; `extra` is stored with each
+    stack (generator, mask source, sampler settings, seed).
+    """
+    out_dir = Path(out_dir)
+    total = sum(len(indices) for _, _, indices, _ in plans if indices is not None)
+    print(f"{desc}: {total} slices from {len(plans)} stacks ({extra})", file=sys.stderr)
+    bar = progress(total, 0, desc)
+    written = []
+    for stack, scan_id, indices, maps in plans:
+        target = out_dir / f"{scan_id}.npz"
+        if indices is None:
+            save_slices(target, SliceStack.rejected(scan_id, stack.patient_id, stack.reason or "no slices",
+                                                    (size, size)))
+            written.append(target)
+            continue
+        images = np.zeros((len(indices), size, size), np.uint8)
+        for start in range(0, len(indices), batch_size):
+            labels = torch.from_numpy(maps[start:start + batch_size].astype(np.int64))
+            images[start:start + len(labels)] = synthesise(labels, scan_id, start)
+            bar.update(len(labels))
+        save_slices(target, SliceStack(
+            image=images, label=maps.astype(np.uint8), z=np.asarray(stack.z)[indices],
+            slice_index=np.asarray(stack.slice_index)[indices], has_nodule=(maps == NODULE).any((1, 2)),
+            scan_id=stack.scan_id or scan_id, patient_id=stack.patient_id,
+            extra={"source_index": indices, **extra}))
+        written.append(target)
+    bar.close()
+    return written
