@@ -73,3 +73,13 @@ def test_both_lungs_found_on_the_right_sides(lidc_scan):
     cols = np.arange(full.shape[2])
     assert cols[np.nonzero(full == L.RIGHT_LUNG)[2]].mean() < cols[np.nonzero(full == L.LEFT_LUNG)[2]].mean()
     assert len(boxes) > 0 and set(boxes.slice_index) <= set(stack.slice_index.tolist())
+
+
+def test_trachea_is_the_central_airway_of_the_upper_slices(lidc_scan):
+    _, _, stack, _, full = lidc_scan
+    with_trachea = np.flatnonzero((full == L.TRACHEA).any((1, 2)))
+    assert len(with_trachea) >= 5, with_trachea
+    lung_slices = np.flatnonzero(np.isin(full, [L.LEFT_LUNG, L.RIGHT_LUNG]).any((1, 2)))
+    assert with_trachea.min() > np.median(lung_slices)  # upper half of the lungs (z grows upward)
+    cols = np.nonzero(full == L.TRACHEA)[2]
+    assert abs(cols.mean() - full.shape[2] / 2) < 0.1 * full.shape[2]

@@ -87,7 +87,7 @@ def unknown_series_annotations(annotations: pd.DataFrame, scans: pd.DataFrame) -
 
 def manifest(scans: pd.DataFrame, slice_files, cohort_rejections: pd.DataFrame | None = None):
     """(manifest, rejected) tables from the per-scan slice stacks."""
-    by_id = {load_slices(path).scan_id: path for path in slice_files}
+    by_id = {Path(path).stem: path for path in slice_files}  # results/slices/{scan}.npz
     rows, rejected = [], []
     for scan in scans.itertuples():
         if scan.scan_id not in by_id:

@@ -74,6 +74,7 @@ def load_slices(path) -> SliceStack:
 
 def load_training_pairs(paths):
     """Concatenate (image, label) of the given stacks, skipping rejected ones: uint8 [N,H,W] each."""
+    paths = list(paths)
     images, labels = [], []
     for path in paths:
         stack = load_slices(path)
@@ -81,5 +82,5 @@ def load_training_pairs(paths):
             images.append(stack.image)
             labels.append(stack.label)
     if not images:
-        raise ValueError(f"no usable slices in {len(list(paths))} stacks")
+        raise ValueError(f"no usable slices in {len(paths)} stacks")
     return np.concatenate(images), np.concatenate(labels)

@@ -120,26 +120,24 @@ def track_trachea(air, body, pixel_area_mm2, opts: MaskOptions):
             break
     if start is None:
         return trachea
-    for k in range(start - 1, -1, -1):
-        lab, _ = ndimage.label(air[k])
-        touching = np.unique(lab[trachea[k + 1] & (lab > 0)])
-        if len(touching) != 1:
-            break
-        comp = lab == touching[0]
-        area = comp.sum()
-        if area > max_px or area > 1.6 * trachea[k + 1].sum() + 4:
-            break  # merged into a lung or the bronchial tree: the carina is reached
-        trachea[k] = comp
-    # Slices above the start (neck) keep following upward the same way.
-    for k in range(start + 1, n):
-        lab, _ = ndimage.label(air[k])
-        touching = np.unique(lab[trachea[k - 1] & (lab > 0)])
-        if len(touching) != 1:
-            break
-        comp = lab == touching[0]
-        if comp.sum() > max_px:
-            break
-        trachea[k] = comp
+    # Follow it down to the carina, then up: one air region must continue it in the next slice
+    # without merging into a lung or dividing into the main bronchi.
+    for direction in (-1, 1):
+        k = start + direction
+        while 0 <= k < n:
+            previous = trachea[k - direction]
+            lab, _ = ndimage.label(air[k])
+            touching = np.unique(lab[previous & (lab > 0)])
+            if len(touching) != 1:
+                break
+            comp = lab == touching[0]
+            area = comp.sum()
+            # The airway widens from the larynx down (about twice per slice at most); a lung it
+            # merges with is far larger than masks.trachea_max_area_mm2.
+            if area > max_px or area > 2.5 * previous.sum() + 4:
+                break
+            trachea[k] = comp
+            k += direction
     return trachea
 
 
