@@ -437,11 +437,19 @@ def test_resume_equals_unbroken_training(tmp_path):
     assert not all(torch.equal(a["model"][k], _state(other)["model"][k]) for k in a["model"])
 
 
-def test_resume_refuses_other_architecture(tmp_path):
+def test_changed_options_train_from_scratch_instead_of_resuming(tmp_path):
+    """A rerun after a config change (Snakemake reruns on a changed param) must not resume the old
+    checkpoint: it trains afresh and ends as an unbroken run with the new options would."""
     paths = write_stacks(tmp_path / "slices", count=1)
-    train_sdm(paths, tmp_path / "m", tiny(max_steps=2), device="cpu", max_steps_this_run=1)
-    with pytest.raises(ValueError, match="model_channels"):
-        train_sdm(paths, tmp_path / "m", tiny(max_steps=2, model_channels=8), device="cpu")
+    train_sdm(paths, tmp_path / "m", tiny(max_steps=2), device="cpu")  # a finished run, checkpoint at step 2
+    for change in ({"model_channels": 8}, {"lr": 3e-4}):
+        new = tiny(max_steps=2, **change)
+        rerun = _state(train_sdm(paths, tmp_path / "m", new, device="cpu"))
+        fresh = _state(train_sdm(paths, tmp_path / f"fresh{len(change)}{list(change)[0]}", new, device="cpu"))
+        assert rerun["step"] == 2 and all(torch.equal(rerun["model"][k], fresh["model"][k]) for k in fresh["model"])
+    # Only the length changed: the checkpoint is resumed and training goes on from step 2.
+    longer = tiny(max_steps=3, lr=3e-4)
+    assert _state(train_sdm(paths, tmp_path / "m", longer, device="cpu", max_steps_this_run=0))["step"] == 2
 
 
 def test_train_then_sample_files(tmp_path):

@@ -209,11 +209,19 @@ def test_resume_equals_unbroken_training(stacks, tmp_path, ema):
     assert not torch.equal(fresh["conv_img.weight"], a["generator"]["conv_img.weight"])
 
 
-def test_resume_refuses_other_network_options(stacks, tmp_path):
+def test_changed_options_train_from_scratch_instead_of_resuming(stacks, tmp_path):
+    """A rerun after a config change must not resume the old checkpoint: it trains afresh."""
     options = SPADEOptions(**TINY, max_steps=2, checkpoint_every=1)
-    train_spade(stacks, tmp_path, options, device="cpu", max_steps_this_run=1)
-    with pytest.raises(ValueError, match="ngf"):
-        train_spade(stacks, tmp_path, options.replace(ngf=4), device="cpu")
+    train_spade(stacks, tmp_path / "m", options, device="cpu")
+    for change in ({"ngf": 4}, {"lr_g": 2e-4}):
+        new = options.replace(**change)
+        rerun = load_checkpoint(train_spade(stacks, tmp_path / "m", new, device="cpu"))
+        fresh = load_checkpoint(train_spade(stacks, tmp_path / f"fresh_{list(change)[0]}", new, device="cpu"))
+        assert rerun["step"] == 2
+        assert all(torch.equal(rerun["generator"][k], fresh["generator"][k]) for k in fresh["generator"])
+    # Only the length changed: the checkpoint is resumed at step 2.
+    resumed = train_spade(stacks, tmp_path / "m", new.replace(max_steps=3), device="cpu", max_steps_this_run=0)
+    assert load_checkpoint(resumed)["step"] == 2
 
 
 # ---------------------------------------------------------------- sampling

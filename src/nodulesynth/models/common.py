@@ -95,6 +95,15 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
+def changed_options(saved: dict, current: dict, ignore=()) -> list:
+    """Option keys whose values differ between a checkpoint and this run, `ignore` aside.
+
+    A checkpoint is resumed only when nothing else changed (a job restarted after a kill); a
+    rerun after a config change trains from scratch, as Snakemake expects of a changed param.
+    """
+    return sorted(k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k))
+
+
 def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
     """A generator seeded from (seed, step) alone.
 
@@ -195,5 +204,5 @@ def progress(total: int, initial: int = 0, desc: str = ""):
                 dynamic_ncols=tty, ascii=not tty, file=sys.stderr)
 
 
-__all__ = ["pick_device", "EMA", "save_checkpoint", "load_checkpoint", "step_generator",
+__all__ = ["pick_device", "EMA", "save_checkpoint", "load_checkpoint", "changed_options", "step_generator",
            "seed_everything_for_step", "SlicePairs", "one_hot", "LossCurve", "progress"]

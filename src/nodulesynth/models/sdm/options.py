@@ -96,6 +96,10 @@ class SDMOptions:
     def replace(self, **changes) -> "SDMOptions":
         return replace(self, **changes)
 
+    # Keys a restarted run may change and still resume its checkpoint: length, bookkeeping, sampling.
+    RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "log_every", "sampler", "sample_steps",
+                         "guidance_scale", "ddim_eta", "sample_batch_size")
+
     # Keys that define the trained network and its diffusion; a checkpoint with other values cannot resume.
     MODEL_KEYS = ("image_size", "in_channels", "num_classes", "model_channels", "channel_mult",
                   "num_res_blocks", "attention_resolutions", "num_head_channels", "resblock_updown",

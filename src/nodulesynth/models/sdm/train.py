@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from nodulesynth.data.slices import load_training_pairs
-from nodulesynth.models.common import (EMA, LossCurve, SlicePairs, load_checkpoint, one_hot, pick_device,
-                                       progress, save_checkpoint, seed_everything_for_step, step_generator)
+from nodulesynth.models.common import (EMA, LossCurve, SlicePairs, changed_options, load_checkpoint, one_hot,
+                                       pick_device, progress, save_checkpoint, seed_everything_for_step,
+                                       step_generator)
 from nodulesynth.models.sdm.diffusion import GaussianDiffusion
 from nodulesynth.models.sdm.options import SDMOptions
 from nodulesynth.models.sdm.unet import SDMUNet
@@ -132,8 +133,13 @@ def train_sdm(slice_paths, out_dir, options: SDMOptions, device="auto", max_step
     trainer = Trainer(data, options, device)
     curve = LossCurve()
     checkpoint_path = out_dir / CHECKPOINT
-    if checkpoint_path.exists():
-        trainer.load_state_dict(load_checkpoint(checkpoint_path, map_location=trainer.device))
+    state = load_checkpoint(checkpoint_path, map_location=trainer.device) if checkpoint_path.exists() else None
+    changed = state and changed_options(state["options"], options.to_dict(), SDMOptions.RESUMABLE_CHANGES)
+    if changed:
+        print(f"sdm: {checkpoint_path} was trained with other sdm.{', sdm.'.join(changed)}: training from scratch",
+              file=sys.stderr)
+    elif state:
+        trainer.load_state_dict(state)
         curve = LossCurve.load(out_dir / LOSS)
         curve.truncate(trainer.step)
         print(f"sdm: resumed from {checkpoint_path} at step {trainer.step}", file=sys.stderr)

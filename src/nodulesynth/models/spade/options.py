@@ -44,6 +44,9 @@ class SPADEOptions:
     seed: int = 0
     sample_batch_size: int = 16
 
+    # Keys a restarted run may change and still resume its checkpoint: length and bookkeeping.
+    RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "log_every", "sample_batch_size")
+
     # Keys that define the trained network; a checkpoint with other values cannot be resumed.
     MODEL_KEYS = ("image_size", "ngf", "ndf", "num_upsampling", "spade_hidden", "norm_g", "n_scales",
                   "n_layers_d")

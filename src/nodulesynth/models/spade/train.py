@@ -14,8 +14,8 @@ import torch
 
 from nodulesynth.data.slices import load_training_pairs
 from nodulesynth.masks.labels import NUM_CLASSES
-from nodulesynth.models.common import (EMA, LossCurve, SlicePairs, load_checkpoint, one_hot, pick_device,
-                                       progress, save_checkpoint, step_generator)
+from nodulesynth.models.common import (EMA, LossCurve, SlicePairs, changed_options, load_checkpoint, one_hot,
+                                       pick_device, progress, save_checkpoint, step_generator)
 
 from .losses import build_vgg_loss, d_hinge_loss, feature_matching_loss, g_hinge_loss
 from .networks import MultiscaleDiscriminator, SPADEGenerator, count_parameters
@@ -190,8 +190,11 @@ def train_spade(slice_paths, out_dir, options: SPADEOptions, device="auto", max_
     data = SlicePairs(images, labels, options.image_size)
     trainer = SPADETrainer(options, device)
     curve, running = LossCurve(), _RunningMean()
-    if checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, map_location=device)
+    state = load_checkpoint(checkpoint_path, map_location=device) if checkpoint_path.exists() else None
+    changed = state and changed_options(state["options"], options.to_dict(), SPADEOptions.RESUMABLE_CHANGES)
+    if changed:
+        _say(f"{checkpoint_path} was trained with other spade.{', spade.'.join(changed)}: training from scratch")
+    elif state:
         trainer.load_state_dict(state)
         curve.rows = [dict(row) for row in state["curve"]]
         running.sums, running.count = dict(state["running"]["sums"]), int(state["running"]["count"])
