@@ -43,7 +43,8 @@ def generator_folds():
     return [str(k) for k in range(config["folds"]["k"])] + ["holdout"]
 
 
-# Sampling keys of the `sdm:` section: a change reruns sampling only, not training.
+# Sampling keys of the `sdm:` section (nodulesynth's SDMOptions.SAMPLING_KEYS; the Snakefile does not
+# import the package): a change reruns sampling only, not training.
 SDM_SAMPLING_KEYS = ["sampler", "sample_steps", "guidance_scale", "ddim_eta", "sample_batch_size"]
 
 

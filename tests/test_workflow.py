@@ -121,3 +121,13 @@ def test_config_error_fails_before_any_job_naming_the_key(tmp_path):
 def test_lint_is_clean(tmp_path):
     proc = run_snakemake(REPO, "--lint", check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_rules_split_the_sdm_keys_as_the_package_does():
+    import ast
+    import re
+
+    from nodulesynth.models.sdm import SDMOptions
+
+    line = re.search(r"^SDM_SAMPLING_KEYS = (\[.*\])$", (REPO / "rules/common.smk").read_text(), re.M).group(1)
+    assert tuple(ast.literal_eval(line)) == SDMOptions.SAMPLING_KEYS

@@ -131,9 +131,6 @@ def cmd_folds(args):
     write_tsv(folds, args.out)
 
 
-# Sampling keys of the `sdm:` section: a change reruns sampling only, not training.
-SDM_SAMPLING_KEYS = ("sampler", "sample_steps", "guidance_scale", "ddim_eta", "sample_batch_size")
-
 
 def _synthesis(params):
     unknown = sorted(set(params) - {"mask_source", "max_slices_per_scan", "seed"})
@@ -174,9 +171,10 @@ def cmd_train_sdm(args):
 
 def cmd_sample_sdm(args):
     _torch_threads(args)
+    from nodulesynth.models.sdm import SDMOptions
     from nodulesynth.models.sdm.sample import sample_sdm
 
-    unknown = sorted(set(args.params) - set(SDM_SAMPLING_KEYS))
+    unknown = sorted(set(args.params) - set(SDMOptions.SAMPLING_KEYS))
     if unknown:
         raise KeyError(f"sample-sdm takes only the sampling keys of sdm, not sdm.{unknown[0]}")
     p = args.params

@@ -96,9 +96,10 @@ class SDMOptions:
     def replace(self, **changes) -> "SDMOptions":
         return replace(self, **changes)
 
+    # Keys used only when sampling: the workflow's sample rule gets them, the training rule does not.
+    SAMPLING_KEYS = ("sampler", "sample_steps", "guidance_scale", "ddim_eta", "sample_batch_size")
     # Keys a restarted run may change and still resume its checkpoint: length, bookkeeping, sampling.
-    RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "log_every", "sampler", "sample_steps",
-                         "guidance_scale", "ddim_eta", "sample_batch_size")
+    RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "log_every") + SAMPLING_KEYS
 
     # Keys that define the trained network and its diffusion; a checkpoint with other values cannot resume.
     MODEL_KEYS = ("image_size", "in_channels", "num_classes", "model_channels", "channel_mult",
