@@ -111,8 +111,8 @@ def test_workflow_rejects_each_bad_scan_and_finishes_the_others(broken_cohort, t
     config["folds"]["k"] = 2
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     # The data half of the DAG is what bad input can break; the generators are tested elsewhere.
-    run_snakemake(tmp_path, "--configfile", str(tmp_path / "config.yaml"),
-                  "results/cohort/manifest.tsv", "results/folds/folds.tsv")
+    run_snakemake(tmp_path, "results/cohort/manifest.tsv", "results/folds/folds.tsv",
+                  "--configfile", str(tmp_path / "config.yaml"))
 
     rejected = pd.read_csv(tmp_path / "results/cohort/rejected.tsv", sep="\t", dtype=str).fillna("")
     reasons = dict(zip(rejected.scan_id, rejected.reason))
