@@ -36,11 +36,8 @@ def cmd_cohort(args):
     if source == "demo":
         from nodulesynth.data.demo import write_demo_cohort
 
-        demo = p.get("demo", {})
-        write_demo_cohort(args.demo_dir, n_scans=demo.get("n_scans", 12), image_size=demo.get("image_size", 128),
-                          min_slice_thickness_mm=demo.get("min_slice_thickness_mm", 2.0), seed=demo.get("seed", 0),
-                          min_readers=nodules.get("min_readers", 3),
-                          min_diameter_mm=nodules.get("min_diameter_mm", 3.0),
+        # cohort.demo's keys are write_demo_cohort's arguments; unset ones take its defaults.
+        write_demo_cohort(args.demo_dir, **p.get("demo", {}), **nodules,
                           progress=lambda it: tqdm(it, desc="demo phantoms", unit="scan"))
         scans = cohort.discover_dicom(Path(args.demo_dir) / "dicom")
         annotations = read_annotations(Path(args.demo_dir) / "annotations.csv")

@@ -6,7 +6,6 @@ Output (`results/volumes/{scan}.npz`): `hu` int16 [Z,H,W], `z`, `spacing` (slice
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
