@@ -125,13 +125,13 @@ def eval_model(trainer, options):
     return model
 
 
-def time_sampling(model, diffusion, labels, sampler, steps, guidance, seed, bf16):
+def time_sampling(model, diffusion, labels, sampler, steps, guidance, seed):
+    """bf16 and channels-last follow model.options (on CUDA), as in the sample rule."""
     device = next(model.parameters()).device
-    sample_images(model, diffusion, labels, sampler, min(steps, 2), guidance, torch.Generator().manual_seed(seed), bf16=bf16)
+    sample_images(model, diffusion, labels, sampler, min(steps, 2), guidance, torch.Generator().manual_seed(seed))
     sync(device)
     start = time.perf_counter()
-    images = sample_images(model, diffusion, labels, sampler, steps, guidance, torch.Generator().manual_seed(seed),
-                           bf16=bf16)
+    images = sample_images(model, diffusion, labels, sampler, steps, guidance, torch.Generator().manual_seed(seed))
     sync(device)
     return (time.perf_counter() - start) / len(labels), images
 
@@ -191,7 +191,7 @@ def main(argv=None):
         model.load_state_dict(state)  # same weights for both sampling timings
         labels = data.label[: args.sample_batch]
         s_per_image, images = time_sampling(model, trainer.diffusion, labels, args.sampler, args.steps,
-                                            options.guidance_scale, args.seed, bf16=options.bf16)
+                                            options.guidance_scale, args.seed)
         results[name] = dict(rate=rate, memory=memory, sample=s_per_image, images=images, model=model,
                              diffusion=trainer.diffusion)
         del trainer
@@ -210,12 +210,12 @@ def main(argv=None):
 
     model, diffusion = on["model"], on["diffusion"]
     labels = data.label[: args.sample_batch]
-    dpm, _ = time_sampling(model, diffusion, labels, "dpmpp_2m", args.dpm_steps, fast.guidance_scale, args.seed, True)
+    dpm, _ = time_sampling(model, diffusion, labels, "dpmpp_2m", args.dpm_steps, fast.guidance_scale, args.seed)
     print(f"\n{'sampler (speed ON)':<34}{'s/image':>12}")
     print(f"{f'dpmpp_2m {args.dpm_steps} steps':<34}{dpm:>12.4f}")
     if not args.skip_ddpm:
         ddpm_steps = args.ddpm_steps or (fast.diffusion_steps if cuda else min(100, fast.diffusion_steps))
-        ddpm, _ = time_sampling(model, diffusion, labels, "ddpm", ddpm_steps, fast.guidance_scale, args.seed, True)
+        ddpm, _ = time_sampling(model, diffusion, labels, "ddpm", ddpm_steps, fast.guidance_scale, args.seed)
         print(f"{f'ddpm {ddpm_steps} steps':<34}{ddpm:>12.4f}   ({ddpm / dpm:.1f}x slower than DPM-Solver++)")
 
     if args.model:

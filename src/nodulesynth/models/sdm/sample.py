@@ -13,15 +13,17 @@ from nodulesynth.models.sdm.unet import SDMUNet
 from nodulesynth.models.synthesis import plan_maps, scan_seed, to_uint8, write_synthetic
 
 
-def load_sdm(model_path, device="auto"):
-    """-> (model in eval mode on `device`, the full diffusion, options) from a train_sdm model.pt."""
+def load_sdm(model_path, device="auto", channels_last: bool | None = None):
+    """-> (model in eval mode on `device`, the full diffusion, options) from a train_sdm model.pt.
+
+    channels_last: None follows the options on CUDA only; True forces it (as in `sample_images`)."""
     device = pick_device(device)
     state = load_checkpoint(model_path, map_location="cpu")
     options = SDMOptions.from_config(state["options"])
     model = SDMUNet(options)
     model.load_state_dict(state["model"])
     model = model.to(device).eval()
-    if device.type == "cuda" and options.channels_last:
+    if device.type == "cuda" and options.channels_last if channels_last is None else channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, GaussianDiffusion.from_options(options), options
 
@@ -29,11 +31,12 @@ def load_sdm(model_path, device="auto"):
 @torch.no_grad()
 def sample_images(model: SDMUNet, diffusion: GaussianDiffusion, labels: torch.Tensor, sampler: str = "ddpm",
                   steps: int = 1000, guidance_scale: float = 1.5, generator: torch.Generator = None,
-                  eta: float = 0.0, bf16: bool | None = None) -> np.ndarray:
+                  eta: float = 0.0, bf16: bool | None = None, channels_last: bool | None = None) -> np.ndarray:
     """Label maps long [B,S,S] -> synthetic slices uint8 [B,S,S].
 
     Noise comes from `generator` (a CPU generator gives the same images on any device up to float
-    rounding). bf16 autocast applies on CUDA only, by default when the model was trained with it.
+    rounding). bf16 autocast and channels-last inputs: None follows the model's options on CUDA and
+    leaves them off elsewhere; True or False decides on any device.
     """
     options = model.options
     device = next(model.parameters()).device
@@ -42,10 +45,11 @@ def sample_images(model: SDMUNet, diffusion: GaussianDiffusion, labels: torch.Te
     if labels.ndim != 3:
         raise ValueError(f"labels must be [B,S,S], got {tuple(labels.shape)}")
     cond = one_hot(labels, options.num_classes)
-    channels_last = device.type == "cuda" and options.channels_last
+    cuda = device.type == "cuda"
+    channels_last = cuda and options.channels_last if channels_last is None else channels_last
     if channels_last:
         cond = cond.contiguous(memory_format=torch.channels_last)
-    use_bf16 = device.type == "cuda" and (options.bf16 if bf16 is None else bf16)
+    use_bf16 = cuda and options.bf16 if bf16 is None else bf16
 
     def network(x, t, c):
         if channels_last:

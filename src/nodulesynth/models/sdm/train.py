@@ -41,29 +41,33 @@ def draw_batch(data: SlicePairs, options: SDMOptions, step: int):
     return x0, label, t, noise, keep
 
 
-def build_model(options: SDMOptions, device: torch.device) -> SDMUNet:
+def build_model(options: SDMOptions, device: torch.device, channels_last: bool = False) -> SDMUNet:
     torch.manual_seed(options.seed)  # the same initial weights for the same seed
     model = SDMUNet(options).to(device)
-    if device.type == "cuda" and options.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 class Trainer:
-    """One SDM, its optimiser and EMA; `step()` runs training step `self.step + 1`."""
+    """One SDM, its optimiser and EMA; `step()` runs training step `self.step + 1`.
 
-    def __init__(self, data: SlicePairs, options: SDMOptions, device="auto"):
+    bf16 / channels_last: None follows the options on CUDA and leaves them off elsewhere (on a CPU
+    they cost more than they give); True forces them on any device, which lets the CPU tests run
+    the same autocast and memory-format code a GPU runs.
+    """
+
+    def __init__(self, data: SlicePairs, options: SDMOptions, device="auto", bf16: bool | None = None,
+                 channels_last: bool | None = None):
         self.options = options
         self.device = pick_device(device)
         self.cuda = self.device.type == "cuda"
+        self.bf16 = self.cuda and options.bf16 if bf16 is None else bf16
+        self.channels_last = self.cuda and options.channels_last if channels_last is None else channels_last
         self.data = data
-        self.model = build_model(options, self.device)
+        self.model = build_model(options, self.device, self.channels_last)
         self.diffusion = GaussianDiffusion.from_options(options)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
         self.ema = EMA(self.model, options.ema_decay, warmup=options.ema_warmup)
         self.step = 0
-        self.channels_last = self.cuda and options.channels_last
-        self.bf16 = self.cuda and options.bf16
         if self.cuda:
             torch.backends.cudnn.benchmark = True
 
