@@ -1,7 +1,7 @@
 """Semantic diffusion model (SDM, Wang et al. 2022): lesion map -> CT slice.
 
 options (SDMOptions), unet (the network), diffusion (schedules, posterior, hybrid loss), samplers
-(guidance wrapper, DDPM / DDIM / DPM-Solver++), train (train_sdm) and sample (load_sdm,
+(guidance wrapper, DDPM / DDIM / DPM-Solver++ ODE and SDE), train (train_sdm) and sample (load_sdm,
 sample_images, sample_sdm).
 """
 

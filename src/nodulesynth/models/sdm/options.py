@@ -11,7 +11,7 @@ channel_mult [1, 2], num_res_blocks 1, attention_resolutions [32], spade_hidden 
 from dataclasses import asdict, dataclass, fields, replace
 
 SCHEDULES = ("linear", "cosine")
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")  # models/sdm/samplers.py
 ATTENTION = ("sdpa", "plain")
 
 
@@ -53,7 +53,7 @@ class SDMOptions:
     attention: str = "sdpa"             # "sdpa" (F.scaled_dot_product_attention) or "plain"
     grad_checkpoint: bool = False       # trade compute for memory at 256 px
     # --- sampling ---
-    sampler: str = "ddpm"
+    sampler: str = "ddpm"               # the paper's; dpmpp_2m_sde at 25 steps: see benchmarks/sdm.py
     sample_steps: int = 1000
     guidance_scale: float = 1.5
     ddim_eta: float = 0.0

@@ -104,16 +104,14 @@ def logsnr_times(diffusion: GaussianDiffusion, steps: int):
     return s, alpha, sigma, lam
 
 
-@torch.no_grad()
-def sample_dpmpp_2m(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int,
-                    generator: torch.Generator = None, clip_denoised: bool = True) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, alg. 2): second-order multistep in data (x0) prediction.
-
-    `steps` network evaluations at times uniform in log-SNR from the noisiest step to step 0
-    (a time-uniform grid makes the last steps far too long for a linear schedule); the first step
-    is first order (DDIM), the last evaluation's x0 estimate is returned. The network gets
-    fractional step indices there. Deterministic: the generator is accepted for a uniform
-    signature only.
+def _dpmpp_2m(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int, generator, eta: float,
+              clip_denoised: bool) -> torch.Tensor:
+    """DPM-Solver++(2M) from the noisiest step to step 0 at log-SNR-uniform times; eta = 0 solves the
+    probability-flow ODE, eta = 1 the reverse SDE (SDE-DPM-Solver++(2M), Lu et al. 2022, sec. 6 and
+    app.), in between a partial renoising. One step from lambda_i to lambda_{i+1} (h = lambda_{i+1} -
+    lambda_i, D the 2nd-order multistep combination of the last two x0 estimates):
+        x <- sigma_{i+1}/sigma_i e^{-eta h} x + alpha_{i+1} (1 - e^{-(1+eta) h}) D
+             + sigma_{i+1} sqrt(1 - e^{-2 eta h}) z
     """
     s, alpha, sigma, lam = logsnr_times(diffusion, steps)
     model_times = np.interp(s, np.arange(diffusion.num_timesteps), diffusion.timestep_map.astype(np.float64))
@@ -133,17 +131,45 @@ def sample_dpmpp_2m(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, ste
         else:
             r = prev_h / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
-        x = float(sigma[i + 1] / sigma[i]) * x - float(alpha[i + 1] * np.expm1(-h)) * d
+        x = (float(sigma[i + 1] / sigma[i] * np.exp(-eta * h)) * x
+             - float(alpha[i + 1] * np.expm1(-(1 + eta) * h)) * d)
+        if eta > 0:
+            x = x + float(sigma[i + 1] * np.sqrt(-np.expm1(-2 * eta * h))) * randn(x.shape, generator, x.device)
         prev_x0, prev_h = x0, h
     return x
 
 
-SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+@torch.no_grad()
+def sample_dpmpp_2m(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int,
+                    generator: torch.Generator = None, clip_denoised: bool = True) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, alg. 2): second-order multistep ODE solver in data (x0)
+    prediction.
+
+    `steps` network evaluations at times uniform in log-SNR from the noisiest step to step 0
+    (a time-uniform grid makes the last steps far too long for a linear schedule); the first step
+    is first order (DDIM), the last evaluation's x0 estimate is returned. The network gets
+    fractional step indices there. Deterministic: the generator is accepted for a uniform
+    signature only.
+    """
+    return _dpmpp_2m(model_fn, diffusion, x, steps, generator, 0.0, clip_denoised)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int,
+                        generator: torch.Generator, clip_denoised: bool = True) -> torch.Tensor:
+    """SDE-DPM-Solver++(2M): the same multistep solver on the reverse SDE, fresh noise at every step
+    (from `generator`). Like ancestral DDPM, the noise corrects errors of an imperfect network that
+    an ODE solver carries to the end, at the ODE solver's step count."""
+    return _dpmpp_2m(model_fn, diffusion, x, steps, generator, 1.0, clip_denoised)
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m,
+            "dpmpp_2m_sde": sample_dpmpp_2m_sde}
 
 
 def sample(sampler: str, model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int,
            generator: torch.Generator, eta: float = 0.0) -> torch.Tensor:
-    """Dispatch by name ("ddpm", "ddim", "dpmpp_2m")."""
+    """Dispatch by name ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"); eta applies to DDIM."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; one of {sorted(SAMPLERS)}")
     if sampler == "ddim":
