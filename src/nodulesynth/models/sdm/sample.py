@@ -23,7 +23,7 @@ def load_sdm(model_path, device="auto", channels_last: bool | None = None):
     model = SDMUNet(options)
     model.load_state_dict(state["model"])
     model = model.to(device).eval()
-    if device.type == "cuda" and options.channels_last if channels_last is None else channels_last:
+    if (device.type == "cuda" and options.channels_last) if channels_last is None else channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, GaussianDiffusion.from_options(options), options
 
@@ -46,10 +46,10 @@ def sample_images(model: SDMUNet, diffusion: GaussianDiffusion, labels: torch.Te
         raise ValueError(f"labels must be [B,S,S], got {tuple(labels.shape)}")
     cond = one_hot(labels, options.num_classes)
     cuda = device.type == "cuda"
-    channels_last = cuda and options.channels_last if channels_last is None else channels_last
+    channels_last = (cuda and options.channels_last) if channels_last is None else channels_last
     if channels_last:
         cond = cond.contiguous(memory_format=torch.channels_last)
-    use_bf16 = cuda and options.bf16 if bf16 is None else bf16
+    use_bf16 = (cuda and options.bf16) if bf16 is None else bf16
 
     def network(x, t, c):
         if channels_last:

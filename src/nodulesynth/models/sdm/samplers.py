@@ -107,8 +107,8 @@ def logsnr_times(diffusion: GaussianDiffusion, steps: int):
 def _dpmpp_2m(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int, generator, eta: float,
               clip_denoised: bool) -> torch.Tensor:
     """DPM-Solver++(2M) from the noisiest step to step 0 at log-SNR-uniform times; eta = 0 solves the
-    probability-flow ODE, eta = 1 the reverse SDE (SDE-DPM-Solver++(2M), Lu et al. 2022, sec. 6 and
-    app.), in between a partial renoising. One step from lambda_i to lambda_{i+1} (h = lambda_{i+1} -
+    probability-flow ODE, eta = 1 the reverse SDE (SDE-DPM-Solver++(2M), Lu et al. 2022), in
+    between a partial renoising. One step from lambda_i to lambda_{i+1} (h = lambda_{i+1} -
     lambda_i, D the 2nd-order multistep combination of the last two x0 estimates):
         x <- sigma_{i+1}/sigma_i e^{-eta h} x + alpha_{i+1} (1 - e^{-(1+eta) h}) D
              + sigma_{i+1} sqrt(1 - e^{-2 eta h}) z

@@ -60,8 +60,8 @@ class Trainer:
         self.options = options
         self.device = pick_device(device)
         self.cuda = self.device.type == "cuda"
-        self.bf16 = self.cuda and options.bf16 if bf16 is None else bf16
-        self.channels_last = self.cuda and options.channels_last if channels_last is None else channels_last
+        self.bf16 = (self.cuda and options.bf16) if bf16 is None else bf16
+        self.channels_last = (self.cuda and options.channels_last) if channels_last is None else channels_last
         self.data = data
         self.model = build_model(options, self.device, self.channels_last)
         self.diffusion = GaussianDiffusion.from_options(options)
