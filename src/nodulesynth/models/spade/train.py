@@ -125,9 +125,6 @@ class SPADETrainer:
         if changed:
             raise ValueError(f"checkpoint was trained with other network options ({', '.join(changed)}): "
                              "delete it to start over")
-        other = [k for k, v in saved.items() if k not in ("max_steps",) and getattr(self.options, k, v) != v]
-        if other:
-            _say(f"resuming with changed options {other}; the result will differ from an unbroken run")
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
         self.opt_g.load_state_dict(state["opt_g"])
