@@ -66,3 +66,21 @@ def test_flipped_orientation_keeps_patient_sides(tmp_path, demo_cohort, flip):
     # Flipped: the patient's left lung is now on the image's left half.
     cols = np.nonzero(stack.label == L.LEFT_LUNG)[2]
     assert cols.mean() < stack.label.shape[2] / 2
+
+
+def test_slice_info_reads_what_load_slices_reads(demo_processed, tmp_path):
+    """The manifest and training_scans.tsv read stacks through load_slice_info (no images)."""
+    from nodulesynth.data.slices import SliceStack, load_slice_info, load_slices, save_slices
+
+    rejected = tmp_path / "rejected.npz"
+    save_slices(rejected, SliceStack.rejected("S9", "P9", "no lung"))
+    for path in [p for _, p, _, _ in demo_processed[:3]] + [rejected]:
+        stack, info = load_slices(path), load_slice_info(path)
+        assert (info["scan_id"], info["patient_id"], info["status"], info["reason"], info["slices"]) == \
+               (stack.scan_id, stack.patient_id, stack.status, stack.reason, len(stack))
+        assert info["extra"].keys() == stack.extra.keys()
+        for key, value in stack.extra.items():
+            assert np.array_equal(info["extra"][key], value)
+    assert load_slice_info(rejected)["status"] == "rejected" and load_slice_info(rejected)["slices"] == 0
+    first = load_slice_info(demo_processed[0][1])
+    assert first["slices"] > 0 and "spacing" in first["extra"]

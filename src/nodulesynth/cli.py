@@ -141,13 +141,14 @@ def _record_training_scans(slices, out_dir):
     """training_scans.tsv beside the model: what the generator saw, for the leakage audit."""
     import pandas as pd
 
-    from nodulesynth.data.slices import load_slices
+    from nodulesynth.data.slices import load_slice_info
     from nodulesynth.io import write_tsv
 
     rows = []
     for path in slices:
-        stack = load_slices(path)
-        rows.append(dict(scan_id=stack.scan_id, patient_id=stack.patient_id, slices=len(stack), path=str(path)))
+        info = load_slice_info(path)
+        rows.append(dict(scan_id=info["scan_id"], patient_id=info["patient_id"], slices=info["slices"],
+                         path=str(path)))
     write_tsv(pd.DataFrame(rows), Path(out_dir) / "training_scans.tsv")
 
 

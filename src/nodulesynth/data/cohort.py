@@ -9,7 +9,7 @@ import pandas as pd
 import pydicom
 
 from nodulesynth.data.dicom_series import NON_DICOM_SUFFIXES
-from nodulesynth.data.slices import load_slices
+from nodulesynth.data.slices import load_slice_info
 
 SCAN_COLUMNS = ["scan_id", "patient_id", "series_uid", "dicom_dir"]
 MANIFEST_COLUMNS = ["scan_id", "patient_id", "series_uid", "slices", "spacing", "status"]
@@ -92,13 +92,13 @@ def manifest(scans: pd.DataFrame, slice_files, cohort_rejections: pd.DataFrame |
     for scan in scans.itertuples():
         if scan.scan_id not in by_id:
             raise KeyError(f"no slice stack for scan {scan.scan_id}")
-        stack = load_slices(by_id[scan.scan_id])
-        spacing = stack.extra.get("spacing")
+        info = load_slice_info(by_id[scan.scan_id])
+        spacing = info["extra"].get("spacing")
         rows.append(dict(scan_id=scan.scan_id, patient_id=scan.patient_id, series_uid=scan.series_uid,
-                         slices=len(stack), status=stack.status,
+                         slices=info["slices"], status=info["status"],
                          spacing="" if spacing is None else ",".join(f"{v:.4g}" for v in np.asarray(spacing))))
-        if stack.status != "ok":
-            rejected.append(dict(scan_id=scan.scan_id, patient_id=scan.patient_id, reason=stack.reason))
+        if info["status"] != "ok":
+            rejected.append(dict(scan_id=scan.scan_id, patient_id=scan.patient_id, reason=info["reason"]))
     rejected = pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
     if cohort_rejections is not None and len(cohort_rejections):
         rejected = pd.concat([rejected, cohort_rejections], ignore_index=True)

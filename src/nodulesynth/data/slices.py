@@ -72,6 +72,20 @@ def load_slices(path) -> SliceStack:
         )
 
 
+def load_slice_info(path) -> dict:
+    """A stack's scan_id, patient_id, status, reason, slice count (`slices`) and its other small
+    arrays (`extra`, e.g. spacing), without decompressing images and labels (npz members are read
+    only when asked for): for tables of many stacks. Defaults as in `load_slices`."""
+    with np.load(path, allow_pickle=False) as data:
+        small = {k: data[k] for k in data.files if k not in ("image", "label")}
+        slices = len(small["z"]) if "z" in small else len(data["image"])
+    known = ("z", "slice_index", "has_nodule", "scan_id", "patient_id", "status", "reason")
+    return dict(scan_id=str(small["scan_id"]) if "scan_id" in small else Path(path).stem,
+                patient_id=str(small.get("patient_id", "")), status=str(small.get("status", "ok")),
+                reason=str(small.get("reason", "")), slices=slices,
+                extra={k: v for k, v in small.items() if k not in known})
+
+
 def load_training_pairs(paths):
     """Concatenate (image, label) of the given stacks, skipping rejected ones: uint8 [N,H,W] each."""
     paths = list(paths)
