@@ -42,18 +42,18 @@ def plan_maps(slice_paths, size, seed, mask_source="real", max_slices_per_scan=N
     mask_source "real": the stacks' own maps; "transplant": their nodule-free maps, each given a
     nodule shaped like one of the real nodules of `shape_paths` (default: the given stacks).
     """
+    stacks = [load_slices(path) for path in slice_paths]
     shapes = None
     if mask_source == "transplant":
         shapes = []
-        for path in (shape_paths if shape_paths is not None else slice_paths):
-            stack = load_slices(path)
+        sources = stacks if shape_paths is None else (load_slices(path) for path in shape_paths)
+        for stack in sources:
             if stack.status == "ok" and len(stack):
                 shapes.extend(nodule_shapes(resize_labels(stack.label, size)))
         if not shapes:
             raise ValueError("mask_source 'transplant': no nodules in the stacks to draw shapes from")
     plans = []
-    for path in slice_paths:
-        stack = load_slices(path)
+    for path, stack in zip(slice_paths, stacks):
         scan_id = Path(path).stem
         if stack.status != "ok" or not len(stack):
             plans.append((stack, scan_id, None, None))
