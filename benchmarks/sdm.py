@@ -5,8 +5,8 @@
 
 Reports training images/s and sampling seconds/image (same weights, same maps, same seed) for both,
 then DPM-Solver++ (default 25 steps) against ancestral DDPM (default: the schedule length) with the
-fast settings. With --model and --slices it also compares the mask fidelity of the two samplers on
-real lesion maps (needs nodulesynth.masks.fidelity).
+fast settings. With --model and --slices it also compares the mask fidelity of the --compare
+samplers on those stacks' lesion maps (paired per map, against the last one).
 
   python benchmarks/sdm.py                                   # small CPU defaults, a minute or two
   python benchmarks/sdm.py --config config.yaml --device cuda --image-size 256 --batch-size 16
@@ -17,7 +17,6 @@ images/maps of the configured size: throughput does not depend on the content.
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
@@ -63,14 +62,17 @@ def parse_args(argv=None):
     p.add_argument("--fidelity-maps", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for torch (1 is best on a shared machine)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.model and not args.slices:
+        p.error("--model needs --slices")  # before the timings, not after them
+    return args
 
 
 def options_from(args) -> SDMOptions:
     if args.config:
         config = yaml.safe_load(Path(args.config).read_text()) or {}
         config = config.get("sdm", config)
-        options = SDMOptions.from_config({k: v for k, v in config.items()})
+        options = SDMOptions.from_config(config)
     else:
         options = SDMOptions(**SMALL)
     changes = {}
@@ -166,7 +168,7 @@ def fidelity_comparison(args, device):
         tables[(sampler, steps)] = fidelity_table(np.concatenate(images), labels[pick])
     dice = ["body", "left_lung", "right_lung", "trachea", "nodule"]
     reference = runs[-1]
-    print(f"\nmask fidelity (mean Dice) on {len(maps)} held-out maps, guidance {options.guidance_scale}; "
+    print(f"\nmask fidelity (mean Dice) on {len(maps)} maps of the given stacks, guidance {options.guidance_scale}; "
           f"delta = paired difference to {reference[0]} {reference[1]} +- its standard error")
     print(f"{'sampler':<20}{'s/image':>9}" + "".join(f"{k:>15}" for k in dice) + f"{'contrast HU':>13}")
     for run, table in tables.items():
@@ -237,8 +239,6 @@ def main(argv=None):
         print(f"{f'ddpm {ddpm_steps} steps':<34}{ddpm:>12.4f}   ({ddpm / dpm:.1f}x slower than DPM-Solver++)")
 
     if args.model:
-        if not args.slices:
-            sys.exit("--model needs --slices")
         fidelity_comparison(args, device)
 
 
