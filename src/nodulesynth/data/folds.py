@@ -1,16 +1,85 @@
-"""Patient-level k-fold split: every slice of a patient lands in the same fold."""
+"""Patient-level k-fold split, stratified by whether a patient has a nodule slice, and the fold plan:
+which scans each generator and each arm of the downstream study may see. Decided here (and tested
+here), so the Snakefile only asks."""
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import KFold
+from sklearn.model_selection import StratifiedGroupKFold
+
+FOLD_COLUMNS = ["patient_id", "fold"]
 
 
-def assign_folds(manifest: pd.DataFrame, k=5, seed=0) -> pd.DataFrame:
+def patient_has_nodule(stack_paths) -> pd.Series:
+    """patient_id -> whether any of the patient's usable stacks holds a nodule slice.
+
+    Reads only the small `has_nodule`, `patient_id` and `status` members of each npz."""
+    flags = {}
+    for path in stack_paths:
+        with np.load(path, allow_pickle=False) as data:
+            for key in ("patient_id", "status", "has_nodule"):
+                if key not in data.files:
+                    raise KeyError(f"{path}: missing array {key!r}")
+            if str(data["status"]) != "ok":
+                continue
+            patient = str(data["patient_id"])
+            flags[patient] = flags.get(patient, False) or bool(np.asarray(data["has_nodule"]).any())
+    return pd.Series(flags, dtype=bool, name="has_nodule")
+
+
+def assign_folds(manifest: pd.DataFrame, k=5, seed=0, has_nodule: pd.Series | None = None) -> pd.DataFrame:
+    """One fold per usable patient. With `has_nodule` (patient -> bool) the split is stratified, so no
+    test fold is left without nodule patients while there are at least k of them."""
     patients = np.array(sorted(manifest.loc[manifest.status == "ok", "patient_id"].astype(str).unique()))
     if len(patients) < k:
         raise ValueError(f"folds.k is {k} but only {len(patients)} patients have usable scans")
+    if has_nodule is None:
+        strata = np.zeros(len(patients), int)
+    else:
+        missing = sorted(set(patients) - set(has_nodule.index))
+        if missing:
+            raise KeyError(f"no slice stack gives the nodule status of patient {missing[0]}")
+        strata = has_nodule.reindex(patients).astype(int).to_numpy()
     fold = np.empty(len(patients), int)
-    for i, (_, test) in enumerate(KFold(n_splits=k, shuffle=True, random_state=seed).split(patients)):
-        fold[test] = i
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    # Each patient is its own group here (one row per patient), which keeps the split patient-level
+    # by construction; a stratum smaller than k only warns in scikit-learn.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        for i, (_, test) in enumerate(splitter.split(patients, strata, groups=patients)):
+            fold[test] = i
     return pd.DataFrame({"patient_id": patients, "fold": fold})
 
+
+def read_folds(path) -> pd.DataFrame:
+    folds = pd.read_csv(path, sep="\t", dtype={"patient_id": str})
+    missing = [c for c in FOLD_COLUMNS if c not in folds.columns]
+    if missing:
+        raise KeyError(f"{path}: missing column {missing[0]!r}")
+    if folds.patient_id.duplicated().any():
+        raise ValueError(f"{path}: patient {folds.patient_id[folds.patient_id.duplicated()].iloc[0]} in two folds")
+    return folds
+
+
+def _usable(manifest: pd.DataFrame, folds: pd.DataFrame) -> pd.DataFrame:
+    usable = manifest[manifest.status == "ok"].astype({"scan_id": str, "patient_id": str})
+    unknown = sorted(set(usable.patient_id) - set(folds.patient_id.astype(str)))
+    if unknown:
+        raise KeyError(f"patient {unknown[0]} of the manifest has no fold")
+    return usable.merge(folds.astype({"patient_id": str}), on="patient_id")
+
+
+def training_scans(manifest: pd.DataFrame, folds: pd.DataFrame, fold) -> list:
+    """Scans a model of `fold` may learn from: every usable scan of the other folds' patients
+    ("holdout": every usable scan, for a generator that feeds no downstream arm)."""
+    usable = _usable(manifest, folds)
+    if str(fold) != "holdout":
+        usable = usable[usable.fold != int(fold)]
+    return sorted(usable.scan_id)
+
+
+def evaluation_scans(manifest: pd.DataFrame, folds: pd.DataFrame, fold) -> list:
+    """Scans of `fold`'s own patients: the downstream test set, never seen by its models."""
+    usable = _usable(manifest, folds)
+    return sorted(usable[usable.fold == int(fold)].scan_id)

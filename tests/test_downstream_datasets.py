@@ -1,0 +1,107 @@
+"""The downstream arms: real slices split by the fold plan, synthetic nodule slices added in
+proportion, one size, boxes that follow the resize, the same test set in every arm."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from nodulesynth.data.slices import SliceStack, save_slices
+from nodulesynth.downstream.datasets import (SliceSet, build_arm_dataset, component_boxes, load_dataset,
+                                             save_dataset)
+from nodulesynth.masks.labels import BODY, LEFT_LUNG, NODULE
+
+
+def write_stack(folder, scan, patient, n, size, nodule_rows=(), seed=0, boxes=True):
+    """A stack of n slices (size x size) with a 4x6-pixel nodule square on `nodule_rows`, and its box table."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 255, (n, size, size), dtype=np.uint8)
+    label = np.full((n, size, size), BODY, np.uint8)
+    label[:, size // 4: size // 2, size // 4: size // 2] = LEFT_LUNG
+    rows = []
+    for r in nodule_rows:
+        label[r, 20:24, 30:36] = NODULE
+        rows.append(dict(slice_index=100 + r, nodule=1, x0=30, y0=20, x1=36, y1=24))
+    save_slices(folder / f"{scan}.npz", SliceStack(image, label, np.arange(n, dtype=float), 100 + np.arange(n),
+                                                   (label == NODULE).any((1, 2)), scan, patient))
+    if boxes:
+        pd.DataFrame(rows, columns=["slice_index", "nodule", "x0", "y0", "x1", "y1"]).to_csv(
+            folder / f"{scan}.nodules.tsv", sep="\t", index=False)
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    real, synth = tmp_path / "slices", tmp_path / "synth"
+    real.mkdir(), synth.mkdir()
+    write_stack(real, "P1", "P1", 6, 128, nodule_rows=(1, 2, 3))
+    write_stack(real, "P2", "P2", 5, 128, nodule_rows=(4,), seed=1)
+    write_stack(real, "P3", "P3", 4, 128, nodule_rows=(0,), seed=2)  # the test patient
+    # The generator's samples of the training scans, at 64 px: 2 + 1 nodule maps.
+    write_stack(synth, "P1", "P1", 3, 64, nodule_rows=(0, 2), seed=3, boxes=False)
+    write_stack(synth, "P2", "P2", 2, 64, nodule_rows=(1,), seed=4, boxes=False)
+    return real, synth
+
+
+def test_arm_a_holds_real_slices_at_the_generators_size_with_scaled_boxes(cohort):
+    real, _ = cohort
+    data = build_arm_dataset("A", 0, ["P1", "P2"], ["P3"], real, image_size=64)
+    assert data.train.image.shape == (11, 64, 64) and data.test.image.shape == (4, 64, 64)
+    assert set(data.train.patient_id) == {"P1", "P2"} and set(data.test.patient_id) == {"P3"}
+    assert (data.train.source == "real").all()
+    # 128 -> 64 px: the box (30, 20, 36, 24) halves; it sits on the row of slice_index 101 of P1.
+    row = int(np.flatnonzero((data.train.scan_id == "P1") & (data.train.slice_index == 101))[0])
+    np.testing.assert_allclose(data.train.boxes_of(row), [[15, 10, 18, 12]])
+    assert len(data.train.boxes) == 4 and data.train.has_nodule.sum() == 4
+    assert data.info["n_train_positive"] == 4 and data.info["n_train_negative"] == 7
+    assert data.info["n_test"] == 4 and data.info["n_train_synthetic"] == 0
+
+
+def test_synthetic_arms_add_nodule_slices_in_proportion_without_repeats(cohort):
+    real, synth = cohort
+    a = build_arm_dataset("A", 0, ["P1", "P2"], ["P3"], real, image_size=64)
+    c = build_arm_dataset("C", 0, ["P1", "P2"], ["P3"], real, synth_dir=synth, image_size=64, synthetic_ratio=0.5)
+    added = c.train.source == "sdm"
+    assert added.sum() == 2 == c.info["n_train_synthetic"] == c.info["n_synthetic_wanted"]  # 0.5 x 4 real
+    assert c.train.has_nodule[added].all()
+    keys = list(zip(c.train.scan_id[added], c.train.slice_index[added]))
+    assert len(set(keys)) == len(keys)
+    # Synthetic boxes come from the maps: the nodule square at (30, 20)-(36, 24) of the 64-px map.
+    for row in np.flatnonzero(added):
+        np.testing.assert_allclose(c.train.boxes_of(row), [[30, 20, 36, 24]])
+    # Paired arms: the same real training slices and the same test set.
+    np.testing.assert_array_equal(c.train.image[~added], a.train.image)
+    np.testing.assert_array_equal(c.test.image, a.test.image)
+    # Asking for more than there is records the shortfall instead of repeating slices.
+    b = build_arm_dataset("B", 0, ["P1", "P2"], ["P3"], real, synth_dir=synth, image_size=64, synthetic_ratio=2.0)
+    assert b.info["n_synthetic_wanted"] == 8 and b.info["n_train_synthetic"] == 3 == b.info["n_synthetic_available"]
+    assert (b.train.source == "spade").sum() == 3
+
+
+def test_dataset_round_trip_and_clear_errors(cohort, tmp_path):
+    real, synth = cohort
+    data = build_arm_dataset("B", 1, ["P1", "P2"], ["P3"], real, synth_dir=synth, image_size=64)
+    save_dataset(tmp_path / "B" / "fold1.npz", data)
+    back = load_dataset(tmp_path / "B" / "fold1.npz")
+    assert back.arm == "B" and back.fold == 1 and back.info == data.info
+    for split in ("train", "test"):
+        for name in ("image", "label", "has_nodule", "boxes", "scan_id", "patient_id", "slice_index", "source"):
+            np.testing.assert_array_equal(getattr(getattr(back, split), name), getattr(getattr(data, split), name))
+    with pytest.raises(FileNotFoundError, match="P9"):
+        build_arm_dataset("C", 0, ["P1", "P9"], ["P3"], real, synth_dir=synth, image_size=64)
+    with pytest.raises(KeyError, match="arm 'D'"):
+        build_arm_dataset("D", 0, ["P1"], ["P3"], real, image_size=64)
+    np.savez(tmp_path / "broken.npz", arm="A")
+    with pytest.raises(KeyError, match="broken.npz"):
+        load_dataset(tmp_path / "broken.npz")
+
+
+def test_component_boxes_and_subset():
+    label = np.zeros((16, 16), np.uint8)
+    label[2:4, 3:6] = NODULE
+    label[10, 10] = NODULE
+    np.testing.assert_array_equal(component_boxes(label), [[3, 2, 6, 4], [10, 10, 11, 11]])
+    n = 3
+    s = SliceSet(np.zeros((n, 4, 4), np.uint8), np.zeros((n, 4, 4), np.uint8), np.array([1, 0, 1], bool),
+                 np.array([[0, 1, 1, 2, 2], [2, 0, 0, 1, 1]], np.float32), np.array(["a", "b", "c"]),
+                 np.array(["a", "b", "c"]), np.arange(n), np.array(["real"] * n))
+    sub = s.subset([2, 1])
+    assert list(sub.scan_id) == ["c", "b"] and sub.boxes.tolist() == [[0, 0, 0, 1, 1]]
