@@ -1,0 +1,320 @@
+"""The study's report: tables, figures and provenance from a results tree, rendered with Jinja2 into one
+self-contained HTML file (figures as base64 PNG data URIs, CSS inline) and printed to PDF.
+
+`build_report(results_dir, config, out_html, out_pdf)` is the entry point; the metrics.json files and the
+statistics tables are required, every other input is optional and reported as "not available" when absent.
+"""
+
+import datetime
+import math
+import platform
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from nodulesynth.downstream.datasets import ARMS
+from nodulesynth.io import atomic_path
+from nodulesynth.report import figures, inputs
+from nodulesynth.report.pdf import find_chromium, html_to_pdf
+
+TEMPLATES = Path(__file__).parent / "templates"
+HEADLINE = {  # the study's two tables, in its column order
+    "detection": (("accuracy", "Accuracy"), ("precision", "Precision"), ("recall", "Recall"),
+                  ("specificity", "Specificity"), ("f1", "F1"), ("auc", "AUC")),
+    "localization": (("ap50", "AP50"), ("ap60", "AP60"), ("ar50", "AR50"), ("ar60", "AR60"), ("ar70", "AR70"),
+                     ("cpm", "CPM")),
+}
+FROC_GRID = np.geomspace(0.125, 8, 49)  # FP per scan, log-spaced over LUNA16's range
+
+
+# ---------------------------------------------------------------- formatting
+
+def fmt_p(value) -> str:
+    value = float(value)
+    if not math.isfinite(value):
+        return "–"
+    return "<0.001" if value < 0.001 else f"{value:.3g}"
+
+
+def fmt_number(value, spec="{:.3g}") -> str:
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return "–" if not math.isfinite(value) else spec.format(value)
+
+
+def frame_table(frame: pd.DataFrame, spec="{:.3f}") -> dict:
+    """A DataFrame as template rows of cells (text, numeric) so numbers align right and words left."""
+    def cell(value):
+        if isinstance(value, str):
+            return {"text": value, "numeric": bool(re.fullmatch(r"[-+]?[\d.]+( ± [\d.]+)?", value))}
+        return {"text": fmt_number(value, spec), "numeric": True}
+
+    rows = [[cell(value) for value in row] for row in frame.itertuples(index=False)]
+    return {"columns": [str(c) for c in frame.columns], "rows": rows}
+
+
+# ---------------------------------------------------------------- the study's tables
+
+def _one_row(table, path, arm, metric):
+    hit = table[(table["arm"] == arm) & (table["metric"] == metric)]
+    if len(hit) != 1:
+        raise KeyError(f"{path}: expected one row for arm {arm}, metric {metric}; found {len(hit)}")
+    return hit.iloc[0]
+
+
+def study_table(task, summary, tests, summary_path="summary", tests_path="tests") -> dict:
+    """Rows A, B, C of one task's headline metrics: "mean ± sd" text, the best mean per column marked, and the
+    Wilcoxon and t-test p-values of B and C against A; plus the paired differences with their CIs."""
+    metrics = HEADLINE[task]
+    best = {}
+    for metric, _ in metrics:
+        means = {arm: float(_one_row(summary, summary_path, arm, metric)["mean"]) for arm in ARMS}
+        finite = [m for m in means.values() if math.isfinite(m)]
+        # every headline metric is higher-is-better; ties are all marked
+        best[metric] = {arm for arm, m in means.items() if finite and m == max(finite)}
+    rows, n_folds = [], set()
+    differences = [{"metric": label, "arms": []} for _, label in metrics]
+    for arm in ARMS:
+        cells = []
+        for (metric, label), difference in zip(metrics, differences):
+            cell = {"text": str(_one_row(summary, summary_path, arm, metric)["text"]), "best": arm in best[metric]}
+            if arm != "A":
+                test = _one_row(tests, tests_path, arm, metric)
+                cell.update(wilcoxon_p=fmt_p(test["wilcoxon_p"]), ttest_p=fmt_p(test["ttest_p"]))
+                n_folds.add(int(test["n"]))
+                difference["arms"].append({
+                    "n": int(test["n"]), "mean_diff": fmt_number(test["mean_diff"]),
+                    "ci": f"[{fmt_number(test['ci_low'])}, {fmt_number(test['ci_high'])}]",
+                    "wilcoxon_p": fmt_p(test["wilcoxon_p"]), "ttest_p": fmt_p(test["ttest_p"])})
+            cells.append(cell)
+        rows.append({"arm": arm, "name": figures.ARM_NAMES[arm], "cells": cells})
+    # exact two-sided Wilcoxon signed-rank test: the smallest p with n pairs is 2 / 2**n
+    floor = {n: 2.0 / 2 ** n for n in sorted(n_folds) if n > 0}
+    return {"task": task, "columns": [label for _, label in metrics], "rows": rows, "differences": differences,
+            "compared": [arm for arm in ARMS if arm != "A"],
+            "wilcoxon_floor": {n: f"{p:.4g}" for n, p in floor.items()}}
+
+
+# ---------------------------------------------------------------- figures from the results tree
+
+def fold_values(metrics: pd.DataFrame, task) -> dict:
+    """{metric: {arm: per-fold values in percent}} of the task's headline metrics (fold order shared)."""
+    out = {}
+    for metric, _ in HEADLINE[task]:
+        rows = metrics[metrics["metric"] == metric]
+        if rows.empty:
+            continue
+        out[metric] = {arm: rows[rows["arm"] == arm].sort_values("fold")["value"].to_numpy() * 100 for arm in ARMS}
+    return out
+
+
+def _gt_rows(test):
+    return [(int(r), *map(float, box)) for r, *box in test.boxes]
+
+
+def _pred_rows(predictions, test, path):
+    """Predictions as (test row, x0, y0, x1, y1, score), matched to the test set by scan and slice."""
+    row_of = {(str(s), int(i)): r for r, (s, i) in enumerate(zip(test.scan_id, test.slice_index))}
+    rows = []
+    for p in predictions.itertuples(index=False):
+        key = (str(p.scan_id), int(p.slice_index))
+        if key not in row_of:
+            raise ValueError(f"{path}: prediction for scan {key[0]} slice {key[1]}, "
+                             "which is not in the fold's test set")
+        rows.append((row_of[key], float(p.x0), float(p.y0), float(p.x1), float(p.y1), float(p.score)))
+    return rows
+
+
+def sensitivity_at(fps, sens, grid):
+    """Highest sensitivity reached at FP/scan <= each grid rate (the FROC step function, as metrics.froc reads it)."""
+    return np.array([sens[fps <= g].max() for g in grid])
+
+
+def froc_curves(results_dir, folds):
+    """{arm: (grid, mean sensitivity, sd)} over the folds where the arm's predictions and the test set are both
+    present (one test set per fold: it is the same in every arm)."""
+    from nodulesynth.downstream.metrics import froc_curve
+
+    per_arm = {arm: [] for arm in ARMS}
+    for fold in folds:
+        test = inputs.read_test_set(results_dir, fold)
+        if test is None or not len(test.boxes):
+            continue
+        image_scan = {r: str(s) for r, s in enumerate(test.scan_id)}
+        for arm in ARMS:
+            predictions = inputs.read_predictions(results_dir, "localization", arm, fold)
+            if predictions is None:
+                continue
+            path = Path(results_dir) / "downstream" / "localization" / arm / f"fold{fold}" / "predictions.tsv"
+            fps, sens = froc_curve(_gt_rows(test), _pred_rows(predictions, test, path), image_scan)
+            per_arm[arm].append(sensitivity_at(np.asarray(fps), np.asarray(sens), FROC_GRID))
+    curves = {}
+    for arm, per_fold in per_arm.items():
+        if per_fold:
+            stacked = np.vstack(per_fold)
+            curves[arm] = (FROC_GRID, stacked.mean(0), stacked.std(0, ddof=1) if len(stacked) > 1 else 0 * stacked[0])
+    return curves
+
+
+def froc_points(metrics: pd.DataFrame):
+    """{arm: (rates, mean sensitivity over folds)} from the metrics' froc_<rate> keys."""
+    points = {}
+    for arm in ARMS:
+        rows = metrics[(metrics["arm"] == arm) & metrics["metric"].str.startswith("froc_")]
+        if rows.empty:
+            continue
+        means = rows.groupby("metric")["value"].mean()
+        rates = np.array([float(m[len("froc_"):]) for m in means.index])
+        order = np.argsort(rates)
+        points[arm] = (rates[order], means.to_numpy()[order])
+    return points
+
+
+def _hit(box, pred):
+    """The FROC hit rule of nodulesynth.downstream.metrics: prediction centre within the nodule's radius (half
+    the larger box side) of its centre."""
+    gx, gy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    px, py = (pred[0] + pred[2]) / 2, (pred[1] + pred[3]) / 2
+    return math.hypot(px - gx, py - gy) < max(box[2] - box[0], box[3] - box[1]) / 2
+
+
+def _outcome(gt, pred):
+    hits = sum(any(_hit(b, p) for p in pred) for b in gt)
+    fps = sum(not any(_hit(b, p) for b in gt) for p in pred)
+    return hits, len(gt) - hits, fps
+
+
+def localization_panels(results_dir, folds, threshold=0.5, n_examples=4):
+    """Nodule slices of the first fold with a test set and every arm's predictions, chosen so that arm A both
+    finds and misses nodules among them; the same slices in every arm. (panels per arm, fold) or None."""
+    for fold in folds:
+        test = inputs.read_test_set(results_dir, fold)
+        predictions = {arm: inputs.read_predictions(results_dir, "localization", arm, fold) for arm in ARMS}
+        if test is None or any(p is None for p in predictions.values()):
+            continue
+        kept = {}
+        for arm, table in predictions.items():
+            path = Path(results_dir) / "downstream" / "localization" / arm / f"fold{fold}" / "predictions.tsv"
+            kept[arm] = {}
+            for row, *box, score in _pred_rows(table, test, path):
+                if score >= threshold:
+                    kept[arm].setdefault(row, []).append((*box, score))
+        positives = [r for r in range(len(test)) if len(test.boxes_of(r))]
+        if not positives:
+            continue
+        found, missed = [], []
+        for r in positives:
+            hits, misses, _ = _outcome(test.boxes_of(r).tolist(), kept["A"].get(r, []))
+            (missed if misses else found).append(r)
+        half = n_examples // 2
+        chosen = found[:half] + missed[: n_examples - half]
+        chosen += [r for r in positives if r not in chosen][: n_examples - len(chosen)]
+        panels = []
+        for arm in ARMS:
+            row_panels = []
+            for r in chosen:
+                gt, pred = test.boxes_of(r).tolist(), kept[arm].get(r, [])
+                hits, misses, fps = _outcome(gt, pred)
+                row_panels.append({"image": test.image[r], "gt": gt, "pred": pred,
+                                   "title": f"{test.scan_id[r]} #{test.slice_index[r]}\n"
+                                            f"{hits} found, {misses} missed, {fps} FP"})
+            panels.append(row_panels)
+        return panels, fold
+    return None
+
+
+# ---------------------------------------------------------------- the whole report
+
+def _figure(make, *args):
+    """A figure drawn by `make(*args)`, as a PNG data URI."""
+    return figures.data_uri(make(*args))
+
+
+def report_context(results_dir, config: dict) -> dict:
+    """Everything the template shows, read from `results_dir`; raises on missing required inputs."""
+    results_dir = Path(results_dir)
+    settings = dict((config or {}).get("report") or {})
+    threshold = float(settings.get("score_threshold", 0.5))
+    n_examples = int(settings.get("examples", 4))
+
+    metrics, tables = {}, {}
+    for task in inputs.TASKS:
+        metrics[task] = inputs.read_metrics(results_dir, task)
+        summary, tests = inputs.read_stats(results_dir, task)
+        tables[task] = study_table(task, summary, tests, results_dir / "stats" / f"{task}_summary.tsv",
+                                   results_dir / "stats" / f"{task}_tests.tsv")
+    folds = sorted(metrics["localization"]["fold"].unique().tolist())
+    labels = {m: label for task in HEADLINE for m, label in HEADLINE[task]}
+
+    figs = {f"folds_{task}": _figure(figures.paired_folds, fold_values(metrics[task], task), labels)
+            for task in inputs.TASKS}
+    grid = inputs.grid_slices(results_dir)
+    figs["grid"] = _figure(figures.image_grid, grid) if grid else None
+    examples = localization_panels(results_dir, folds, threshold, n_examples)
+    figs["examples"] = _figure(figures.localization_examples, examples[0], list(ARMS)) if examples else None
+    curves, points = froc_curves(results_dir, folds), froc_points(metrics["localization"])
+    figs["froc"] = _figure(figures.froc_figure, curves, points) if curves or points else None
+    losses = inputs.read_loss_curves(results_dir)
+    figs["loss"] = _figure(figures.loss_curves, losses) if losses else None
+
+    fidelity = inputs.read_fidelity(results_dir)
+    realism = inputs.read_realism(results_dir)
+    if realism is not None:
+        values = realism.drop(columns="fold")
+        summary_row = {"fold": "mean ± sd", **{c: f"{values[c].mean():.3f} ± {values[c].std(ddof=1):.3f}"
+                                               if len(values) > 1 else fmt_number(values[c].mean(), "{:.3f}")
+                                               for c in values.columns}}
+        realism = pd.concat([realism.astype(object), pd.DataFrame([summary_row])], ignore_index=True)
+
+    manifest = inputs.read_optional_tsv(results_dir / "cohort" / "manifest.tsv")
+    rejected = inputs.read_optional_tsv(results_dir / "cohort" / "rejected.tsv")
+    leakage = inputs.read_optional_tsv(results_dir / "audit" / "leakage.tsv")
+    bench = inputs.benchmarks(results_dir)
+    return {
+        "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "tables": [tables[task] for task in inputs.TASKS],
+        "folds": folds,
+        "figures": figs,
+        "example_fold": examples[1] if examples else None,
+        "score_threshold": threshold,
+        "froc_from_predictions": sorted(curves),
+        "fidelity": frame_table(fidelity) if fidelity is not None else None,
+        "realism": frame_table(realism) if realism is not None else None,
+        "config": yaml.safe_dump(config or {}, sort_keys=False, default_flow_style=None),
+        "software": {"python": platform.python_version(), **inputs.software_versions()},
+        "commit": inputs.git_commit(Path(__file__).parent, Path.cwd()),
+        "cohort": inputs.cohort_counts(manifest) if manifest is not None else None,
+        "rejected": frame_table(rejected) if rejected is not None else None,
+        "leakage": frame_table(leakage) if leakage is not None else None,
+        "spade_vgg": inputs.spade_vgg(results_dir),
+        "benchmarks": frame_table(bench, "{:.1f}") if bench is not None else None,
+        "benchmark_total": f"{bench['seconds'].sum():.1f}" if bench is not None else None,
+    }
+
+
+def render_html(context: dict) -> str:
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template("report.html.j2").render(**context)
+
+
+def build_report(results_dir, config: dict, out_html, out_pdf) -> None:
+    """Write the self-contained HTML report of `results_dir` and its PDF print.
+
+    config: the config as run (shown in the provenance; its `report` section sets chromium, score_threshold
+    and examples). Fails before any work when no Chromium is found for the PDF.
+    """
+    chromium = find_chromium(((config or {}).get("report") or {}).get("chromium"))
+    html = render_html(report_context(results_dir, config))
+    with atomic_path(out_html) as tmp:
+        Path(tmp).write_text(html, encoding="utf-8")
+    html_to_pdf(out_html, out_pdf, chromium)

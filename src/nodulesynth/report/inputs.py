@@ -1,0 +1,300 @@
+"""What the report reads from a results tree: the study's metrics and statistics (required), the optional
+inputs behind its figures and tables, and the run's provenance.
+
+Required inputs raise a clear error naming the file; an optional one that is absent comes back as None
+(the report then says "not available").
+"""
+
+import importlib.metadata
+import json
+import re
+import subprocess
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from nodulesynth.downstream.datasets import ARMS, SliceSet
+from nodulesynth.io import read_tsv
+
+TASKS = ("detection", "localization")
+SUMMARY_COLUMNS = ("arm", "metric", "mean", "sd", "text")
+TESTS_COLUMNS = ("arm", "metric", "n", "mean_diff", "ci_low", "ci_high", "wilcoxon_p", "ttest_p")
+PREDICTION_COLUMNS = {
+    "detection": ("scan_id", "patient_id", "slice_index", "source", "label", "score"),
+    "localization": ("scan_id", "patient_id", "slice_index", "x0", "y0", "x1", "y1", "score"),
+}
+SOFTWARE = ("torch", "mmdet", "mmpretrain", "mmengine", "snakemake", "pydicom", "numpy")
+GENERATORS = ("sdm", "spade")
+
+
+# ---------------------------------------------------------------- required: metrics and statistics
+
+def read_table(path, columns) -> pd.DataFrame:
+    """A TSV that must exist and hold `columns` (read by name; other columns are kept)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: required input is missing")
+    # texts stay as written ("75.00" is not the number 75.0, "n/a" is not a missing value)
+    table = pd.read_csv(path, sep="\t", keep_default_na=False, na_values=["", "nan", "NaN"],
+                        dtype={c: str for c in ("scan_id", "patient_id", "arm", "metric", "text")})
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise KeyError(f"{path}: missing column(s) {missing} (has {list(table.columns)})")
+    return table
+
+
+def fold_of(path) -> int:
+    match = re.fullmatch(r"fold(\d+)", Path(path).name)
+    if not match:
+        raise ValueError(f"{path}: folder name is not fold<k>")
+    return int(match.group(1))
+
+
+def read_metrics(results_dir, task) -> pd.DataFrame:
+    """Every fold's metrics.json of one task, long form: arm, fold, metric, value.
+
+    All three arms must be there with the same folds (the arms are paired by fold).
+    """
+    rows, folds_by_arm = [], {}
+    for arm in ARMS:
+        arm_dir = Path(results_dir) / "downstream" / task / arm
+        paths = sorted(arm_dir.glob("fold*/metrics.json"), key=lambda p: fold_of(p.parent))
+        if not paths:
+            raise FileNotFoundError(f"{arm_dir}: no fold*/metrics.json (task {task}, arm {arm}): required input")
+        folds_by_arm[arm] = [fold_of(p.parent) for p in paths]
+        for path in paths:
+            try:
+                metrics = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: not valid JSON ({err})") from None
+            if not isinstance(metrics, dict):
+                raise ValueError(f"{path}: expected one flat JSON object")
+            for metric, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    rows.append((arm, fold_of(path.parent), metric, float(value)))
+    reference = folds_by_arm["A"]
+    for arm, folds in folds_by_arm.items():
+        if folds != reference:
+            raise ValueError(f"{Path(results_dir) / 'downstream' / task}: arm {arm} has folds {folds}, "
+                             f"arm A has {reference}: the arms must be paired fold by fold")
+    return pd.DataFrame(rows, columns=["arm", "fold", "metric", "value"])
+
+
+def read_stats(results_dir, task):
+    """(summary, tests) tables of one task from results/stats/."""
+    stats_dir = Path(results_dir) / "stats"
+    summary = read_table(stats_dir / f"{task}_summary.tsv", SUMMARY_COLUMNS)
+    tests = read_table(stats_dir / f"{task}_tests.tsv", TESTS_COLUMNS)
+    summary["arm"], tests["arm"] = summary["arm"].astype(str), tests["arm"].astype(str)
+    return summary, tests
+
+
+# ---------------------------------------------------------------- optional inputs
+
+def read_predictions(results_dir, task, arm, fold):
+    """predictions.tsv of one task, arm and fold, or None when absent."""
+    path = Path(results_dir) / "downstream" / task / arm / f"fold{fold}" / "predictions.tsv"
+    if not path.is_file():
+        return None
+    return read_table(path, PREDICTION_COLUMNS[task])
+
+
+def read_test_set(results_dir, fold, arm="A"):
+    """The fold's test SliceSet (identical in every arm, so arm A's by default), or None when its dataset file
+    is absent. Reads only the test arrays: at the real run's size the training arrays can take gigabytes, and
+    npz members are decompressed only when asked for (load_dataset reads them all)."""
+    path = Path(results_dir) / "downstream" / "data" / arm / f"fold{fold}.npz"
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        missing = [f"test_{f.name}" for f in fields(SliceSet) if f"test_{f.name}" not in data.files]
+        if missing:
+            raise KeyError(f"{path}: missing arrays {missing}")
+        return SliceSet(**{f.name: data[f"test_{f.name}"] for f in fields(SliceSet)})
+
+
+def read_loss_curves(results_dir) -> dict:
+    """{generator: {fold: DataFrame}} of every loss.tsv found (empty when none)."""
+    curves = {}
+    for generator in GENERATORS:
+        for path in sorted((Path(results_dir) / "generators" / generator).glob("*/loss.tsv")):
+            table = read_table(path, ("step",))
+            if len(table):
+                curves.setdefault(generator, {})[path.parent.name] = table
+    return curves
+
+
+def read_fidelity(results_dir):
+    """Mean mask fidelity per generator and fold (and split, when the table has one), or None."""
+    paths = sorted(p for g in GENERATORS for p in (Path(results_dir) / "synth" / g).glob("*.fidelity.tsv"))
+    tables = []
+    for path in paths:
+        table = read_tsv(path)
+        table["generator"] = path.parent.name
+        table["fold"] = path.name[: -len(".fidelity.tsv")]
+        tables.append(table)
+    if not tables:
+        return None
+    table = pd.concat(tables, ignore_index=True)
+    keys = ["generator", "fold"] + [c for c in ("split",) if c in table.columns]
+    values = [c for c in table.select_dtypes("number").columns if c not in ("slice_index",) and c not in keys]
+    grouped = table.groupby(keys, sort=True)
+    means = grouped[values].mean()
+    means.insert(0, "slices", grouped.size())
+    return means.reset_index()
+
+
+def read_realism(results_dir):
+    """Feature-space Fréchet distances per fold (fold, fd_real_train, fd_spade, fd_sdm), or None."""
+    rows = []
+    paths = (Path(results_dir) / "downstream" / "realism").glob("fold*.json")
+    for path in sorted(paths, key=lambda p: fold_of(p.with_suffix(""))):
+        values = json.loads(path.read_text())
+        missing = [k for k in ("fd_real_train", "fd_spade", "fd_sdm") if k not in values]
+        if missing:
+            raise KeyError(f"{path}: missing key(s) {missing}")
+        rows.append({"fold": fold_of(path.with_suffix("")), **{k: float(values[k]) for k in
+                                                               ("fd_real_train", "fd_spade", "fd_sdm")}})
+    return pd.DataFrame(rows) if rows else None
+
+
+def grid_slices(results_dir):
+    """For the image grid: from the first scan the holdout generators both synthesised, a nodule slice and a
+    nodule-free slice: dicts with CT (the real slice), the lesion map, the SDM and the SPADE image. None if
+    no scan has both kinds of slice in both generators' output."""
+    results_dir = Path(results_dir)
+    for sdm_path in sorted((results_dir / "synth" / "sdm" / "holdout").glob("*.npz")):
+        spade_path = results_dir / "synth" / "spade" / "holdout" / sdm_path.name
+        real_path = results_dir / "slices" / sdm_path.name
+        if not (spade_path.is_file() and real_path.is_file()):
+            continue
+        from nodulesynth.data.slices import load_slices
+
+        sdm, spade, real = load_slices(sdm_path), load_slices(spade_path), load_slices(real_path)
+        if min(len(sdm), len(spade), len(real)) == 0:
+            continue
+        for stack, path in ((sdm, sdm_path), (spade, spade_path)):
+            if "source_index" not in stack.extra:
+                raise KeyError(f"{path}: missing array 'source_index' (the row of the real stack behind each map)")
+        sdm_row = {int(s): i for i, s in enumerate(sdm.extra["source_index"])}
+        spade_row = {int(s): i for i, s in enumerate(spade.extra["source_index"])}
+        common = sorted(set(sdm_row) & set(spade_row))
+        nodule = [s for s in common if (sdm.label[sdm_row[s]] == 5).any()]
+        free = [s for s in common if not (sdm.label[sdm_row[s]] == 5).any()]
+        if not (nodule and free):
+            continue
+        # the slice with the largest nodule shows it best; the middle nodule-free map is a typical one
+        picks = [("nodule slice", max(nodule, key=lambda s: int((sdm.label[sdm_row[s]] == 5).sum()))),
+                 ("nodule-free slice", free[len(free) // 2])]
+        return [dict(kind=kind, scan_id=real.scan_id, slice_index=int(real.slice_index[s]), ct=real.image[s],
+                     label=sdm.label[sdm_row[s]], sdm=sdm.image[sdm_row[s]], spade=spade.image[spade_row[s]])
+                for kind, s in picks]
+    return None
+
+
+# ---------------------------------------------------------------- provenance
+
+def software_versions(packages=SOFTWARE) -> dict:
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_commit(*places) -> str:
+    """HEAD of the first of `places` inside a git work tree ("+ local changes" when it differs), else "unknown"."""
+    for place in places:
+        try:
+            commit = subprocess.run(["git", "-C", str(place), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    timeout=20)
+            if commit.returncode != 0:
+                continue
+            dirty = subprocess.run(["git", "-C", str(place), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=20)
+            return commit.stdout.strip() + (" + local changes" if dirty.stdout.strip() else "")
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return "unknown"
+
+
+def read_optional_tsv(path):
+    path = Path(path)
+    return read_tsv(path) if path.is_file() else None
+
+
+def cohort_counts(manifest: pd.DataFrame) -> dict:
+    counts = {"scans": len(manifest)}
+    if "patient_id" in manifest:
+        counts["patients"] = int(manifest["patient_id"].nunique())
+    if "status" in manifest:
+        counts.update({f"status {k}": int(v) for k, v in manifest["status"].value_counts().sort_index().items()})
+    if "slices" in manifest:
+        counts["slices"] = int(pd.to_numeric(manifest["slices"], errors="coerce").fillna(0).sum())
+    return counts
+
+
+def _vgg_from_options(path: Path):
+    """(True/False, detail) when an options file says whether the VGG loss was on, else (None, "")."""
+    try:
+        text = path.read_text(errors="replace")
+        if path.suffix == ".json":
+            options = json.loads(text)
+        else:
+            import yaml
+
+            options = yaml.safe_load(text)
+    except (OSError, ValueError, ImportError) as err:  # an unreadable options file is no evidence either way
+        return None, f"{path.name} unreadable: {err}"
+    if not isinstance(options, dict):
+        return None, ""
+    status = options.get("perceptual_loss")  # the trainer's own words: "on (...)" or "off (...)"
+    if isinstance(status, str) and status.split(" ")[0] in ("on", "off"):
+        return status.startswith("on"), status
+    inner = options.get("options", options)
+    if isinstance(inner, dict) and "vgg_weights" in inner:
+        on = bool(inner["vgg_weights"]) and float(inner.get("lambda_vgg", 1) or 0) != 0
+        return on, f"vgg_weights {inner['vgg_weights']}"
+    return None, ""
+
+
+def spade_vgg(results_dir) -> dict:
+    """Per SPADE run folder: "with VGG loss", "without VGG loss" or "unknown", from its options file or,
+    failing that, from its loss curve (a g_vgg column that is not all zero)."""
+    out = {}
+    for folder in sorted(p for p in (Path(results_dir) / "generators" / "spade").glob("*") if p.is_dir()):
+        verdict, detail = None, ""
+        for path in sorted(folder.glob("options*")):
+            if path.suffix in (".json", ".yaml", ".yml"):
+                verdict, detail = _vgg_from_options(path)
+                detail = f"{path.name}: {detail}" if detail else path.name
+                if verdict is not None:
+                    break
+        if verdict is None and (folder / "loss.tsv").is_file():
+            curve = read_tsv(folder / "loss.tsv")
+            if "g_vgg" in curve and len(curve):
+                verdict = bool((pd.to_numeric(curve["g_vgg"], errors="coerce").fillna(0) != 0).any())
+                detail = "loss.tsv: g_vgg " + ("non-zero" if verdict else "all zero")
+        text = "unknown" if verdict is None else ("with VGG loss" if verdict else "without VGG loss")
+        out[folder.name] = f"{text} ({detail})" if detail else text
+    return out
+
+
+def benchmarks(results_dir):
+    """Run time of each job from Snakemake's benchmark files (column `s`): rule, job, seconds; or None."""
+    root = Path(results_dir) / "benchmarks"
+    rows = []
+    for path in sorted(root.rglob("*.tsv")):
+        table = read_tsv(path)
+        if "s" not in table.columns:
+            raise KeyError(f"{path}: missing column 's' (not a Snakemake benchmark file?)")
+        seconds = pd.to_numeric(table["s"], errors="coerce")
+        relative = path.relative_to(root)
+        rows.append({"rule": relative.parts[0] if len(relative.parts) > 1 else "",
+                     "job": str(relative.with_suffix("")), "seconds": float(seconds.mean()),
+                     "repeats": int(seconds.notna().sum())})
+    return pd.DataFrame(rows) if rows else None

@@ -1,0 +1,364 @@
+"""The report as a reader sees it: built from a small results tree written by the real writers, opened in real
+headless Chromium (Selenium + Debian's chromium-driver), and printed to a PDF whose pages are rendered with
+pdftoppm. Also: the tables' numbers and best-value marks, optional inputs reported as "not available", and
+clear errors for missing required inputs or a missing Chromium."""
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from nodulesynth.data.slices import SliceStack, save_slices
+from nodulesynth.downstream.datasets import ARMS, ArmDataset, SliceSet, save_dataset
+from nodulesynth.downstream.metrics import detection_metrics, froc
+from nodulesynth.io import write_tsv
+from nodulesynth.masks.labels import PALETTE
+from nodulesynth.models.common import LossCurve, write_options_file
+from nodulesynth.models.spade.losses import perceptual_loss_status
+from nodulesynth.models.spade.options import SPADEOptions
+from nodulesynth.report import build_report
+from nodulesynth.report.html import HEADLINE, localization_panels, render_html, report_context, study_table
+from nodulesynth.report.inputs import read_stats
+from nodulesynth.report.pdf import find_chromium
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install "
+                                                             "chromium chromium-driver poppler-utils)")
+S = 32
+FOLDS = (0, 1)
+CONFIG = {"folds": {"k": 2}, "report": {"score_threshold": 0.5, "examples": 2}}
+
+
+# ---------------------------------------------------------------- a small results tree
+
+def lesion_map(nodule_at=None):
+    label = np.full((S, S), 4, np.uint8)  # body
+    label[:2], label[-2:] = 0, 0
+    label[6:26, 4:15], label[6:26, 17:28] = 2, 1  # right lung on the image's left, left lung on its right
+    label[4:7, 15:17] = 3
+    if nodule_at is not None:
+        y, x = nodule_at
+        label[y:y + 4, x:x + 4] = 5
+    return label
+
+
+def ct_from(label, rng):
+    image = np.choose(label, [0, 40, 40, 20, 150, 200]).astype(float) + rng.normal(0, 8, label.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_test_set(rng):
+    """Four real test slices: rows 0 and 1 hold a nodule (box drawn around it), rows 2 and 3 none."""
+    labels = np.stack([lesion_map((8, 8)), lesion_map((18, 20)), lesion_map(), lesion_map()])
+    boxes = np.array([[0, 8, 8, 12, 12], [1, 20, 18, 24, 22]], np.float32)
+    return SliceSet(np.stack([ct_from(lab, rng) for lab in labels]), labels, np.array([1, 1, 0, 0], bool), boxes,
+                    np.array(["s1", "s2", "s1", "s2"]), np.array(["p1", "p2", "p1", "p2"]),
+                    np.array([3, 5, 7, 9]), np.array(["real"] * 4))
+
+
+def localization_predictions(arm, fold, test):
+    """Arm A finds the first nodule and misses the second (a false positive beside it); B finds both; C varies."""
+    boxes = {"A": [(0, 8, 8, 12, 12, 0.9), (1, 2, 2, 6, 6, 0.8), (2, 10, 10, 14, 14, 0.3)],
+             "B": [(0, 8, 9, 12, 12, 0.95), (1, 20, 18, 24, 23, 0.7), (3, 3, 3, 7, 7, 0.2)],
+             "C": [(0, 8, 8, 13, 12, 0.6 + 0.2 * fold), (1, 4, 4, 8, 8, 0.55), (1, 19, 18, 24, 22, 0.5)]}[arm]
+    return pd.DataFrame([{"scan_id": test.scan_id[r], "patient_id": test.patient_id[r],
+                          "slice_index": int(test.slice_index[r]), "x0": x0, "y0": y0, "x1": x1, "y1": y1,
+                          "score": s} for r, x0, y0, x1, y1, s in boxes])
+
+
+def p_values(a, b):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            w = stats.wilcoxon(b, a).pvalue
+        except ValueError:
+            w = float("nan")
+        return w, stats.ttest_rel(b, a).pvalue
+
+
+def write_stats(results, task, metrics):
+    """The stats tables in the columns the stats stage writes: summary (percent) and paired tests against A."""
+    summary, tests = [], []
+    for metric in metrics["A"][0]:
+        values = {arm: 100 * np.array([metrics[arm][k][metric] for k in range(len(FOLDS))]) for arm in ARMS}
+        for arm in ARMS:
+            mean, sd = values[arm].mean(), values[arm].std(ddof=1)
+            summary.append({"arm": arm, "metric": metric, "mean": mean, "sd": sd, "text": f"{mean:.2f} ± {sd:.2f}"})
+            if arm != "A":
+                diff = values[arm] - values["A"]
+                w, t = p_values(values["A"], values[arm])
+                tests.append({"arm": arm, "metric": metric, "n": len(diff), "mean_diff": diff.mean(),
+                              "ci_low": diff.mean() - 1, "ci_high": diff.mean() + 1, "wilcoxon_p": w, "ttest_p": t})
+    write_tsv(pd.DataFrame(summary), results / "stats" / f"{task}_summary.tsv")
+    write_tsv(pd.DataFrame(tests), results / "stats" / f"{task}_tests.tsv")
+    return pd.DataFrame(summary)
+
+
+def write_required(results, rng):
+    """metrics.json (3 arms x 2 folds x 2 tasks), the localization predictions, the arms' datasets and the stats
+    tables; returns the summaries."""
+    metrics = {task: {arm: [] for arm in ARMS} for task in ("detection", "localization")}
+    for fold in FOLDS:
+        test = make_test_set(rng)
+        for arm in ARMS:
+            save_dataset(results / "downstream" / "data" / arm / f"fold{fold}.npz",
+                         ArmDataset(arm, fold, test.subset([2, 3]), test, {"n_test": len(test)}))
+            scores = np.clip(test.has_nodule * 0.3 + rng.uniform(0, 0.7, len(test)), 0, 1)
+            det = detection_metrics(test.has_nodule, scores)
+            det.update(n_train=2, n_test=len(test))
+            predictions = localization_predictions(arm, fold, test)
+            row_of = {int(i): r for r, i in enumerate(test.slice_index)}
+            loc = froc([(int(r), *b) for r, *b in test.boxes],
+                       [(row_of[p.slice_index], p.x0, p.y0, p.x1, p.y1, p.score) for p in predictions.itertuples()],
+                       {r: s for r, s in enumerate(test.scan_id)})
+            loc.update(zip(("ap50", "ap60", "ar50", "ar60", "ar70"), rng.uniform(0.2, 0.9, 5).tolist()))
+            loc.update(n_train=2, n_test=len(test))
+            for task, values in (("detection", det), ("localization", loc)):
+                folder = results / "downstream" / task / arm / f"fold{fold}"
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "metrics.json").write_text(json.dumps(values))
+                metrics[task][arm].append(values)
+            write_tsv(predictions, results / "downstream" / "localization" / arm / f"fold{fold}" / "predictions.tsv")
+    return {task: write_stats(results, task, metrics[task]) for task in metrics}
+
+
+def write_optional(results, rng):
+    """Generators' output and provenance files, each through its writer where the project has one."""
+    maps = np.stack([lesion_map(), lesion_map((10, 8)), lesion_map((12, 20)), lesion_map()])
+    save_slices(results / "slices" / "s1.npz", SliceStack(
+        np.stack([ct_from(m, rng) for m in maps]), maps, np.arange(4) * 2.5, np.arange(10, 14),
+        (maps == 5).any((1, 2)), "s1", "p1"))
+    for generator in ("sdm", "spade"):
+        rows = np.array([0, 1, 3])  # the maps behind the synthetic slices (source_index into s1's stack)
+        save_slices(results / "synth" / generator / "holdout" / "s1.npz", SliceStack(
+            np.stack([ct_from(maps[r], rng) for r in rows]), maps[rows], np.zeros(3), rows,
+            (maps[rows] == 5).any((1, 2)), "s1", "p1", extra={"source_index": rows}))
+        for fold in ("0", "holdout"):
+            curve = LossCurve()
+            for step in range(0, 101, 25):
+                if generator == "sdm":
+                    curve.append(step, loss=1 / (step + 1), mse=0.5 / (step + 1), vb=0.01, images_per_s=30.0)
+                else:
+                    curve.append(step, g_gan=1.0, g_feat=0.5, g_vgg=0.0, g_total=1.5 - step / 200, d_real=0.6,
+                                 d_fake=0.7, images_per_s=40.0)
+            curve.write(results / "generators" / generator / fold / "loss.tsv")
+            if generator == "spade" and fold == "0":  # the trainer's options record; "holdout" has none
+                options = SPADEOptions(image_size=32, vgg_weights="/models/vgg19.pth")
+                write_options_file(results / "generators" / generator / fold / "options.yaml",
+                                   {"model": "spade", "options": options.to_dict(),
+                                    "perceptual_loss": perceptual_loss_status(options)})
+            write_tsv(pd.DataFrame({"generator": generator, "fold": fold, "scan_id": "s1", "slice_index": rows,
+                                    "left_lung": [0.9, 0.8, 0.85], "right_lung": 0.9, "trachea": 0.5, "body": 0.95,
+                                    "nodule": [np.nan, 0.6, np.nan], "nodule_contrast_hu": [np.nan, 420.0, np.nan]}),
+                      results / "synth" / generator / f"{fold}.fidelity.tsv")
+    for fold in FOLDS:
+        (results / "downstream" / "realism").mkdir(parents=True, exist_ok=True)
+        (results / "downstream" / "realism" / f"fold{fold}.json").write_text(
+            json.dumps({"fd_real_train": 1.5 + fold, "fd_spade": 12.25, "fd_sdm": 7.125}))
+    write_tsv(pd.DataFrame({"scan_id": ["s1", "s2", "s3"], "patient_id": ["p1", "p2", "p3"],
+                            "series_uid": ["1.2.1", "1.2.2", "1.2.3"], "slices": [4, 4, 0], "spacing": "0.7,0.7,2.5",
+                            "status": ["ok", "ok", "rejected"]}), results / "cohort" / "manifest.tsv")
+    write_tsv(pd.DataFrame({"scan_id": ["s3"], "patient_id": ["p3"], "reason": ["slice gap 7.5 mm"]}),
+              results / "cohort" / "rejected.tsv")
+    write_tsv(pd.DataFrame({"check": ["patients disjoint", "near duplicates"], "status": ["pass", "pass"],
+                            "detail": ["0 shared", "max correlation 0.41"]}), results / "audit" / "leakage.tsv")
+    for rule, job, seconds in (("train_sdm", "0", 12.5), ("localize", "A_fold0", 30.25)):
+        path = results / "benchmarks" / rule / f"{job}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+                        f"{seconds}\t0:00:{int(seconds):02d}\t100.1\t200.2\t90.0\t95.0\t0.1\t0.2\t80.0\t10.0\n")
+
+
+@pytest.fixture
+def results(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "results"
+    summaries = write_required(root, rng)
+    write_optional(root, rng)
+    return root, summaries
+
+
+def expected_bold(summary, task):
+    """Texts of the cells holding their column's best mean (ties: every one of them), with multiplicity."""
+    texts = []
+    for metric, _ in HEADLINE[task]:
+        rows = summary[summary.metric == metric]
+        texts += rows[rows["mean"] == rows["mean"].max()]["text"].tolist()
+    return sorted(texts)
+
+
+# ---------------------------------------------------------------- in the browser, and printed
+
+def open_in_chromium(html_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER or "/usr/bin/chromedriver"), options=options)
+    driver.get(html_path.resolve().as_uri())
+    return driver
+
+
+@needs_chromium
+def test_report_as_a_reader_sees_it(results, tmp_path):
+    root, summaries = results
+    html_path, pdf_path = tmp_path / "report" / "report.html", tmp_path / "report" / "report.pdf"
+    build_report(root, CONFIG, html_path, pdf_path)
+    html = html_path.read_text()
+    assert not re.search(r"""(src|href)=["'](?!data:)""", html), "the report must not load side files"
+
+    driver = open_in_chromium(html_path)
+    try:
+        for task, summary in summaries.items():
+            table = driver.find_element("id", f"table-{task}")
+            text = table.text
+            for label in (label for _, label in HEADLINE[task]):
+                assert label in text
+            for arm in ARMS:
+                for metric, _ in HEADLINE[task]:
+                    cell = summary[(summary.arm == arm) & (summary.metric == metric)]["text"].item()
+                    assert cell in text, f"{task}: {arm} {metric} {cell!r} missing"
+            assert text.count("W p=") == 2 * len(HEADLINE[task])  # B and C against A, every column
+            bold = driver.execute_script(
+                "return [...arguments[0].querySelectorAll('td .value')].filter("
+                "e => parseInt(getComputedStyle(e).fontWeight) >= 700).map(e => e.textContent)", table)
+            assert sorted(bold) == expected_bold(summary, task)
+
+        images = driver.execute_script(
+            "return [...document.images].map(i => [i.closest('figure').id, i.complete, i.naturalWidth])")
+        assert {i[0] for i in images} == {"figure-grid", "figure-examples", "figure-froc", "figure-folds_detection",
+                                          "figure-folds_localization", "figure-loss"}
+        assert all(complete and width > 0 for _, complete, width in images), images
+        body = driver.find_element("tag name", "body").text
+        for expected in ("slice gap 7.5 mm", "max correlation 0.41", "12.25", "localize", "score_threshold"):
+            assert expected in body
+        vgg = driver.find_element("id", "table-vgg").text
+        assert "0 with VGG loss (options.yaml: on (lambda_vgg 10" in vgg
+        assert "holdout without VGG loss (loss.tsv: g_vgg all zero)" in vgg
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(1200, min(height + 100, 12000))
+        assert driver.save_screenshot(str(tmp_path / "report.png"))
+    finally:
+        driver.quit()
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+    # the image grid shows the lesion map in the study's colours, nodule included
+    from PIL import Image
+
+    grid_src = re.search(r'<figure id="figure-grid"><img src="data:image/png;base64,([^"]+)"', html).group(1)
+    grid = np.asarray(Image.open(io.BytesIO(base64.b64decode(grid_src))).convert("RGB")).reshape(-1, 3)
+    for colour in PALETTE[1:]:
+        assert (np.abs(grid.astype(int) - colour).max(1) <= 3).any(), f"colour {colour} not in the image grid"
+
+    pages = int(re.search(r"Pages:\s+(\d+)", subprocess.run(["pdfinfo", pdf_path], capture_output=True,
+                                                               text=True, check=True).stdout).group(1))
+    subprocess.run(["pdftoppm", "-r", "40", "-png", pdf_path, tmp_path / "page"], check=True)
+    pngs = sorted(tmp_path.glob("page*.png"))
+    assert pages >= 3 and len(pngs) == pages
+    for png in pngs:
+        pixels = np.asarray(Image.open(png).convert("L"), float)
+        assert pixels.std() > 0, f"{png.name} is blank"
+
+
+# ---------------------------------------------------------------- contents, without a browser
+
+def test_missing_optional_inputs_are_reported_not_available(tmp_path):
+    root = tmp_path / "results"
+    write_required(root, np.random.default_rng(1))
+    for task in ("localization",):
+        for path in (root / "downstream" / task).rglob("predictions.tsv"):
+            path.unlink()
+    shutil.rmtree(root / "downstream" / "data")
+    html = render_html(report_context(root, CONFIG))
+    for missing in ("Figure 1.", "Figure 2.", "Figure 6.", "Mask fidelity", "Feature-space realism",
+                    "Cohort manifest", "Rejected scans", "Leakage audit", "Benchmarks"):
+        assert re.search(re.escape(missing) + r"[^<]*: not available", html), missing
+    assert html.count("<img") == 3  # FROC from the metrics' operating points, and the two per-fold plots
+    assert "table-detection" in html and "table-localization" in html
+
+
+def test_missing_required_inputs_fail_naming_the_file(tmp_path):
+    root = tmp_path / "results"
+    write_required(root, np.random.default_rng(2))
+    tests_path = root / "stats" / "localization_tests.tsv"
+    pd.read_csv(tests_path, sep="\t").drop(columns="wilcoxon_p").to_csv(tests_path, sep="\t", index=False)
+    with pytest.raises(KeyError, match=r"localization_tests\.tsv.*wilcoxon_p"):
+        report_context(root, CONFIG)
+    shutil.rmtree(root / "downstream" / "detection" / "B")
+    with pytest.raises(FileNotFoundError, match=r"detection/B.*metrics\.json"):
+        report_context(root, CONFIG)
+    shutil.rmtree(root / "downstream" / "detection")
+    (root / "stats" / "detection_summary.tsv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"detection"):
+        report_context(root, CONFIG)
+
+
+def test_stats_texts_are_read_verbatim(tmp_path):
+    """'75.00' (one fold: no sd) and 'n/a' stay as the stats stage wrote them, not 75.0 and NaN."""
+    write_tsv(pd.DataFrame({"arm": ["A", "B"], "metric": "auc", "mean": [75.0, np.nan], "sd": np.nan,
+                            "text": ["75.00", "n/a"]}), tmp_path / "stats" / "detection_summary.tsv")
+    write_tsv(pd.DataFrame({"arm": ["B"], "metric": "auc", "n": 1, "mean_diff": np.nan, "ci_low": np.nan,
+                            "ci_high": np.nan, "wilcoxon_p": np.nan, "ttest_p": np.nan}),
+              tmp_path / "stats" / "detection_tests.tsv")
+    summary, tests = read_stats(tmp_path, "detection")
+    assert summary["text"].tolist() == ["75.00", "n/a"]
+    assert np.isnan(summary["mean"][1]) and np.isnan(tests["wilcoxon_p"][0])
+
+
+def test_arms_must_share_their_folds(tmp_path):
+    root = tmp_path / "results"
+    write_required(root, np.random.default_rng(3))
+    shutil.rmtree(root / "downstream" / "localization" / "C" / "fold1")
+    with pytest.raises(ValueError, match=r"arm C has folds \[0\], arm A has \[0, 1\]"):
+        report_context(root, CONFIG)
+
+
+def test_study_table_marks_the_best_mean_and_ties():
+    metrics = HEADLINE["detection"]
+    summary = pd.DataFrame([{"arm": arm, "metric": m, "mean": mean, "sd": 1.0, "text": f"{arm}{m}"}
+                            for m, _ in metrics for arm, mean in zip(ARMS, (80.0, 85.0, 85.0 if m == "f1" else 70.0))])
+    tests = pd.DataFrame([{"arm": arm, "metric": m, "n": 5, "mean_diff": 5.0, "ci_low": 1.0, "ci_high": 9.0,
+                           "wilcoxon_p": 0.0625, "ttest_p": 0.0004} for m, _ in metrics for arm in ("B", "C")])
+    table = study_table("detection", summary, tests)
+    best = {(row["arm"], m): cell["best"] for row in table["rows"] for (m, _), cell in zip(metrics, row["cells"])}
+    assert {key for key, is_best in best.items() if is_best} == {("B", m) for m, _ in metrics} | {("C", "f1")}
+    b_cell = table["rows"][1]["cells"][0]
+    assert (b_cell["wilcoxon_p"], b_cell["ttest_p"]) == ("0.0625", "<0.001")
+    assert "wilcoxon_p" not in table["rows"][0]["cells"][0]
+    assert table["wilcoxon_floor"] == {5: "0.0625"}
+    with pytest.raises(KeyError, match=r"my_summary.tsv: expected one row for arm C, metric auc; found 0"):
+        study_table("detection", summary[~((summary.arm == "C") & (summary.metric == "auc"))], tests,
+                    "my_summary.tsv")
+
+
+def test_localization_examples_show_finds_and_misses(results):
+    root, _ = results
+    panels, fold = localization_panels(root, list(FOLDS), threshold=0.5, n_examples=2)
+    assert fold == 0 and len(panels) == 3
+    titles = [[p["title"].splitlines()[1] for p in row] for row in panels]
+    assert titles[0] == ["1 found, 0 missed, 0 FP", "0 found, 1 missed, 1 FP"]  # arm A
+    assert titles[1] == ["1 found, 0 missed, 0 FP", "1 found, 0 missed, 0 FP"]  # arm B: both found
+    assert all(len(p["pred"]) == 0 or min(s for *_, s in p["pred"]) >= 0.5 for row in panels for p in row)
+
+
+def test_missing_chromium_is_a_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"report.chromium = '/nonexistent/chromium': no such executable"):
+        find_chromium("/nonexistent/chromium")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("NODULESYNTH_CHROMIUM", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"apt-get install chromium"):
+        find_chromium()
+    with pytest.raises(FileNotFoundError, match=r"no Chromium found"):
+        build_report(tmp_path / "results", CONFIG, tmp_path / "r.html", tmp_path / "r.pdf")
