@@ -19,7 +19,7 @@ from nodulesynth.models.sdm import SDMOptions, load_sdm, sample_images, sample_s
 from nodulesynth.models.sdm.diffusion import (GaussianDiffusion, cosine_betas, discretized_gaussian_log_likelihood,
                                               linear_betas, spaced_timesteps)
 from nodulesynth.models.sdm.samplers import SAMPLERS, guided_model, sample_ddim, sample_ddpm, sample_dpmpp_2m
-from nodulesynth.models.sdm.train import Trainer
+from nodulesynth.models.sdm.train import Trainer, draw_batch
 from nodulesynth.models.sdm.unet import SDMUNet, SPADEGroupNorm, set_attention, timestep_embedding
 from nodulesynth.models.transplant import choose_maps, nodule_shapes, transplant_nodule
 
@@ -34,7 +34,7 @@ def one_thread():
 
 TINY = dict(image_size=16, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
             num_head_channels=8, spade_hidden=16, diffusion_steps=40, batch_size=4, sample_steps=5,
-            sample_batch_size=8, ema_decay=0.9, log_every=1, checkpoint_every=1000)
+            sample_batch_size=8, ema_decay=0.9, log_every=1, checkpoint_every=1000, finetune_steps=0)
 
 
 def tiny(**changes) -> SDMOptions:
@@ -464,6 +464,82 @@ def test_changed_options_train_from_scratch_instead_of_resuming(tmp_path):
     # Only the length changed: the checkpoint is resumed and training goes on from step 2.
     longer = tiny(max_steps=3, lr=3e-4)
     assert _state(train_sdm(paths, tmp_path / "m", longer, device="cpu", max_steps_this_run=0))["step"] == 2
+
+
+def test_checkpoint_is_bound_to_its_training_data(tmp_path, capsys):
+    """Trained on stack A, rerun on stack B with the same options: the run must train afresh on B (the
+    old checkpoint of A, resumed at its last step, used to be written out unchanged as B's model)."""
+    options = tiny(max_steps=3)
+    stack_a = write_stacks(tmp_path / "a", count=1, seed=0)
+    stack_b = write_stacks(tmp_path / "b", count=1, seed=1)  # same scan id, other slices
+    out = tmp_path / "model"
+    model_a = _state(train_sdm(stack_a, out, options, device="cpu"))
+    capsys.readouterr()
+    model_b = _state(train_sdm(stack_b, out, options, device="cpu"))
+    log = capsys.readouterr().err
+    assert "not resuming" in log and "trained on other data: 1 scans changed (scan0)" in log and "afresh" in log
+    assert not all(torch.equal(model_a["model"][k], model_b["model"][k]) for k in model_a["model"])
+    fresh = _state(train_sdm(stack_b, tmp_path / "fresh", options, device="cpu"))
+    assert all(torch.equal(fresh["model"][k], model_b["model"][k]) for k in fresh["model"])
+    assert model_b["data"]["sha256"] == fresh["data"]["sha256"] != model_a["data"]["sha256"]
+    assert [s["scan_id"] for s in model_b["data"]["stacks"]] == ["scan0"]
+    written = yaml.safe_load((out / "options.yaml").read_text())
+    assert written["training_data"]["sha256"] == model_b["data"]["sha256"] and written["options"]["max_steps"] == 3
+
+    # The same content rewritten elsewhere, the paths in another order: the same data, resumed.
+    two = write_stacks(tmp_path / "two", count=2)
+    train_sdm(two, tmp_path / "m2", options, device="cpu", max_steps_this_run=2)
+    copies = [tmp_path / "copy" / p.name for p in two]
+    for source, copy in zip(two, copies):
+        save_slices(copy, load_slices(source))
+    capsys.readouterr()
+    assert _state(train_sdm(copies[::-1], tmp_path / "m2", options, device="cpu", max_steps_this_run=0))["step"] == 2
+    assert "resumed from" in capsys.readouterr().err
+
+
+def test_two_stage_recipe_drops_maps_only_in_the_second_stage():
+    """The official recipe: stage 1 trains on every map, stage 2 (the last finetune_steps) drops maps at
+    drop_rate with finetune_lr; finetune_steps 0 is the demo's single stage, dropping from step 0."""
+    rng = np.random.default_rng(0)
+    labels = np.stack([synthetic_map(32) for _ in range(4)])
+    data = SlicePairs(np.stack([synthetic_image(lb, rng) for lb in labels]), labels, 16)
+    options = tiny(max_steps=10, finetune_steps=4, drop_rate=0.5, batch_size=16, lr=1e-3, finetune_lr=1e-5)
+    kept = [draw_batch(data, options, step)[4] for step in range(options.max_steps)]
+    assert all(bool((keep == 1).all()) for keep in kept[:6])  # stage 1: no map dropped
+    assert all(bool((keep == 0).any()) for keep in kept[6:])  # stage 2: some dropped in every batch
+    assert 0.3 < float(torch.cat(kept[6:]).mean()) < 0.7
+    single = options.replace(finetune_steps=0)
+    assert all(bool((draw_batch(data, single, step)[4] == 0).any()) for step in range(4))
+
+    trainer = Trainer(data, options.replace(batch_size=2), "cpu")
+    rates = []
+    for _ in range(options.max_steps):
+        trainer.train_step()
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+    assert rates == [1e-3] * 6 + [1e-5] * 4
+
+    # The real config's defaults are that recipe, without gradient clipping.
+    defaults = SDMOptions()
+    assert defaults.grad_clip is None and (defaults.finetune_steps, defaults.finetune_lr, defaults.drop_rate) == \
+        (20_000, 2e-5, 0.2)
+    schema = yaml.safe_load((Path(__file__).parents[1] / "schemas" / "config.schema.yaml").read_text())
+    schema_defaults = {k: v["default"] for k, v in schema["properties"]["sdm"]["properties"].items()}
+    assert SDMOptions.from_config(schema_defaults) == defaults
+    with pytest.raises(ValueError, match="finetune_steps"):
+        tiny(max_steps=3, finetune_steps=4)
+
+
+def test_resume_across_a_moved_fine_tuning_start(tmp_path, capsys):
+    """A longer run moves the start of fine-tuning: a checkpoint past it is not resumed, one before it is."""
+    paths = write_stacks(tmp_path / "slices", count=1)
+    options = tiny(max_steps=4, finetune_steps=2)
+    train_sdm(paths, tmp_path / "m", options, device="cpu", max_steps_this_run=3)  # step 3, in stage 2
+    capsys.readouterr()
+    train_sdm(paths, tmp_path / "m", options.replace(max_steps=6), device="cpu", max_steps_this_run=0)
+    assert "past the start of fine-tuning" in capsys.readouterr().err
+    train_sdm(paths, tmp_path / "n", options, device="cpu", max_steps_this_run=1)  # step 1, in stage 1 of both
+    assert _state(train_sdm(paths, tmp_path / "n", options.replace(max_steps=6), device="cpu",
+                            max_steps_this_run=0))["step"] == 1
 
 
 def test_train_then_sample_files(tmp_path):

@@ -1,9 +1,13 @@
 """SPADE baseline unit tests (CPU, tiny networks): options, shapes, losses against direct
 computation, exact resume, sampling determinism and layout, equal maps with the SDM sampler."""
 
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch.nn.utils import parametrize
 
 from nodulesynth.data.slices import SliceStack, load_slices, save_slices
@@ -15,6 +19,15 @@ from nodulesynth.models.spade.losses import (VGGLoss, build_vgg_loss, d_hinge_lo
 from nodulesynth.models.spade.networks import MultiscaleDiscriminator, SPADEGenerator, generator_widths
 
 TINY = dict(image_size=16, ngf=8, ndf=8, spade_hidden=8, batch_size=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks run fastest on one thread, and much faster than on two when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def phantom_stack(scan_id, n=6, size=32, seed=0, nodule_every=3):
@@ -152,8 +165,12 @@ def test_vgg_loss_refuses_without_a_weights_file(tmp_path, capsys):
         VGGLoss(None)
     with pytest.raises(FileNotFoundError):
         VGGLoss(tmp_path / "missing.pth")
-    assert build_vgg_loss(SPADEOptions()) is None
-    assert "VGG perceptual loss OFF" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="VGG perceptual loss OFF although spade.lambda_vgg is 10"):
+        assert build_vgg_loss(SPADEOptions()) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # switched off on purpose: said, not warned
+        assert build_vgg_loss(SPADEOptions(lambda_vgg=0)) is None
+    assert "VGG perceptual loss off (lambda_vgg 0)" in capsys.readouterr().err
 
 
 def test_vgg_loss_loads_a_local_file(tmp_path):
@@ -222,6 +239,49 @@ def test_changed_options_train_from_scratch_instead_of_resuming(stacks, tmp_path
     # Only the length changed: the checkpoint is resumed at step 2.
     resumed = train_spade(stacks, tmp_path / "m", new.replace(max_steps=3), device="cpu", max_steps_this_run=0)
     assert load_checkpoint(resumed)["step"] == 2
+
+
+def test_checkpoint_is_bound_to_its_training_data(tmp_path, capsys):
+    """Trained on stack A, rerun on stack B with the same options: the run must train afresh on B (the
+    old checkpoint of A used to be written out as B's model, bit-identical to A's)."""
+    stack_a, stack_b = tmp_path / "a" / "SCAN-A.npz", tmp_path / "b" / "SCAN-A.npz"
+    save_slices(stack_a, phantom_stack("SCAN-A", seed=0))
+    save_slices(stack_b, phantom_stack("SCAN-A", seed=1, nodule_every=2))
+    options = SPADEOptions(**TINY, max_steps=2, checkpoint_every=1)
+    model_a = load_checkpoint(train_spade([stack_a], tmp_path / "m", options, device="cpu"))
+    capsys.readouterr()
+    model_b = load_checkpoint(train_spade([stack_b], tmp_path / "m", options, device="cpu"))
+    log = capsys.readouterr().err
+    assert "not resuming" in log and "trained on other data: 1 scans changed (SCAN-A)" in log and "afresh" in log
+    assert not all(torch.equal(model_a["generator"][k], model_b["generator"][k]) for k in model_a["generator"])
+    fresh = load_checkpoint(train_spade([stack_b], tmp_path / "fresh", options, device="cpu"))
+    assert all(torch.equal(fresh["generator"][k], model_b["generator"][k]) for k in fresh["generator"])
+    assert model_b["data"]["sha256"] == fresh["data"]["sha256"] != model_a["data"]["sha256"]
+    # Back on A with a longer run: the checkpoint (now B's) is not resumed either.
+    capsys.readouterr()
+    train_spade([stack_a], tmp_path / "m", options.replace(max_steps=3), device="cpu", max_steps_this_run=0)
+    assert "trained on other data" in capsys.readouterr().err
+
+
+def test_perceptual_loss_off_is_recorded_and_warned_once(stacks, tmp_path):
+    """lambda_vgg 10 without vgg_weights: not the paper's loss; the model's outputs say so."""
+    options = SPADEOptions(**TINY, max_steps=2, checkpoint_every=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # count every warning issued, not only the first shown
+        model = train_spade(stacks, tmp_path / "off", options, device="cpu")
+    assert sum("VGG perceptual loss OFF" in str(w.message) for w in caught) == 1
+    assert load_checkpoint(model)["perceptual_loss"] == "off (no vgg_weights)"
+    written = yaml.safe_load((tmp_path / "off" / "options.yaml").read_text())
+    assert written["perceptual_loss"] == "off (no vgg_weights)" and written["options"]["lambda_vgg"] == 10.0
+    assert written["training_data"]["stacks"] == 2 and written["training_data"]["slices"] == 12
+    model = train_spade(stacks, tmp_path / "zero", options.replace(lambda_vgg=0.0), device="cpu")
+    assert load_checkpoint(model)["perceptual_loss"] == "off (lambda_vgg 0)"
+
+
+def test_schema_defaults_are_the_options_defaults():
+    schema = yaml.safe_load((Path(__file__).parents[1] / "schemas" / "config.schema.yaml").read_text())
+    defaults = {k: v["default"] for k, v in schema["properties"]["spade"]["properties"].items()}
+    assert SPADEOptions.from_config(defaults) == SPADEOptions()
 
 
 # ---------------------------------------------------------------- sampling

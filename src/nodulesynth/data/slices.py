@@ -8,7 +8,6 @@ Synthetic stacks (`results/synth/...`) use the same layout.
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -53,37 +52,40 @@ def save_slices(path, stack: SliceStack):
             )
 
 
+# Every key save_slices writes: a stack missing one is refused (naming the file and the key), not
+# filled with a guess such as status "ok" or z zeros.
+REQUIRED_KEYS = ("image", "label", "z", "slice_index", "has_nodule", "scan_id", "patient_id", "status", "reason")
+
+
+def _check_keys(path, names):
+    missing = [key for key in REQUIRED_KEYS if key not in names]
+    if missing:
+        raise KeyError(f"{path}: not a slice stack, missing key{'s' if len(missing) > 1 else ''} "
+                       f"{', '.join(repr(k) for k in missing)}")
+
+
 def load_slices(path) -> SliceStack:
+    """Read a stack written by `save_slices`; a missing key is a KeyError naming the file and the key."""
     with np.load(path, allow_pickle=False) as data:
-        known = {"image", "label", "z", "slice_index", "has_nodule", "scan_id", "patient_id", "status", "reason"}
-        missing = {"image", "label"} - set(data.files)
-        if missing:
-            raise KeyError(f"{path}: missing arrays {sorted(missing)}")
+        _check_keys(path, data.files)
         return SliceStack(
-            image=data["image"], label=data["label"],
-            z=data["z"] if "z" in data.files else np.zeros(len(data["image"])),
-            slice_index=data["slice_index"] if "slice_index" in data.files else np.arange(len(data["image"])),
-            has_nodule=data["has_nodule"] if "has_nodule" in data.files else (data["label"] == 5).any((1, 2)),
-            scan_id=str(data["scan_id"]) if "scan_id" in data.files else Path(path).stem,
-            patient_id=str(data["patient_id"]) if "patient_id" in data.files else "",
-            status=str(data["status"]) if "status" in data.files else "ok",
-            reason=str(data["reason"]) if "reason" in data.files else "",
-            extra={k: data[k] for k in data.files if k not in known},
+            image=data["image"], label=data["label"], z=data["z"], slice_index=data["slice_index"],
+            has_nodule=data["has_nodule"], scan_id=str(data["scan_id"]), patient_id=str(data["patient_id"]),
+            status=str(data["status"]), reason=str(data["reason"]),
+            extra={k: data[k] for k in data.files if k not in REQUIRED_KEYS},
         )
 
 
 def load_slice_info(path) -> dict:
     """A stack's scan_id, patient_id, status, reason, slice count (`slices`) and its other small
     arrays (`extra`, e.g. spacing), without decompressing images and labels (npz members are read
-    only when asked for): for tables of many stacks. Defaults as in `load_slices`."""
+    only when asked for): for tables of many stacks. Strict about keys, as `load_slices`."""
     with np.load(path, allow_pickle=False) as data:
+        _check_keys(path, data.files)
         small = {k: data[k] for k in data.files if k not in ("image", "label")}
-        slices = len(small["z"]) if "z" in small else len(data["image"])
-    known = ("z", "slice_index", "has_nodule", "scan_id", "patient_id", "status", "reason")
-    return dict(scan_id=str(small["scan_id"]) if "scan_id" in small else Path(path).stem,
-                patient_id=str(small.get("patient_id", "")), status=str(small.get("status", "ok")),
-                reason=str(small.get("reason", "")), slices=slices,
-                extra={k: v for k, v in small.items() if k not in known})
+    return dict(scan_id=str(small["scan_id"]), patient_id=str(small["patient_id"]), status=str(small["status"]),
+                reason=str(small["reason"]), slices=len(small["z"]),
+                extra={k: v for k, v in small.items() if k not in REQUIRED_KEYS})
 
 
 def load_training_pairs(paths):

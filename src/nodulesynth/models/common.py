@@ -1,11 +1,14 @@
 """Training utilities shared by the generators (SDM and SPADE).
 
-Device choice, EMA weights, atomic checkpoints, per-step random generators (so a resumed run
-is bitwise equal to an unbroken one on CPU), the in-memory slice/label training set, one-hot
-maps, the loss curve file and the progress bar.
+Device choice, EMA weights, atomic checkpoints bound to the data they were trained on, per-step
+random generators (so a resumed run is bitwise equal to an unbroken one on CPU), the in-memory
+slice/label training set, one-hot maps, the loss curve file, the readable options file and the
+progress bar.
 """
 
 import csv
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -13,8 +16,10 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from tqdm import tqdm
 
+from nodulesynth.data.slices import load_slices
 from nodulesynth.io import atomic_path
 from nodulesynth.masks.labels import NUM_CLASSES
 
@@ -204,5 +209,88 @@ def progress(total: int, initial: int = 0, desc: str = ""):
                 dynamic_ncols=tty, ascii=not tty, file=sys.stderr)
 
 
+def stack_digest(stack) -> str:
+    """sha256 of what training reads from a slice stack: its status and its image and label arrays.
+
+    The arrays' content, not the file's bytes: np.savez stamps the write time into the zip, so a
+    stack rewritten with equal content keeps its digest.
+    """
+    digest = hashlib.sha256(f"status={stack.status}".encode())
+    for name in ("image", "label"):
+        array = np.ascontiguousarray(getattr(stack, name))
+        digest.update(f";{name}:{array.dtype.str}:{array.shape}:".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def load_training_data(paths):
+    """-> (images uint8 [N,H,W], labels uint8 [N,H,W], record) of the given stacks, rejected ones skipped.
+
+    The stacks are concatenated in (scan_id, digest) order, so the order the paths come in changes
+    nothing. `record` says exactly what was read: `stacks`, one entry per stack (scan_id, patient_id,
+    status, slices, sha256), and `sha256` of that list. A checkpoint keeps it and is resumed only by
+    a run on the same data (`resume_refusal`).
+    """
+    paths = list(paths)
+    stacks = sorted(((stack, stack_digest(stack)) for stack in map(load_slices, paths)),
+                    key=lambda pair: (pair[0].scan_id, pair[1]))
+    entries = [dict(scan_id=stack.scan_id, patient_id=stack.patient_id, status=stack.status, slices=len(stack),
+                    sha256=digest) for stack, digest in stacks]
+    used = [stack for stack, _ in stacks if stack.status == "ok" and len(stack)]
+    if not used:
+        raise ValueError(f"no usable slices in {len(paths)} stacks")
+    record = {"sha256": hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest(), "stacks": entries}
+    return np.concatenate([s.image for s in used]), np.concatenate([s.label for s in used]), record
+
+
+def data_summary(record: dict) -> dict:
+    """A training-data record in brief (digest, stacks, slices), for the options file."""
+    stacks = record["stacks"]
+    return {"sha256": record["sha256"], "stacks": len(stacks),
+            "slices": sum(s["slices"] for s in stacks if s["status"] == "ok")}
+
+
+def data_change(saved: dict | None, current: dict) -> str | None:
+    """Why a checkpoint's training-data record differs from this run's, in words; None when equal."""
+    if not saved:
+        return "it records no training data (written by an older version)"
+    if saved["sha256"] == current["sha256"]:
+        return None
+    old = {s["scan_id"]: s["sha256"] for s in saved["stacks"]}
+    new = {s["scan_id"]: s["sha256"] for s in current["stacks"]}
+    differences = {"added": sorted(set(new) - set(old)), "removed": sorted(set(old) - set(new)),
+                   "changed": sorted(k for k in set(old) & set(new) if old[k] != new[k])}
+    words = [f"{len(ids)} scans {what} ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})"
+             for what, ids in differences.items() if ids]
+    return "it was trained on other data: " + ("; ".join(words) or "other stacks of the same scans")
+
+
+def resume_refusal(state: dict, options: dict, data: dict, resumable=(), section: str = "") -> str | None:
+    """Why this run must not resume the checkpoint `state`, in words; None when it may.
+
+    It may only when the checkpoint was trained on exactly this data (`load_training_data`'s record)
+    with these options, the keys in `resumable` aside. Otherwise a rerun after a change of the
+    training data (another fold, cohort or mask setting) would continue, and write out as its model,
+    a generator trained on other patients.
+    """
+    changed = changed_options(state["options"], options, resumable)
+    if changed:
+        return "it was trained with other " + ", ".join(f"{section}.{key}" for key in changed)
+    return data_change(state.get("data"), data)
+
+
+def write_options_file(path, content: dict):
+    """A readable YAML record beside the model (as NVlabs/SPADE's opt.txt): options, data, notes."""
+
+    def plain(value):  # safe_dump knows lists, not the tuples of the options dataclasses
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(yaml.safe_dump(plain(content), sort_keys=False))
+
+
 __all__ = ["pick_device", "EMA", "save_checkpoint", "load_checkpoint", "changed_options", "step_generator",
-           "seed_everything_for_step", "SlicePairs", "one_hot", "LossCurve", "progress"]
+           "seed_everything_for_step", "SlicePairs", "one_hot", "LossCurve", "progress", "stack_digest",
+           "load_training_data", "data_summary", "data_change", "resume_refusal", "write_options_file"]

@@ -36,7 +36,8 @@ def scan_seed(seed: int, scan_id: str, *more: int) -> np.random.SeedSequence:
     return np.random.SeedSequence([int(seed) & 0xFFFFFFFF, zlib.crc32(scan_id.encode()), *map(int, more)])
 
 
-def plan_maps(slice_paths, size, seed, mask_source="real", max_slices_per_scan=None, shape_paths=None):
+def plan_maps(slice_paths, size, seed, mask_source="real", max_slices_per_scan=None, shape_paths=None,
+              nodule_maps_per_scan=0):
     """[(stack, scan_id, indices or None, maps or None)]: the maps to synthesise from each stack.
 
     mask_source "real": the stacks' own maps; "transplant": their nodule-free maps, each given a
@@ -59,7 +60,8 @@ def plan_maps(slice_paths, size, seed, mask_source="real", max_slices_per_scan=N
             plans.append((stack, scan_id, None, None))
             continue
         rng = np.random.default_rng(scan_seed(seed, scan_id))
-        indices, maps = choose_maps(resize_labels(stack.label, size), mask_source, rng, shapes, max_slices_per_scan)
+        indices, maps = choose_maps(resize_labels(stack.label, size), mask_source, rng, shapes, max_slices_per_scan,
+                                     nodule_maps_per_scan)
         plans.append((stack, scan_id, indices, maps))
     return plans
 

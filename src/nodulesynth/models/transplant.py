@@ -68,10 +68,12 @@ def transplant_nodule(label: np.ndarray, shapes: list, rng: np.random.Generator,
 
 
 def choose_maps(labels: np.ndarray, mask_source: str, rng: np.random.Generator, shapes=None,
-                max_slices: int | None = None):
+                max_slices: int | None = None, nodule_maps: int | None = 0):
     """The lesion maps to synthesise from one stack: (indices into the stack, label maps [n,H,W]).
 
-    "real": the stack's own maps (evenly spaced subset when `max_slices` is given).
+    "real": the stack's own maps (evenly spaced subset when `max_slices` is given), together with
+    `nodule_maps` evenly spaced maps that hold a nodule (None: every one), each map at most once: the
+    downstream arms add synthetic nodule slices in proportion to the real ones.
     "transplant": its nodule-free maps (evenly spaced subset) each given a transplanted nodule; a
     map where no shape fits (a lung apex) is replaced by other nodule-free maps, evenly spread
     again, until `max_slices` maps are made or none are left.
@@ -79,6 +81,9 @@ def choose_maps(labels: np.ndarray, mask_source: str, rng: np.random.Generator, 
     labels = np.asarray(labels)
     if mask_source == "real":
         indices = _evenly(np.arange(len(labels)), max_slices)
+        if nodule_maps != 0:
+            with_nodule = np.flatnonzero((labels == NODULE).any((1, 2)))
+            indices = np.union1d(indices, _evenly(with_nodule, nodule_maps)).astype(np.int64)
         return indices, labels[indices]
     if mask_source != "transplant":
         raise ValueError(f"mask_source must be 'real' or 'transplant', got {mask_source!r}")

@@ -3,7 +3,11 @@
 Defaults are the paper's 256-pixel setting (Wang et al. 2022, official ADE20K/Cityscapes scripts:
 256 channels, channel_mult (1,1,2,2,4,4), 2 res blocks, attention at 32/16/8 px with 64-channel
 heads, BigGAN-style up/down res blocks, learned sigma, linear 1000-step schedule, lr 1e-4 at a
-total batch of 32, EMA 0.9999, guidance drop rate 0.2 and scale 1.5, 1000-step ancestral sampling).
+total batch of 32, EMA 0.9999, guidance scale 1.5, 1000-step ancestral sampling) and its training
+recipe: no gradient clipping, and two stages, the first without dropping maps, the second
+fine-tuning for classifier-free guidance with drop rate 0.2 at lr 2e-5 (the official scripts run
+these as two trainings, the second resumed from the first; the length of each is not given, so
+`finetune_steps` is ours: the last fifth of `max_steps`).
 A CPU demo overrides the size keys from the config (e.g. image_size 64, model_channels 32,
 channel_mult [1, 2], num_res_blocks 1, attention_resolutions [32], spade_hidden 32).
 """
@@ -39,11 +43,15 @@ class SDMOptions:
     batch_size: int = 32
     lr: float = 1e-4
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float | None = None      # max gradient norm; None: no clipping (the official code clips nothing)
     ema_decay: float = 0.9999
     ema_warmup: bool = False            # min(decay, (1+n)/(10+n)): for short CPU runs
-    drop_rate: float = 0.2              # classifier-free guidance: P(map replaced by the null map)
-    max_steps: int = 100_000            # not fixed by the paper for this data: set per run
+    drop_rate: float = 0.2              # classifier-free guidance: P(map replaced by the null map), in stage 2
+    max_steps: int = 100_000            # all steps, both stages; not fixed by the paper for this data
+    # Stage 2 = the last `finetune_steps` steps: maps dropped at drop_rate, learning rate finetune_lr;
+    # stage 1 before it drops nothing. 0: one stage, dropping at drop_rate from step 0 at lr (the demo).
+    finetune_steps: int = 20_000
+    finetune_lr: float = 2e-5
     checkpoint_every: int = 2_000
     log_every: int = 100
     seed: int = 0
@@ -75,6 +83,11 @@ class SDMOptions:
         if self.image_size % 2 ** (len(self.channel_mult) - 1):
             raise ValueError(f"sdm.image_size {self.image_size} is not divisible by "
                              f"2**{len(self.channel_mult) - 1} (len(channel_mult) - 1 downsamplings)")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"sdm.grad_clip must be positive or null (no clipping), got {self.grad_clip}")
+        if not 0 <= self.finetune_steps <= self.max_steps:
+            raise ValueError(f"sdm.finetune_steps must be in [0, sdm.max_steps = {self.max_steps}], "
+                             f"got {self.finetune_steps}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"sdm.drop_rate must be in [0, 1), got {self.drop_rate}")
         if self.sample_steps < 1 or self.sample_steps > self.diffusion_steps:
@@ -95,6 +108,21 @@ class SDMOptions:
 
     def replace(self, **changes) -> "SDMOptions":
         return replace(self, **changes)
+
+    @property
+    def finetune_start(self) -> int:
+        """Index of the first step of stage 2 (max_steps when there is none)."""
+        return self.max_steps - self.finetune_steps
+
+    def drop_rate_at(self, step: int) -> float:
+        """The probability of dropping a map at (0-based) training step `step`."""
+        if self.finetune_steps and step < self.finetune_start:
+            return 0.0
+        return self.drop_rate
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of (0-based) training step `step`."""
+        return self.finetune_lr if self.finetune_steps and step >= self.finetune_start else self.lr
 
     # Keys used only when sampling: the workflow's sample rule gets them, the training rule does not.
     SAMPLING_KEYS = ("sampler", "sample_steps", "guidance_scale", "ddim_eta", "sample_batch_size")

@@ -70,7 +70,7 @@ def batch_generator(seed: int, scan_id: str, start: int) -> torch.Generator:
 
 def sample_sdm(model_path, slice_paths, out_dir, sampler=None, steps=None, guidance_scale=None, seed=0,
                mask_source="real", max_slices_per_scan=None, batch_size=None, device="auto", eta=None,
-               shape_paths=None) -> list:
+               shape_paths=None, nodule_maps_per_scan=0) -> list:
     """Synthesise one stack per input stack: out_dir/{scan_id}.npz in the slices layout.
 
     `image` is the synthetic slice and `label` the map that conditioned it, both at the model's
@@ -85,7 +85,7 @@ def sample_sdm(model_path, slice_paths, out_dir, sampler=None, steps=None, guida
     guidance_scale = options.guidance_scale if guidance_scale is None else float(guidance_scale)
     eta = options.ddim_eta if eta is None else float(eta)
     plans = plan_maps([Path(p) for p in slice_paths], options.image_size, seed, mask_source,
-                      max_slices_per_scan, shape_paths)
+                      max_slices_per_scan, shape_paths, nodule_maps_per_scan)
 
     def synthesise(labels, scan_id, start):
         return sample_images(model, diffusion, labels, sampler, steps, guidance_scale,

@@ -1,10 +1,12 @@
-"""SDM training loop: AdamW, gradient clipping, EMA, classifier-free guidance drop, bf16 autocast and
-channels-last on CUDA, periodic atomic checkpoints, and exact resume.
+"""SDM training loop: AdamW, optional gradient clipping, EMA, the two-stage recipe (train, then fine-tune
+with classifier-free guidance drop at a lower learning rate), bf16 autocast and channels-last on CUDA,
+periodic atomic checkpoints bound to their training data, and exact resume.
 
 Exact resume: every random draw of step t (batch indices, timesteps, noise, guidance drop, and the
 global RNG used by dropout) is seeded from (seed, t) alone, and the checkpoint holds the model,
 optimiser and EMA states. A run killed after its checkpoint at step k and restarted therefore
-replays steps k+1.. exactly as an unbroken run would (bitwise on CPU).
+replays steps k+1.. exactly as an unbroken run would (bitwise on CPU). The checkpoint also records
+the training data (`load_training_data`): a run on other data, or with other options, trains afresh.
 """
 
 import copy
@@ -14,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from nodulesynth.data.slices import load_training_pairs
-from nodulesynth.models.common import (EMA, LossCurve, SlicePairs, changed_options, load_checkpoint, one_hot,
-                                       pick_device, progress, save_checkpoint, seed_everything_for_step,
-                                       step_generator)
+from nodulesynth.models.common import (EMA, LossCurve, SlicePairs, data_summary, load_checkpoint, load_training_data,
+                                       one_hot, pick_device, progress, resume_refusal, save_checkpoint,
+                                       seed_everything_for_step, step_generator, write_options_file)
 from nodulesynth.models.sdm.diffusion import GaussianDiffusion
 from nodulesynth.models.sdm.options import SDMOptions
 from nodulesynth.models.sdm.unet import SDMUNet
@@ -25,6 +26,7 @@ from nodulesynth.models.sdm.unet import SDMUNet
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 LOSS = "loss.tsv"
+OPTIONS = "options.yaml"
 FORMAT = "nodulesynth.sdm/1"
 
 
@@ -36,8 +38,9 @@ def draw_batch(data: SlicePairs, options: SDMOptions, step: int):
     t = torch.randint(options.diffusion_steps, (b,), generator=g)
     x0, label = data.batch(indices)
     noise = torch.randn(x0.shape, generator=g)
-    # Classifier-free guidance: the WHOLE map becomes the null (all-zeros) map for a dropped sample.
-    keep = (torch.rand(b, generator=g) >= options.drop_rate).float()
+    # Classifier-free guidance: the WHOLE map becomes the null (all-zeros) map for a dropped sample; in
+    # stage 1 of the two-stage recipe no map is dropped (the draw is made anyway, so each step draws alike).
+    keep = (torch.rand(b, generator=g) >= options.drop_rate_at(step)).float()
     return x0, label, t, noise, keep
 
 
@@ -84,13 +87,15 @@ class Trainer:
         if self.channels_last:
             xt, cond = xt.contiguous(memory_format=torch.channels_last), cond.contiguous(memory_format=torch.channels_last)
         self.model.train()
+        for group in self.optimizer.param_groups:  # the stage's rate, also right after a resume
+            group["lr"] = o.lr_at(self.step)
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.bf16):
             output = self.model(xt, t, cond)
         losses = self.diffusion.training_losses(output.float(), x0, xt, t, noise, o.vlb_weight)
         loss = losses["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if o.grad_clip and o.grad_clip > 0:
+        if o.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
         self.optimizer.step()
         self.ema.update(self.model)
@@ -122,31 +127,60 @@ class Trainer:
         return {k: v.detach().cpu().contiguous() for k, v in ema_model.state_dict().items()}
 
 
+def resume_refusal_sdm(state: dict, options: SDMOptions, data: dict) -> str | None:
+    """Why a run with `options` on `data` must not resume the checkpoint `state`; None when it may.
+
+    Besides the data and the options (`resume_refusal`): a longer or shorter run moves the start of
+    the fine-tuning stage, so it resumes only a checkpoint that has not reached either start.
+    """
+    why = resume_refusal(state, options.to_dict(), data, SDMOptions.RESUMABLE_CHANGES, "sdm")
+    if why:
+        return why
+    saved = SDMOptions.from_config(state["options"])
+    if saved.finetune_start != options.finetune_start and state["step"] > min(saved.finetune_start,
+                                                                              options.finetune_start):
+        return (f"its step {state['step']} is past the start of fine-tuning, which moves from step "
+                f"{saved.finetune_start} to {options.finetune_start} with sdm.max_steps {options.max_steps}")
+    return None
+
+
 def train_sdm(slice_paths, out_dir, options: SDMOptions, device="auto", max_steps_this_run=None) -> Path:
     """Train on the given slice stacks (and on nothing else); resume from out_dir/checkpoint.pt.
 
-    Writes out_dir/checkpoint.pt every `checkpoint_every` steps and when stopping, out_dir/loss.tsv
-    (step, loss, mse, vb, images_per_s) and, once `max_steps` are done, out_dir/model.pt (EMA
-    weights + options). `max_steps_this_run` stops early (as a kill would, but after a checkpoint).
-    Returns model.pt when training is complete, else checkpoint.pt.
+    The checkpoint is resumed only when it was trained on exactly these stacks (content digests)
+    with these options; otherwise training starts afresh and the log says why. Writes
+    out_dir/checkpoint.pt every `checkpoint_every` steps and when stopping, out_dir/loss.tsv (step,
+    loss, mse, vb, images_per_s), out_dir/options.yaml and, once `max_steps` are done,
+    out_dir/model.pt (EMA weights, options and the training-data record). `max_steps_this_run`
+    stops early (as a kill would, but after a checkpoint). Returns model.pt when training is
+    complete, else checkpoint.pt.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images, labels = load_training_pairs(list(slice_paths))
+    images, labels, data_record = load_training_data(slice_paths)
     data = SlicePairs(images, labels, options.image_size)
+    del images, labels
     trainer = Trainer(data, options, device)
     curve = LossCurve()
     checkpoint_path = out_dir / CHECKPOINT
     state = load_checkpoint(checkpoint_path, map_location=trainer.device) if checkpoint_path.exists() else None
-    changed = state and changed_options(state["options"], options.to_dict(), SDMOptions.RESUMABLE_CHANGES)
-    if changed:
-        print(f"sdm: {checkpoint_path} was trained with other sdm.{', sdm.'.join(changed)}: training from scratch",
-              file=sys.stderr)
+    why = state and resume_refusal_sdm(state, options, data_record)
+    if why:
+        print(f"sdm: not resuming {checkpoint_path}: {why}; training afresh", file=sys.stderr)
+        (out_dir / MODEL).unlink(missing_ok=True)  # a model of that other run must not pass for this one's
     elif state:
         trainer.load_state_dict(state)
         curve = LossCurve.load(out_dir / LOSS)
         curve.truncate(trainer.step)
         print(f"sdm: resumed from {checkpoint_path} at step {trainer.step}", file=sys.stderr)
+    write_options_file(out_dir / OPTIONS, {
+        "model": "sdm", "options": options.to_dict(),
+        "recipe": (f"{options.finetune_start} steps without dropping maps at lr {options.lr:g}, then "
+                   f"{options.finetune_steps} steps with drop_rate {options.drop_rate:g} at lr {options.finetune_lr:g}"
+                   if options.finetune_steps else
+                   f"{options.max_steps} steps with drop_rate {options.drop_rate:g} at lr {options.lr:g}"),
+        "gradient_clipping": "off" if options.grad_clip is None else f"max norm {options.grad_clip:g}",
+        "training_data": data_summary(data_record)})
     n_params = sum(p.numel() for p in trainer.model.parameters())
     print(f"sdm: {len(data)} slices at {options.image_size} px, {n_params / 1e6:.2f} M parameters, "
           f"device {trainer.device}, bf16 {trainer.bf16}, channels_last {trainer.channels_last}", file=sys.stderr)
@@ -158,7 +192,7 @@ def train_sdm(slice_paths, out_dir, options: SDMOptions, device="auto", max_step
     window, window_steps, window_start = None, 0, time.perf_counter()
 
     def save():
-        save_checkpoint(checkpoint_path, trainer.state_dict())
+        save_checkpoint(checkpoint_path, {**trainer.state_dict(), "data": data_record})
         curve.write(out_dir / LOSS)
 
     while trainer.step < end:
@@ -178,6 +212,6 @@ def train_sdm(slice_paths, out_dir, options: SDMOptions, device="auto", max_step
     if trainer.step < options.max_steps:
         return checkpoint_path
     save_checkpoint(out_dir / MODEL, {"format": FORMAT, "step": trainer.step, "options": options.to_dict(),
-                                      "model": trainer.ema_state_dict()})
+                                      "model": trainer.ema_state_dict(), "data": data_record})
     curve.write(out_dir / LOSS)
     return out_dir / MODEL

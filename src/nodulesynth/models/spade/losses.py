@@ -5,6 +5,7 @@ as returned by `MultiscaleDiscriminator`. GAN terms are averaged over scales as 
 """
 
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -94,14 +95,27 @@ class VGGLoss(nn.Module):
         return loss
 
 
+def perceptual_loss_status(options) -> str:
+    """Whether this run trains with the VGG perceptual loss, in words, for the model's outputs (and so
+    the report): "on (...)", "off (no vgg_weights)" or "off (lambda_vgg 0)"."""
+    if options.lambda_vgg == 0:
+        return "off (lambda_vgg 0)"
+    if not options.vgg_weights:
+        return "off (no vgg_weights)"
+    return f"on (lambda_vgg {options.lambda_vgg:g}, vgg_weights {options.vgg_weights})"
+
+
 def build_vgg_loss(options):
-    """The VGG loss when a local weights file is configured, else None (and the log says why)."""
-    if not options.vgg_weights or options.lambda_vgg == 0:
-        why = ("spade.lambda_vgg is 0" if options.vgg_weights else
-               "no local VGG19 weights file in spade.vgg_weights, and none can be downloaded here")
-        print(f"spade: VGG perceptual loss OFF ({why}); training with hinge GAN + feature matching only",
-              file=sys.stderr)
-        return None
-    print(f"spade: VGG perceptual loss ON, weights from {options.vgg_weights} (lambda {options.lambda_vgg:g})",
-          file=sys.stderr)
-    return VGGLoss(options.vgg_weights)
+    """The VGG loss when a local weights file is configured, else None.
+
+    Without weights while lambda_vgg > 0 this is not the paper's SPADE: a warning says so (Python
+    shows it once per process however many trainers are built), and `perceptual_loss_status` records it.
+    """
+    status = perceptual_loss_status(options)
+    if status == "off (no vgg_weights)":
+        warnings.warn(f"spade: VGG perceptual loss OFF although spade.lambda_vgg is {options.lambda_vgg:g}: no local "
+                      "VGG19 weights file in spade.vgg_weights, and none can be downloaded here; training with "
+                      "hinge GAN + feature matching only", UserWarning, stacklevel=2)
+    else:
+        print(f"spade: VGG perceptual loss {status}", file=sys.stderr)
+    return VGGLoss(options.vgg_weights) if status.startswith("on") else None

@@ -42,7 +42,7 @@ def generate(generator: SPADEGenerator, labels) -> np.ndarray:
 
 
 def sample_spade(model_path, slice_paths, out_dir, seed=0, mask_source="real", max_slices_per_scan=None,
-                 batch_size=None, device="auto", shape_paths=None) -> list:
+                 batch_size=None, device="auto", shape_paths=None, nodule_maps_per_scan=0) -> list:
     """Synthesise one stack per input stack: out_dir/{scan_id}.npz in the slices layout.
 
     `image` is the synthetic slice and `label` the map that produced it, both at the model's
@@ -52,7 +52,7 @@ def sample_spade(model_path, slice_paths, out_dir, seed=0, mask_source="real", m
     """
     generator, options = load_spade(model_path, device)
     plans = plan_maps([Path(p) for p in slice_paths], options.image_size, seed, mask_source,
-                      max_slices_per_scan, shape_paths)
+                      max_slices_per_scan, shape_paths, nodule_maps_per_scan)
     extra = {"generator": "spade", "mask_source": mask_source, "seed": seed}
     return write_synthetic(plans, out_dir, options.image_size, int(batch_size or options.sample_batch_size),
                            lambda labels, scan_id, start: generate(generator, labels), extra,

@@ -2,7 +2,9 @@
 
 Resume: `out_dir/checkpoint.pt` holds both networks, both Adam states, the EMA and the loss
 curve; the batch of step t is drawn from `step_generator(seed, t)` and nothing else in a step is
-random, so a run killed and resumed ends with the same weights as an unbroken one (on CPU).
+random, so a run killed and resumed ends with the same weights as an unbroken one (on CPU). The
+checkpoint also records the training data (`load_training_data`): a run on other data, or with
+other options, trains afresh.
 """
 
 import copy
@@ -12,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from nodulesynth.data.slices import load_training_pairs
 from nodulesynth.masks.labels import NUM_CLASSES
-from nodulesynth.models.common import (EMA, LossCurve, SlicePairs, changed_options, load_checkpoint, one_hot,
-                                       pick_device, progress, save_checkpoint, step_generator)
+from nodulesynth.models.common import (EMA, LossCurve, SlicePairs, data_summary, load_checkpoint, load_training_data,
+                                       one_hot, pick_device, progress, resume_refusal, save_checkpoint,
+                                       step_generator, write_options_file)
 
-from .losses import build_vgg_loss, d_hinge_loss, feature_matching_loss, g_hinge_loss
+from .losses import build_vgg_loss, d_hinge_loss, feature_matching_loss, g_hinge_loss, perceptual_loss_status
 from .networks import MultiscaleDiscriminator, SPADEGenerator, count_parameters
 from .options import SPADEOptions
 
@@ -26,6 +28,7 @@ FORMAT = "nodulesynth.spade/1"
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
 LOSS_NAME = "loss.tsv"
+OPTIONS_NAME = "options.yaml"
 LOSS_KEYS = ("g_gan", "g_feat", "g_vgg", "g_total", "d_real", "d_fake")
 
 
@@ -164,18 +167,22 @@ class _RunningMean:
         return means
 
 
-def model_state(trainer: SPADETrainer) -> dict:
-    """What `model.pt` holds: the sampling generator's weights and the options to rebuild it."""
+def model_state(trainer: SPADETrainer, data: dict | None = None) -> dict:
+    """What `model.pt` holds: the sampling generator's weights, the options to rebuild it, whether the
+    perceptual loss was on, and the record of the training data (`load_training_data`)."""
     return {"format": FORMAT, "step": trainer.step, "options": trainer.options.to_dict(),
-            "generator": trainer.sampling_generator().state_dict(), "ema": trainer.ema is not None}
+            "generator": trainer.sampling_generator().state_dict(), "ema": trainer.ema is not None,
+            "perceptual_loss": perceptual_loss_status(trainer.options), "data": data}
 
 
 def train_spade(slice_paths, out_dir, options: SPADEOptions, device="auto", max_steps_this_run=None) -> Path:
     """Train on the slices of the given stacks; return `out_dir/model.pt`.
 
-    Resumes from `out_dir/checkpoint.pt` when present. `max_steps_this_run` stops after that many
-    steps WITHOUT a final checkpoint, as a kill would (for tests); the return value is then the
-    checkpoint path, since no model has been written.
+    Resumes from `out_dir/checkpoint.pt` when it was trained on exactly these stacks (content
+    digests) with these options; otherwise trains afresh and the log says why. Writes loss.tsv and
+    options.yaml (options, perceptual loss on or off, training-data digest) beside the model.
+    `max_steps_this_run` stops after that many steps WITHOUT a final checkpoint, as a kill would (for
+    tests); the return value is then the checkpoint path, since no model has been written.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -183,14 +190,16 @@ def train_spade(slice_paths, out_dir, options: SPADEOptions, device="auto", max_
     device = pick_device(device)
 
     slice_paths = [Path(p) for p in slice_paths]
-    images, labels = load_training_pairs(slice_paths)
+    images, labels, data_record = load_training_data(slice_paths)
     data = SlicePairs(images, labels, options.image_size)
+    del images, labels
     trainer = SPADETrainer(options, device)
     curve, running = LossCurve(), _RunningMean()
     state = load_checkpoint(checkpoint_path, map_location=device) if checkpoint_path.exists() else None
-    changed = state and changed_options(state["options"], options.to_dict(), SPADEOptions.RESUMABLE_CHANGES)
-    if changed:
-        _say(f"{checkpoint_path} was trained with other spade.{', spade.'.join(changed)}: training from scratch")
+    why = state and resume_refusal(state, options.to_dict(), data_record, SPADEOptions.RESUMABLE_CHANGES, "spade")
+    if why:
+        _say(f"not resuming {checkpoint_path}: {why}; training afresh")
+        model_path.unlink(missing_ok=True)  # a model of that other run must not pass for this one's
     elif state:
         trainer.load_state_dict(state)
         curve.rows = [dict(row) for row in state["curve"]]
@@ -202,9 +211,13 @@ def train_spade(slice_paths, out_dir, options: SPADEOptions, device="auto", max_
          f"G {count_parameters(trainer.generator) / 1e6:.2f} M, "
          f"D {count_parameters(trainer.discriminator) / 1e6:.2f} M "
          f"parameters; {options.upsampling} upsamplings from {options.start_size} px")
+    write_options_file(out_dir / OPTIONS_NAME, {
+        "model": "spade", "options": options.to_dict(), "perceptual_loss": perceptual_loss_status(options),
+        "training_data": data_summary(data_record)})
 
     def write_checkpoint():
         state = trainer.state_dict()
+        state["data"] = data_record
         state["curve"] = [dict(row) for row in curve.rows]
         state["running"] = {"sums": dict(running.sums), "count": running.count}
         save_checkpoint(checkpoint_path, state)
@@ -238,6 +251,6 @@ def train_spade(slice_paths, out_dir, options: SPADEOptions, device="auto", max_
     if trainer.step < options.max_steps:
         return checkpoint_path  # stopped early on purpose (simulated kill)
     write_checkpoint()  # so that a rerun, or a longer run, resumes instead of starting over
-    save_checkpoint(model_path, model_state(trainer))
+    save_checkpoint(model_path, model_state(trainer, data_record))
     _say(f"done at step {trainer.step}; model in {model_path}, loss curve in {loss_path}")
     return model_path
