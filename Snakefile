@@ -16,6 +16,10 @@ include: "rules/common.smk"
 include: "rules/cohort.smk"
 include: "rules/folds.smk"
 include: "rules/generators.smk"
+include: "rules/audit.smk"
+include: "rules/downstream.smk"
+include: "rules/stats.smk"
+include: "rules/report.smk"
 
 
 rule all:
@@ -26,3 +30,10 @@ rule all:
         "results/folds/folds.tsv",
         qc_montages,
         expand("results/synth/{generator}/{fold}.fidelity.tsv", generator=["sdm", "spade"], fold=generator_folds()),
+        "results/audit/leakage.tsv",
+        expand(
+            "results/downstream/{task}/{arm}/fold{fold}/metrics.json", task=TASKS, arm=list(ARMS), fold=downstream_folds()
+        ),
+        expand("results/downstream/realism/fold{fold}.json", fold=downstream_folds()),
+        "results/report/report.html",
+        "results/report/report.pdf",

@@ -31,7 +31,7 @@ def measure(stage, lidc_root):
     from nodulesynth.data.cohort import discover_lidc
     from nodulesynth.data.dicom_series import window
 
-    row = discover_lidc(lidc_root).iloc[0]
+    row = discover_lidc(lidc_root).scans.iloc[0]
     start = time.perf_counter()
     if stage == "baseline":
         files = [p for p in Path(row.dicom_dir).iterdir() if p.suffix == ".dcm"]

@@ -61,6 +61,7 @@ rule masks:
     output:
         slices="results/slices/{scan}.npz",
         nodules="results/slices/{scan}.nodules.tsv",
+        dropped="results/slices/{scan}.dropped.tsv",
     params:
         masks=section("masks"),
         window=section("window"),
@@ -78,7 +79,7 @@ rule masks:
         config["containers"]["data"]
     shell:
         "nodulesynth masks --volume {input} --params {params.masks:q} --window {params.window:q} "
-        "--slices {output.slices} --nodules {output.nodules} > {log} 2>&1"
+        "--slices {output.slices} --nodules {output.nodules} --dropped {output.dropped} > {log} 2>&1"
 
 
 rule qc:
@@ -109,9 +110,11 @@ rule manifest:
         scans="results/cohort/scans.tsv",
         cohort_rejected="results/cohort/cohort_rejected.tsv",
         slices=slice_stacks,
+        dropped=lambda wildcards: expand("results/slices/{scan}.dropped.tsv", scan=scan_ids()),
     output:
         manifest="results/cohort/manifest.tsv",
         rejected="results/cohort/rejected.tsv",
+        dropped="results/cohort/dropped_nodules.tsv",
     log:
         "results/logs/manifest.log",
     benchmark:
@@ -126,4 +129,5 @@ rule manifest:
         config["containers"]["data"]
     shell:
         "nodulesynth manifest --scans {input.scans} --cohort-rejected {input.cohort_rejected} "
-        "--slices {input.slices} --manifest {output.manifest} --rejected {output.rejected} > {log} 2>&1"
+        "--slices {input.slices} --dropped {input.dropped} --manifest {output.manifest} "
+        "--rejected {output.rejected} --dropped-nodules {output.dropped} > {log} 2>&1"

@@ -1,14 +1,23 @@
 # Shared helpers of the rules: the cohort's scan ids (known once the `cohort` checkpoint has run),
 # the per-step-group container image, and config sections as JSON for `params:`.
 import json
+import sys
+from pathlib import Path
 
 import pandas as pd
+
+# What each model may see is decided in the package (tested there); the rules only ask it.
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from nodulesynth.data.folds import evaluation_scans, read_folds, training_scans
+from nodulesynth.downstream.datasets import ARMS
 
 
 wildcard_constraints:
     scan=r"[A-Za-z0-9._-]+",
     fold=r"\d+|holdout",
     generator=r"sdm|spade",
+    arm=r"A|B|C",
+    task=r"detection|localization",
 
 
 def section(name):
@@ -29,18 +38,53 @@ def qc_montages(wildcards=None):
     return expand("results/qc/{scan}.png", scan=scan_ids())
 
 
+def _fold_plan():
+    """The manifest and folds tables, once the `folds` checkpoint has run."""
+    folds = read_folds(checkpoints.folds.get().output[0])
+    return pd.read_csv("results/cohort/manifest.tsv", sep="\t", dtype={"scan_id": str, "patient_id": str}), folds
+
+
 def training_stacks(wildcards):
-    """Slice stacks of the patients a generator for `wildcards.fold` may see (never its test fold)."""
-    folds = pd.read_csv(checkpoints.folds.get().output[0], sep="\t", dtype={"patient_id": str})
-    manifest = pd.read_csv("results/cohort/manifest.tsv", sep="\t", dtype={"scan_id": str, "patient_id": str})
-    usable = manifest[manifest.status == "ok"].merge(folds, on="patient_id")
-    if wildcards.fold != "holdout":
-        usable = usable[usable.fold != int(wildcards.fold)]
-    return expand("results/slices/{scan}.npz", scan=sorted(usable.scan_id))
+    """Slice stacks a model of `wildcards.fold` may learn from (nodulesynth.data.folds.training_scans)."""
+    return expand("results/slices/{scan}.npz", scan=training_scans(*_fold_plan(), wildcards.fold))
+
+
+def fold_stacks(wildcards):
+    """Slice stacks and nodule boxes of a downstream fold: its training and its test scans."""
+    manifest, folds = _fold_plan()
+    scans = training_scans(manifest, folds, wildcards.fold) + evaluation_scans(manifest, folds, wildcards.fold)
+    return expand("results/slices/{scan}.{ext}", scan=scans, ext=["npz", "nodules.tsv"])
+
+
+def downstream_folds():
+    return [str(k) for k in range(config["folds"]["k"])]
 
 
 def generator_folds():
-    return [str(k) for k in range(config["folds"]["k"])] + ["holdout"]
+    return downstream_folds() + ["holdout"]
+
+
+TASKS = ["detection", "localization"]
+
+
+def arm_synthetic(wildcards):
+    """The synthetic stacks an arm adds: none for A, the fold's SPADE (B) or SDM (C) samples."""
+    generator = ARMS[wildcards.arm]
+    return [] if generator is None else [f"results/synth/{generator}/{wildcards.fold}"]
+
+
+def arm_generator_files(wildcards):
+    """The training list of the generator whose slices an arm adds (none for A), for the audit."""
+    generator = ARMS[wildcards.arm]
+    return [] if generator is None else [f"results/generators/{generator}/{wildcards.fold}/training_scans.tsv"]
+
+
+def downstream_image_size():
+    """All slices of the study at the generators' size; both generators must agree on it."""
+    if config["sdm"]["image_size"] != config["spade"]["image_size"]:
+        raise ValueError(f"sdm.image_size {config['sdm']['image_size']} and spade.image_size "
+                         f"{config['spade']['image_size']} differ: the downstream arms need one size")
+    return config["sdm"]["image_size"]
 
 
 # Sampling keys of the `sdm:` section (nodulesynth's SDMOptions.SAMPLING_KEYS; the Snakefile does not

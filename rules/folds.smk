@@ -3,7 +3,8 @@
 
 checkpoint folds:
     input:
-        "results/cohort/manifest.tsv",
+        manifest="results/cohort/manifest.tsv",
+        slices=slice_stacks,
     output:
         "results/folds/folds.tsv",
     params:
@@ -21,4 +22,4 @@ checkpoint folds:
     container:
         config["containers"]["data"]
     shell:
-        "nodulesynth folds --manifest {input} --params {params.folds:q} --out {output} > {log} 2>&1"
+        "nodulesynth folds --manifest {input.manifest} --slices {input.slices} --params {params.folds:q} --out {output} > {log} 2>&1"

@@ -1,7 +1,8 @@
 """Bad input never takes the cohort down: each broken scan is rejected with its reason, the rest goes on.
 
 A `dicom`-source cohort of small phantom series, one good and one broken in each way, runs through the
-real Snakemake workflow; rejected.tsv must name each reason and the good scan must finish.
+real Snakemake workflow; rejected.tsv must name each reason and the good scan must finish. An annotated
+nodule whose mask comes out empty is not dropped without a word: dropped_nodules.tsv names it.
 """
 
 import shutil
@@ -15,6 +16,7 @@ from pydicom.uid import generate_uid
 
 from conftest import run_snakemake
 from nodulesynth.data.dicom_series import ScanRejected, read_series
+from nodulesynth.data.ingest import ScanRecord, ingest_scan
 from nodulesynth.data.phantom import Nodule, PhantomGeometry, render, write_dicom_series
 
 
@@ -37,6 +39,10 @@ def edit_all(folder, change):
         ds = pydicom.dcmread(path)
         change(ds)
         ds.save_as(path)
+
+
+def blank_patient_id(folder):
+    edit_all(folder, lambda ds: setattr(ds, "PatientID", ""))
 
 
 def break_unreadable(folder):
@@ -79,19 +85,27 @@ BREAKS = {
 }
 
 
+# A nodule annotated in the image corner, outside the scanner's circular field of view: uniform padding,
+# so its mask comes out empty.
+CORNER_NODULE = dict(coordX=-165.0, coordY=-165.0, coordZ=-200.0, diameter_mm=12.0)
+
+
 @pytest.fixture(scope="module")
 def broken_cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("broken")
     dicom = root / "dicom"
     rows, folders = [], {}
-    for pid in ["GOOD1", "GOOD2", *BREAKS, "NOLUNG"]:
-        geometry, folder = write_scan(dicom, pid, lungs=pid != "NOLUNG")
+    for pid in ["GOOD1", "GOOD2", *BREAKS, "NOLUNG", "ANON"]:
+        geometry, folder = write_scan(dicom, pid, lungs=pid not in ("NOLUNG", "ANON"))
         folders[pid] = folder
         for n in geometry.nodules:
             rows.append(dict(seriesuid=geometry.series_uid, coordX=n.center_mm[0], coordY=n.center_mm[1],
                              coordZ=n.center_mm[2], diameter_mm=n.diameter_mm))
+        if pid == "GOOD2":
+            rows.append(dict(seriesuid=geometry.series_uid, **CORNER_NODULE))
     for pid, (breaker, _) in BREAKS.items():
         breaker(folders[pid])
+    blank_patient_id(folders["ANON"])
     rows.append(dict(seriesuid="1.2.826.0.1.3680043.99.99", coordX=0, coordY=0, coordZ=0, diameter_mm=10))
     pd.DataFrame(rows).to_csv(root / "annotations.csv", index=False)
     return root, folders
@@ -105,7 +119,7 @@ def test_read_series_names_the_problem(broken_cohort, pid):
 
 
 def test_workflow_rejects_each_bad_scan_and_finishes_the_others(broken_cohort, tmp_path):
-    root, _ = broken_cohort
+    root, folders = broken_cohort
     config = yaml.safe_load(open(run_snakemake.__globals__["REPO"] / "config.yaml"))
     config["cohort"].update(source="dicom", dicom_root=str(root / "dicom"), annotations=str(root / "annotations.csv"))
     config["folds"]["k"] = 2
@@ -116,18 +130,45 @@ def test_workflow_rejects_each_bad_scan_and_finishes_the_others(broken_cohort, t
 
     rejected = pd.read_csv(tmp_path / "results/cohort/rejected.tsv", sep="\t", dtype=str).fillna("")
     reasons = dict(zip(rejected.scan_id, rejected.reason))
+    # Turned away at discovery, before a scan id is given: keyed by the series folder under dicom_root.
+    before = {pid: str(folders[pid].relative_to(root / "dicom")) for pid in ("UNREADABLE", "ANON")}
     for pid, (_, reason) in BREAKS.items():
-        assert reason in reasons[pid], (pid, reasons.get(pid))
+        assert reason in reasons[before.get(pid, pid)], (pid, reasons.get(before.get(pid, pid)))
+    assert reasons[before["ANON"]].startswith("empty PatientID")
     assert reasons["NOLUNG"].startswith("no lung found")
     assert reasons["1.2.826.0.1.3680043.99.99"] == "annotation for unknown series"
 
     manifest = pd.read_csv(tmp_path / "results/cohort/manifest.tsv", sep="\t", dtype={"scan_id": str})
     status = dict(zip(manifest.scan_id, manifest.status))
     assert status["GOOD1"] == status["GOOD2"] == "ok"
-    assert set(status) == {"GOOD1", "GOOD2", "NOLUNG", *BREAKS}
+    assert set(status) == {"GOOD1", "GOOD2", "NOLUNG", *BREAKS} - {"UNREADABLE"}
+
+    dropped = pd.read_csv(tmp_path / "results/cohort/dropped_nodules.tsv", sep="\t", dtype={"scan_id": str})
+    assert dropped[["scan_id", "nodule"]].values.tolist() == [["GOOD2", 1]]
+    assert dropped.reason[0].startswith("empty mask: no contrast")
+    assert (tmp_path / "results/slices/GOOD1.dropped.tsv").is_file()
     for pid in ("GOOD1", "GOOD2"):
         with np.load(tmp_path / f"results/slices/{pid}.npz") as data:
             assert len(data["image"]) > 10 and data["has_nodule"].any()
     folds = pd.read_csv(tmp_path / "results/folds/folds.tsv", sep="\t", dtype=str)
     assert set(folds.patient_id) == {"GOOD1", "GOOD2"}  # rejected scans take no part in the study
     assert not list((tmp_path / "results").rglob(".*.tmp*"))  # nothing half-written remains
+
+
+def test_a_nodule_with_an_empty_mask_is_recorded(tmp_path):
+    from nodulesynth.masks.lesion_map import scan_lesion_maps
+    from nodulesynth.masks.segment import MaskOptions
+
+    geometry, folder = write_scan(tmp_path / "dicom", "P1")
+    (n,) = geometry.nodules
+    annotations = tmp_path / "annotations.csv"
+    pd.DataFrame([dict(seriesuid=geometry.series_uid, coordX=n.center_mm[0], coordY=n.center_mm[1],
+                       coordZ=n.center_mm[2], diameter_mm=n.diameter_mm),
+                  dict(seriesuid=geometry.series_uid, **CORNER_NODULE)]).to_csv(annotations, index=False)
+    status, reason = ingest_scan(ScanRecord("P1", "P1", geometry.series_uid, str(folder)), tmp_path / "vol.npz",
+                                 annotations=annotations)
+    assert status == "ok", reason
+    stack, boxes, dropped = scan_lesion_maps(tmp_path / "vol.npz", MaskOptions())
+    assert set(boxes.nodule) == {0}  # the real nodule is found, the corner one gives nothing
+    assert dropped[["scan_id", "nodule"]].values.tolist() == [["P1", 1]]
+    assert dropped.reason[0].startswith("empty mask: no contrast inside its sphere")

