@@ -1,0 +1,354 @@
+"""Nodule detection for the downstream study: does this slice (or patch) show a nodule?
+
+mmpretrain's own `seresnet101_8xb32_in1k` config, read from the installed package, adapted with
+mmengine's `Config`: two classes (no nodule / nodule), one input channel, our in-memory dataset and
+pipeline, SGD with step decay over an iteration-based loop, trained with mmengine's `Runner`.
+
+Input units (`DetectionOptions.input`):
+- "slice": the whole slice, label = has_nodule.
+- "patch": a `patch_size` square centred on the slice's (largest) nodule box for nodule slices, at a random
+  lung pixel (label 1 or 2) for the others; deterministic given the seed. Test slices are cut the same way,
+  one patch per slice, so there is still one prediction per test slice.
+
+`run_detection` trains on an `ArmDataset`'s training slices and scores its test slices;
+`detection_features` gives a trained classifier's pooled 2048-d features (for the feature-space Fréchet
+distance).
+"""
+
+import os
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from mmpretrain.datasets import BaseDataset
+from mmpretrain.registry import DATASETS
+
+from nodulesynth.downstream import mmlab
+from nodulesynth.downstream.datasets import ArmDataset, SliceSet
+from nodulesynth.downstream.metrics import detection_metrics
+from nodulesynth.masks.labels import LEFT_LUNG, NODULE, RIGHT_LUNG
+
+BASE_CONFIG = "mmpretrain::seresnet/seresnet101_8xb32_in1k.py"
+CLASSES = ("no_nodule", "nodule")
+INPUTS = ("slice", "patch")
+FEATURE_DIM = 2048  # SE-ResNet-101's last stage, globally pooled by the config's neck
+
+
+@dataclass
+class DetectionOptions:
+    """The `detection` config section; defaults are the study's real run (50 epochs of 128 iterations)."""
+
+    epochs: int = 50
+    iters_per_epoch: int = 128
+    batch_size: int = 8
+    lr: float = 0.1
+    lr_steps: list = field(default_factory=lambda: [30, 40])  # epochs at which the lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    flip_prob: float = 0.5  # random horizontal flip of training inputs
+    input: str = "slice"
+    patch_size: int = 64
+    load_from: str | None = None  # optional local mmpretrain checkpoint (never downloaded)
+    threshold: float = 0.5
+    num_workers: int = 0
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, section: dict | None):
+        section = dict(section or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise KeyError(f"unknown config key detection.{unknown[0]} (known: {', '.join(sorted(known))})")
+        options = cls(**section)
+        options.validate()
+        return options
+
+    def validate(self):
+        def bad(key, why):
+            raise ValueError(f"detection.{key} = {getattr(self, key)!r}: {why}")
+
+        for key in ("epochs", "iters_per_epoch", "batch_size", "patch_size"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                bad(key, "must be a positive integer")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            bad("num_workers", "must be an integer >= 0")
+        if not isinstance(self.lr_steps, (list, tuple)) or not all(isinstance(s, int) and s > 0 for s in self.lr_steps):
+            bad("lr_steps", "must be a list of positive epoch numbers")
+        for key in ("lr", "momentum", "weight_decay", "lr_gamma"):
+            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) < 0:
+                bad(key, "must be a number >= 0")
+        if self.input not in INPUTS:
+            bad("input", f"must be one of {INPUTS}")
+        if not 0.0 <= self.threshold <= 1.0:
+            bad("threshold", "must lie in [0, 1]")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            bad("flip_prob", "must lie in [0, 1]")
+        if self.load_from is not None and not Path(self.load_from).is_file():
+            bad("load_from", "no such checkpoint file")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input units
+
+
+def unit_centres(slices: SliceSet, seed) -> np.ndarray:
+    """[N,2] (x, y) integer patch centres: the largest nodule box's centre on nodule slices, a random lung
+    pixel (label 1 or 2; the body, then the image centre, where a map has no lung) on the others."""
+    rng = np.random.default_rng(seed)
+    centres = np.zeros((len(slices), 2), np.int64)
+    for row in range(len(slices)):
+        label = slices.label[row]
+        if slices.has_nodule[row]:
+            boxes = slices.boxes_of(row)
+            if len(boxes):
+                x0, y0, x1, y1 = boxes[np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))]
+                centres[row] = int((x0 + x1 - 1) // 2), int((y0 + y1 - 1) // 2)  # x1, y1 exclusive
+                continue
+            ys, xs = np.nonzero(label == NODULE)
+            if not len(ys):
+                raise ValueError(f"slice {row} ({slices.scan_id[row]}, index {slices.slice_index[row]}) "
+                                 "has a nodule but neither a box nor nodule pixels")
+            centres[row] = int(round(xs.mean())), int(round(ys.mean()))
+            continue
+        ys, xs = np.nonzero(np.isin(label, (LEFT_LUNG, RIGHT_LUNG)))
+        if not len(ys):
+            ys, xs = np.nonzero(label > 0)
+        if len(ys):
+            pick = rng.integers(len(ys))
+            centres[row] = xs[pick], ys[pick]
+        else:
+            centres[row] = label.shape[1] // 2, label.shape[0] // 2
+    return centres
+
+
+def crop_patches(images: np.ndarray, centres: np.ndarray, size: int) -> np.ndarray:
+    """[N,size,size] crops with pixel (x, y) of `centres` at [size//2, size//2]; zero (air) outside the slice,
+    so a patch stays centred near the border."""
+    padded = np.pad(images, ((0, 0), (size, size), (size, size)))
+    out = np.empty((len(images), size, size), images.dtype)
+    for i, (x, y) in enumerate(centres):
+        top, left = y + size - size // 2, x + size - size // 2
+        out[i] = padded[i, top:top + size, left:left + size]
+    return out
+
+
+def unit_images(slices: SliceSet, options: DetectionOptions, seed) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N,s,s], labels int64 [N]) of the chosen input unit, one per slice."""
+    labels = np.asarray(slices.has_nodule, bool).astype(np.int64)
+    if options.input == "slice":
+        return np.ascontiguousarray(slices.image), labels
+    return crop_patches(slices.image, unit_centres(slices, seed), options.patch_size), labels
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dataset: mmpretrain's BaseDataset over arrays handed over in memory (no image files are written)
+
+_IN_MEMORY: dict = {}
+
+
+@DATASETS.register_module()
+class NoduleSliceDataset(BaseDataset):
+    """Images and labels registered under `memory_key` by `run_detection` for the time of the training."""
+
+    METAINFO = {"classes": CLASSES}
+
+    def __init__(self, memory_key: str, **kwargs):
+        self.memory_key = memory_key
+        super().__init__(ann_file="", **kwargs)
+
+    def load_data_list(self):
+        if self.memory_key not in _IN_MEMORY:
+            raise KeyError(f"no in-memory detection data under {self.memory_key!r} (build it through run_detection)")
+        images, labels = _IN_MEMORY[self.memory_key]
+        return [dict(img=image, gt_label=int(label), img_shape=image.shape, ori_shape=image.shape, sample_idx=i)
+                for i, (image, label) in enumerate(zip(images, labels))]
+
+
+def _train_pipeline(options: DetectionOptions) -> list:
+    flip = [dict(type="RandomFlip", prob=options.flip_prob, direction="horizontal")] if options.flip_prob > 0 else []
+    return flip + [dict(type="PackInputs")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+
+
+def detection_config(options: DetectionOptions, work_dir, device: str, mean: float, std: float, memory_key: str):
+    """mmpretrain's installed `seresnet101_8xb32_in1k` config, adapted to the study (mmengine `Config`)."""
+    cfg = mmlab.package_config(BASE_CONFIG)
+    # One input channel: CT is grey, and no ImageNet weights can be downloaded, so repeating the slice to three
+    # channels would only triple the stem's input. Nothing is lost even with a local RGB checkpoint:
+    # `fold_rgb_stem` sums its stem filters over colour, exactly what a grey image repeated 3x would see.
+    cfg.model.backbone.in_channels = 1
+    cfg.model.head.num_classes = len(CLASSES)
+    cfg.model.head.topk = (1,)
+    # Intensities: uint8 CT (window [-1000, 400] HU), normalised with the training images' own mean and std.
+    cfg.data_preprocessor = dict(type="ClsDataPreprocessor", num_classes=len(CLASSES), mean=[float(mean)],
+                                 std=[float(std)], to_rgb=False)
+    cfg.train_dataloader = dict(
+        batch_size=options.batch_size, num_workers=options.num_workers, persistent_workers=options.num_workers > 0,
+        sampler=dict(type="InfiniteSampler", shuffle=True),
+        dataset=dict(type="NoduleSliceDataset", memory_key=memory_key, pipeline=_train_pipeline(options)))
+    for stage in ("val", "test"):  # the test fold is scored after training, by `predict_scores`
+        for part in ("dataloader", "cfg", "evaluator"):
+            cfg[f"{stage}_{part}"] = None
+    total = options.epochs * options.iters_per_epoch
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=total)
+    cfg.log_processor = dict(by_epoch=False)
+    cfg.optim_wrapper = mmlab.optim_wrapper(device, dict(type="SGD", lr=options.lr, momentum=options.momentum,
+                                                         weight_decay=options.weight_decay))
+    cfg.param_scheduler = [dict(type="MultiStepLR", by_epoch=False, gamma=options.lr_gamma,
+                                milestones=[s * options.iters_per_epoch for s in options.lr_steps])]
+    cfg.auto_scale_lr = None
+    for leftover in ("dataset_type", "train_pipeline", "test_pipeline"):  # ImageNet's, unused: keep the dump clear
+        cfg.pop(leftover, None)
+    cfg.load_from = None
+    settings = mmlab.runtime_settings(work_dir, options.seed, device, log_interval=options.iters_per_epoch)
+    mmlab.apply_settings(cfg, settings)
+    return cfg
+
+
+def fold_rgb_stem(state_dict: dict, num_classes: int = len(CLASSES)) -> dict:
+    """A 3-channel checkpoint made fit for the 1-channel, 2-class model: stem filters summed over colour
+    (conv(repeat(x, 3), W) == conv(x, sum_c W)), head weights of another class count dropped."""
+    out = {}
+    for key, value in state_dict.items():
+        if torch.is_tensor(value) and value.ndim == 4 and value.shape[1] == 3:
+            value = value.sum(dim=1, keepdim=True)
+        if key.split(".")[0] == "head" and torch.is_tensor(value) and value.shape[0] != num_classes:
+            continue
+        out[key] = value
+    return out
+
+
+def _initial_checkpoint(load_from, work_dir) -> str:
+    raw = torch.load(load_from, map_location="cpu", weights_only=False)
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"detection.load_from = {load_from}: not a checkpoint with a state_dict")
+    path = Path(work_dir) / "init_checkpoint.pth"
+    torch.save({"state_dict": fold_rgb_stem(state), "meta": {"source": str(load_from)}}, path)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training, scoring, features
+
+
+def run_detection(dataset: ArmDataset, options: DetectionOptions, work_dir, device="auto"):
+    """Train on `dataset.train`, score `dataset.test`; returns (metrics, predictions).
+
+    Writes work_dir/model.pth (final weights, an mmengine checkpoint whose meta holds the config),
+    work_dir/loss.tsv (iter, loss, lr) and mmengine's log under work_dir/<timestamp>/.
+    """
+    options.validate()
+    mmlab.allow_full_checkpoint_loading()
+    device = mmlab.resolve_device(device)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        if not len(getattr(dataset, split)):
+            raise ValueError(f"arm {dataset.arm} fold {dataset.fold}: no {split} slices")
+    train_images, train_labels = unit_images(dataset.train, options, seed=[options.seed, 0])
+    test_images, test_labels = unit_images(dataset.test, options, seed=[options.seed, 1])
+
+    key = uuid.uuid4().hex
+    std = float(train_images.std()) or 1.0
+    cfg = detection_config(options, work_dir, device, float(train_images.mean()), std, key)
+    if options.load_from:
+        cfg.load_from = _initial_checkpoint(options.load_from, work_dir)
+    _IN_MEMORY[key] = (train_images, train_labels)
+    try:
+        runner = mmlab.StudyRunner.from_cfg(cfg)
+        try:
+            runner.train()
+            tmp = f".model.pth.tmp{os.getpid()}"
+            runner.save_checkpoint(str(work_dir), tmp, save_optimizer=False, save_param_scheduler=False,
+                                   by_epoch=False)
+            os.replace(work_dir / tmp, work_dir / "model.pth")
+        finally:
+            mmlab.close_log_files(runner)
+    finally:
+        _IN_MEMORY.pop(key, None)
+
+    scores = predict_scores(runner.model, test_images, options.batch_size)
+    metrics = dict(detection_metrics(test_labels, scores, options.threshold))
+    metrics.update(_counts("train", train_labels), **_counts("test", test_labels),
+                   final_loss=_final_loss(work_dir / "loss.tsv", options.iters_per_epoch))
+    test = dataset.test
+    predictions = pd.DataFrame({"scan_id": test.scan_id.astype(str), "patient_id": test.patient_id.astype(str),
+                                "slice_index": test.slice_index.astype(np.int64), "source": test.source.astype(str),
+                                "label": test_labels, "score": scores.astype(np.float64)})
+    return metrics, predictions
+
+
+def _counts(split: str, labels: np.ndarray) -> dict:
+    positive = int(labels.sum())
+    return {f"n_{split}": int(len(labels)), f"n_{split}_positive": positive,
+            f"n_{split}_negative": int(len(labels)) - positive}
+
+
+def _final_loss(path, window: int) -> float:
+    """Mean loss of the last epoch (`window` iterations): one iteration's loss is too noisy to compare arms."""
+    loss = pd.read_csv(path, sep="\t")["loss"].to_numpy(float)
+    return float(np.mean(loss[-window:])) if len(loss) else float("nan")
+
+
+@torch.no_grad()
+def _forward(model, images: np.ndarray, batch_size: int, head) -> np.ndarray:
+    """`head(model, normalised inputs)` over `images` (uint8 [N,S,S]) in eval mode, batch by batch."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), max(1, batch_size)):
+        chunk = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))[:, None]
+        inputs = model.data_preprocessor(dict(inputs=chunk), False)["inputs"]
+        out.append(head(model, inputs).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0,), np.float32)
+
+
+def predict_scores(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Softmax probability of 'nodule' per image."""
+    return _forward(model, images, batch_size, lambda m, x: m(x, mode="tensor").softmax(dim=1)[:, 1])
+
+
+def load_classifier(checkpoint, device="auto"):
+    """The trained classifier of `checkpoint` (written by run_detection), rebuilt from the config in its meta."""
+    from mmengine.config import Config
+    from mmpretrain.registry import MODELS
+
+    mmlab.allow_full_checkpoint_loading()
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"detection checkpoint {checkpoint} not found")
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    text = saved.get("meta", {}).get("cfg") if isinstance(saved, dict) else None
+    if not text or "state_dict" not in saved:
+        raise ValueError(f"{checkpoint}: not a run_detection checkpoint (no config in its meta, or no state_dict)")
+    cfg = Config.fromstring(text, ".py")
+    model_cfg = cfg.model.copy()
+    model_cfg.setdefault("data_preprocessor", cfg.data_preprocessor)
+    model = MODELS.build(model_cfg)
+    model.load_state_dict(saved["state_dict"], strict=True)
+    return model.to(mmlab.resolve_device(device)).eval()
+
+
+def detection_features(work_dir_or_checkpoint, options: DetectionOptions, images: np.ndarray, device="auto"):
+    """[N, 2048] globally pooled last-stage features (the head's input) of uint8 [N,S,S] images."""
+    path = Path(work_dir_or_checkpoint)
+    if path.is_dir():
+        path = path / "model.pth"
+    images = np.asarray(images)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 [N,S,S], got {images.dtype} {images.shape}")
+    if not len(images):
+        return np.zeros((0, FEATURE_DIM), np.float32)
+    model = load_classifier(path, device)
+    return _forward(model, images, options.batch_size, lambda m, x: m.extract_feat(x, stage="neck")[-1])

@@ -1,0 +1,167 @@
+"""Plumbing shared by the downstream study's OpenMMLab trainings (mmpretrain detection, mmdet localization).
+
+- `allow_full_checkpoint_loading`: mmengine 0.10.7 calls `torch.load` without `weights_only`, which newer
+  torch refuses for mmengine's checkpoints (they hold numpy and config objects); set before any load.
+- `resolve_device`: "auto" = CUDA when present, else CPU; an explicit "cuda" without a GPU is an error.
+- `package_config`: a config read from the installed package's own shipped configs (`mmpretrain::...`),
+  never a copy kept in this repository.
+- `runtime_settings` / `apply_settings`: the common run-time part of a config (work dir, seed, device, quiet logging, no
+  automatic checkpoints, no visualisation, the loss-curve hook).
+- `optim_wrapper`: `AmpOptimWrapper` on CUDA, plain `OptimWrapper` on CPU (AMP there would only slow down).
+- `StudyRunner`: mmengine's `Runner`, honouring the chosen device and keeping the console quiet.
+- `close_log_files`: closes a finished run's log file.
+- `LossCurveHook`: writes `iter, loss, lr` (plus any other logged losses) to a TSV in the work dir.
+"""
+
+import csv
+import importlib.util
+import logging
+import os
+import uuid
+from pathlib import Path
+
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+from mmengine.runner import Runner
+
+from nodulesynth.io import atomic_path
+from nodulesynth.models.common import pick_device
+
+LOSS_HOOK = "NoduleSynthLossCurveHook"
+
+
+def allow_full_checkpoint_loading():
+    """mmengine 0.10.7 checkpoints cannot be read by torch's weights-only loader: opt out, unless the user chose."""
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'cuda' or 'cpu' (mmengine places whole models, so no device index)."""
+    return pick_device(device).type
+
+
+def package_config(spec: str):
+    """mmengine `Config` of `package::relative/config.py`, read from the installed package's shipped configs.
+
+    mmengine's `get_config` would pip-install a missing package: refuse instead (no network at run time).
+    """
+    from mmengine.hub import get_config
+
+    package = spec.split("::", 1)[0]
+    if "::" not in spec or importlib.util.find_spec(package) is None:
+        raise ModuleNotFoundError(f"config {spec!r}: package {package!r} is not installed (see requirements.lock)")
+    return get_config(spec, pretrained=False)
+
+
+def optim_wrapper(device: str, optimizer: dict, **extra) -> dict:
+    return dict(type="AmpOptimWrapper" if device == "cuda" else "OptimWrapper", optimizer=optimizer, **extra)
+
+
+def runtime_settings(work_dir, seed: int, device: str, log_interval: int = 50) -> dict:
+    """Run-time top-level keys of a config, each meant to replace the package's whole entry (`apply_settings`).
+
+    Checkpoints are saved once, by the caller, at the end; the visualisation hook is off, so no window
+    or image dump; the loss curve goes to `work_dir/loss.tsv`.
+    """
+    return dict(
+        work_dir=str(work_dir),
+        # Unique: mmengine keeps loggers and visualizers global by this name, and two runs may start in one second.
+        experiment_name=f"{Path(work_dir).name}-{uuid.uuid4().hex[:8]}",
+        device=device,
+        launcher="none",
+        resume=False,
+        log_level="INFO",
+        randomness=dict(seed=int(seed), deterministic=False),
+        env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+                     dist_cfg=dict(backend="nccl")),
+        # Replaces the package's default hooks as a whole, so its visualisation hook is gone too.
+        default_hooks=dict(timer=dict(type="IterTimerHook"),
+                           logger=dict(type="LoggerHook", interval=int(log_interval)),
+                           param_scheduler=dict(type="ParamSchedulerHook"),
+                           checkpoint=None, sampler_seed=dict(type="DistSamplerSeedHook")),
+        custom_hooks=[dict(type=LOSS_HOOK, path=str(Path(work_dir) / "loss.tsv"), interval=int(log_interval))],
+    )
+
+
+def apply_settings(cfg, settings: dict):
+    """Replace `cfg`'s top-level entries by `settings` (`Config.update` would merge nested dicts instead)."""
+    for key, value in settings.items():
+        cfg[key] = value
+    return cfg
+
+
+class StudyRunner(Runner):
+    """mmengine's Runner with two changes: the model goes to `cfg.device` (mmengine always takes CUDA when it
+    sees one), and the console shows warnings only while the log file keeps everything."""
+
+    def wrap_model(self, model_wrapper_cfg, model):
+        device = self.cfg.get("device")
+        if device is None or self.distributed:
+            return super().wrap_model(model_wrapper_cfg, model)
+        return model.to(device)
+
+    def build_logger(self, log_level="INFO", log_file=None, **kwargs):
+        logger = super().build_logger(log_level, log_file, **kwargs)
+        for handler in logger.handlers:
+            if type(handler) is logging.StreamHandler:  # FileHandler is a StreamHandler subclass: keep it
+                handler.setLevel(logging.WARNING)
+        return logger
+
+
+def close_log_files(runner):
+    """Close the run's log file (mmengine keeps its loggers alive for the whole process)."""
+    for handler in list(runner.logger.handlers):
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
+            runner.logger.removeHandler(handler)
+
+
+@HOOKS.register_module(name=LOSS_HOOK)
+class LossCurveHook(Hook):
+    """Per training iteration: iter (1-based), loss, lr and the other logged losses, written to a TSV every
+    `interval` iterations and at the end (atomically, so a reader never sees half a file)."""
+
+    priority = "LOW"
+
+    def __init__(self, path, interval: int = 50):
+        self.path = Path(path)
+        self.interval = max(1, int(interval))
+        self.rows = []
+        self._lr = float("nan")
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        # Read here: the scheduler hook steps the lr after the iteration, before this hook's after_train_iter.
+        lr = runner.optim_wrapper.get_lr()
+        self._lr = float(next(iter(lr.values()))[0] if isinstance(lr, dict) else lr)
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        values = {k: _scalar(v) for k, v in (outputs or {}).items()}
+        values = {k: v for k, v in values.items() if v is not None}
+        row = {"iter": runner.iter + 1, "loss": values.pop("loss", float("nan")), "lr": self._lr, **values}
+        self.rows.append(row)
+        if len(self.rows) % self.interval == 0:
+            self.write()
+
+    def after_train(self, runner):
+        self.write()
+
+    def write(self):
+        columns = []
+        for row in self.rows:
+            columns.extend(k for k in row if k not in columns)
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, columns or ["iter", "loss", "lr"], delimiter="\t", restval="")
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+
+def _scalar(value):
+    """float of a logged value (a 0-d tensor, usually); None for anything else."""
+    if hasattr(value, "detach"):
+        value = value.detach()
+        return float(value) if value.numel() == 1 else None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None

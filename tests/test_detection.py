@@ -1,0 +1,178 @@
+"""Nodule detection with mmpretrain's SE-ResNet-101: the config read from the installed package, the input
+units, and a tiny real training and evaluation on CPU through `run_detection` (the rules' code path)."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nodulesynth.downstream import mmlab
+from nodulesynth.downstream.datasets import ArmDataset, SliceSet
+from nodulesynth.downstream.detection import (BASE_CONFIG, DetectionOptions, crop_patches, detection_config,
+                                              detection_features, fold_rgb_stem, run_detection, unit_centres,
+                                              unit_images)
+from nodulesynth.masks.labels import BODY, LEFT_LUNG, NODULE, RIGHT_LUNG
+
+SIZE = 64
+CORE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
+
+
+def synthetic_slices(n_positive, n_negative, seed, size=SIZE) -> SliceSet:
+    """Body with two dark lungs; nodule slices carry a bright disc (label 5) inside a lung, with its box."""
+    rng = np.random.default_rng(seed)
+    n = n_positive + n_negative
+    yy, xx = np.mgrid[:size, :size]
+    label = np.zeros((n, size, size), np.uint8)
+    label[:, 4:size - 4, 4:size - 4] = BODY
+    label[:, 10:size - 10, 8:size // 2 - 2] = RIGHT_LUNG  # patient's right on the image's left
+    label[:, 10:size - 10, size // 2 + 2:size - 8] = LEFT_LUNG
+    image = np.where(label == BODY, 150, 10).astype(np.float64)
+    image[np.isin(label, (LEFT_LUNG, RIGHT_LUNG))] = 40
+    image += rng.normal(0, 8, image.shape)
+    boxes = []
+    for row in range(n_positive):
+        cx, cy, r = rng.integers(14, size // 2 - 6), rng.integers(16, size - 16), 4
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        image[row][disc] = 230
+        label[row][disc] = NODULE
+        boxes.append((row, cx - r, cy - r, cx + r + 1, cy + r + 1))
+    return SliceSet(
+        image=np.clip(image, 0, 255).astype(np.uint8), label=label,
+        has_nodule=np.arange(n) < n_positive, boxes=np.array(boxes, np.float32).reshape(-1, 5),
+        scan_id=np.array([f"s{seed}-{i % 3}" for i in range(n)]),
+        patient_id=np.array([f"p{seed}-{i % 3}" for i in range(n)]),
+        slice_index=np.arange(n, dtype=np.int64), source=np.array(["real"] * n))
+
+
+def tiny_options(**changes) -> DetectionOptions:
+    # The learnable toy problem needs a gentler lr than the study's 0.1 to fall within a few iterations.
+    values = dict(epochs=4, iters_per_epoch=5, batch_size=8, lr=0.001, lr_steps=[3], flip_prob=0.5, seed=0)
+    values.update(changes)
+    return DetectionOptions.from_config(values)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(1)
+    dataset = ArmDataset("A", 0, synthetic_slices(8, 8, seed=1), synthetic_slices(3, 3, seed=2), info={})
+    work = tmp_path_factory.mktemp("detection")
+    metrics, predictions = run_detection(dataset, tiny_options(), work, device="cpu")
+    return dataset, work, metrics, predictions
+
+
+def test_config_is_mmpretrain_seresnet101_adapted(tmp_path):
+    import mmpretrain
+
+    base = mmlab.package_config(BASE_CONFIG)
+    assert Path(base.filename).resolve().is_relative_to(Path(mmpretrain.__file__).resolve().parent)
+    assert base.model.head.num_classes == 1000  # ImageNet, as shipped
+
+    options = DetectionOptions()
+    cfg = detection_config(options, tmp_path, "cpu", mean=100.0, std=50.0, memory_key="k")
+    assert cfg.model.backbone.type == "SEResNet" and cfg.model.backbone.depth == 101
+    assert cfg.model.backbone.in_channels == 1
+    assert cfg.model.head.num_classes == 2
+    assert cfg.data_preprocessor.mean == [100.0] and cfg.data_preprocessor.std == [50.0]
+    assert cfg.train_cfg.max_iters == 50 * 128
+    assert cfg.param_scheduler[0].type == "MultiStepLR" and cfg.param_scheduler[0].milestones == [30 * 128, 40 * 128]
+    assert cfg.optim_wrapper.type == "OptimWrapper"
+    assert (cfg.optim_wrapper.optimizer.lr, cfg.optim_wrapper.optimizer.momentum) == (0.1, 0.9)
+    assert cfg.train_dataloader.batch_size == 8 and cfg.val_dataloader is None
+    assert detection_config(options, tmp_path, "cuda", 100.0, 50.0, "k").optim_wrapper.type == "AmpOptimWrapper"
+
+
+def test_options_refuse_unknown_and_bad_keys():
+    with pytest.raises(KeyError, match="detection.epoch"):
+        DetectionOptions.from_config({"epoch": 3})
+    with pytest.raises(ValueError, match="detection.input"):
+        DetectionOptions.from_config({"input": "volume"})
+    with pytest.raises(ValueError, match="detection.load_from"):
+        DetectionOptions.from_config({"load_from": "/nonexistent/seresnet.pth"})
+    options = DetectionOptions.from_config({"input": "patch", "patch_size": 32})
+    assert DetectionOptions.from_config(options.to_dict()) == options
+    assert DetectionOptions().to_dict()["lr_steps"] == [30, 40]
+
+
+def test_patches_centred_on_box_and_in_lung():
+    slices = synthetic_slices(3, 4, seed=5)
+    slices.boxes = np.array([[0, 20, 30, 29, 37], [1, 0, 0, 5, 3], [2, 50, 40, 60, 50]], np.float32)
+    for row, x, y in ((0, 24, 33), (1, 2, 1), (2, 54, 44)):  # centre of [x0, x1) x [y0, y1)
+        slices.image[row, y, x] = 255
+        slices.image[row, y, x + 1] = 0
+    options = DetectionOptions(input="patch", patch_size=16)
+    patches, labels = unit_images(slices, options, seed=[0, 0])
+    assert patches.shape == (7, 16, 16) and labels.tolist() == [1, 1, 1, 0, 0, 0, 0]
+    for row in range(3):
+        assert patches[row, 8, 8] == 255 and patches[row, 8, 9] == 0
+    assert patches[1, :7].max() == 0  # the border box: outside the slice is zero-padded, the patch stays centred
+    centres = unit_centres(slices, seed=[0, 0])
+    negatives = [slices.label[row, y, x] for row, (x, y) in enumerate(centres) if row >= 3]
+    assert all(v in (LEFT_LUNG, RIGHT_LUNG) for v in negatives)
+    assert np.array_equal(centres, unit_centres(slices, seed=[0, 0]))  # deterministic
+    assert not np.array_equal(centres[3:], unit_centres(slices, seed=[1, 0])[3:])
+    grid = np.arange(100, dtype=np.uint8).reshape(1, 10, 10)
+    assert np.array_equal(crop_patches(grid, np.array([[5, 5]]), 4)[0], grid[0, 3:7, 3:7])
+
+
+def test_rgb_checkpoint_folds_to_one_channel():
+    torch.manual_seed(0)
+    state = {"backbone.conv1.weight": torch.randn(8, 3, 7, 7),
+             "backbone.layer1.0.conv1.weight": torch.randn(4, 8, 1, 1),
+             "head.fc.weight": torch.randn(1000, 16), "head.fc.bias": torch.randn(1000)}
+    folded = fold_rgb_stem(state)
+    assert folded["backbone.conv1.weight"].shape == (8, 1, 7, 7) and "head.fc.weight" not in folded
+    assert torch.equal(folded["backbone.layer1.0.conv1.weight"], state["backbone.layer1.0.conv1.weight"])
+    grey = torch.rand(1, 1, 20, 20)
+    assert torch.allclose(F.conv2d(grey.repeat(1, 3, 1, 1), state["backbone.conv1.weight"]),
+                          F.conv2d(grey, folded["backbone.conv1.weight"]), atol=1e-5)
+
+
+def test_training_learns_and_scores_every_test_slice(trained):
+    dataset, work, metrics, predictions = trained
+    curve = pd.read_csv(work / "loss.tsv", sep="\t")
+    assert list(curve.columns[:3]) == ["iter", "loss", "lr"] and curve["iter"].tolist() == list(range(1, 21))
+    assert curve["loss"].iloc[-5:].mean() < curve["loss"].iloc[:5].mean()
+    assert curve["lr"].iloc[0] == pytest.approx(1e-3) and curve["lr"].iloc[-1] == pytest.approx(1e-4)  # step at epoch 3
+    assert (work / "model.pth").is_file()
+
+    for key in CORE_METRICS:
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert all(isinstance(v, (int, float)) for v in metrics.values())  # a flat metrics.json
+    assert metrics["tp"] + metrics["fn"] == 3 and metrics["tn"] + metrics["fp"] == 3
+    assert (metrics["n_train"], metrics["n_train_positive"], metrics["n_train_negative"]) == (16, 8, 8)
+    assert (metrics["n_test"], metrics["n_test_positive"], metrics["n_test_negative"]) == (6, 3, 3)
+    assert metrics["final_loss"] == pytest.approx(curve["loss"].iloc[-5:].mean())
+
+    assert list(predictions.columns) == ["scan_id", "patient_id", "slice_index", "source", "label", "score"]
+    assert len(predictions) == len(dataset.test)
+    assert predictions["label"].tolist() == dataset.test.has_nodule.astype(int).tolist()
+    assert predictions["score"].between(0, 1).all()
+
+
+def test_detection_features_shape(trained):
+    dataset, work, _, _ = trained
+    options = tiny_options()
+    features = detection_features(work, options, dataset.test.image, device="cpu")
+    assert features.shape == (len(dataset.test), 2048) and np.isfinite(features).all()
+    again = detection_features(work / "model.pth", options, dataset.test.image[:2], device="cpu")
+    np.testing.assert_allclose(again, features[:2], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(features[0], features[-1])  # a nodule slice and a clean slice differ
+
+
+def test_patch_mode_from_local_checkpoint(trained, tmp_path):
+    """Patch input end to end, starting from the trained model (`load_from`); lr 0 keeps its weights."""
+    torch.set_num_threads(1)
+    _, work, _, _ = trained
+    dataset = ArmDataset("B", 1, synthetic_slices(3, 3, seed=3), synthetic_slices(2, 2, seed=4), info={})
+    options = tiny_options(input="patch", patch_size=32, epochs=1, iters_per_epoch=2, batch_size=4, lr=0.0,
+                           load_from=str(work / "model.pth"))
+    metrics, predictions = run_detection(dataset, options, tmp_path, device="cpu")
+    assert len(predictions) == 4 and metrics["n_train"] == 6
+    assert len(pd.read_csv(tmp_path / "loss.tsv", sep="\t")) == 2
+    start, end = (torch.load(p, map_location="cpu", weights_only=False)["state_dict"]
+                  for p in (work / "model.pth", tmp_path / "model.pth"))
+    for key in ("backbone.conv1.weight", "backbone.layer4.2.conv3.weight", "head.fc.weight"):
+        assert torch.equal(start[key], end[key]), key
