@@ -81,6 +81,16 @@ def render(geometry: PhantomGeometry, seed: int = 0):
     carina = lz0 + 0.68 * (lz1 - lz0)
     lung_ax, lung_ay, lung_cx, lung_cy = 0.30 * body_ax, 0.70 * body_ay, 0.47 * body_ax, body_cy + 0.1 * body_ay
     trachea_r, trachea_cy = 8.0, body_cy - 0.15 * body_ay
+    # Per-patient anatomy from a stream of its own (the main stream's draws stay as they were), so that
+    # different patients' slices are not near-duplicates of each other, as no two real patients are.
+    # Lungs only grow (nodule lobes below keep every real nodule in lung whatever the ellipses).
+    var = np.random.default_rng([seed, 1])
+    lung_ax, lung_ay = lung_ax * var.uniform(1.0, 1.1), lung_ay * var.uniform(1.0, 1.08)
+    fat = var.uniform(8, 16)
+    rib_phase = var.uniform(-0.12, 0.12)
+    spine_r, table_gap = var.uniform(12, 20), var.uniform(6, 24)
+    fat_pads = [(body_ax * r * np.cos(a), body_cy + body_ay * r * np.sin(a), var.uniform(6, 14))
+                for a, r in zip(var.uniform(0, 2 * np.pi, 6), var.uniform(0.5, 0.8, 6))]
 
     # Vessels: straight tubes from each hilum outward, sampled once per scan.
     vessels = []
@@ -98,18 +108,21 @@ def render(geometry: PhantomGeometry, seed: int = 0):
     truth = np.zeros((n, size, size), np.uint8)
     for k, z in enumerate(geometry.z):
         body = _ellipse(xx, yy, 0, body_cy, body_ax, body_ay)
-        inner = _ellipse(xx, yy, 0, body_cy, body_ax - 12, body_ay - 12)
-        table = (yy > body_cy + body_ay + 12) & (yy < body_cy + body_ay + 22) & (np.abs(xx) < 0.9 * size * ps / 2)
+        inner = _ellipse(xx, yy, 0, body_cy, body_ax - fat, body_ay - fat)
+        table = ((yy > body_cy + body_ay + table_gap) & (yy < body_cy + body_ay + table_gap + 10)
+                 & (np.abs(xx) < 0.9 * size * ps / 2))
         slice_hu = np.full((size, size), HU_AIR, np.float32)
         slice_hu[table] = HU_TABLE
         slice_hu[body] = HU_FAT
         slice_hu[inner] = HU_SOFT
-        spine = _ellipse(xx, yy, 0, body_cy + 0.72 * body_ay, 16, 16)
+        spine = _ellipse(xx, yy, 0, body_cy + 0.72 * body_ay, spine_r, spine_r)
         slice_hu[spine] = HU_BONE
-        for angle in np.linspace(0.25, np.pi - 0.25, 6):  # rib cross-sections along the posterior arc
+        for angle in np.linspace(0.25, np.pi - 0.25, 6) + rib_phase:  # rib cross-sections along the posterior arc
             for side in (-1, 1):
                 rx, ry = side * 0.88 * body_ax * np.cos(angle), body_cy + 0.88 * body_ay * np.sin(angle)
                 slice_hu[_ellipse(xx, yy, rx, ry, 5, 5)] = HU_BONE
+        for fx, fy, fr in fat_pads:  # fat between the organs, where each patient has their own
+            slice_hu[_ellipse(xx, yy, fx, fy, fr, 0.7 * fr) & inner & ~spine] = HU_FAT
 
         left = np.zeros_like(body)
         right = np.zeros_like(body)

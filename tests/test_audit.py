@@ -1,0 +1,233 @@
+"""The leakage audit on small real inputs built from the demo phantoms: an honest layout passes every
+check, and each planted fault (a resized or noised copy of a test slice among the synthetic slices, a
+patient on both sides, a generator trained on a test patient, a synthetic stack drawn from a test
+patient's map) fails the right check, naming the file."""
+
+import shutil
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from nodulesynth.cli import _record_training_scans
+from nodulesynth.data.slices import load_slices, save_slices
+from nodulesynth.downstream.audit import LeakageError, assert_clean, audit, best_matches, image_features, write_audit
+from nodulesynth.downstream.datasets import ARMS, ArmDataset, SliceSet, save_dataset
+from nodulesynth.io import read_tsv, write_tsv
+from nodulesynth.masks.labels import NODULE
+from nodulesynth.models.synthesis import plan_maps, scan_seed, write_synthetic
+
+SIZE = 64          # the datasets' size (the demo generators' image_size)
+K = 3              # folds: two of the six phantoms each
+SYNTH_PER_SCAN = 6
+# Grey level per label (background, lungs, trachea, body, nodule): synthetic slices painted from their
+# maps stand in for a generator's output; the audit checks where slices come from, not how they look.
+PAINT = np.array([0, 30, 30, 10, 130, 150], np.float32)
+
+
+def resize(images, size=SIZE, interpolation=cv2.INTER_AREA):
+    return np.stack([cv2.resize(i, (size, size), interpolation=interpolation) for i in images])
+
+
+def paint(labels, scan_id, start):
+    rng = np.random.default_rng(scan_seed(0, scan_id, start))
+    images = PAINT[labels.numpy()] + rng.normal(0, 6, tuple(labels.shape))
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def slice_set(stacks, source):
+    """A SliceSet of whole stacks at SIZE (labels by nearest neighbour)."""
+    stacks = [s for s in stacks if len(s)]
+    images = np.concatenate([resize(s.image) if s.image.shape[-1] != SIZE else s.image for s in stacks])
+    labels = np.concatenate([resize(s.label, interpolation=cv2.INTER_NEAREST) for s in stacks])
+    n = [len(s) for s in stacks]
+    return SliceSet(images, labels, (labels == NODULE).any((1, 2)), np.zeros((0, 5), np.float32),
+                    np.repeat([s.scan_id for s in stacks], n), np.repeat([s.patient_id for s in stacks], n),
+                    np.concatenate([np.asarray(s.slice_index, np.int64) for s in stacks]), np.repeat(source, sum(n)))
+
+
+def build_dataset(path, arm, fold, real, folds, synth_dir):
+    train_ids = set(folds.patient_id[folds.fold != fold])
+    parts = [slice_set([s for s in real if s.patient_id in train_ids], "real")]
+    if ARMS[arm]:
+        parts.append(slice_set([load_slices(p) for p in sorted(synth_dir.glob("*.npz"))], ARMS[arm]))
+    test = slice_set([s for s in real if s.patient_id not in train_ids], "real")
+    save_dataset(path, ArmDataset(arm, fold, SliceSet.concatenate(parts), test, {}))
+
+
+@pytest.fixture(scope="module")
+def honest(demo_processed, tmp_path_factory):
+    """Folds, manifest, generators (with the real training_scans.tsv writer), synthetic stacks (through
+    the real plan_maps/write_synthetic) and arm datasets (save_dataset) of 3 folds, leak-free."""
+    root = tmp_path_factory.mktemp("audit")
+    patients = [g.patient_id for g, _, _, _ in demo_processed]
+    folds = pd.DataFrame({"patient_id": patients, "fold": [i % K for i in range(len(patients))]})
+    write_tsv(folds, root / "folds.tsv")
+    manifest = pd.DataFrame([dict(scan_id=stack.scan_id, patient_id=g.patient_id, series_uid=g.series_uid,
+                                  slices=len(stack), spacing=1.0, status="ok") for g, _, stack, _ in demo_processed])
+    write_tsv(manifest, root / "manifest.tsv")
+    paths = {g.patient_id: path for g, path, _, _ in demo_processed}
+    real = [stack for _, _, stack, _ in demo_processed]
+    generators, synth, datasets = {}, {}, {}
+    for model in ("sdm", "spade"):
+        for fold in [str(k) for k in range(K)] + ["holdout"]:
+            train = [paths[p] for p, f in zip(folds.patient_id, folds.fold) if str(f) != fold]
+            generators[model, fold] = root / "generators" / model / fold
+            _record_training_scans(train, generators[model, fold])
+            synth[model, fold] = root / "synth" / model / fold
+            write_synthetic(plan_maps(train, SIZE, seed=1, max_slices_per_scan=SYNTH_PER_SCAN), synth[model, fold],
+                            SIZE, 16, paint, {"generator": model}, f"paint {model} {fold}")
+    for k in range(K):
+        for arm, model in ARMS.items():
+            datasets[arm, k] = root / "downstream" / "data" / arm / f"fold{k}.npz"
+            build_dataset(datasets[arm, k], arm, k, real, folds, synth.get((model, str(k))))
+    return dict(root=root, folds=folds, real=real, paths=paths, generators=generators, synth=synth,
+                datasets=datasets)
+
+
+def run_audit(inputs, **changes):
+    kw = dict(generator_dirs=inputs["generators"], synth_dirs=inputs["synth"], dataset_paths=inputs["datasets"])
+    kw.update(changes)
+    return audit(inputs["root"] / "folds.tsv", inputs["root"] / "manifest.tsv", **kw)
+
+
+def failures(table):
+    return table[table.status == "fail"].set_index("check").detail.to_dict()
+
+
+def test_honest_layout_passes_every_check(honest, tmp_path):
+    table = run_audit(honest)
+    assert set(table.status) == {"pass"}, failures(table)
+    names = {c.split(" (")[0] for c in table.check}
+    assert names == {"generator_training", "synthetic_sources", "patients_disjoint", "series_disjoint",
+                     "split_follows_folds", "synthetic_provenance", "near_duplicates"}
+    # one row per check and scope: 8 generators, 8 synthetic directories, 5 checks x 9 datasets
+    assert len(table) == 8 + 8 + 5 * 9 and table.check.is_unique
+    highest = table[table.check.str.startswith("near_duplicates")].detail.str.extract(r"correlation ([0-9.]+)")[0]
+    assert highest.astype(float).max() < 0.98
+    write_audit(table, tmp_path / "leakage.tsv")
+    pd.testing.assert_frame_equal(read_tsv(tmp_path / "leakage.tsv"), table)
+    assert_clean(table, tmp_path / "leakage.tsv")
+
+
+def copy_dir(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_resized_and_noised_copies_of_test_slices_among_synthetic_slices_fail(honest, tmp_path):
+    # Fold 0's SDM stacks get two of their images replaced by copies of test slices: one resized from the
+    # scan's 128 px to 64 and back before it was brought to the datasets' size, one lightly noised (sd 4 grey
+    # levels). Stacks and dataset agree (as in a pipeline that wrote such copies as synthetic output), so only
+    # the image comparison can catch them.
+    folds, real = honest["folds"], honest["real"]
+    victim = next(s for s in real if s.patient_id in set(folds.patient_id[folds.fold == 0]))
+    a, b = len(victim) // 2, len(victim) // 3
+    full = victim.image.shape[-1]
+    halved = cv2.resize(cv2.resize(victim.image[a], (full // 2, full // 2), interpolation=cv2.INTER_LINEAR),
+                        (full, full), interpolation=cv2.INTER_LINEAR)
+    halved = resize(halved[None])[0]
+    noised = resize(victim.image[b][None])[0] + np.random.default_rng(0).normal(0, 4, (SIZE, SIZE))
+    noised = np.clip(noised, 0, 255).astype(np.uint8)
+
+    synth_dir = copy_dir(honest["synth"]["sdm", "0"], tmp_path / "synth_sdm_0")
+    stack_path = sorted(synth_dir.glob("*.npz"))[0]
+    stack = load_slices(stack_path)
+    stack.image = stack.image.copy()
+    stack.image[0], stack.image[1] = halved, noised
+    save_slices(stack_path, stack)
+    dataset = tmp_path / "C_fold0.npz"
+    build_dataset(dataset, "C", 0, real, folds, synth_dir)
+
+    table = run_audit(honest, synth_dirs={**honest["synth"], ("sdm", "0"): synth_dir},
+                      dataset_paths={**honest["datasets"], ("C", 0): dataset})
+    failed = failures(table)
+    assert list(failed) == ["near_duplicates (arm C, fold 0)"]
+    detail = failed["near_duplicates (arm C, fold 0)"]
+    assert str(dataset) in detail
+    for k in (a, b):
+        assert f"(scan {victim.scan_id}, slice {int(victim.slice_index[k])})" in detail
+    assert f"scan {stack.scan_id}, slice {int(stack.slice_index[0])}, source sdm" in detail
+    assert f"scan {stack.scan_id}, slice {int(stack.slice_index[1])}, source sdm" in detail
+    with pytest.raises(LeakageError, match=r"leakage\.tsv.*\n- near_duplicates \(arm C, fold 0\): .*C_fold0\.npz"):
+        assert_clean(table, tmp_path / "leakage.tsv")
+
+
+def test_patient_on_both_sides_of_a_fold_fails(honest, tmp_path):
+    folds, real = honest["folds"], honest["real"]
+    leaked = folds.patient_id[folds.fold == 1].iloc[0]
+    stack = next(s for s in real if s.patient_id == leaked)
+    dataset_path = tmp_path / "A_fold1.npz"
+    train_ids = set(folds.patient_id[folds.fold != 1])
+    # the patient's even slices go to training, its odd ones stay in the test set
+    leaked_rows = slice_set([stack], "real")
+    train = SliceSet.concatenate([slice_set([s for s in real if s.patient_id in train_ids], "real"),
+                                  leaked_rows.subset(np.flatnonzero(leaked_rows.slice_index % 2 == 0))])
+    test = slice_set([s for s in real if s.patient_id not in train_ids], "real")
+    test = test.subset(np.flatnonzero((test.patient_id != leaked) | (test.slice_index % 2 == 1)))
+    save_dataset(dataset_path, ArmDataset("A", 1, train, test, {}))
+
+    failed = failures(run_audit(honest, dataset_paths={**honest["datasets"], ("A", 1): dataset_path}))
+    for check in ("patients_disjoint", "series_disjoint", "split_follows_folds"):
+        detail = failed[f"{check} (arm A, fold 1)"]
+        assert str(dataset_path) in detail
+    assert f"patient {leaked}:" in failed["patients_disjoint (arm A, fold 1)"]
+    even, odd = (sorted(stack.slice_index[stack.slice_index % 2 == parity]) for parity in (0, 1))
+    assert f"train slices ({stack.scan_id}:{even[0]}," in failed["patients_disjoint (arm A, fold 1)"]
+    assert f"test slices ({stack.scan_id}:{odd[0]}," in failed["patients_disjoint (arm A, fold 1)"]
+    assert f"train patient {leaked} is in fold 1" in failed["split_follows_folds (arm A, fold 1)"]
+    assert not any("arm B" in c or "arm C" in c or "generator" in c for c in failed)
+
+
+def test_generator_trained_on_a_test_patient_fails(honest, tmp_path):
+    folds = honest["folds"]
+    leaked = folds.patient_id[folds.fold == 2].iloc[-1]
+    generator = copy_dir(honest["generators"]["spade", "2"], tmp_path / "spade_2")
+    _record_training_scans(list(honest["paths"].values()), generator)  # every patient, test ones included
+
+    failed = failures(run_audit(honest, generator_dirs={**honest["generators"], ("spade", "2"): generator}))
+    assert list(failed) == ["generator_training (spade, fold 2)"]
+    detail = failed["generator_training (spade, fold 2)"]
+    assert str(generator / "training_scans.tsv") in detail and f"test patient {leaked}" in detail
+
+
+def test_synthetic_stack_from_a_test_patient_fails(honest, tmp_path):
+    folds = honest["folds"]
+    leaked = folds.patient_id[folds.fold == 2].iloc[0]
+    synth_dir = copy_dir(honest["synth"]["sdm", "2"], tmp_path / "sdm_2")
+    write_synthetic(plan_maps([honest["paths"][leaked]], SIZE, seed=1, max_slices_per_scan=3), synth_dir, SIZE, 16,
+                    paint, {"generator": "sdm"}, "paint from a test patient")
+
+    failed = failures(run_audit(honest, synth_dirs={**honest["synth"], ("sdm", "2"): synth_dir}))
+    assert list(failed) == ["synthetic_sources (sdm, fold 2)"]
+    detail = failed["synthetic_sources (sdm, fold 2)"]
+    assert str(synth_dir / f"{leaked}.npz") in detail and f"patient {leaked} (test patient)" in detail
+
+
+def test_synthetic_slices_not_from_the_folds_generator_fail(honest):
+    # Arm C of fold 1 pointed at fold 0's SDM stacks: those are not the slices fold 1's generator made.
+    failed = failures(run_audit(honest, synth_dirs={**honest["synth"], ("sdm", "1"): honest["synth"]["sdm", "0"]}))
+    assert "synthetic_provenance (arm C, fold 1)" in failed
+    assert str(honest["datasets"]["C", 1]) in failed["synthetic_provenance (arm C, fold 1)"]
+
+
+def test_bad_folds_file_is_a_clear_error(honest, tmp_path):
+    write_tsv(pd.DataFrame({"patient_id": ["a"], "split": [0]}), tmp_path / "folds.tsv")
+    with pytest.raises(ValueError, match=r"folds\.tsv: missing columns \['fold'\]"):
+        audit(tmp_path / "folds.tsv", honest["root"] / "manifest.tsv", {}, {}, {})
+
+
+
+def test_chunked_comparison_equals_the_whole_matrix():
+    rng = np.random.default_rng(0)
+    train = image_features(rng.integers(0, 255, (23, 40, 40), dtype=np.uint8))
+    images = rng.integers(0, 255, (10, 40, 40), dtype=np.uint8)
+    images[-1] = 0
+    test = image_features(images)
+    train[5] = test[2]  # one exact copy
+    corr = train @ test.T
+    best, arg, above = best_matches(train, test, threshold=0.5, chunk=4)
+    np.testing.assert_allclose(best, corr.max(1), rtol=1e-6)
+    assert (arg == corr.argmax(1)).all() and (above == (corr > 0.5).sum(1)).all()
+    assert arg[5] == 2 and above[5] == 1 and not test[-1].any()  # a blank image matches nothing
