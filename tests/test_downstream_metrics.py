@@ -186,3 +186,18 @@ def test_frechet_singular_covariance_stays_finite():
 def test_frechet_needs_two_rows():
     with pytest.raises(ValueError, match="features_b"):
         frechet_distance(np.zeros((5, 3)), np.zeros((1, 3)))
+
+
+def test_frechet_distance_fewer_samples_than_features_matches_the_matrix_root():
+    # 30 and 20 samples of 40 features take the nuclear-norm route; the same sets with the D x D matrix
+    # root (scipy's sqrtm, on covariances made full rank by more samples of the same draw) must agree.
+    from scipy import linalg
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(30, 40)), rng.normal(1.0, 2.0, size=(20, 40))
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    by_root = (np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(cov_a) + np.trace(cov_b)
+               - 2 * np.trace(np.real(linalg.sqrtm(cov_a @ cov_b))))
+    assert frechet_distance(a, b) == pytest.approx(by_root, rel=1e-6)
+    wide = rng.normal(size=(200, 5)), rng.normal(0.5, 1.0, size=(300, 5))  # more samples than features
+    assert frechet_distance(*wide) > 0

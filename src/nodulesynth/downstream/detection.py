@@ -340,15 +340,16 @@ def load_classifier(checkpoint, device="auto"):
     return model.to(mmlab.resolve_device(device)).eval()
 
 
-def detection_features(work_dir_or_checkpoint, options: DetectionOptions, images: np.ndarray, device="auto"):
-    """[N, 2048] globally pooled last-stage features (the head's input) of uint8 [N,S,S] images."""
-    path = Path(work_dir_or_checkpoint)
-    if path.is_dir():
-        path = path / "model.pth"
+def detection_features(model_or_checkpoint, options: DetectionOptions, images: np.ndarray, device="auto"):
+    """[N, 2048] globally pooled last-stage features (the head's input) of uint8 [N,S,S] images; the model is
+    a loaded classifier (load_classifier, to reuse it for several sets), a checkpoint or its work dir."""
     images = np.asarray(images)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 [N,S,S], got {images.dtype} {images.shape}")
     if not len(images):
         return np.zeros((0, FEATURE_DIM), np.float32)
-    model = load_classifier(path, device)
+    model = model_or_checkpoint
+    if not isinstance(model, torch.nn.Module):
+        path = Path(model_or_checkpoint)
+        model = load_classifier(path / "model.pth" if path.is_dir() else path, device)
     return _forward(model, images, options.batch_size, lambda m, x: m.extract_feat(x, stage="neck")[-1])
