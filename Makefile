@@ -26,8 +26,17 @@ lint: setup
 report: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --report results/snakemake-report.html
 
-containers:
-	for group in data generators mmlab report; do apptainer build --force containers/$$group.sif containers/$$group.def; done
+# One Apptainer image per step group, rebuilt when its definition, the lock or the package changes. Run from
+# the repository root (the .def files copy the lock, scripts/lock_requirements.py and src/ from it).
+CONTAINER_GROUPS := data generators mmlab report
+IMAGES := $(CONTAINER_GROUPS:%=containers/%.sif)
+containers: $(IMAGES)
+
+containers/%.sif: containers/%.def requirements.lock scripts/lock_requirements.py pyproject.toml \
+		$(shell find src -name '*.py' -o -name '*.j2')
+	@command -v apptainer >/dev/null || { echo "make containers: apptainer is not on PATH" \
+		"(https://apptainer.org/docs/admin/main/installation.html)" >&2; exit 1; }
+	apptainer build --force $@ $<
 
 clean:
 	rm -rf results .snakemake

@@ -1,6 +1,7 @@
 # Shared helpers of the rules: the cohort's scan ids (known once the `cohort` checkpoint has run),
 # the per-step-group container image, and config sections as JSON for `params:`.
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,8 @@ import pandas as pd
 
 # What each model may see is decided in the package (tested there); the rules only ask it.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+# envs/*.yaml install the lock and this checkout from here (Snakemake copies env files elsewhere).
+os.environ.setdefault("NODULESYNTH_ROOT", str(Path(workflow.basedir)))
 from nodulesynth.data.folds import evaluation_scans, read_folds, training_scans
 from nodulesynth.downstream.datasets import ARMS
 
@@ -47,6 +50,14 @@ def _fold_plan():
 def training_stacks(wildcards):
     """Slice stacks a model of `wildcards.fold` may learn from (nodulesynth.data.folds.training_scans)."""
     return expand("results/slices/{scan}.npz", scan=training_scans(*_fold_plan(), wildcards.fold))
+
+
+def heldout_stacks(wildcards):
+    """Slice stacks of `wildcards.fold`'s test patients (nodulesynth.data.folds.evaluation_scans), whose maps
+    are sampled for evaluation only (held-out mask fidelity); none for the holdout generator."""
+    if wildcards.fold == "holdout":
+        return []
+    return expand("results/slices/{scan}.npz", scan=evaluation_scans(*_fold_plan(), wildcards.fold))
 
 
 def fold_stacks(wildcards):
