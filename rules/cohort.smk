@@ -6,6 +6,8 @@ checkpoint cohort:
         scans="results/cohort/scans.tsv",
         annotations="results/cohort/annotations.csv",
         cohort_rejected="results/cohort/cohort_rejected.tsv",
+        series="results/cohort/series.tsv",
+        files=directory("results/cohort/files"),
         demo=directory("results/demo"),
     params:
         cohort=section("cohort"),
@@ -14,7 +16,7 @@ checkpoint cohort:
         "results/logs/cohort.log",
     benchmark:
         "results/benchmarks/cohort.tsv"
-    threads: 1
+    threads: 4
     resources:
         mem_mb=2000,
         runtime=60,
@@ -26,7 +28,8 @@ checkpoint cohort:
         "mkdir -p {output.demo} && "
         "nodulesynth cohort --params {params.cohort:q} --nodules {params.nodules:q} --demo-dir {output.demo} "
         "--scans {output.scans} --annotations {output.annotations} "
-        "--cohort-rejected {output.cohort_rejected} > {log} 2>&1"
+        "--cohort-rejected {output.cohort_rejected} --series {output.series} --files-dir {output.files} "
+        "--workers {threads} > {log} 2>&1"
 
 
 rule ingest:

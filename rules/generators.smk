@@ -117,12 +117,83 @@ rule sample_spade:
         "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
-rule fidelity:
+rule sample_sdm_heldout:
+    # The fold's SDM on its test patients' maps: evaluation only (held-out mask fidelity). Kept out of
+    # results/synth/, which the downstream arms draw on; nothing here reaches a training set.
     input:
-        "results/synth/{generator}/{fold}",
+        model="results/generators/sdm/{fold}/model.pt",
+        stacks=heldout_stacks,
+    output:
+        directory("results/synth_heldout/sdm/{fold}"),
+    wildcard_constraints:
+        fold=r"\d+",
+    params:
+        sampling=sdm_sampling_params(),
+        synthesis=section("synthesis"),
+        device=config["generators"]["device"],
+    log:
+        "results/logs/sample_sdm_heldout/{fold}.log",
+    benchmark:
+        "results/benchmarks/sample_sdm_heldout/{fold}.tsv"
+    threads: config["generators"]["threads"]
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=12 * 60,
+    conda:
+        "../envs/generators.yaml"
+    container:
+        config["containers"]["generators"]
+    shell:
+        "nodulesynth sample-sdm --model {input.model} --slices {input.stacks} --params {params.sampling:q} "
+        "--synthesis {params.synthesis:q} --out-dir {output} "
+        "--device {params.device} --threads {threads} > {log} 2>&1"
+
+
+rule sample_spade_heldout:
+    # As sample_sdm_heldout, for SPADE.
+    input:
+        model="results/generators/spade/{fold}/model.pt",
+        stacks=heldout_stacks,
+    output:
+        directory("results/synth_heldout/spade/{fold}"),
+    wildcard_constraints:
+        fold=r"\d+",
+    params:
+        synthesis=section("synthesis"),
+        device=config["generators"]["device"],
+    log:
+        "results/logs/sample_spade_heldout/{fold}.log",
+    benchmark:
+        "results/benchmarks/sample_spade_heldout/{fold}.tsv"
+    threads: config["generators"]["threads"]
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=6 * 60,
+    conda:
+        "../envs/generators.yaml"
+    container:
+        config["containers"]["generators"]
+    shell:
+        "nodulesynth sample-spade --model {input.model} --slices {input.stacks} "
+        "--synthesis {params.synthesis:q} --out-dir {output} "
+        "--device {params.device} --threads {threads} > {log} 2>&1"
+
+
+rule fidelity:
+    # Per synthetic slice, split train (the fold's training maps) and heldout (its test patients' maps;
+    # the holdout generator has none), segmented with the run's window and masks settings.
+    input:
+        synth="results/synth/{generator}/{fold}",
+        heldout=lambda wc: [] if wc.fold == "holdout" else [f"results/synth_heldout/{wc.generator}/{wc.fold}"],
+        slices=lambda wc: training_stacks(wc) + heldout_stacks(wc),
     output:
         report("results/synth/{generator}/{fold}.fidelity.tsv", category="Generators",
                subcategory="Mask fidelity", labels={"generator": "{generator}", "fold": "{fold}"}),
+    params:
+        window=section("window"),
+        masks=section("masks"),
     log:
         "results/logs/fidelity/{generator}_{fold}.log",
     benchmark:
@@ -136,5 +207,6 @@ rule fidelity:
     container:
         config["containers"]["data"]
     shell:
-        "nodulesynth fidelity --synth {input} --generator {wildcards.generator} --fold {wildcards.fold} "
-        "--out {output} > {log} 2>&1"
+        "nodulesynth fidelity --synth {input.synth} --heldout {input.heldout} --slices {input.slices} "
+        "--params {params.masks:q} --window {params.window:q} --generator {wildcards.generator} "
+        "--fold {wildcards.fold} --out {output} > {log} 2>&1"

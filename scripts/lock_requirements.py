@@ -27,7 +27,7 @@ BASE = ["numpy", "scipy", "pandas", "pydicom", "opencv-python", "scikit-learn", 
 GROUPS = {
     # DICOM and LIDC-IDRI reading (pylidc and the codecs of compressed series), lesion maps, folds, audit.
     "data": BASE + ["pylidc", "SQLAlchemy", "scikit-image", "matplotlib", "pylibjpeg", "pylibjpeg-libjpeg",
-                    "pylibjpeg-openjpeg", "pylibjpeg-rle", "pyjpegls"],
+                    "pylibjpeg-openjpeg", "pylibjpeg-rle", "pyjpegls", "SimpleITK"],
     # SDM and SPADE training and sampling.
     "generators": BASE + ["torch", "torchvision"],
     # Detection (mmpretrain) and localization (mmdet); mmcv has no wheel and is built against the torch above.

@@ -145,3 +145,19 @@ def test_schema_documents_patient_id():
         validate({**config, "cohort": {**config["cohort"], "patient_id": value}}, schema)
     with pytest.raises(Exception, match="patient_id|Folder"):
         validate({**config, "cohort": {**config["cohort"], "patient_id": "Folder"}}, schema)
+
+
+def test_schema_documents_reconstruction_and_tilted():
+    from snakemake.utils import validate
+
+    schema_path = REPO / "schemas" / "config.schema.yaml"
+    keys = yaml.safe_load(schema_path.read_text())["properties"]["cohort"]["properties"]
+    for key in ("dicom_root", "reconstruction", "tilted", "patient_id"):
+        assert len(keys[key].get("description", "")) > 40, key
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    for key, value in [("reconstruction", "all"), ("reconstruction", "thinnest"), ("reconstruction", "kernel:B3.f|LUNG"),
+                       ("tilted", "reject"), ("tilted", "resample")]:
+        validate({**config, "cohort": {**config["cohort"], key: value}}, str(schema_path))
+    for key, value in [("reconstruction", "thickest"), ("reconstruction", "kernel:"), ("tilted", "sideways")]:
+        with pytest.raises(Exception, match=key):
+            validate({**config, "cohort": {**config["cohort"], key: value}}, str(schema_path))

@@ -6,7 +6,8 @@ import warnings
 import numpy as np
 import pytest
 
-from nodulesynth.downstream.metrics import coco_metrics, detection_metrics, frechet_distance, froc, froc_curve
+from nodulesynth.downstream.coco import coco_metrics
+from nodulesynth.downstream.metrics import detection_metrics, frechet_distance, froc, froc_curve
 
 # ---------------------------------------------------------------- detection
 

@@ -21,7 +21,7 @@ def small_config(tmp_path, **masks):
     config["spade"].update(max_steps=4, checkpoint_every=2, log_every=2)
     config["synthesis"]["max_slices_per_scan"] = 2
     config["detection"].update(epochs=1, iters_per_epoch=2, lr_steps=[1])
-    config["localization"].update(epochs=1, iters_per_epoch=2)
+    config["localization"].update(epochs=1, iters_per_epoch=2, warmup_iters=1)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -82,7 +82,9 @@ def test_generators_see_only_training_patients_and_write_the_slices_layout(demo_
                 total += data["image"].shape[0]
         fidelity = pd.read_csv(work / f"results/synth/{generator}/{fold}.fidelity.tsv", sep="\t")
         assert {"left_lung", "right_lung", "body", "trachea", "nodule"} <= set(fidelity.columns)
-        assert len(fidelity) == total
+        # train: the synthetic slices above; heldout: the fold's test-patient maps (results/synth_heldout)
+        assert (fidelity.split == "train").sum() == total
+        assert (fidelity.split == "heldout").any() == (fold != "holdout")
 
 
 DETECTION_KEYS = {"accuracy", "precision", "recall", "specificity", "f1", "auc", "n_train", "n_test"}
@@ -119,6 +121,19 @@ def test_downstream_study_runs_every_arm_and_fold_after_a_passing_audit(demo_run
         assert all(np.isfinite(realism[k]) and realism[k] >= 0 for k in ("fd_real_train", "fd_spade", "fd_sdm"))
 
 
+def test_statistics_and_report_close_the_dag(demo_run):
+    work, _ = demo_run
+    summary = pd.read_csv(work / "results/stats/detection_summary.tsv", sep="\t")
+    assert set(summary.arm) == set("ABC")
+    tests = pd.read_csv(work / "results/stats/localization_tests.tsv", sep="\t")
+    assert set(tests.arm) == {"B", "C"} and (tests.n == 2).all()  # one value per fold, never repeated
+    html = (work / "results/report/report.html").read_text()
+    for text in ("Detection", "Localization", "AP50", "Leakage audit"):
+        assert text in html, text
+    assert "<img" in html and "src=\"data:image/png;base64," in html  # self-contained
+    assert (work / "results/report/report.pdf").read_bytes()[:5] == b"%PDF-"
+
+
 def test_second_run_has_nothing_to_do(demo_run):
     work, config = demo_run
     proc = run_snakemake(work, "--configfile", str(config), "-n")
@@ -143,8 +158,8 @@ def test_a_changed_value_reruns_only_what_uses_it(demo_run, tmp_path):
     config["sdm"]["sample_steps"] = 4  # a sampling value: sampling reruns, training does not
     qc.write_text(yaml.safe_dump(config))
     # ... and what uses the SDM's slices: arm C's data, audit, models and the realism table; not arm A or B.
-    assert dry_run_jobs(work, qc) == {"sample_sdm", "fidelity", "downstream_dataset", "audit", "leakage", "detect",
-                                      "localize", "realism", "stats", "report", "all"}
+    assert dry_run_jobs(work, qc) == {"sample_sdm", "sample_sdm_heldout", "fidelity", "downstream_dataset", "audit",
+                                      "leakage", "detect", "localize", "realism", "stats", "report", "all"}
     dry = run_snakemake(work, "--configfile", str(qc), "-n")
     arms = set(re.findall(r"wildcards: arm=([ABC])", dry.stdout + dry.stderr))
     assert arms == {"C"}, arms

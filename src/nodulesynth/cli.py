@@ -37,19 +37,25 @@ def cmd_cohort(args):
     patient_id = p.get("patient_id", "PatientID")
     if patient_id not in cohort.PATIENT_ID_SOURCES:
         raise KeyError(f"cohort.patient_id must be one of {', '.join(cohort.PATIENT_ID_SOURCES)}, not {patient_id!r}")
+    reconstruction = p.get("reconstruction", "thinnest")
+
+    def discover(root, annotations):
+        # Annotations name series UIDs: an annotated series is always chosen among its reconstructions.
+        return cohort.discover_dicom(root, patient_id, reconstruction, set(annotations.seriesuid), args.workers)
+
     if source == "demo":
         from nodulesynth.data.demo import write_demo_cohort
 
         # cohort.demo's keys are write_demo_cohort's arguments; unset ones take its defaults.
         write_demo_cohort(args.demo_dir, **p.get("demo", {}), **nodules,
                           progress=lambda it: tqdm(it, desc="demo phantoms", unit="scan"))
-        found = cohort.discover_dicom(Path(args.demo_dir) / "dicom", patient_id)
         annotations = read_annotations(Path(args.demo_dir) / "annotations.csv")
+        found = discover(Path(args.demo_dir) / "dicom", annotations)
     elif source == "dicom":
         if not p.get("dicom_root") or not p.get("annotations"):
             raise KeyError("cohort.source dicom needs cohort.dicom_root and cohort.annotations")
-        found = cohort.discover_dicom(p["dicom_root"], patient_id)
         annotations = read_annotations(p["annotations"])
+        found = discover(p["dicom_root"], annotations)
     elif source == "lidc":
         if not p.get("lidc_root"):
             raise KeyError("cohort.source lidc needs cohort.lidc_root")
@@ -63,8 +69,18 @@ def cmd_cohort(args):
     if found.absent:
         rejected.append(cohort.absent_row(found.absent, p["lidc_root"]))
     write_tsv(pd.concat([r for r in rejected if len(r)] or rejected[:1], ignore_index=True), args.cohort_rejected)
-    write_tsv(found.scans, args.scans)
+    scans = found.scans
+    if args.files_dir:
+        Path(args.files_dir).mkdir(parents=True, exist_ok=True)  # the rule's output, empty for LIDC-IDRI
+    if found.series is not None:  # DICOM: ingestion reads each scan's own list of files
+        scans = cohort.write_file_lists(found, args.files_dir or Path(args.scans).parent / "files")
+    if args.series:
+        write_tsv(found.series if found.series is not None else pd.DataFrame(columns=cohort.SERIES_COLUMNS),
+                  args.series)
+    write_tsv(scans, args.scans)
     log.info("cohort: %d scans from source %s", len(found.scans), source)
+    for line in cohort.discovery_summary(found):
+        log.info("cohort: %s", line)
     for row in found.rejected.itertuples():
         log.warning("cohort: %s rejected: %s", row.scan_id, row.reason)
     if found.absent:
@@ -73,6 +89,7 @@ def cmd_cohort(args):
 
 
 def cmd_ingest(args):
+    from nodulesynth.data.dicom_series import TILTED_POLICIES
     from nodulesynth.data.ingest import ScanRecord, ingest_scan
     from nodulesynth.io import read_tsv
 
@@ -81,14 +98,19 @@ def cmd_ingest(args):
     if row.empty:
         raise KeyError(f"scan {args.scan} is not in {args.scans}")
     r = row.iloc[0]
-    record = ScanRecord(r.scan_id, r.patient_id, r.series_uid, r.dicom_dir)
+    # files: the series' own list from the cohort step (source dicom), so a series split over folders or
+    # sharing one with a scout is read exactly; absent or empty (LIDC-IDRI), the files of dicom_dir.
+    record = ScanRecord(r.scan_id, r.patient_id, r.series_uid, r.dicom_dir, r.get("files", ""))
     p, nodules = args.params, args.nodules
+    tilted = p.get("tilted", "reject")
+    if tilted not in TILTED_POLICIES:
+        raise KeyError(f"cohort.tilted must be one of {', '.join(TILTED_POLICIES)}, not {tilted!r}")
     status, reason = ingest_scan(
         record, args.out, source="lidc" if p.get("source") == "lidc" else "dicom",
         annotations=args.annotations, min_readers=nodules.get("min_readers", 3),
-        min_diameter_mm=nodules.get("min_diameter_mm", 3.0), lidc_root=p.get("lidc_root"))
+        min_diameter_mm=nodules.get("min_diameter_mm", 3.0), lidc_root=p.get("lidc_root"), tilted=tilted)
     if status == "ok":
-        log.info("ingest %s: ok", args.scan)
+        log.info("ingest %s: ok%s", args.scan, f" ({reason})" if reason else "")
     else:
         log.warning("ingest %s: rejected: %s", args.scan, reason)
 
@@ -225,29 +247,20 @@ def cmd_sample_spade(args):
 
 
 def cmd_fidelity(args):
-    import pandas as pd
-
-    from nodulesynth.data.slices import load_slices
     from nodulesynth.io import write_tsv
-    from nodulesynth.masks.fidelity import fidelity_table
+    from nodulesynth.masks.fidelity import synthetic_fidelity
+    from nodulesynth.masks.segment import MaskOptions
 
-    tables = []
-    for path in sorted(Path(args.synth).glob("*.npz")):
-        stack = load_slices(path)
-        if stack.status == "ok" and len(stack):
-            table = fidelity_table(stack.image, stack.label)
-            table.insert(0, "slice_index", stack.slice_index)
-            table.insert(0, "scan_id", stack.scan_id)
-            tables.append(table)
-    if not tables:
-        raise ValueError(f"no synthetic slices under {args.synth}")
-    table = pd.concat(tables, ignore_index=True)
+    window = (args.window.get("min_hu", -1000.0), args.window.get("max_hu", 400.0))
+    dirs = {"train": args.synth, **({"heldout": args.heldout} if args.heldout else {})}
+    table = synthetic_fidelity(dirs, args.slices, MaskOptions.from_config(args.params), window)
     table.insert(0, "generator", args.generator)
     table.insert(1, "fold", args.fold)
     write_tsv(table, args.out)
-    means = table.drop(columns=["generator", "fold", "scan_id", "slice_index"]).mean()
-    log.info("fidelity %s fold %s: %s", args.generator, args.fold,
-             ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
+    for split, part in table.groupby("split", sort=False):
+        means = part.drop(columns=["generator", "fold", "split", "scan_id", "slice_index"]).mean()
+        log.info("fidelity %s fold %s, %s maps (%d slices): %s", args.generator, args.fold, split, len(part),
+                 ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
 
 
 def _downstream_params(params):
@@ -397,13 +410,17 @@ def build_parser():
     p.add_argument("--cohort-rejected", required=True,
                    help="output: series and files turned away before ingestion, annotations that name unknown "
                         "series, LIDC scans absent (one row with their count)")
+    p.add_argument("--series", help="output: series.tsv, every series found and whether it became a scan, and why")
+    p.add_argument("--files-dir", help="output: a folder of per-scan file lists (default: files/ beside --scans)")
+    p.add_argument("--workers", type=int, default=1, help="processes reading DICOM headers")
     p.set_defaults(func=cmd_cohort)
 
     p = sub.add_parser("ingest", help="read one scan's DICOM into a HU volume with its nodules")
     p.add_argument("--scans", required=True)
     p.add_argument("--scan", required=True)
     p.add_argument("--annotations", required=True)
-    p.add_argument("--params", type=_json, default={})
+    p.add_argument("--params", type=_json, default={},
+                   help="the config's cohort section as JSON (source, lidc_root, tilted: reject | resample)")
     p.add_argument("--nodules", type=_json, default={})
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_ingest)
@@ -463,7 +480,14 @@ def build_parser():
         p.set_defaults(func=func)
 
     p = sub.add_parser("fidelity", help="mask fidelity of synthetic slices: Dice of our segmentation vs their maps")
-    p.add_argument("--synth", required=True, help="folder of synthetic stacks")
+    p.add_argument("--synth", required=True, help="folder of synthetic stacks from the fold's training maps")
+    # nargs "?": the rule writes `--heldout` with no folder for the holdout generator, which has no test patients.
+    p.add_argument("--heldout", nargs="?", help="folder of synthetic stacks from the fold's test-patient maps "
+                                                "(evaluation only; none for the holdout generator)")
+    p.add_argument("--slices", nargs="+", required=True,
+                   help="the real stacks whose maps were sampled (each synthetic stack's pixel size)")
+    p.add_argument("--params", type=_json, default={}, help="the config's masks section as JSON")
+    p.add_argument("--window", type=_json, default={}, help="the config's window section as JSON")
     p.add_argument("--generator", required=True)
     p.add_argument("--fold", required=True)
     p.add_argument("--out", required=True)

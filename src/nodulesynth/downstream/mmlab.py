@@ -10,16 +10,19 @@
 - `optim_wrapper`: `AmpOptimWrapper` on CUDA, plain `OptimWrapper` on CPU (AMP there would only slow down).
 - `StudyRunner`: mmengine's `Runner`, honouring the chosen device and keeping the console quiet.
 - `close_log_files`: closes a finished run's log file.
-- `LossCurveHook`: writes `iter, loss, lr` (plus any other logged losses) to a TSV in the work dir.
+- `LossCurveHook`: writes `iter, loss, lr` (plus any other logged losses) to a TSV in the work dir, and stops a
+  run whose loss is no longer finite; `final_loss` reads the mean of its last iterations back.
 """
 
 import csv
 import importlib.util
 import logging
+import math
 import os
 import uuid
 from pathlib import Path
 
+import numpy as np
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from mmengine.runner import Runner
@@ -139,6 +142,10 @@ class LossCurveHook(Hook):
         values = {k: v for k, v in values.items() if v is not None}
         row = {"iter": runner.iter + 1, "loss": values.pop("loss", float("nan")), "lr": self._lr, **values}
         self.rows.append(row)
+        if not math.isfinite(row["loss"]):
+            self.write()
+            raise FloatingPointError(f"training loss is {row['loss']} at iteration {row['iter']} (lr {self._lr:g}): "
+                                     "lower the lr, lengthen the warmup or clip gradients")
         if len(self.rows) % self.interval == 0:
             self.write()
 
@@ -154,6 +161,14 @@ class LossCurveHook(Hook):
                 writer = csv.DictWriter(fh, columns or ["iter", "loss", "lr"], delimiter="\t", restval="")
                 writer.writeheader()
                 writer.writerows(self.rows)
+
+
+def final_loss(path, window: int) -> float:
+    """Mean loss of the last `window` iterations of a loss.tsv: one iteration's loss is too noisy to compare arms."""
+    import pandas as pd
+
+    loss = pd.read_csv(path, sep="\t")["loss"].to_numpy(float)
+    return float(np.mean(loss[-window:])) if len(loss) else float("nan")
 
 
 def _scalar(value):

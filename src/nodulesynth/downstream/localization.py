@@ -1,0 +1,363 @@
+"""Nodule localization: mmdet's Faster R-CNN X101-32x4d FPN trained on one fold and arm of the study.
+
+The model is mmdet's own `faster-rcnn_x101-32x4d_fpn_1x_coco` config, read from the installed package
+(the configs mmdet ships under `.mim/configs`) and adapted with mmengine's `Config`:
+one class "nodule", the slices written as PNG with COCO annotation files (`work_dir/coco/`) read by
+mmdet's CocoDataset, the slice size kept (no 1333x800 rescale), anchors small enough for nodules of a
+few pixels, no pretrained download, the study's schedule (SGD lr 0.1, 12 epochs of 510 iterations,
+batch 2, linear decay to 0.1x), AMP on CUDA. mmengine's Runner trains and tests; the test-fold metrics
+are `coco.coco_metrics` and `metrics.froc` of `nodulesynth.downstream`.
+
+Outputs in `work_dir`: model.pth, loss.tsv (iter, loss, lr and mmdet's partial losses), coco/{train,test}.json
+with the PNG slices, mmengine's log and its dump of the config as run under `<timestamp>/` (the console gets
+warnings only), mmdet_metrics.json (mmdet's own CocoMetric, a cross-check of `coco_metrics`).
+"""
+
+import contextlib
+import io
+import json
+import shutil
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Optional
+
+import cv2
+import numpy as np
+import pandas as pd
+from mmengine.hooks import Hook
+
+from nodulesynth.downstream import mmlab
+from nodulesynth.downstream.datasets import ArmDataset, SliceSet
+from nodulesynth.io import atomic_path, write_tsv
+
+BASE_CONFIG = "mmdet::faster_rcnn/faster-rcnn_x101-32x4d_fpn_1x_coco.py"  # mmdet's shipped config
+CLASSES = ("nodule",)
+PREDICTION_COLUMNS = ["scan_id", "patient_id", "slice_index", "x0", "y0", "x1", "y1", "score"]
+
+
+@dataclass(frozen=True)
+class LocalizationOptions:
+    """The `localization:` config section. Defaults are the study's real run."""
+
+    epochs: int = 12
+    iters_per_epoch: int = 510              # an "epoch" is a fixed iteration count, as in the study
+    batch_size: int = 2
+    lr: float = 0.1                         # SGD; the study's value
+    lr_end_factor: float = 0.1              # linear decay of the lr to lr x this over the whole run
+    # Linear warmup from lr/1000 over this many iterations (0: none), as mmdet's own 1x schedule does (500
+    # iterations there). Beyond the study, with clip_grad: trained from scratch, this Faster R-CNN diverged
+    # (loss 2 -> NaN within 13 iterations, 64-px slices) at lr 0.1 and even at 0.02 with warmup alone.
+    warmup_iters: int = 100
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    # Anchor scales in units of each FPN level's stride (4, 8, 16, 32, 64 px). mmdet's default (8,) gives
+    # anchors of 32 px and more, which cannot match a 4-pixel nodule at IoU 0.3; (1, 2, 4) gives 4, 8, 16 px
+    # on the finest level, up to 256 px on the coarsest: a few-pixel nodule at 64 px to a large one at 256 px.
+    anchor_scales: tuple = (1, 2, 4)
+    # Train on slices without a nodule too (mmdet's filter_empty_gt off). The test folds hold such slices,
+    # and FROC counts the false positives on them; without negatives the detector never sees healthy lung
+    # during training. False: positive slices only (mmdet's COCO default).
+    include_negatives: bool = True
+    norm: str = "bn"
+    # Max gradient norm (None: off, as in mmdet's Faster R-CNN config). 35 is mmdet's usual value where it
+    # clips (RetinaNet, FCOS); with it lr 0.1 trains from scratch (loss 2.0 -> 0.07 in 16 iterations).
+    clip_grad: Optional[float] = 35.0
+    load_from: Optional[str] = None         # LOCAL mmdet checkpoint to start from (no download)
+    score_threshold: float = 0.05           # test: boxes scoring below are dropped (mmdet's default)
+    max_per_img: int = 100                  # test: boxes kept per slice
+    num_workers: int = 0
+    log_interval: int = 50                  # mmengine log line every N iterations (train.log)
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "anchor_scales", tuple(float(s) for s in _as_sequence(self.anchor_scales)))
+        self.validate()
+
+    @classmethod
+    def from_config(cls, section: Optional[dict] = None) -> "LocalizationOptions":
+        """Options from the `localization:` config section; an unknown key is an error, not ignored."""
+        section = dict(section or {})
+        known = {f.name: f for f in fields(cls)}
+        for key in section:
+            if key not in known:
+                raise KeyError(f"unknown option localization.{key} (known: {', '.join(sorted(known))})")
+        return cls(**{key: _coerce(key, value, known[key].default) for key, value in section.items()})
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["anchor_scales"] = list(self.anchor_scales)
+        return out
+
+    def replace(self, **changes) -> "LocalizationOptions":
+        return replace(self, **changes)
+
+    @property
+    def total_iters(self) -> int:
+        return self.epochs * self.iters_per_epoch
+
+    def validate(self):
+        for key in ("epochs", "iters_per_epoch", "batch_size", "max_per_img", "log_interval"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"localization.{key} must be positive, got {getattr(self, key)}")
+        for key in ("warmup_iters", "num_workers", "weight_decay", "momentum"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"localization.{key} must be >= 0, got {getattr(self, key)}")
+        if self.warmup_iters >= self.total_iters:
+            raise ValueError(f"localization.warmup_iters ({self.warmup_iters}) must be less than epochs x "
+                             f"iters_per_epoch ({self.total_iters})")
+        if self.norm not in ("bn", "gn"):
+            raise ValueError(f"localization.norm must be 'bn' or 'gn', got {self.norm!r}")
+        if not self.lr > 0:
+            raise ValueError(f"localization.lr must be positive, got {self.lr}")
+        if not 0 < self.lr_end_factor <= 1:
+            raise ValueError(f"localization.lr_end_factor must be in (0, 1], got {self.lr_end_factor}")
+        if not self.anchor_scales or min(self.anchor_scales) <= 0:
+            raise ValueError(f"localization.anchor_scales must be positive numbers, got {list(self.anchor_scales)}")
+        if not 0 <= self.score_threshold < 1:
+            raise ValueError(f"localization.score_threshold must be in [0, 1), got {self.score_threshold}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ValueError(f"localization.clip_grad must be positive or null, got {self.clip_grad}")
+
+
+def _as_sequence(value):
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _coerce(key, value, default):
+    # YAML reads "1e-4" as a string (PyYAML wants "1.0e-4"): coerce to the field's type.
+    if value is None:
+        return None
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if isinstance(default, int):
+            if float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if isinstance(default, float) or key == "clip_grad":
+            return float(value)
+        if key == "anchor_scales":
+            return tuple(float(v) for v in _as_sequence(value))
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"localization.{key}: cannot read {value!r}") from None
+
+
+# ---------------------------------------------------------------- config
+
+def build_config(options: LocalizationOptions, image_size: int, data_root, work_dir, device: str = "cpu"):
+    """mmdet's config adapted to one class, our COCO files at `data_root`, slices of `image_size` px."""
+    cfg = mmlab.package_config(BASE_CONFIG)
+    scratch = options.load_from is None
+    model = cfg.model
+    model.backbone.init_cfg = None  # mmdet's config would download ImageNet weights
+    if scratch:
+        # mmdet freezes the stem and first stage and keeps BatchNorm at its loaded statistics: right for a
+        # pretrained backbone, but from scratch that would leave random frozen layers and BN at mean 0 / var 1.
+        model.backbone.frozen_stages = -1
+        model.backbone.norm_eval = False
+    if options.norm == "gn":
+        gn = dict(type="GN", num_groups=32, requires_grad=True)
+        model.backbone.norm_cfg = gn
+        model.backbone.zero_init_residual = False
+        model.neck.norm_cfg = gn
+    model.rpn_head.anchor_generator.scales = list(options.anchor_scales)
+    model.roi_head.bbox_head.num_classes = len(CLASSES)
+    model.test_cfg.rcnn.score_thr = options.score_threshold
+    model.test_cfg.rcnn.max_per_img = options.max_per_img
+    # The data preprocessor pads each batch to a multiple of 32 (FPN's coarsest stride): 64 and 256 need none.
+
+    metainfo = dict(classes=CLASSES)
+    for name in ("train", "test"):
+        loader = cfg[f"{name}_dataloader"]
+        dataset = loader.dataset
+        dataset.data_root = str(data_root)
+        dataset.ann_file = f"{name}.json"
+        dataset.data_prefix = dict(img=f"{name}/")
+        dataset.metainfo = metainfo
+        dataset.backend_args = None
+        for step in dataset.pipeline:
+            if step["type"] == "Resize":
+                step["scale"] = (image_size, image_size)  # the slice size, not COCO's 1333 x 800
+            if "backend_args" in step:
+                step["backend_args"] = None
+        loader.num_workers = options.num_workers
+        loader.persistent_workers = options.num_workers > 0
+    # Negative slices are kept in train.json only when they are to be trained on (see include_negatives).
+    cfg.train_dataloader.dataset.filter_cfg = dict(filter_empty_gt=not options.include_negatives, min_size=0)
+    cfg.train_dataloader.batch_size = options.batch_size
+    cfg.train_dataloader.sampler = dict(type="InfiniteSampler", shuffle=True, seed=options.seed)
+    cfg.test_dataloader.batch_size = options.batch_size
+    cfg.val_dataloader = cfg.val_evaluator = cfg.val_cfg = None
+    cfg.test_evaluator = dict(type="CocoMetric", ann_file=str(Path(data_root) / "test.json"), metric="bbox",
+                              format_only=False, backend_args=None)
+
+    # An epoch is iters_per_epoch iterations whatever the slice count: an iteration-based loop.
+    total = options.total_iters
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=total, val_interval=total + 1)
+    cfg.optim_wrapper = mmlab.optim_wrapper(
+        device, dict(type="SGD", lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay),
+        clip_grad=None if options.clip_grad is None else dict(max_norm=options.clip_grad, norm_type=2))
+    if options.norm == "gn":
+        cfg.optim_wrapper.paramwise_cfg = dict(norm_decay_mult=0.0)
+    schedulers = []
+    if options.warmup_iters:
+        schedulers.append(dict(type="LinearLR", start_factor=1e-3, by_epoch=False, begin=0,
+                               end=options.warmup_iters))
+    schedulers.append(dict(type="LinearLR", start_factor=1.0, end_factor=options.lr_end_factor, by_epoch=False,
+                           begin=options.warmup_iters, end=total))
+    cfg.param_scheduler = schedulers
+    cfg.auto_scale_lr = dict(enable=False, base_batch_size=16)
+
+    cfg.log_processor = dict(type="LogProcessor", window_size=options.log_interval, by_epoch=False)
+    cfg.load_from = options.load_from
+    # model.pth is written once, at the end; no visualisation hook; loss.tsv through mmlab's loss-curve hook
+    mmlab.apply_settings(cfg, mmlab.runtime_settings(work_dir, options.seed, device, options.log_interval))
+    return cfg
+
+
+# ---------------------------------------------------------------- COCO files
+
+def coco_dict(slices: SliceSet) -> dict:
+    """COCO annotation dict of a slice set: image id = row + 1, bbox = [x0, y0, x1 - x0, y1 - y0].
+
+    Ids start at 1: pycocotools' matching treats annotation id 0 as "unmatched". x1/y1 are exclusive, so
+    the width is the plain difference and mmdet's x + w gives back x1.
+    """
+    size = slices.size
+    images = [{"id": row + 1, "file_name": f"{row:06d}.png", "width": size, "height": size,
+               "scan_id": str(slices.scan_id[row]), "patient_id": str(slices.patient_id[row]),
+               "slice_index": int(slices.slice_index[row]), "source": str(slices.source[row])}
+              for row in range(len(slices))]
+    annotations = []
+    for k, (row, x0, y0, x1, y1) in enumerate(np.asarray(slices.boxes, float)):
+        if not 0 <= row < len(slices):
+            raise ValueError(f"box {k} refers to row {int(row)} of a set of {len(slices)} slices")
+        w, h = x1 - x0, y1 - y0
+        annotations.append({"id": k + 1, "image_id": int(row) + 1, "category_id": 1,
+                            "bbox": [float(x0), float(y0), float(w), float(h)], "area": float(w * h), "iscrowd": 0})
+    return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": CLASSES[0]}]}
+
+
+def write_coco(slices: SliceSet, data_root, name: str) -> Path:
+    """`data_root/{name}/{row}.png` (grey uint8) and `data_root/{name}.json`; returns the json path."""
+    data_root = Path(data_root)
+    image_dir = data_root / name
+    if image_dir.exists():
+        shutil.rmtree(image_dir)  # slices of an earlier run would otherwise linger beside the new ones
+    image_dir.mkdir(parents=True)
+    for row, image in enumerate(slices.image):
+        path = image_dir / f"{row:06d}.png"
+        if not cv2.imwrite(str(path), np.ascontiguousarray(image, np.uint8)):
+            raise OSError(f"could not write {path}")
+    json_path = data_root / f"{name}.json"
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(coco_dict(slices)))
+    return json_path
+
+
+def positive_rows(slices: SliceSet) -> np.ndarray:
+    """Rows with at least one box (a slice marked has_nodule but without a box has nothing to learn from)."""
+    return np.unique(np.asarray(slices.boxes[:, 0], np.int64))
+
+
+# ---------------------------------------------------------------- hooks
+
+class PredictionCollector(Hook):
+    """The boxes the model predicts on each test slice, as (image_id, x0, y0, x1, y1, score)."""
+
+    def __init__(self):
+        self.boxes = []
+
+    def after_test_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        for sample in outputs:
+            pred = sample.pred_instances
+            coords = pred.bboxes.detach().float().cpu().numpy().reshape(-1, 4)
+            scores = pred.scores.detach().float().cpu().numpy().reshape(-1)
+            for box, score in zip(coords, scores):
+                self.boxes.append((int(sample.img_id), *map(float, box), float(score)))
+
+
+# ---------------------------------------------------------------- run
+
+def predictions_frame(pred_boxes, slices: SliceSet) -> pd.DataFrame:
+    """Predicted boxes (image_id = row + 1, ...) as a table naming each box's slice."""
+    rows = []
+    for image_id, x0, y0, x1, y1, score in pred_boxes:
+        row = image_id - 1
+        rows.append((str(slices.scan_id[row]), str(slices.patient_id[row]), int(slices.slice_index[row]),
+                     x0, y0, x1, y1, score))
+    frame = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+    return frame.astype({"scan_id": str, "patient_id": str, "slice_index": np.int64, "x0": float, "y0": float,
+                         "x1": float, "y1": float, "score": float})
+
+
+def evaluate(slices: SliceSet, pred_boxes) -> dict:
+    """coco_metrics and froc of the predictions on a test set (image id = row + 1)."""
+    from nodulesynth.downstream.coco import coco_metrics
+    from nodulesynth.downstream.metrics import froc
+
+    image_ids = list(range(1, len(slices) + 1))
+    gt = [(int(row) + 1, float(x0), float(y0), float(x1), float(y1)) for row, x0, y0, x1, y1 in slices.boxes]
+    image_scan = {row + 1: str(slices.scan_id[row]) for row in range(len(slices))}
+    return {**coco_metrics(image_ids, gt, pred_boxes), **froc(gt, pred_boxes, image_scan)}
+
+
+def run_localization(dataset: ArmDataset, options: LocalizationOptions, work_dir, device="auto"):
+    """Train on `dataset.train`, predict on `dataset.test`; returns (metrics dict, predictions DataFrame)."""
+    mmlab.allow_full_checkpoint_loading()
+
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    device = mmlab.resolve_device(device)
+    train, test = dataset.train, dataset.test
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError(f"arm {dataset.arm} fold {dataset.fold}: {len(train)} training and {len(test)} test "
+                         "slices; localization needs both")
+    if train.size != test.size:
+        raise ValueError(f"arm {dataset.arm} fold {dataset.fold}: training slices are {train.size} px, test "
+                         f"slices {test.size} px")
+    if options.load_from is not None and not Path(options.load_from).is_file():
+        raise FileNotFoundError(f"localization.load_from: no checkpoint file {options.load_from}")
+    positives = positive_rows(train)
+    if not len(positives) or not len(test.boxes):
+        split = "training" if not len(positives) else "test"
+        raise ValueError(f"arm {dataset.arm} fold {dataset.fold}: no {split} slice has a nodule box "
+                         "(the folds are stratified so that every fold holds nodules)")
+    trained = train if options.include_negatives else train.subset(positives)
+
+    data_root = work_dir / "coco"
+    write_coco(trained, data_root, "train")
+    write_coco(test, data_root, "test")
+    cfg = build_config(options, train.size, data_root, work_dir, device)
+    runner = mmlab.StudyRunner.from_cfg(cfg)
+    collector = PredictionCollector()
+    runner.register_hook(collector)
+    try:
+        printed = io.StringIO()  # pycocotools prints as mmdet loads the COCO files: into the log, not the console
+        with contextlib.redirect_stdout(printed):
+            runner.train()
+            mmdet_metrics = runner.test()
+        runner.logger.info(f"printed during training and test:\n{printed.getvalue()}")
+        with atomic_path(work_dir / "model.pth") as tmp:
+            runner.save_checkpoint(str(tmp.parent), tmp.name, save_optimizer=False, save_param_scheduler=False,
+                                   by_epoch=False)
+    finally:
+        mmlab.close_log_files(runner)
+    with atomic_path(work_dir / "mmdet_metrics.json") as tmp:
+        tmp.write_text(json.dumps({k: float(v) for k, v in mmdet_metrics.items()}, indent=1))
+
+    # Boxes clipped to the image edge can come out with no width; they cannot be scored as boxes.
+    pred_boxes = [b for b in collector.boxes if b[3] > b[1] and b[4] > b[2]]
+    metrics = evaluate(test, pred_boxes)
+    test_positive = positive_rows(test)
+    trained_positive = positive_rows(trained)
+    metrics.update(n_train=len(trained), n_train_positive=len(trained_positive),
+                   n_train_negative=len(trained) - len(trained_positive), n_test=len(test),
+                   n_test_positive=len(test_positive), n_test_boxes=len(test.boxes),
+                   final_loss=mmlab.final_loss(work_dir / "loss.tsv", options.iters_per_epoch))
+    return metrics, predictions_frame(pred_boxes, test)

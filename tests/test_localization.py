@@ -1,0 +1,131 @@
+"""Localization with mmdet's Faster R-CNN X101-32x4d FPN: the installed config adapted, the COCO files, and a
+tiny CPU training through `run_localization` (the code path the localize rule runs)."""
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from nodulesynth.downstream.datasets import ArmDataset, SliceSet
+from nodulesynth.downstream.localization import (PREDICTION_COLUMNS, LocalizationOptions, build_config, write_coco,
+                                                 run_localization)
+
+SIZE = 64
+NODULE = 8  # side of the bright square "nodule", pixels
+
+
+def square_slices(n_pos, n_neg, seed, scans):
+    """Noisy dark slices; the first n_pos carry one bright square each, boxed (x1/y1 exclusive)."""
+    rng = np.random.default_rng(seed)
+    n = n_pos + n_neg
+    image = np.clip(rng.normal(40, 8, (n, SIZE, SIZE)), 0, 255).astype(np.uint8)
+    label = np.zeros((n, SIZE, SIZE), np.uint8)
+    boxes = []
+    for row in range(n_pos):
+        x0, y0 = (int(v) for v in rng.integers(6, SIZE - NODULE - 6, 2))
+        image[row, y0:y0 + NODULE, x0:x0 + NODULE] = 220
+        label[row, y0:y0 + NODULE, x0:x0 + NODULE] = 5
+        boxes.append((row, x0, y0, x0 + NODULE, y0 + NODULE))
+    scan_id = np.array([scans[row % len(scans)] for row in range(n)])
+    return SliceSet(image, label, np.arange(n) < n_pos, np.array(boxes, np.float32).reshape(-1, 5), scan_id,
+                    np.array([f"P{s}" for s in scan_id]), np.arange(n, dtype=np.int64), np.array(["real"] * n))
+
+
+def test_config_is_mmdets_installed_one_adapted(tmp_path):
+    import mmdet
+
+    cfg = build_config(LocalizationOptions(), SIZE, tmp_path / "coco", tmp_path)
+    mmdet_dir = Path(mmdet.__file__).resolve().parent
+    assert Path(cfg.filename).resolve().is_relative_to(mmdet_dir)
+    assert Path(cfg.filename).name == "faster-rcnn_x101-32x4d_fpn_1x_coco.py"
+    backbone = cfg.model.backbone
+    assert (backbone.type, backbone.depth, backbone.groups, backbone.base_width) == ("ResNeXt", 101, 32, 4)
+    assert backbone.init_cfg is None  # mmdet's config names a download
+    assert cfg.model.neck.type == "FPN"
+    assert cfg.model.roi_head.bbox_head.num_classes == 1
+    assert cfg.model.rpn_head.anchor_generator.scales == [1.0, 2.0, 4.0]
+    assert cfg.train_dataloader.dataset.metainfo == {"classes": ("nodule",)}
+    assert cfg.train_dataloader.dataset.filter_cfg.filter_empty_gt is False
+    resize = [s for s in cfg.train_dataloader.dataset.pipeline if s["type"] == "Resize"]
+    assert resize and resize[0]["scale"] == (SIZE, SIZE)
+    assert cfg.optim_wrapper.type == "OptimWrapper" and cfg.optim_wrapper.optimizer.lr == 0.1
+    assert cfg.train_cfg.max_iters == 12 * 510 and cfg.train_dataloader.batch_size == 2
+    assert cfg.param_scheduler[-1].end_factor == 0.1 and cfg.param_scheduler[-1].end == 12 * 510
+    assert build_config(LocalizationOptions(), SIZE, tmp_path, tmp_path, device="cuda").optim_wrapper.type \
+        == "AmpOptimWrapper"
+
+
+def test_coco_json_has_the_slices_boxes_as_mmdet_reads_them(tmp_path):
+    from mmdet.datasets import CocoDataset
+
+    slices = square_slices(3, 1, seed=1, scans=["S1"])
+    write_coco(slices, tmp_path, "train")
+    coco = json.loads((tmp_path / "train.json").read_text())
+    row, x0, y0, x1, y1 = slices.boxes[1]
+    ann = [a for a in coco["annotations"] if a["image_id"] == int(row) + 1]
+    assert len(ann) == 1 and ann[0]["bbox"] == [x0, y0, x1 - x0, y1 - y0] == [x0, y0, NODULE, NODULE]
+    image = next(i for i in coco["images"] if i["id"] == int(row) + 1)
+    assert np.array_equal(cv2.imread(str(tmp_path / "train" / image["file_name"]), cv2.IMREAD_UNCHANGED),
+                          slices.image[int(row)])
+    assert len(coco["images"]) == 4 and len(coco["annotations"]) == 3
+
+    # mmdet's CocoDataset reads the same box back as (x0, y0, x1, y1), and keeps the negative slice
+    dataset = CocoDataset(data_root=str(tmp_path), ann_file="train.json", data_prefix=dict(img="train/"),
+                          metainfo=dict(classes=("nodule",)), filter_cfg=dict(filter_empty_gt=False), pipeline=[])
+    assert len(dataset) == 4
+    info = next(d for d in map(dataset.get_data_info, range(len(dataset))) if d["img_id"] == int(row) + 1)
+    assert [inst["bbox"] for inst in info["instances"]] == [[x0, y0, x1, y1]]
+
+
+def test_tiny_training_loss_falls_and_metrics_are_complete(tmp_path):
+    torch.set_num_threads(1)
+    train = SliceSet.concatenate([square_slices(6, 2, seed=2, scans=["T1", "T2"])])
+    test = square_slices(3, 1, seed=3, scans=["E1", "E2"])
+    dataset = ArmDataset("A", 0, train, test, {})
+    # the study's lr and optimiser, a short schedule; every box kept so that the few-iteration model predicts some
+    options = LocalizationOptions.from_config(dict(epochs=2, iters_per_epoch=4, warmup_iters=2, log_interval=4,
+                                                   score_threshold=0.0))
+    metrics, predictions = run_localization(dataset, options, tmp_path, device="cpu")
+
+    loss = pd.read_csv(tmp_path / "loss.tsv", sep="\t")[["iter", "loss", "lr"]].to_numpy()
+    assert loss.shape == (8, 3) and np.isfinite(loss).all()
+    assert loss[-3:, 1].mean() < 0.5 * loss[:3, 1].mean()
+    assert loss[0, 2] == pytest.approx(1e-4) and loss[2, 2] == pytest.approx(0.1)  # warmup, then the study's lr
+    assert loss[-1, 2] == pytest.approx(0.01) and (np.diff(loss[2:, 2]) < 0).all()  # linear decay to 0.1 x
+    for name in ("model.pth", "coco/train.json", "coco/test.json"):
+        assert (tmp_path / name).is_file(), name
+    assert list(tmp_path.glob("*/*.log")), "mmengine's log of the run"
+    assert len(json.loads((tmp_path / "coco/test.json").read_text())["annotations"]) == 3
+
+    rates = ["ap50", "ap60", "ar50", "ar60", "ar70", "cpm"] + [f"froc_{r:g}" for r in (0.125, 0.25, 0.5, 1, 2, 4, 8)]
+    for key in rates:
+        assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
+    assert {k: metrics[k] for k in ("n_train", "n_train_positive", "n_train_negative", "n_test", "n_test_positive",
+                                    "n_test_boxes")} == dict(n_train=8, n_train_positive=6, n_train_negative=2,
+                                                             n_test=4, n_test_positive=3, n_test_boxes=3)
+    assert math.isfinite(metrics["final_loss"])
+    assert any(k.startswith("coco_") for k in metrics)
+    # mmdet's own CocoMetric on the same predictions agrees with coco_metrics
+    mmdet_metrics = json.loads((tmp_path / "mmdet_metrics.json").read_text())
+    assert mmdet_metrics["coco/bbox_mAP_50"] == pytest.approx(metrics["ap50"], abs=1e-3)
+
+    assert list(predictions.columns) == PREDICTION_COLUMNS
+    assert len(predictions) > 0 and set(predictions["scan_id"]) <= {"E1", "E2"}
+    assert (predictions["x1"] > predictions["x0"]).all() and predictions["score"].between(0, 1).all()
+    assert predictions[["x0", "y0", "x1", "y1"]].to_numpy().min() >= 0
+    assert predictions[["x0", "y0", "x1", "y1"]].to_numpy().max() <= SIZE
+
+
+def test_options_refuse_unknown_keys_and_read_yaml_strings():
+    with pytest.raises(KeyError, match="localization.epoch"):
+        LocalizationOptions.from_config({"epoch": 3})
+    opts = LocalizationOptions.from_config({"weight_decay": "1e-4", "anchor_scales": [2, 4], "load_from": None})
+    assert opts.weight_decay == 1e-4 and opts.anchor_scales == (2.0, 4.0)
+    assert LocalizationOptions().to_dict()["iters_per_epoch"] == 510
+    with pytest.raises(ValueError, match="localization.lr_end_factor"):
+        LocalizationOptions(lr_end_factor=0)
