@@ -155,8 +155,8 @@ def test_schema_documents_reconstruction_and_tilted():
     for key in ("dicom_root", "reconstruction", "tilted", "patient_id"):
         assert len(keys[key].get("description", "")) > 40, key
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    for key, value in [("reconstruction", "all"), ("reconstruction", "thinnest"), ("reconstruction", "kernel:B3.f|LUNG"),
-                       ("tilted", "reject"), ("tilted", "resample")]:
+    for key, value in [("reconstruction", "all"), ("reconstruction", "thinnest"),
+                       ("reconstruction", "kernel:B3.f|LUNG"), ("tilted", "reject"), ("tilted", "resample")]:
         validate({**config, "cohort": {**config["cohort"], key: value}}, str(schema_path))
     for key, value in [("reconstruction", "thickest"), ("reconstruction", "kernel:"), ("tilted", "sideways")]:
         with pytest.raises(Exception, match=key):

@@ -168,6 +168,16 @@ def test_a_changed_value_reruns_only_what_uses_it(demo_run, tmp_path):
     jobs = dry_run_jobs(work, masks)
     assert {"ingest", "masks", "manifest"} <= jobs and "cohort" not in jobs
 
+    # The HU window: everything from the lesion maps on (ingestion too: its HU volumes are temp() files, deleted
+    # once the maps are made), not the cohort.
+    config = yaml.safe_load(small_config(tmp_path).read_text())
+    config["window"]["max_hu"] = 500
+    qc.write_text(yaml.safe_dump(config))
+    jobs = dry_run_jobs(work, qc)
+    assert {"ingest", "masks", "manifest", "folds", "train_sdm", "train_spade", "sample_sdm", "detect", "localize", "stats",
+            "report"} <= jobs
+    assert "cohort" not in jobs
+
 
 def test_config_error_fails_before_any_job_naming_the_key(tmp_path):
     config = yaml.safe_load(open(REPO / "config.yaml"))
@@ -193,3 +203,57 @@ def test_rules_split_the_sdm_keys_as_the_package_does():
 
     line = re.search(r"^SDM_SAMPLING_KEYS = (\[.*\])$", (REPO / "rules/common.smk").read_text(), re.M).group(1)
     assert tuple(ast.literal_eval(line)) == SDMOptions.SAMPLING_KEYS
+
+
+def test_a_job_killed_midway_reruns_cleanly(demo_run, tmp_path):
+    """A training job killed mid-run (a node lost, an out-of-memory kill): Snakemake keeps no partial model,
+    and the same command again resumes from the job's last checkpoint and finishes. Last in this module: it
+    retrains fold 0's SDM of the shared run, for longer."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    work, _ = demo_run
+    config = yaml.safe_load(small_config(tmp_path).read_text())
+    config["sdm"].update(max_steps=40, checkpoint_every=4)
+    path = tmp_path / "longer.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = work / "results/generators/sdm/0"
+    target = ["--configfile", str(path), "--cores", "1", "results/generators/sdm/0/model.pt"]
+
+    def checkpoint_step():
+        try:
+            return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["step"]
+        except Exception:  # absent, or being replaced at this moment
+            return None
+
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work), "--nocolor",
+           *target]
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.Popen(cmd, cwd=work, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (checkpoint_step() or 0) >= 8:
+        assert proc.poll() is None and time.time() < deadline, "the job ended before it could be killed"
+        time.sleep(0.5)
+    job = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "nodulesynth train-sdm"], capture_output=True,
+                         text=True).stdout.split()
+    assert job, "the training job's process"
+    for pid in job:
+        os.kill(int(pid), signal.SIGKILL)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, output
+    assert not (out / "model.pt").exists()  # no partial model stands in for a trained one
+    killed_at = checkpoint_step()
+    assert 8 <= killed_at < 40
+
+    run_snakemake(work, *target)
+    log = (work / "results/logs/train_sdm/0.log").read_text()
+    assert re.search(rf"resumed from \S*checkpoint.pt at step {killed_at}\b", log), log[-2000:]
+    assert torch.load(out / "model.pt", map_location="cpu", weights_only=False)["step"] == 40
+    loss = pd.read_csv(out / "loss.tsv", sep="\t")
+    assert loss.step.is_unique and loss.step.max() == 40  # the replayed steps are not logged twice

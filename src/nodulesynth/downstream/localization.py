@@ -63,6 +63,10 @@ class LocalizationOptions:
     # clips (RetinaNet, FCOS); with it lr 0.1 trains from scratch (loss 2.0 -> 0.07 in 16 iterations).
     clip_grad: Optional[float] = 35.0
     load_from: Optional[str] = None         # LOCAL mmdet checkpoint to start from (no download)
+    # Test: RPN proposals kept per slice for the RoI head (mmdet's nms_pre and max_per_img, 1000 for COCO's
+    # 1333 x 800 images). The RoI head's cost grows with it (about 13 GFLOP per slice at 1000), whatever the
+    # slice size: a small slice holds far fewer candidate nodules, and the demo's 64-px slices use 100.
+    test_proposals: int = 1000
     score_threshold: float = 0.05           # test: boxes scoring below are dropped (mmdet's default)
     max_per_img: int = 100                  # test: boxes kept per slice
     num_workers: int = 0
@@ -96,7 +100,7 @@ class LocalizationOptions:
         return self.epochs * self.iters_per_epoch
 
     def validate(self):
-        for key in ("epochs", "iters_per_epoch", "batch_size", "max_per_img", "log_interval"):
+        for key in ("epochs", "iters_per_epoch", "batch_size", "max_per_img", "log_interval", "test_proposals"):
             if getattr(self, key) < 1:
                 raise ValueError(f"localization.{key} must be positive, got {getattr(self, key)}")
         for key in ("warmup_iters", "num_workers", "weight_decay", "momentum"):
@@ -167,6 +171,8 @@ def build_config(options: LocalizationOptions, image_size: int, data_root, work_
         model.neck.norm_cfg = gn
     model.rpn_head.anchor_generator.scales = list(options.anchor_scales)
     model.roi_head.bbox_head.num_classes = len(CLASSES)
+    model.test_cfg.rpn.nms_pre = options.test_proposals
+    model.test_cfg.rpn.max_per_img = options.test_proposals
     model.test_cfg.rcnn.score_thr = options.score_threshold
     model.test_cfg.rcnn.max_per_img = options.max_per_img
     # The data preprocessor pads each batch to a multiple of 32 (FPN's coarsest stride): 64 and 256 need none.
