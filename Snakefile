@@ -32,7 +32,10 @@ rule all:
         expand("results/synth/{generator}/{fold}.fidelity.tsv", generator=["sdm", "spade"], fold=generator_folds()),
         "results/audit/leakage.tsv",
         expand(
-            "results/downstream/{task}/{arm}/fold{fold}/metrics.json", task=TASKS, arm=list(ARMS), fold=downstream_folds()
+            "results/downstream/{task}/{arm}/fold{fold}/metrics.json",
+            task=TASKS,
+            arm=list(ARMS),
+            fold=downstream_folds(),
         ),
         expand("results/downstream/realism/fold{fold}.json", fold=downstream_folds()),
         "results/report/report.html",

@@ -13,20 +13,20 @@ rule audit:
         data="results/downstream/data/{arm}/fold{fold}.npz",
     output:
         "results/audit/{arm}/fold{fold}.tsv",
-    params:
-        downstream=section("downstream"),
     log:
         "results/logs/audit/{arm}_{fold}.log",
     benchmark:
         "results/benchmarks/audit/{arm}_{fold}.tsv"
-    threads: 1
-    resources:
-        mem_mb=8000,
-        runtime=60,
     conda:
         "../envs/data.yaml"
     container:
         config["containers"]["data"]
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    params:
+        downstream=section("downstream"),
     shell:
         "nodulesynth audit --manifest {input.manifest} --folds {input.folds} --generators {input.generators} "
         "--synth {input.synth} --data {input.data} --params {params.downstream:q} --out {output} > {log} 2>&1"
@@ -39,13 +39,13 @@ rule leakage:
         report("results/audit/leakage.tsv", category="Leakage audit", caption="captions/leakage.rst"),
     log:
         "results/logs/leakage.log",
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=5,
     conda:
         "../envs/data.yaml"
     container:
         config["containers"]["data"]
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
     shell:
         "nodulesynth leakage --audits {input} --out {output} > {log} 2>&1"

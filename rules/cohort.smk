@@ -9,21 +9,21 @@ checkpoint cohort:
         series="results/cohort/series.tsv",
         files=directory("results/cohort/files"),
         demo=directory("results/demo"),
-    params:
-        cohort=section("cohort"),
-        nodules=section("nodules"),
     log:
         "results/logs/cohort.log",
     benchmark:
         "results/benchmarks/cohort.tsv"
-    threads: 4
-    resources:
-        mem_mb=2000,
-        runtime=60,
     conda:
         "../envs/data.yaml"
     container:
         config["containers"]["data"]
+    threads: 4
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    params:
+        cohort=section("cohort"),
+        nodules=section("nodules"),
     shell:
         "mkdir -p {output.demo} && "
         "nodulesynth cohort --params {params.cohort:q} --nodules {params.nodules:q} --demo-dir {output.demo} "
@@ -38,21 +38,21 @@ rule ingest:
         annotations="results/cohort/annotations.csv",
     output:
         temp("results/volumes/{scan}.npz"),
-    params:
-        cohort=section("cohort"),
-        nodules=section("nodules"),
     log:
         "results/logs/ingest/{scan}.log",
     benchmark:
         "results/benchmarks/ingest/{scan}.tsv"
-    threads: 1
-    resources:
-        mem_mb=3000,
-        runtime=20,
     conda:
         "../envs/data.yaml"
     container:
         config["containers"]["data"]
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=20,
+    params:
+        cohort=section("cohort"),
+        nodules=section("nodules"),
     shell:
         "nodulesynth ingest --scans {input.scans} --scan {wildcards.scan} --annotations {input.annotations} "
         "--params {params.cohort:q} --nodules {params.nodules:q} --out {output} > {log} 2>&1"
@@ -65,21 +65,21 @@ rule masks:
         slices="results/slices/{scan}.npz",
         nodules="results/slices/{scan}.nodules.tsv",
         dropped="results/slices/{scan}.dropped.tsv",
-    params:
-        masks=section("masks"),
-        window=section("window"),
     log:
         "results/logs/masks/{scan}.log",
     benchmark:
         "results/benchmarks/masks/{scan}.tsv"
-    threads: 1
-    resources:
-        mem_mb=3000,
-        runtime=20,
     conda:
         "../envs/data.yaml"
     container:
         config["containers"]["data"]
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=20,
+    params:
+        masks=section("masks"),
+        window=section("window"),
     shell:
         "nodulesynth masks --volume {input} --params {params.masks:q} --window {params.window:q} "
         "--slices {output.slices} --nodules {output.nodules} --dropped {output.dropped} > {log} 2>&1"
@@ -90,20 +90,20 @@ rule qc:
         "results/slices/{scan}.npz",
     output:
         report("results/qc/{scan}.png", category="Lesion maps", subcategory="QC montages", labels={"scan": "{scan}"}),
-    params:
-        qc_slices=config["report"]["qc_slices"],
     log:
         "results/logs/qc/{scan}.log",
     benchmark:
         "results/benchmarks/qc/{scan}.tsv"
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=5,
     conda:
         "../envs/data.yaml"
     container:
         config["containers"]["data"]
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        qc_slices=config["report"]["qc_slices"],
     shell:
         "nodulesynth qc --slices {input} --count {params.qc_slices} --out {output} > {log} 2>&1"
 
@@ -122,14 +122,14 @@ rule manifest:
         "results/logs/manifest.log",
     benchmark:
         "results/benchmarks/manifest.tsv"
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     conda:
         "../envs/data.yaml"
     container:
         config["containers"]["data"]
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     shell:
         "nodulesynth manifest --scans {input.scans} --cohort-rejected {input.cohort_rejected} "
         "--slices {input.slices} --dropped {input.dropped} --manifest {output.manifest} "

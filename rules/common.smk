@@ -93,8 +93,10 @@ def arm_generator_files(wildcards):
 def downstream_image_size():
     """All slices of the study at the generators' size; both generators must agree on it."""
     if config["sdm"]["image_size"] != config["spade"]["image_size"]:
-        raise ValueError(f"sdm.image_size {config['sdm']['image_size']} and spade.image_size "
-                         f"{config['spade']['image_size']} differ: the downstream arms need one size")
+        raise ValueError(
+            f"sdm.image_size {config['sdm']['image_size']} and spade.image_size "
+            f"{config['spade']['image_size']} differ: the downstream arms need one size"
+        )
     return config["sdm"]["image_size"]
 
 

@@ -11,21 +11,21 @@ rule downstream_dataset:
         synth=arm_synthetic,
     output:
         "results/downstream/data/{arm}/fold{fold}.npz",
-    params:
-        downstream=section("downstream"),
-        image_size=downstream_image_size(),
     log:
         "results/logs/downstream_dataset/{arm}_{fold}.log",
     benchmark:
         "results/benchmarks/downstream_dataset/{arm}_{fold}.tsv"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
     conda:
         "../envs/data.yaml"
     container:
         config["containers"]["data"]
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        downstream=section("downstream"),
+        image_size=downstream_image_size(),
     shell:
         "nodulesynth downstream-dataset --arm {wildcards.arm} --fold {wildcards.fold} --manifest {input.manifest} "
         "--folds {input.folds} --slices {input.slices} --synth {input.synth} --image-size {params.image_size} "
@@ -41,23 +41,23 @@ rule detect:
         predictions="results/downstream/detection/{arm}/fold{fold}/predictions.tsv",
         model="results/downstream/detection/{arm}/fold{fold}/model.pth",
         loss="results/downstream/detection/{arm}/fold{fold}/loss.tsv",
-    params:
-        detection=section("detection"),
-        device=config["downstream"]["device"],
-        work_dir=subpath(output.metrics, parent=True),
     log:
         "results/logs/detect/{arm}_{fold}.log",
     benchmark:
         "results/benchmarks/detect/{arm}_{fold}.tsv"
+    conda:
+        "../envs/mmlab.yaml"
+    container:
+        config["containers"]["mmlab"]
     threads: config["downstream"]["threads"]
     resources:
         gpu=1,
         mem_mb=16000,
         runtime=12 * 60,
-    conda:
-        "../envs/mmlab.yaml"
-    container:
-        config["containers"]["mmlab"]
+    params:
+        detection=section("detection"),
+        device=config["downstream"]["device"],
+        work_dir=subpath(output.metrics, parent=True),
     shell:
         "nodulesynth detect --data {input.data} --params {params.detection:q} --work-dir {params.work_dir} "
         "--device {params.device} --threads {threads} > {log} 2>&1"
@@ -72,23 +72,23 @@ rule localize:
         predictions="results/downstream/localization/{arm}/fold{fold}/predictions.tsv",
         model="results/downstream/localization/{arm}/fold{fold}/model.pth",
         loss="results/downstream/localization/{arm}/fold{fold}/loss.tsv",
-    params:
-        localization=section("localization"),
-        device=config["downstream"]["device"],
-        work_dir=subpath(output.metrics, parent=True),
     log:
         "results/logs/localize/{arm}_{fold}.log",
     benchmark:
         "results/benchmarks/localize/{arm}_{fold}.tsv"
+    conda:
+        "../envs/mmlab.yaml"
+    container:
+        config["containers"]["mmlab"]
     threads: config["downstream"]["threads"]
     resources:
         gpu=1,
         mem_mb=16000,
         runtime=12 * 60,
-    conda:
-        "../envs/mmlab.yaml"
-    container:
-        config["containers"]["mmlab"]
+    params:
+        localization=section("localization"),
+        device=config["downstream"]["device"],
+        work_dir=subpath(output.metrics, parent=True),
     shell:
         "nodulesynth localize --data {input.data} --params {params.localization:q} --work-dir {params.work_dir} "
         "--device {params.device} --threads {threads} > {log} 2>&1"
@@ -100,22 +100,22 @@ rule realism:
         data=expand("results/downstream/data/{arm}/fold{{fold}}.npz", arm=list(ARMS)),
     output:
         "results/downstream/realism/fold{fold}.json",
-    params:
-        detection=section("detection"),
-        device=config["downstream"]["device"],
     log:
         "results/logs/realism/{fold}.log",
     benchmark:
         "results/benchmarks/realism/{fold}.tsv"
+    conda:
+        "../envs/mmlab.yaml"
+    container:
+        config["containers"]["mmlab"]
     threads: config["downstream"]["threads"]
     resources:
         gpu=1,
         mem_mb=8000,
         runtime=60,
-    conda:
-        "../envs/mmlab.yaml"
-    container:
-        config["containers"]["mmlab"]
+    params:
+        detection=section("detection"),
+        device=config["downstream"]["device"],
     shell:
         "nodulesynth realism --model {input.model} --data {input.data} --params {params.detection:q} "
         "--device {params.device} --threads {threads} --out {output} > {log} 2>&1"

@@ -7,19 +7,19 @@ checkpoint folds:
         slices=slice_stacks,
     output:
         "results/folds/folds.tsv",
-    params:
-        folds=section("folds"),
     log:
         "results/logs/folds.log",
     benchmark:
         "results/benchmarks/folds.tsv"
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=5,
     conda:
         "../envs/data.yaml"
     container:
         config["containers"]["data"]
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        folds=section("folds"),
     shell:
         "nodulesynth folds --manifest {input.manifest} --slices {input.slices} --params {params.folds:q} --out {output} > {log} 2>&1"

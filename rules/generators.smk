@@ -2,6 +2,7 @@
 # ("holdout": on all patients, for the report), then sampled on the same lesion maps.
 # GPU jobs: `gpu=1` asks SLURM for a GPU; without one they run on the CPU.
 
+
 rule train_sdm:
     input:
         training_stacks,
@@ -9,23 +10,23 @@ rule train_sdm:
         model="results/generators/sdm/{fold}/model.pt",
         scans="results/generators/sdm/{fold}/training_scans.tsv",
         loss=report("results/generators/sdm/{fold}/loss.tsv", category="Generators", subcategory="SDM"),
-    params:
-        sdm=sdm_training_params(),
-        out_dir=subpath(output.model, parent=True),
-        device=config["generators"]["device"],
     log:
         "results/logs/train_sdm/{fold}.log",
     benchmark:
         "results/benchmarks/train_sdm/{fold}.tsv"
+    conda:
+        "../envs/generators.yaml"
+    container:
+        config["containers"]["generators"]
     threads: config["generators"]["threads"]
     resources:
         gpu=1,
         mem_mb=16000,
         runtime=24 * 60,
-    conda:
-        "../envs/generators.yaml"
-    container:
-        config["containers"]["generators"]
+    params:
+        sdm=sdm_training_params(),
+        out_dir=subpath(output.model, parent=True),
+        device=config["generators"]["device"],
     shell:
         "nodulesynth train-sdm --slices {input} --params {params.sdm:q} --out-dir {params.out_dir} "
         "--device {params.device} --threads {threads} > {log} 2>&1"
@@ -37,23 +38,23 @@ rule sample_sdm:
         stacks=training_stacks,
     output:
         directory("results/synth/sdm/{fold}"),
-    params:
-        sampling=sdm_sampling_params(),
-        synthesis=section("synthesis"),
-        device=config["generators"]["device"],
     log:
         "results/logs/sample_sdm/{fold}.log",
     benchmark:
         "results/benchmarks/sample_sdm/{fold}.tsv"
+    conda:
+        "../envs/generators.yaml"
+    container:
+        config["containers"]["generators"]
     threads: config["generators"]["threads"]
     resources:
         gpu=1,
         mem_mb=16000,
         runtime=12 * 60,
-    conda:
-        "../envs/generators.yaml"
-    container:
-        config["containers"]["generators"]
+    params:
+        sampling=sdm_sampling_params(),
+        synthesis=section("synthesis"),
+        device=config["generators"]["device"],
     shell:
         "nodulesynth sample-sdm --model {input.model} --slices {input.stacks} --params {params.sampling:q} "
         "--synthesis {params.synthesis:q} --out-dir {output} "
@@ -67,23 +68,23 @@ rule train_spade:
         model="results/generators/spade/{fold}/model.pt",
         scans="results/generators/spade/{fold}/training_scans.tsv",
         loss=report("results/generators/spade/{fold}/loss.tsv", category="Generators", subcategory="SPADE"),
-    params:
-        spade=section("spade"),
-        out_dir=subpath(output.model, parent=True),
-        device=config["generators"]["device"],
     log:
         "results/logs/train_spade/{fold}.log",
     benchmark:
         "results/benchmarks/train_spade/{fold}.tsv"
+    conda:
+        "../envs/generators.yaml"
+    container:
+        config["containers"]["generators"]
     threads: config["generators"]["threads"]
     resources:
         gpu=1,
         mem_mb=16000,
         runtime=24 * 60,
-    conda:
-        "../envs/generators.yaml"
-    container:
-        config["containers"]["generators"]
+    params:
+        spade=section("spade"),
+        out_dir=subpath(output.model, parent=True),
+        device=config["generators"]["device"],
     shell:
         "nodulesynth train-spade --slices {input} --params {params.spade:q} --out-dir {params.out_dir} "
         "--device {params.device} --threads {threads} > {log} 2>&1"
@@ -95,22 +96,22 @@ rule sample_spade:
         stacks=training_stacks,
     output:
         directory("results/synth/spade/{fold}"),
-    params:
-        synthesis=section("synthesis"),
-        device=config["generators"]["device"],
     log:
         "results/logs/sample_spade/{fold}.log",
     benchmark:
         "results/benchmarks/sample_spade/{fold}.tsv"
+    conda:
+        "../envs/generators.yaml"
+    container:
+        config["containers"]["generators"]
     threads: config["generators"]["threads"]
     resources:
         gpu=1,
         mem_mb=16000,
         runtime=6 * 60,
-    conda:
-        "../envs/generators.yaml"
-    container:
-        config["containers"]["generators"]
+    params:
+        synthesis=section("synthesis"),
+        device=config["generators"]["device"],
     shell:
         "nodulesynth sample-spade --model {input.model} --slices {input.stacks} "
         "--synthesis {params.synthesis:q} --out-dir {output} "
@@ -125,25 +126,25 @@ rule sample_sdm_heldout:
         stacks=heldout_stacks,
     output:
         directory("results/synth_heldout/sdm/{fold}"),
-    wildcard_constraints:
-        fold=r"\d+",
-    params:
-        sampling=sdm_sampling_params(),
-        synthesis=section("synthesis"),
-        device=config["generators"]["device"],
     log:
         "results/logs/sample_sdm_heldout/{fold}.log",
     benchmark:
         "results/benchmarks/sample_sdm_heldout/{fold}.tsv"
+    wildcard_constraints:
+        fold=r"\d+",
+    conda:
+        "../envs/generators.yaml"
+    container:
+        config["containers"]["generators"]
     threads: config["generators"]["threads"]
     resources:
         gpu=1,
         mem_mb=16000,
         runtime=12 * 60,
-    conda:
-        "../envs/generators.yaml"
-    container:
-        config["containers"]["generators"]
+    params:
+        sampling=sdm_sampling_params(),
+        synthesis=section("synthesis"),
+        device=config["generators"]["device"],
     shell:
         "nodulesynth sample-sdm --model {input.model} --slices {input.stacks} --params {params.sampling:q} "
         "--synthesis {params.synthesis:q} --out-dir {output} "
@@ -157,24 +158,24 @@ rule sample_spade_heldout:
         stacks=heldout_stacks,
     output:
         directory("results/synth_heldout/spade/{fold}"),
-    wildcard_constraints:
-        fold=r"\d+",
-    params:
-        synthesis=section("synthesis"),
-        device=config["generators"]["device"],
     log:
         "results/logs/sample_spade_heldout/{fold}.log",
     benchmark:
         "results/benchmarks/sample_spade_heldout/{fold}.tsv"
+    wildcard_constraints:
+        fold=r"\d+",
+    conda:
+        "../envs/generators.yaml"
+    container:
+        config["containers"]["generators"]
     threads: config["generators"]["threads"]
     resources:
         gpu=1,
         mem_mb=16000,
         runtime=6 * 60,
-    conda:
-        "../envs/generators.yaml"
-    container:
-        config["containers"]["generators"]
+    params:
+        synthesis=section("synthesis"),
+        device=config["generators"]["device"],
     shell:
         "nodulesynth sample-spade --model {input.model} --slices {input.stacks} "
         "--synthesis {params.synthesis:q} --out-dir {output} "
@@ -189,23 +190,27 @@ rule fidelity:
         heldout=lambda wc: [] if wc.fold == "holdout" else [f"results/synth_heldout/{wc.generator}/{wc.fold}"],
         slices=lambda wc: training_stacks(wc) + heldout_stacks(wc),
     output:
-        report("results/synth/{generator}/{fold}.fidelity.tsv", category="Generators",
-               subcategory="Mask fidelity", labels={"generator": "{generator}", "fold": "{fold}"}),
-    params:
-        window=section("window"),
-        masks=section("masks"),
+        report(
+            "results/synth/{generator}/{fold}.fidelity.tsv",
+            category="Generators",
+            subcategory="Mask fidelity",
+            labels={"generator": "{generator}", "fold": "{fold}"},
+        ),
     log:
         "results/logs/fidelity/{generator}_{fold}.log",
     benchmark:
         "results/benchmarks/fidelity/{generator}_{fold}.tsv"
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=30,
     conda:
         "../envs/data.yaml"
     container:
         config["containers"]["data"]
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        window=section("window"),
+        masks=section("masks"),
     shell:
         "nodulesynth fidelity --synth {input.synth} --heldout {input.heldout} --slices {input.slices} "
         "--params {params.masks:q} --window {params.window:q} --generator {wildcards.generator} "

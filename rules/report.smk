@@ -10,27 +10,31 @@ rule report:
         realism=expand("results/downstream/realism/fold{fold}.json", fold=downstream_folds()),
         leakage="results/audit/leakage.tsv",
         synth=expand("results/synth/{generator}/holdout", generator=["sdm", "spade"]),
-        fidelity=expand("results/synth/{generator}/{fold}.fidelity.tsv", generator=["sdm", "spade"], fold=generator_folds()),
-        losses=expand("results/generators/{generator}/{fold}/loss.tsv", generator=["sdm", "spade"], fold=generator_folds()),
+        fidelity=expand(
+            "results/synth/{generator}/{fold}.fidelity.tsv", generator=["sdm", "spade"], fold=generator_folds()
+        ),
+        losses=expand(
+            "results/generators/{generator}/{fold}/loss.tsv", generator=["sdm", "spade"], fold=generator_folds()
+        ),
         manifest="results/cohort/manifest.tsv",
         rejected="results/cohort/rejected.tsv",
     output:
         html=report("results/report/report.html", category="Study", caption="captions/report.rst"),
         pdf="results/report/report.pdf",
-    params:
-        config=json.dumps(config, sort_keys=True),
     log:
         "results/logs/report.log",
     benchmark:
         "results/benchmarks/report.tsv"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=20,
     conda:
         "../envs/report.yaml"
     container:
         config["containers"]["report"]
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    params:
+        config=json.dumps(config, sort_keys=True),
     shell:
         "nodulesynth report --results results --config {params.config:q} --html {output.html} --pdf {output.pdf} "
         "> {log} 2>&1"

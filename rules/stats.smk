@@ -5,7 +5,10 @@
 rule stats:
     input:
         metrics=expand(
-            "results/downstream/{task}/{arm}/fold{fold}/metrics.json", task=TASKS, arm=list(ARMS), fold=downstream_folds()
+            "results/downstream/{task}/{arm}/fold{fold}/metrics.json",
+            task=TASKS,
+            arm=list(ARMS),
+            fold=downstream_folds(),
         ),
         predictions=expand(
             "results/downstream/{task}/{arm}/fold{fold}/predictions.tsv",
@@ -15,20 +18,20 @@ rule stats:
         ),
     output:
         expand("results/stats/{task}_{table}.{ext}", task=TASKS, table=["summary", "tests"], ext=["tsv", "md", "tex"]),
-    params:
-        stats=section("stats"),
-        out_dir=subpath(output[0], parent=True),
     log:
         "results/logs/stats.log",
     benchmark:
         "results/benchmarks/stats.tsv"
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     conda:
         "../envs/report.yaml"
     container:
         config["containers"]["report"]
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        stats=section("stats"),
+        out_dir=subpath(output[0], parent=True),
     shell:
         "nodulesynth stats --metrics {input.metrics} --params {params.stats:q} --out-dir {params.out_dir} > {log} 2>&1"

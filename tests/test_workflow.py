@@ -195,6 +195,17 @@ def test_lint_is_clean(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_snakefmt_check_is_clean():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # snakefmt reads its line length from pyproject.toml's [tool.snakefmt]
+    snakefmt = Path(sys.executable).parent / "snakefmt"
+    proc = subprocess.run([str(snakefmt), "--check", "Snakefile", "rules"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_rules_split_the_sdm_keys_as_the_package_does():
     import ast
     import re
