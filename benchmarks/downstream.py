@@ -61,7 +61,7 @@ def synthetic_dataset(size: int, seed: int = 0):
     import numpy as np
 
     from nodulesynth.downstream.datasets import ArmDataset, SliceSet
-    from nodulesynth.masks.labels import LEFT_LUNG, NODULE
+    from nodulesynth.labels import LEFT_LUNG, NODULE
 
     def slices(n, rng, scan):
         image = np.clip(rng.normal(40, 8, (n, size, size)), 0, 255).astype(np.uint8)

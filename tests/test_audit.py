@@ -15,7 +15,7 @@ from nodulesynth.data.slices import load_slices, save_slices
 from nodulesynth.downstream.audit import LeakageError, assert_clean, audit, best_matches, image_features, write_audit
 from nodulesynth.downstream.datasets import ARMS, ArmDataset, SliceSet, save_dataset
 from nodulesynth.io import read_tsv, write_tsv
-from nodulesynth.masks.labels import NODULE
+from nodulesynth.labels import NODULE
 from nodulesynth.models.synthesis import plan_maps, scan_seed, write_synthetic
 
 SIZE = 64          # the datasets' size (the demo generators' image_size)

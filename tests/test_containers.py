@@ -234,7 +234,7 @@ def imported_names(nodes, package):
             base = ".".join(parts[:len(parts) - node.level + 1] + [node.module or ""]).strip(".") if node.level \
                 else node.module
             names.add(base)
-            # `from nodulesynth.masks import labels` imports the module nodulesynth.masks.labels
+            # `from nodulesynth import labels` imports the module nodulesynth.labels
             names |= {f"{base}.{alias.name}" for alias in node.names if module_path(f"{base}.{alias.name}").exists()}
     return names
 

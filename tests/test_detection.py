@@ -14,7 +14,7 @@ from nodulesynth.downstream.datasets import ArmDataset, SliceSet
 from nodulesynth.downstream.detection import (BASE_CONFIG, DetectionOptions, crop_patches, detection_config,
                                               detection_features, fold_rgb_stem, run_detection, unit_centres,
                                               unit_images)
-from nodulesynth.masks.labels import BODY, LEFT_LUNG, NODULE, RIGHT_LUNG
+from nodulesynth.labels import BODY, LEFT_LUNG, NODULE, RIGHT_LUNG
 
 SIZE = 64
 CORE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")

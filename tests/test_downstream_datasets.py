@@ -8,7 +8,7 @@ import pytest
 from nodulesynth.data.slices import SliceStack, save_slices
 from nodulesynth.downstream.datasets import (SliceSet, build_arm_dataset, component_boxes, load_dataset,
                                              save_dataset)
-from nodulesynth.masks.labels import BODY, LEFT_LUNG, NODULE
+from nodulesynth.labels import BODY, LEFT_LUNG, NODULE
 
 
 def write_stack(folder, scan, patient, n, size, nodule_rows=(), seed=0, boxes=True):

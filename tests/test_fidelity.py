@@ -14,7 +14,7 @@ from nodulesynth.cli import main
 from nodulesynth.data.demo import annotations_frame, write_phantom
 from nodulesynth.data.phantom import Nodule, PhantomGeometry
 from nodulesynth.data.slices import SliceStack, load_slices, save_slices
-from nodulesynth.masks import labels as L
+from nodulesynth import labels as L
 from nodulesynth.masks.fidelity import field_of_view, mask_fidelity, pixel_mm
 from nodulesynth.masks.lesion_map import slice_stack
 from nodulesynth.masks.segment import MaskOptions

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import LIDC_0001, LIDC_ROOT, dice
-from nodulesynth.masks import labels as L
+from nodulesynth import labels as L
 
 pytestmark = [
     pytest.mark.lidc,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import dice, process_scan
-from nodulesynth.masks import labels as L
+from nodulesynth import labels as L
 
 THRESHOLDS = {L.LEFT_LUNG: 0.95, L.RIGHT_LUNG: 0.95, L.BODY: 0.97, L.TRACHEA: 0.80, L.NODULE: 0.80}
 

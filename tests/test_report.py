@@ -20,7 +20,7 @@ from nodulesynth.data.slices import SliceStack, save_slices
 from nodulesynth.downstream.datasets import ARMS, ArmDataset, SliceSet, save_dataset
 from nodulesynth.downstream.metrics import detection_metrics, froc
 from nodulesynth.io import write_tsv
-from nodulesynth.masks.labels import PALETTE
+from nodulesynth.labels import PALETTE
 from nodulesynth.models.common import LossCurve, write_options_file
 from nodulesynth.models.spade.losses import perceptual_loss_status
 from nodulesynth.models.spade.options import SPADEOptions

@@ -12,7 +12,7 @@ import yaml
 from scipy import ndimage, stats
 
 from nodulesynth.data.slices import SliceStack, load_slices, save_slices
-from nodulesynth.masks.labels import BODY, LEFT_LUNG, NODULE, RIGHT_LUNG, TRACHEA
+from nodulesynth.labels import BODY, LEFT_LUNG, NODULE, RIGHT_LUNG, TRACHEA
 from nodulesynth.models.common import (EMA, LossCurve, SlicePairs, load_checkpoint, one_hot, save_checkpoint,
                                        step_generator)
 from nodulesynth.models.sdm import SDMOptions, load_sdm, sample_images, sample_sdm, train_sdm

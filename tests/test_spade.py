@@ -11,7 +11,7 @@ import yaml
 from torch.nn.utils import parametrize
 
 from nodulesynth.data.slices import SliceStack, load_slices, save_slices
-from nodulesynth.masks.labels import BODY, LEFT_LUNG, NODULE, NUM_CLASSES, RIGHT_LUNG, TRACHEA
+from nodulesynth.labels import BODY, LEFT_LUNG, NODULE, NUM_CLASSES, RIGHT_LUNG, TRACHEA
 from nodulesynth.models.common import load_checkpoint, one_hot
 from nodulesynth.models.spade import SPADEOptions, generate, load_spade, sample_spade, train_spade
 from nodulesynth.models.spade.losses import (VGGLoss, build_vgg_loss, d_hinge_loss, feature_matching_loss,

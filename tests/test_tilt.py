@@ -19,7 +19,7 @@ from nodulesynth.data.demo import write_phantom
 from nodulesynth.data.dicom_series import CANONICAL_ORIENTATION, read_series
 from nodulesynth.data.ingest import ScanRecord, ingest_scan
 from nodulesynth.data.phantom import Nodule, PhantomGeometry
-from nodulesynth.masks import labels as L
+from nodulesynth import labels as L
 from nodulesynth.masks.lesion_map import slice_stack
 from nodulesynth.masks.segment import MaskOptions
 

@@ -13,7 +13,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
-from nodulesynth.masks import labels as L
+from nodulesynth import labels as L
 
 PADDING_VALUE = -2000      # stored pixel value outside the circular field of view, as scanners do
 RESCALE_INTERCEPT = -1024  # stored = HU - intercept

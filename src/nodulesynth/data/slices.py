@@ -1,7 +1,7 @@
 """The per-scan slice stack (`results/slices/{scan}.npz`), the contract between masks and every later stage.
 
 Arrays: `image` uint8 [N,H,W] (HU window [-1000, 400] mapped to 0..255), `label` uint8 [N,H,W]
-(see `nodulesynth.masks.labels`), `z` float [N] (mm), `slice_index` int [N] (index in the series,
+(see `nodulesynth.labels`), `z` float [N] (mm), `slice_index` int [N] (index in the series,
 ordered by ImagePositionPatient), `has_nodule` bool [N]. Scalars: `scan_id`, `patient_id`,
 `status` ("ok" or "rejected") and `reason`. A rejected scan has N = 0.
 Synthetic stacks (`results/synth/...`) use the same layout.

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from nodulesynth.io import atomic_path
-from nodulesynth.masks.labels import NODULE
+from nodulesynth.labels import NODULE
 
 ARMS = {"A": None, "B": "spade", "C": "sdm"}  # arm -> generator whose slices it adds
 

@@ -29,7 +29,7 @@ from mmpretrain.registry import DATASETS
 from nodulesynth.downstream import mmlab
 from nodulesynth.downstream.datasets import ArmDataset, SliceSet
 from nodulesynth.downstream.metrics import detection_metrics
-from nodulesynth.masks.labels import LEFT_LUNG, NODULE, RIGHT_LUNG
+from nodulesynth.labels import LEFT_LUNG, NODULE, RIGHT_LUNG
 
 BASE_CONFIG = "mmpretrain::seresnet/seresnet101_8xb32_in1k.py"
 CLASSES = ("no_nodule", "nodule")

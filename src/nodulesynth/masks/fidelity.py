@@ -18,7 +18,7 @@ from scipy import ndimage
 from sklearn.cluster import KMeans
 
 from nodulesynth.data.slices import load_slices
-from nodulesynth.masks import labels as L
+from nodulesynth import labels as L
 from nodulesynth.masks.segment import MaskOptions, hu_to_window, segment_slice
 
 CLASSES = (L.LEFT_LUNG, L.RIGHT_LUNG, L.TRACHEA, L.BODY)

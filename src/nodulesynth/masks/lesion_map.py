@@ -7,7 +7,7 @@ import pandas as pd
 from nodulesynth.data.cohort import DROPPED_COLUMNS
 from nodulesynth.data.dicom_series import window as apply_window
 from nodulesynth.data.slices import SliceStack
-from nodulesynth.masks import labels as L
+from nodulesynth import labels as L
 from nodulesynth.masks.segment import MaskOptions, nodule_mask, segment_volume
 
 NODULE_COLUMNS = ["slice_index", "nodule", "x0", "y0", "x1", "y1"]

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 
 from nodulesynth.io import atomic_path
-from nodulesynth.masks import labels as L
+from nodulesynth import labels as L
 
 
 def pick_slices(has_nodule, count):

@@ -11,7 +11,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.cluster import KMeans
 
-from nodulesynth.masks import labels as L
+from nodulesynth import labels as L
 
 
 @dataclass

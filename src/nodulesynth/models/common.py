@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from nodulesynth.data.slices import load_slices
 from nodulesynth.io import atomic_path
-from nodulesynth.masks.labels import NUM_CLASSES
+from nodulesynth.labels import NUM_CLASSES
 
 
 def pick_device(requested: str = "auto") -> torch.device:

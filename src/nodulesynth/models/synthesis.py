@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from nodulesynth.data.slices import SliceStack, load_slices, save_slices
-from nodulesynth.masks.labels import NODULE
+from nodulesynth.labels import NODULE
 from nodulesynth.models.common import progress
 from nodulesynth.models.transplant import choose_maps, nodule_shapes
 

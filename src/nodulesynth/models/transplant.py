@@ -10,7 +10,7 @@ get the same maps.
 import numpy as np
 from scipy import ndimage
 
-from nodulesynth.masks.labels import LEFT_LUNG, NODULE, RIGHT_LUNG
+from nodulesynth.labels import LEFT_LUNG, NODULE, RIGHT_LUNG
 
 RING = np.ones((3, 3), bool)  # 8-connected: the ring also covers diagonal neighbours
 

@@ -12,7 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from nodulesynth.masks.labels import colorize
+from nodulesynth.labels import colorize
 
 ARM_COLOURS = {"A": "#444444", "B": "#d95f02", "C": "#1b9e77"}
 ARM_NAMES = {"A": "A: real", "B": "B: real + SPADE", "C": "C: real + SDM"}

@@ -24,7 +24,7 @@ class SDMOptions:
     # --- network ---
     image_size: int = 256
     in_channels: int = 1                # one CT channel
-    num_classes: int = 6                # nodulesynth.masks.labels.NUM_CLASSES
+    num_classes: int = 6                # nodulesynth.labels.NUM_CLASSES
     model_channels: int = 256
     channel_mult: tuple = (1, 1, 2, 2, 4, 4)
     num_res_blocks: int = 2

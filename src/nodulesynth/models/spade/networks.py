@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from nodulesynth.masks.labels import NUM_CLASSES
+from nodulesynth.labels import NUM_CLASSES
 
 from .options import SPADEOptions
 

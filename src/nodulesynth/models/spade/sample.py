@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nodulesynth.masks.labels import NUM_CLASSES
+from nodulesynth.labels import NUM_CLASSES
 from nodulesynth.models.common import load_checkpoint, one_hot, pick_device
 from nodulesynth.models.synthesis import plan_maps, to_uint8, write_synthetic
 

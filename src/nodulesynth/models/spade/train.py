@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from nodulesynth.masks.labels import NUM_CLASSES
+from nodulesynth.labels import NUM_CLASSES
 from nodulesynth.models.common import (EMA, LossCurve, SlicePairs, data_summary, load_checkpoint, load_training_data,
                                        one_hot, pick_device, progress, resume_refusal, save_checkpoint,
                                        step_generator, write_options_file)
