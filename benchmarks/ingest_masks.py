@@ -29,7 +29,7 @@ def measure(stage, lidc_root):
     import pydicom
 
     from nodulesynth.data.cohort import discover_lidc
-    from nodulesynth.data.dicom_series import window
+    from nodulesynth.data.window import apply_window
 
     row = discover_lidc(lidc_root).scans.iloc[0]
     start = time.perf_counter()
@@ -37,7 +37,7 @@ def measure(stage, lidc_root):
         files = [p for p in Path(row.dicom_dir).iterdir() if p.suffix == ".dcm"]
         for path in files:
             ds = pydicom.dcmread(path)
-            window(ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
+            apply_window(ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
         slices = len(files)
     else:
         from nodulesynth.data.ingest import ScanRecord, ingest_scan

@@ -117,12 +117,13 @@ def cmd_ingest(args):
 
 def cmd_masks(args):
     from nodulesynth.data.slices import save_slices
+    from nodulesynth.data.window import window_from_config
     from nodulesynth.io import write_tsv
     from nodulesynth.masks.lesion_map import scan_lesion_maps
     from nodulesynth.masks.segment import MaskOptions
 
     opts = MaskOptions.from_config(args.params)
-    window = (args.window.get("min_hu", -1000.0), args.window.get("max_hu", 400.0))
+    window = window_from_config(args.window)
     stack, boxes, dropped = scan_lesion_maps(args.volume, opts, window)
     save_slices(args.slices, stack)
     write_tsv(boxes, args.nodules)
@@ -247,11 +248,12 @@ def cmd_sample_spade(args):
 
 
 def cmd_fidelity(args):
+    from nodulesynth.data.window import window_from_config
     from nodulesynth.io import write_tsv
     from nodulesynth.masks.fidelity import synthetic_fidelity
     from nodulesynth.masks.segment import MaskOptions
 
-    window = (args.window.get("min_hu", -1000.0), args.window.get("max_hu", 400.0))
+    window = window_from_config(args.window)
     dirs = {"train": args.synth, **({"heldout": args.heldout} if args.heldout else {})}
     table = synthetic_fidelity(dirs, args.slices, MaskOptions.from_config(args.params), window)
     table.insert(0, "generator", args.generator)

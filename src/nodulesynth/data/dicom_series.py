@@ -276,8 +276,3 @@ def axial_volume(volume: CTVolume, tilted: str = "reject", tolerance_deg: float 
                            "cohort.tilted: resample resamples such a series onto an axial grid")
     return resample_axial(volume)
 
-
-def window(hu, min_hu: float = -1000, max_hu: float = 400) -> np.ndarray:
-    """HU -> uint8 with [min_hu, max_hu] mapped linearly onto 0..255."""
-    scaled = (hu.astype(np.float32) - min_hu) * (255.0 / (max_hu - min_hu))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

@@ -1,6 +1,6 @@
 """The per-scan slice stack (`results/slices/{scan}.npz`), the contract between masks and every later stage.
 
-Arrays: `image` uint8 [N,H,W] (HU window [-1000, 400] mapped to 0..255), `label` uint8 [N,H,W]
+Arrays: `image` uint8 [N,H,W] (the config's HU window mapped to 0..255: nodulesynth.data.window), `label` uint8 [N,H,W]
 (see `nodulesynth.labels`), `z` float [N] (mm), `slice_index` int [N] (index in the series,
 ordered by ImagePositionPatient), `has_nodule` bool [N]. Scalars: `scan_id`, `patient_id`,
 `status` ("ok" or "rejected") and `reason`. A rejected scan has N = 0.

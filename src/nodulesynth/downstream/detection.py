@@ -190,7 +190,7 @@ def detection_config(options: DetectionOptions, work_dir, device: str, mean: flo
     cfg.model.backbone.in_channels = 1
     cfg.model.head.num_classes = len(CLASSES)
     cfg.model.head.topk = (1,)
-    # Intensities: uint8 CT (window [-1000, 400] HU), normalised with the training images' own mean and std.
+    # Intensities: uint8 CT (nodulesynth.data.window), normalised with the training images' own mean and std.
     cfg.data_preprocessor = dict(type="ClsDataPreprocessor", num_classes=len(CLASSES), mean=[float(mean)],
                                  std=[float(std)], to_rgb=False)
     cfg.train_dataloader = dict(

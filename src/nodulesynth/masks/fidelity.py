@@ -9,7 +9,6 @@ its held-out test maps (evaluation only) are scored apart, labelled by `split`.
 """
 
 import zipfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +18,17 @@ from sklearn.cluster import KMeans
 
 from nodulesynth.data.slices import load_slices
 from nodulesynth import labels as L
-from nodulesynth.masks.segment import MaskOptions, hu_to_window, segment_slice
+from nodulesynth.data.window import DEFAULT_WINDOW, hu_per_level
+from nodulesynth.masks.segment import MaskOptions, segment_slice
 
 CLASSES = (L.LEFT_LUNG, L.RIGHT_LUNG, L.TRACHEA, L.BODY)
 COLUMNS = [L.NAMES[c] for c in CLASSES] + ["nodule", "nodule_contrast_hu"]
-DEFAULT_WINDOW = (-1000.0, 400.0)
 SPLITS = ("train", "heldout")  # maps of the fold's training patients | of its test patients (evaluation only)
 
 
 def _dice(a, b):
     total = a.sum() + b.sum()
     return np.nan if total == 0 else 2.0 * (a & b).sum() / total
-
-
-def hu_per_level(window=DEFAULT_WINDOW) -> float:
-    """HU per grey level of a stack windowed onto 0..255."""
-    return (window[1] - window[0]) / 255.0
 
 
 def field_of_view(path) -> tuple:
@@ -60,13 +54,6 @@ def _small_arrays(path):
 def pixel_mm(fov, shape) -> float:
     """Side (mm) of a square pixel of the same area as one of an image of `shape` (…, H, W) over `fov` (mm)."""
     return float(np.sqrt(fov[0] / shape[-2] * fov[1] / shape[-1]))
-
-
-def _slice_options(opts: MaskOptions, window) -> MaskOptions:
-    """segment_slice turns masks.lung_threshold_hu into a grey level through the default window (it takes no
-    window): give it the HU that lands, in the default window, on the level the threshold has in `window`."""
-    level = hu_to_window(opts.lung_threshold_hu, *window)
-    return replace(opts, lung_threshold_hu=DEFAULT_WINDOW[0] + level * hu_per_level(DEFAULT_WINDOW))
 
 
 def nodule_scores(image, label, margin=3, window=DEFAULT_WINDOW):
@@ -95,10 +82,10 @@ def fidelity_table(images, labels, pixel_mm=None, opts: MaskOptions | None = Non
     pixel_mm: the images' pixel size (None: segment_slice's assumed chest field of view); opts and window:
     the run's masks and window settings, as the lesion maps were made with.
     """
-    opts = _slice_options(opts or MaskOptions(), window)
+    opts = opts or MaskOptions()
     rows = []
     for image, label in zip(images, labels):
-        seg = segment_slice(image, True, pixel_mm, opts)
+        seg = segment_slice(image, True, pixel_mm, opts, window)
         row = {L.NAMES[c]: _dice(seg == c, label == c) for c in CLASSES}
         row["nodule"], row["nodule_contrast_hu"] = nodule_scores(image, label, window=window)
         rows.append(row)

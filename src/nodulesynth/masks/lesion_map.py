@@ -5,20 +5,20 @@ import numpy as np
 import pandas as pd
 
 from nodulesynth.data.cohort import DROPPED_COLUMNS
-from nodulesynth.data.dicom_series import window as apply_window
 from nodulesynth.data.slices import SliceStack
+from nodulesynth.data.window import DEFAULT_WINDOW, apply_window
 from nodulesynth import labels as L
 from nodulesynth.masks.segment import MaskOptions, nodule_mask, segment_volume
 
 NODULE_COLUMNS = ["slice_index", "nodule", "x0", "y0", "x1", "y1"]
 
 
-def lesion_maps(hu, z, spacing, orientation, nodules, opts: MaskOptions, window=(-1000.0, 400.0)):
+def lesion_maps(hu, z, spacing, orientation, nodules, opts: MaskOptions, window=DEFAULT_WINDOW):
     """HU volume -> (windowed image, label volume, keep mask over slices, per-nodule masks).
 
     Raises ValueError when the scan holds no lung.
     """
-    image = apply_window(hu, *window)
+    image = apply_window(hu, window)
     columns_toward_left = bool(orientation[0] > 0)
     masks = segment_volume(image, spacing, columns_toward_left, opts, window)
     nodule_masks = {int(n[0]): nodule_mask(image, z, spacing[1:], n[1:4], n[4]) for n in nodules}
@@ -69,7 +69,7 @@ def dropped_nodules(scan_id, nodules, nodule_masks, keep, z, spacing) -> pd.Data
     return pd.DataFrame(rows, columns=DROPPED_COLUMNS)
 
 
-def scan_lesion_maps(volume_file, opts: MaskOptions, window=(-1000.0, 400.0)):
+def scan_lesion_maps(volume_file, opts: MaskOptions, window=DEFAULT_WINDOW):
     """Load a volume file (see nodulesynth.data.ingest) -> (SliceStack, nodule box table, dropped-nodule table)."""
     no_boxes, none_dropped = pd.DataFrame(columns=NODULE_COLUMNS), pd.DataFrame(columns=DROPPED_COLUMNS)
     with np.load(volume_file, allow_pickle=False) as data:
@@ -89,7 +89,7 @@ def scan_lesion_maps(volume_file, opts: MaskOptions, window=(-1000.0, 400.0)):
     return stack, nodule_boxes(nodule_masks, keep), dropped_nodules(scan_id, nodules, nodule_masks, keep, z, spacing)
 
 
-def slice_stack(volume_file, opts: MaskOptions, window=(-1000.0, 400.0)):
+def slice_stack(volume_file, opts: MaskOptions, window=DEFAULT_WINDOW):
     """(SliceStack, nodule box table) of `scan_lesion_maps`, for callers that write no dropped-nodule table."""
     stack, boxes, _ = scan_lesion_maps(volume_file, opts, window)
     return stack, boxes

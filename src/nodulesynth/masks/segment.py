@@ -1,6 +1,6 @@
 """Classical lesion-map segmentation of windowed CT: body, lungs (patient left/right), trachea, nodules.
 
-All thresholds work on the windowed uint8 image (HU window [-1000, 400] -> 0..255), so the same
+All thresholds work on the windowed uint8 image (nodulesynth.data.window), so the same
 code segments a real slice and a synthetic one (mask fidelity). Morphology is scipy.ndimage; the
 nodule's two-class intensity split is scikit-learn's k-means.
 """
@@ -12,6 +12,7 @@ from scipy import ndimage
 from sklearn.cluster import KMeans
 
 from nodulesynth import labels as L
+from nodulesynth.data.window import DEFAULT_WINDOW, hu_to_level
 
 
 @dataclass
@@ -32,10 +33,6 @@ class MaskOptions:
         if unknown:
             raise KeyError(f"unknown config key masks.{unknown[0]}")
         return cls(**cfg)
-
-
-def hu_to_window(hu_value, min_hu=-1000.0, max_hu=400.0):
-    return (hu_value - min_hu) * 255.0 / (max_hu - min_hu)
 
 
 def body_mask_2d(image, threshold=127):
@@ -150,13 +147,13 @@ class VolumeMasks:
 
 
 def segment_volume(image, spacing, columns_toward_left=True, opts: MaskOptions | None = None,
-                   window=(-1000.0, 400.0)):
+                   window=DEFAULT_WINDOW):
     """Windowed volume uint8 [Z,H,W] -> boolean body, lungs and trachea. Raises ValueError without lung."""
     opts = opts or MaskOptions()
     pixel_area = spacing[1] * spacing[2]
     voxel_ml = spacing[0] * pixel_area / 1000.0
     body = np.stack([body_mask_2d(s, opts.body_threshold) for s in image])
-    air = (image < hu_to_window(opts.lung_threshold_hu, *window)) & body
+    air = (image < hu_to_level(opts.lung_threshold_hu, window)) & body
     trachea = track_trachea(air, body, pixel_area, opts)
 
     lab, n = ndimage.label(air & ~trachea)
@@ -178,7 +175,8 @@ def segment_volume(image, spacing, columns_toward_left=True, opts: MaskOptions |
     return VolumeMasks(body, left, right, trachea)
 
 
-def segment_slice(image, columns_toward_left=True, pixel_mm=None, opts: MaskOptions | None = None):
+def segment_slice(image, columns_toward_left=True, pixel_mm=None, opts: MaskOptions | None = None,
+                  window=DEFAULT_WINDOW):
     """One windowed slice (uint8 [H,W]) -> label map without nodules, for synthetic images.
 
     Without a series around it, the trachea is the central, round air region that is not a lung;
@@ -188,7 +186,7 @@ def segment_slice(image, columns_toward_left=True, pixel_mm=None, opts: MaskOpti
     pixel_mm = pixel_mm or 360.0 / image.shape[-1]
     pixel_area = pixel_mm * pixel_mm
     body = body_mask_2d(image, opts.body_threshold)
-    air = (image < hu_to_window(opts.lung_threshold_hu)) & body
+    air = (image < hu_to_level(opts.lung_threshold_hu, window)) & body
     candidates = _central_round_components(air, body, opts.trachea_min_area_mm2 / pixel_area,
                                            opts.trachea_max_area_mm2 / pixel_area)
     lab, n = ndimage.label(air)

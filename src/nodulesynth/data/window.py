@@ -1,0 +1,38 @@
+"""The study's one HU window: CT numbers in [min_hu, max_hu] mapped linearly onto grey levels 0..255.
+
+Every stage's images are uint8 in this window (slice stacks, the generators' training and output images, the
+detectors' inputs). Thresholds given in HU (masks.lung_threshold_hu) and contrasts reported in HU (fidelity)
+go through the same mapping, so a change of the config's `window` moves them all together.
+"""
+
+import numpy as np
+
+DEFAULT_WINDOW = (-1000.0, 400.0)  # config.yaml window.min_hu, window.max_hu
+
+
+def window_from_config(cfg: dict | None) -> tuple[float, float]:
+    """The config's `window` section -> (min_hu, max_hu); unknown keys and an empty window are errors."""
+    cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - {"min_hu", "max_hu"})
+    if unknown:
+        raise KeyError(f"unknown config key window.{unknown[0]}")
+    min_hu, max_hu = float(cfg.get("min_hu", DEFAULT_WINDOW[0])), float(cfg.get("max_hu", DEFAULT_WINDOW[1]))
+    if not min_hu < max_hu:
+        raise ValueError(f"window.min_hu ({min_hu:g}) must be below window.max_hu ({max_hu:g})")
+    return min_hu, max_hu
+
+
+def hu_to_level(hu, window=DEFAULT_WINDOW):
+    """HU -> grey level, neither rounded nor clipped (an HU threshold compared with windowed images)."""
+    min_hu, max_hu = window
+    return (hu - min_hu) * (255.0 / (max_hu - min_hu))
+
+
+def hu_per_level(window=DEFAULT_WINDOW) -> float:
+    """HU per grey level of an image windowed onto 0..255."""
+    return (window[1] - window[0]) / 255.0
+
+
+def apply_window(hu, window=DEFAULT_WINDOW) -> np.ndarray:
+    """HU array -> uint8 image, [min_hu, max_hu] mapped linearly onto 0..255 (float32 arithmetic)."""
+    return np.clip(np.rint(hu_to_level(np.asarray(hu).astype(np.float32), window)), 0, 255).astype(np.uint8)
