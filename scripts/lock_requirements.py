@@ -22,7 +22,8 @@ LOCK = Path(__file__).resolve().parents[1] / "requirements.lock"
 
 # What the package itself needs (pyproject.toml's dependencies), in every group; setuptools because the
 # lock pins it and a base image's own copy would otherwise stay, unpinned.
-BASE = ["numpy", "scipy", "pandas", "pydicom", "opencv-python", "scikit-learn", "tqdm", "PyYAML", "setuptools"]
+BASE = ["numpy", "scipy", "pandas", "pydicom", "opencv-python", "scikit-learn", "tqdm", "PyYAML", "jsonschema",
+        "setuptools"]
 
 GROUPS = {
     # DICOM and LIDC-IDRI reading (pylidc and the codecs of compressed series), lesion maps, folds, audit.

@@ -65,7 +65,7 @@ def honest(demo_processed, tmp_path_factory):
     folds = pd.DataFrame({"patient_id": patients, "fold": [i % K for i in range(len(patients))]})
     write_tsv(folds, root / "folds.tsv")
     manifest = pd.DataFrame([dict(scan_id=stack.scan_id, patient_id=g.patient_id, series_uid=g.series_uid,
-                                  slices=len(stack), spacing=1.0, status="ok") for g, _, stack, _ in demo_processed])
+                                  slices=len(stack), spacing="2.5,0.7,0.7", status="ok") for g, _, stack, _ in demo_processed])
     write_tsv(manifest, root / "manifest.tsv")
     paths = {g.patient_id: path for g, path, _, _ in demo_processed}
     real = [stack for _, _, stack, _ in demo_processed]
@@ -214,7 +214,7 @@ def test_synthetic_slices_not_from_the_folds_generator_fail(honest):
 
 def test_bad_folds_file_is_a_clear_error(honest, tmp_path):
     write_tsv(pd.DataFrame({"patient_id": ["a"], "split": [0]}), tmp_path / "folds.tsv")
-    with pytest.raises(ValueError, match=r"folds\.tsv: missing columns \['fold'\]"):
+    with pytest.raises(ValueError, match=r"folds\.tsv: missing column 'fold'"):
         audit(tmp_path / "folds.tsv", honest["root"] / "manifest.tsv", {}, {}, {})
 
 

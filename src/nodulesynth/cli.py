@@ -91,9 +91,9 @@ def cmd_cohort(args):
 def cmd_ingest(args):
     from nodulesynth.data.dicom_series import TILTED_POLICIES
     from nodulesynth.data.ingest import ScanRecord, ingest_scan
-    from nodulesynth.io import read_tsv
+    from nodulesynth.io import read_table
 
-    scans = read_tsv(args.scans).fillna("")
+    scans = read_table(args.scans, "scans").fillna("")
     row = scans[scans.scan_id == args.scan]
     if row.empty:
         raise KeyError(f"scan {args.scan} is not in {args.scans}")
@@ -145,9 +145,9 @@ def cmd_qc(args):
 
 def cmd_manifest(args):
     from nodulesynth.data.cohort import concat_dropped, manifest, manifest_summary
-    from nodulesynth.io import read_tsv, write_tsv
+    from nodulesynth.io import read_table, read_tsv, write_tsv
 
-    scans = read_tsv(args.scans)
+    scans = read_table(args.scans, "scans")
     cohort_rejected = read_tsv(args.cohort_rejected) if args.cohort_rejected else None
     table, rejected = manifest(scans, args.slices, cohort_rejected)
     dropped = None
@@ -164,14 +164,14 @@ def cmd_manifest(args):
 
 def cmd_folds(args):
     from nodulesynth.data.folds import assign_folds, patient_has_nodule
-    from nodulesynth.io import read_tsv, write_tsv
+    from nodulesynth.io import read_table, write_tsv
 
     unknown = sorted(set(args.params) - {"k", "seed"})
     if unknown:
         raise KeyError(f"unknown config key folds.{unknown[0]}")
+    manifest = read_table(args.manifest, "manifest")
     has_nodule = patient_has_nodule(args.slices)
-    folds = assign_folds(read_tsv(args.manifest), k=args.params.get("k", 5), seed=args.params.get("seed", 0),
-                         has_nodule=has_nodule)
+    folds = assign_folds(manifest, k=args.params.get("k", 5), seed=args.params.get("seed", 0), has_nodule=has_nodule)
     write_tsv(folds, args.out)
     for fold, group in folds.groupby("fold"):
         log.info("fold %d: %d patients, %d with nodules", fold, len(group), int(has_nodule[group.patient_id].sum()))
@@ -277,10 +277,10 @@ def _downstream_params(params):
 def cmd_downstream_dataset(args):
     from nodulesynth.data.folds import evaluation_scans, read_folds, training_scans
     from nodulesynth.downstream.datasets import build_arm_dataset, save_dataset
-    from nodulesynth.io import read_tsv
+    from nodulesynth.io import read_table
 
     p = _downstream_params(args.params)
-    manifest, folds = read_tsv(args.manifest), read_folds(args.folds)
+    manifest, folds = read_table(args.manifest, "manifest"), read_folds(args.folds)
     slice_dirs = {str(Path(path).parent) for path in args.slices}
     if len(slice_dirs) > 1:
         raise ValueError(f"slice stacks from several folders: {sorted(slice_dirs)}")

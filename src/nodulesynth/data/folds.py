@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-FOLD_COLUMNS = ["patient_id", "fold"]
+from nodulesynth.io import read_table
+
+FOLD_COLUMNS = ["patient_id", "fold"]  # schemas/folds.schema.yaml
 
 
 def patient_has_nodule(stack_paths) -> pd.Series:
@@ -53,13 +55,8 @@ def assign_folds(manifest: pd.DataFrame, k=5, seed=0, has_nodule: pd.Series | No
 
 
 def read_folds(path) -> pd.DataFrame:
-    folds = pd.read_csv(path, sep="\t", dtype={"patient_id": str})
-    missing = [c for c in FOLD_COLUMNS if c not in folds.columns]
-    if missing:
-        raise KeyError(f"{path}: missing column {missing[0]!r}")
-    if folds.patient_id.duplicated().any():
-        raise ValueError(f"{path}: patient {folds.patient_id[folds.patient_id.duplicated()].iloc[0]} in two folds")
-    return folds
+    """folds.tsv, checked against its schema (a patient in two rows would be in two folds)."""
+    return read_table(path, "folds")
 
 
 def _usable(manifest: pd.DataFrame, folds: pd.DataFrame) -> pd.DataFrame:

@@ -26,7 +26,7 @@ import pandas as pd
 
 from nodulesynth.data.slices import load_slice_info, load_slices
 from nodulesynth.downstream.datasets import ARMS, load_dataset
-from nodulesynth.io import read_tsv, write_tsv
+from nodulesynth.io import read_table, read_tsv, write_tsv
 
 HOLDOUT = "holdout"
 CHUNK = 4096        # rows per block of the correlation matrix: a block is at most CHUNK^2 float32 (64 MiB)
@@ -53,21 +53,13 @@ def _read_table(path, columns) -> pd.DataFrame:
 
 def read_folds(path) -> dict:
     """patient_id -> fold (as a string, to match the generators' fold names)."""
-    frame = _read_table(path, ["patient_id", "fold"])
-    duplicated = sorted(frame.patient_id[frame.patient_id.duplicated()].unique())
-    if duplicated:
-        raise ValueError(f"{path}: patients listed twice: {_listing(duplicated)}")
+    frame = read_table(path, "folds")
     return dict(zip(frame.patient_id.astype(str), frame.fold.astype(str)))
 
 
 def read_manifest(path) -> pd.DataFrame:
     """The manifest indexed by scan_id (patient_id, series_uid)."""
-    frame = _read_table(path, ["scan_id", "patient_id", "series_uid"])
-    frame = frame.astype({"series_uid": str})
-    duplicated = sorted(frame.scan_id[frame.scan_id.duplicated()].unique())
-    if duplicated:
-        raise ValueError(f"{path}: scans listed twice: {_listing(duplicated)}")
-    return frame.set_index("scan_id")
+    return read_table(path, "manifest").set_index("scan_id")
 
 
 def _stack_slice_index(path) -> np.ndarray:

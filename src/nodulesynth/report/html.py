@@ -16,7 +16,7 @@ import pandas as pd
 import yaml
 
 from nodulesynth.downstream.datasets import ARMS
-from nodulesynth.io import atomic_path
+from nodulesynth.io import atomic_path, read_table
 from nodulesynth.report import figures, inputs
 from nodulesynth.report.pdf import find_chromium, html_to_pdf
 
@@ -273,7 +273,8 @@ def report_context(results_dir, config: dict) -> dict:
                                                for c in values.columns}}
         realism = pd.concat([realism.astype(object), pd.DataFrame([summary_row])], ignore_index=True)
 
-    manifest = inputs.read_optional_tsv(results_dir / "cohort" / "manifest.tsv")
+    manifest_tsv = results_dir / "cohort" / "manifest.tsv"
+    manifest = read_table(manifest_tsv, "manifest") if manifest_tsv.is_file() else None
     rejected = inputs.read_optional_tsv(results_dir / "cohort" / "rejected.tsv")
     leakage = inputs.read_optional_tsv(results_dir / "audit" / "leakage.tsv")
     bench = inputs.benchmarks(results_dir)
