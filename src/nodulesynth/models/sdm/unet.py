@@ -52,7 +52,9 @@ class SPADEGroupNorm(nn.Module):
     """GroupNorm(affine=False), then x * (1 + gamma) + beta from the (resized) one-hot map.
 
     gamma and beta come out of one conv with 2C outputs: the same maths as two separate convs over
-    the shared hidden activation, one kernel launch fewer.
+    the shared hidden activation, one kernel launch fewer. Not shared with the SPADE baseline's block
+    (spade.networks.SPADE): that one normalises per instance or batch, initialises its convs Xavier 0.02
+    and resizes the map itself; one block would change either network's parameters or outputs.
     """
 
     def __init__(self, channels: int, num_classes: int, hidden: int, groups: int):

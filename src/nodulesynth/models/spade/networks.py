@@ -35,7 +35,8 @@ def conv(in_ch, out_ch, kernel, stride=1, padding=0, bias=True, sn=False):
 
 
 class SPADE(nn.Module):
-    """Spatially-adaptive denormalisation of `x` by the one-hot map `segmap`."""
+    """Spatially-adaptive denormalisation of `x` by the one-hot map `segmap` (the NVlabs block; the SDM's,
+    sdm.unet.SPADEGroupNorm, differs in its norm, its init and its fused gamma/beta conv)."""
 
     def __init__(self, norm_nc: int, label_nc: int, hidden: int = 128, kernel: int = 3, norm: str = "instance"):
         super().__init__()
