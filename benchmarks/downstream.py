@@ -116,7 +116,7 @@ def baseline_times(task: str, size: int, iters: int, device: str, seed: int) -> 
     import torch
     import torchvision
 
-    from nodulesynth.models.common import pick_device
+    from nodulesynth.models.device import pick_device
 
     torch.manual_seed(seed)
     device = pick_device(device)

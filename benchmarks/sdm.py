@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import yaml
 
-from nodulesynth.models.common import SlicePairs, pick_device
+from nodulesynth.models.data import SlicePairs
+from nodulesynth.models.device import pick_device
 from nodulesynth.models.sdm.options import SAMPLERS, SDMOptions
 from nodulesynth.models.sdm.sample import load_sdm, sample_images
 from nodulesynth.models.synthesis import resize_labels
@@ -147,7 +148,7 @@ def fidelity_comparison(args, device):
     error: at 32 maps a sampler's mean Dice moves by a few hundredths from noise alone."""
     from nodulesynth.data.slices import load_training_pairs
     from nodulesynth.masks.fidelity import fidelity_table
-    from nodulesynth.models.common import progress
+    from nodulesynth.models.records import progress
 
     model, diffusion, options = load_sdm(args.model, device)
     _, labels = load_training_pairs(args.slices)
@@ -209,7 +210,7 @@ def main(argv=None):
         n_params = sum(p.numel() for p in trainer.model.parameters())
         model = eval_model(trainer, options)
         model.load_state_dict(state)  # same weights for both sampling timings
-        labels = data.label[: args.sample_batch]
+        labels = data.batch(range(min(args.sample_batch, len(data))))[1]
         s_per_image, images = time_sampling(model, trainer.diffusion, labels, args.sampler, args.steps,
                                             options.guidance_scale, args.seed)
         results[name] = dict(rate=rate, memory=memory, sample=s_per_image, images=images, model=model,
@@ -229,7 +230,7 @@ def main(argv=None):
           + (" (bf16 rounding)" if cuda else ""))
 
     model, diffusion = on["model"], on["diffusion"]
-    labels = data.label[: args.sample_batch]
+    labels = data.batch(range(min(args.sample_batch, len(data))))[1]
     dpm, _ = time_sampling(model, diffusion, labels, "dpmpp_2m", args.dpm_steps, fast.guidance_scale, args.seed)
     print(f"\n{'sampler (speed ON)':<34}{'s/image':>12}")
     print(f"{f'dpmpp_2m {args.dpm_steps} steps':<34}{dpm:>12.4f}")

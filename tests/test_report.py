@@ -21,7 +21,7 @@ from nodulesynth.downstream.datasets import ARMS, ArmDataset, SliceSet, save_dat
 from nodulesynth.downstream.metrics import detection_metrics, froc
 from nodulesynth.io import write_tsv
 from nodulesynth.labels import PALETTE
-from nodulesynth.models.common import LossCurve, write_options_file
+from nodulesynth.models.records import LossCurve, write_options_file
 from nodulesynth.models.spade.losses import perceptual_loss_status
 from nodulesynth.models.spade.options import SPADEOptions
 from nodulesynth.report import build_report

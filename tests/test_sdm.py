@@ -2,6 +2,7 @@
 
 import math
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +14,18 @@ from scipy import ndimage, stats
 
 from nodulesynth.data.slices import SliceStack, load_slices, save_slices
 from nodulesynth.labels import BODY, LEFT_LUNG, NODULE, RIGHT_LUNG, TRACHEA
-from nodulesynth.models.common import (EMA, LossCurve, SlicePairs, load_checkpoint, one_hot, save_checkpoint,
-                                       step_generator)
+from nodulesynth.models.checkpoints import load_checkpoint, save_checkpoint
+from nodulesynth.models.data import SlicePairs, load_training_data, one_hot, training_data
+from nodulesynth.models.ema import EMA
+from nodulesynth.models.records import LossCurve
 from nodulesynth.models.sdm import SDMOptions, load_sdm, sample_images, sample_sdm, train_sdm
 from nodulesynth.models.sdm.diffusion import (GaussianDiffusion, cosine_betas, discretized_gaussian_log_likelihood,
                                               linear_betas, spaced_timesteps)
 from nodulesynth.models.sdm.samplers import SAMPLERS, guided_model, sample_ddim, sample_ddpm, sample_dpmpp_2m
 from nodulesynth.models.sdm.train import Trainer, draw_batch
 from nodulesynth.models.sdm.unet import SDMUNet, SPADEGroupNorm, set_attention, timestep_embedding
+from nodulesynth.models.seeding import step_generator
+from nodulesynth.models.synthesis import plan_maps
 from nodulesynth.models.transplant import choose_maps, nodule_shapes, transplant_nodule
 
 @pytest.fixture(autouse=True, scope="module")
@@ -120,13 +125,61 @@ def test_slice_pairs_and_one_hot():
     images = np.stack([synthetic_image(lb, rng) for lb in labels])
     images[0, 0, 0], images[0, 0, 1] = 0, 255
     pairs = SlicePairs(images, labels, 16)
-    assert pairs.image.shape == (3, 1, 16, 16) and pairs.label.shape == (3, 16, 16)
-    assert pairs.image.min() >= -1 and pairs.image.max() <= 1 and pairs.label.dtype == torch.long
-    assert set(pairs.label.unique().tolist()) <= {0, 1, 2, 3, 4}  # nearest: no invented classes
-    image, label = pairs.batch([2, 0])
-    assert torch.equal(label[1], pairs.label[0])
-    oh = one_hot(label)
+    assert len(pairs) == 3 and [a.dtype for a in pairs.arrays()] == [np.uint8, np.uint8]
+    image, label = pairs.batch([0, 1, 2])
+    assert image.shape == (3, 1, 16, 16) and label.shape == (3, 16, 16)
+    assert image.dtype == torch.float32 and label.dtype == torch.long
+    assert image.min() >= -1 and image.max() <= 1
+    assert set(label.unique().tolist()) <= {0, 1, 2, 3, 4}  # nearest: no invented classes
+    image2, label2 = pairs.batch(torch.tensor([2, 0]))
+    assert torch.equal(label2[1], label[0]) and torch.equal(image2[0], image[2])
+    with pytest.raises(IndexError):
+        pairs.batch([3])
+    oh = one_hot(label2)
     assert oh.shape == (2, 6, 16, 16) and torch.equal(oh.sum(1), torch.ones(2, 16, 16))
+
+
+def test_training_data_is_uint8_memory_mapped_and_read_one_stack_at_a_time(tmp_path):
+    """The training set must not be held in memory (as float32 images and int64 labels it took 786 KB a
+    256-px slice, and a real fold did not fit its 16 GB): it is staged as uint8 memory-mapped files, one
+    per stack, and each batch is converted when drawn, to exactly what the whole-set conversion gave."""
+    paths = write_stacks(tmp_path / "slices", count=3, slices=5, size=32)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    data, record = load_training_data(paths[::-1], 16, scratch)
+    assert len(data) == 15 and [s["scan_id"] for s in record["stacks"]] == ["scan0", "scan1", "scan2"]
+    arrays = data.arrays()
+    assert len(arrays) == 6 and all(isinstance(a, np.memmap) and a.dtype == np.uint8 and a.shape == (5, 16, 16)
+                                    for a in arrays)
+    assert all(Path(a.filename).parent == scratch for a in arrays)
+    stacks = [load_slices(p) for p in paths]
+    expected = SlicePairs(np.concatenate([s.image for s in stacks]), np.concatenate([s.label for s in stacks]), 16)
+    index = torch.tensor([14, 0, 7, 7, 5, 4])
+    for got, want in zip(data.batch(index), expected.batch(index)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    # Reading pages back after they were dropped from the mapping changes nothing.
+    data._drop_mapped_pages()
+    assert torch.equal(data.batch(index)[0], expected.batch(index)[0])
+    with training_data(paths, 16, tmp_path) as (staged, again):
+        assert again == record and len(staged) == 15
+        folder = Path(staged.arrays()[0].filename).parent
+        assert folder.parent == tmp_path and folder.exists()
+    assert not folder.exists()  # the scratch files go with the run
+
+
+def test_sampling_plans_hold_one_stack_at_a_time(tmp_path):
+    """Sampling plans used to load every stack at full resolution at once: now each stack is read when
+    its plan is reached and released before the next one is read."""
+    paths = write_stacks(tmp_path / "slices", count=4, slices=3)
+    plans = plan_maps(paths, 32, seed=0, mask_source="transplant", max_slices_per_scan=2)
+    assert len(plans) == 4
+    alive = []
+    for stack, scan_id, indices, maps in plans:
+        alive.append(weakref.ref(stack))
+        assert sum(ref() is not None for ref in alive) == 1, "an earlier stack is still held"
+        assert maps.shape[1:] == (32, 32) and len(indices) == len(maps)
+        del stack
+    assert [scan_id for _, scan_id, _, _ in plans] == ["scan0", "scan1", "scan2", "scan3"]  # iterable again
 
 
 def test_loss_curve_roundtrip(tmp_path):

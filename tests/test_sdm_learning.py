@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from nodulesynth.data.slices import load_training_pairs
-from nodulesynth.models.common import SlicePairs
+from nodulesynth.models.data import SlicePairs
 from nodulesynth.models.sdm import SDMOptions, load_sdm, sample_images, train_sdm
 from nodulesynth.models.sdm.unet import SDMUNet
 
@@ -44,8 +44,8 @@ def test_sdm_learns_mask_fidelity(demo_slice_paths, tmp_path, one_thread):
     model, diffusion, options = load_sdm(model_path, "cpu")
 
     _, labels = load_training_pairs(demo_slice_paths)
-    maps = SlicePairs(np.zeros_like(labels), labels, options.image_size).label
-    maps = maps[np.round(np.linspace(0, len(maps) - 1, 16)).astype(int)]
+    maps = SlicePairs(np.zeros_like(labels), labels, options.image_size)
+    maps = maps.batch(np.round(np.linspace(0, len(maps) - 1, 16)).astype(int))[1]
 
     def fidelity(network):
         images = sample_images(network, diffusion, maps, "dpmpp_2m", 20, 1.5, torch.Generator().manual_seed(0))

@@ -12,7 +12,8 @@ from torch.nn.utils import parametrize
 
 from nodulesynth.data.slices import SliceStack, load_slices, save_slices
 from nodulesynth.labels import BODY, LEFT_LUNG, NODULE, NUM_CLASSES, RIGHT_LUNG, TRACHEA
-from nodulesynth.models.common import load_checkpoint, one_hot
+from nodulesynth.models.checkpoints import load_checkpoint
+from nodulesynth.models.data import one_hot
 from nodulesynth.models.spade import SPADEOptions, generate, load_spade, sample_spade, train_spade
 from nodulesynth.models.spade.losses import (VGGLoss, build_vgg_loss, d_hinge_loss, feature_matching_loss,
                                              g_hinge_loss)
@@ -313,7 +314,7 @@ def test_sampling_is_deterministic_and_in_the_slices_layout(tiny_model, stacks, 
 
 def test_same_maps_as_the_sdm_sampler(tiny_model, stacks, tmp_path):
     """Both arms must synthesise from equal inputs: same slices, same transplanted maps."""
-    from nodulesynth.models.common import save_checkpoint
+    from nodulesynth.models.checkpoints import save_checkpoint
     from nodulesynth.models.sdm import SDMOptions, sample_sdm
     from nodulesynth.models.sdm.train import FORMAT, build_model
 

@@ -102,7 +102,7 @@ def load_dataset(path) -> ArmDataset:
 
 def _resize_stack(array: np.ndarray, size: int, interpolation) -> np.ndarray:
     """[N,H,W] -> [N,size,size] with the interpolation the generators' training set uses
-    (models.common.SlicePairs: INTER_AREA for images, INTER_NEAREST for maps)."""
+    (models.data.SlicePairs: INTER_AREA for images, INTER_NEAREST for maps)."""
     import cv2
 
     if array.shape[1:] == (size, size):

@@ -28,7 +28,7 @@ from mmengine.registry import HOOKS
 from mmengine.runner import Runner
 
 from nodulesynth.io import atomic_path
-from nodulesynth.models.common import pick_device
+from nodulesynth.models.device import pick_device
 
 LOSS_HOOK = "NoduleSynthLossCurveHook"
 

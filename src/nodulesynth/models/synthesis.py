@@ -12,7 +12,7 @@ import torch
 
 from nodulesynth.data.slices import SliceStack, load_slices, save_slices
 from nodulesynth.labels import NODULE
-from nodulesynth.models.common import progress
+from nodulesynth.models.records import progress
 from nodulesynth.models.transplant import choose_maps, nodule_shapes
 
 
@@ -36,48 +36,70 @@ def scan_seed(seed: int, scan_id: str, *more: int) -> np.random.SeedSequence:
     return np.random.SeedSequence([int(seed) & 0xFFFFFFFF, zlib.crc32(scan_id.encode()), *map(int, more)])
 
 
+class MapPlans:
+    """The maps to synthesise from each stack, made one stack at a time as they are iterated.
+
+    Each item is (stack, scan_id, indices or None, maps or None): only one stack (decompressed, at full
+    resolution) is held at a time, however many there are. len() is the number of stacks.
+    """
+
+    def __init__(self, slice_paths, size, seed, mask_source, max_slices_per_scan, shapes, nodule_maps_per_scan):
+        self.slice_paths, self.size, self.seed, self.mask_source = list(slice_paths), size, seed, mask_source
+        self.max_slices_per_scan, self.nodule_maps_per_scan = max_slices_per_scan, nodule_maps_per_scan
+        self.shapes = shapes  # nodule crops for "transplant", gathered beforehand
+
+    def __len__(self):
+        return len(self.slice_paths)
+
+    def __iter__(self):
+        for path in self.slice_paths:
+            stack = load_slices(path)
+            scan_id = Path(path).stem
+            if stack.status != "ok" or not len(stack):
+                yield stack, scan_id, None, None
+                continue
+            rng = np.random.default_rng(scan_seed(self.seed, scan_id))
+            indices, maps = choose_maps(resize_labels(stack.label, self.size), self.mask_source, rng, self.shapes,
+                                        self.max_slices_per_scan, self.nodule_maps_per_scan)
+            yield stack, scan_id, indices, maps
+
+
 def plan_maps(slice_paths, size, seed, mask_source="real", max_slices_per_scan=None, shape_paths=None,
-              nodule_maps_per_scan=0):
-    """[(stack, scan_id, indices or None, maps or None)]: the maps to synthesise from each stack.
+              nodule_maps_per_scan=0) -> MapPlans:
+    """The maps to synthesise from each stack (a `MapPlans`, read lazily, one stack at a time).
 
     mask_source "real": the stacks' own maps; "transplant": their nodule-free maps, each given a
     nodule shaped like one of the real nodules of `shape_paths` (default: the given stacks).
     """
-    stacks = [load_slices(path) for path in slice_paths]
+    if mask_source not in ("real", "transplant"):
+        raise ValueError(f"mask_source must be 'real' or 'transplant', got {mask_source!r}")
+    slice_paths = list(slice_paths)
     shapes = None
     if mask_source == "transplant":
         shapes = []
-        sources = stacks if shape_paths is None else (load_slices(path) for path in shape_paths)
-        for stack in sources:
+        for path in slice_paths if shape_paths is None else shape_paths:
+            stack = load_slices(path)  # one at a time: only the (small) nodule crops are kept
             if stack.status == "ok" and len(stack):
                 shapes.extend(nodule_shapes(resize_labels(stack.label, size)))
+            del stack
         if not shapes:
             raise ValueError("mask_source 'transplant': no nodules in the stacks to draw shapes from")
-    plans = []
-    for path, stack in zip(slice_paths, stacks):
-        scan_id = Path(path).stem
-        if stack.status != "ok" or not len(stack):
-            plans.append((stack, scan_id, None, None))
-            continue
-        rng = np.random.default_rng(scan_seed(seed, scan_id))
-        indices, maps = choose_maps(resize_labels(stack.label, size), mask_source, rng, shapes, max_slices_per_scan,
-                                     nodule_maps_per_scan)
-        plans.append((stack, scan_id, indices, maps))
-    return plans
+    return MapPlans(slice_paths, size, seed, mask_source, max_slices_per_scan, shapes, nodule_maps_per_scan)
 
 
 def write_synthetic(plans, out_dir, size, batch_size, synthesise, extra, desc):
-    """Write out_dir/{scan_id}.npz for each plan in the slices layout; returns the paths.
+    """Write out_dir/{scan_id}.npz for each plan in the slices layout, one stack at a time; returns the paths.
 
     synthesise(labels long [B,S,S], scan_id, start) -> uint8 [B,S,S]; `extra` is stored with each
     stack (generator, mask source, sampler settings, seed).
     """
     out_dir = Path(out_dir)
-    total = sum(len(indices) for _, _, indices, _ in plans if indices is not None)
-    print(f"{desc}: {total} slices from {len(plans)} stacks ({extra})", file=sys.stderr)
-    bar = progress(total, 0, desc)
+    stacks = len(plans) if hasattr(plans, "__len__") else None
+    print(f"{desc}: {stacks if stacks is not None else 'the'} stacks ({extra})", file=sys.stderr)
+    bar = progress(None, 0, desc)  # slices; how many is known only once each stack's maps are chosen
     written = []
-    for stack, scan_id, indices, maps in plans:
+    for done, (stack, scan_id, indices, maps) in enumerate(plans):
+        bar.set_postfix(stack=f"{done + 1}/{stacks or '?'}", refresh=False)
         target = out_dir / f"{scan_id}.npz"
         if indices is None:
             save_slices(target, SliceStack.rejected(scan_id, stack.patient_id, stack.reason or "no slices",

@@ -5,7 +5,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nodulesynth.models.common import load_checkpoint, one_hot, pick_device
+from nodulesynth.models.checkpoints import load_checkpoint
+from nodulesynth.models.data import one_hot
+from nodulesynth.models.device import pick_device
 from nodulesynth.models.sdm.diffusion import GaussianDiffusion
 from nodulesynth.models.sdm.options import SDMOptions
 from nodulesynth.models.sdm.samplers import guided_model, randn, sample

@@ -16,12 +16,15 @@ from pathlib import Path
 
 import torch
 
-from nodulesynth.models.common import (EMA, LossCurve, SlicePairs, data_summary, load_checkpoint, load_training_data,
-                                       one_hot, pick_device, progress, resume_refusal, save_checkpoint,
-                                       seed_everything_for_step, step_generator, write_options_file)
+from nodulesynth.models.checkpoints import load_checkpoint, resume_refusal, save_checkpoint
+from nodulesynth.models.data import SlicePairs, data_summary, one_hot, training_data
+from nodulesynth.models.device import pick_device
+from nodulesynth.models.ema import EMA
+from nodulesynth.models.records import LossCurve, progress, write_options_file
 from nodulesynth.models.sdm.diffusion import GaussianDiffusion
 from nodulesynth.models.sdm.options import SDMOptions
 from nodulesynth.models.sdm.unet import SDMUNet
+from nodulesynth.models.seeding import seed_everything_for_step, step_generator
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
@@ -144,7 +147,7 @@ def resume_refusal_sdm(state: dict, options: SDMOptions, data: dict) -> str | No
     return None
 
 
-def train_sdm(slice_paths, out_dir, options: SDMOptions, device="auto", max_steps_this_run=None) -> Path:
+def train_sdm(slice_paths, out_dir, options: SDMOptions, device="auto", max_steps_this_run=None, scratch=None) -> Path:
     """Train on the given slice stacks (and on nothing else); resume from out_dir/checkpoint.pt.
 
     The checkpoint is resumed only when it was trained on exactly these stacks (content digests)
@@ -153,13 +156,16 @@ def train_sdm(slice_paths, out_dir, options: SDMOptions, device="auto", max_step
     loss, mse, vb, images_per_s), out_dir/options.yaml and, once `max_steps` are done,
     out_dir/model.pt (EMA weights, options and the training-data record). `max_steps_this_run`
     stops early (as a kill would, but after a checkpoint). Returns model.pt when training is
-    complete, else checkpoint.pt.
+    complete, else checkpoint.pt. The slices are staged as uint8 memory-mapped files in a temporary
+    folder under `scratch` (default $TMPDIR), removed at the end.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images, labels, data_record = load_training_data(slice_paths)
-    data = SlicePairs(images, labels, options.image_size)
-    del images, labels
+    with training_data(slice_paths, options.image_size, scratch) as (data, data_record):
+        return _train(data, data_record, out_dir, options, device, max_steps_this_run)
+
+
+def _train(data: SlicePairs, data_record: dict, out_dir: Path, options: SDMOptions, device, max_steps_this_run):
     trainer = Trainer(data, options, device)
     curve = LossCurve()
     checkpoint_path = out_dir / CHECKPOINT

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 
 from nodulesynth.labels import NUM_CLASSES
-from nodulesynth.models.common import load_checkpoint, one_hot, pick_device
+from nodulesynth.models.checkpoints import load_checkpoint
+from nodulesynth.models.data import one_hot
+from nodulesynth.models.device import pick_device
 from nodulesynth.models.synthesis import plan_maps, to_uint8, write_synthetic
 
 from .networks import SPADEGenerator

@@ -15,9 +15,12 @@ from pathlib import Path
 import torch
 
 from nodulesynth.labels import NUM_CLASSES
-from nodulesynth.models.common import (EMA, LossCurve, SlicePairs, data_summary, load_checkpoint, load_training_data,
-                                       one_hot, pick_device, progress, resume_refusal, save_checkpoint,
-                                       step_generator, write_options_file)
+from nodulesynth.models.checkpoints import load_checkpoint, resume_refusal, save_checkpoint
+from nodulesynth.models.data import SlicePairs, data_summary, one_hot, training_data
+from nodulesynth.models.device import pick_device
+from nodulesynth.models.ema import EMA
+from nodulesynth.models.records import LossCurve, progress, write_options_file
+from nodulesynth.models.seeding import step_generator
 
 from .losses import build_vgg_loss, d_hinge_loss, feature_matching_loss, g_hinge_loss, perceptual_loss_status
 from .networks import MultiscaleDiscriminator, SPADEGenerator, count_parameters
@@ -175,24 +178,27 @@ def model_state(trainer: SPADETrainer, data: dict | None = None) -> dict:
             "perceptual_loss": perceptual_loss_status(trainer.options), "data": data}
 
 
-def train_spade(slice_paths, out_dir, options: SPADEOptions, device="auto", max_steps_this_run=None) -> Path:
+def train_spade(slice_paths, out_dir, options: SPADEOptions, device="auto", max_steps_this_run=None,
+                scratch=None) -> Path:
     """Train on the slices of the given stacks; return `out_dir/model.pt`.
 
     Resumes from `out_dir/checkpoint.pt` when it was trained on exactly these stacks (content
     digests) with these options; otherwise trains afresh and the log says why. Writes loss.tsv and
     options.yaml (options, perceptual loss on or off, training-data digest) beside the model.
     `max_steps_this_run` stops after that many steps WITHOUT a final checkpoint, as a kill would (for
-    tests); the return value is then the checkpoint path, since no model has been written.
+    tests); the return value is then the checkpoint path, since no model has been written. The slices
+    are staged as uint8 memory-mapped files in a temporary folder under `scratch` (default $TMPDIR).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path, model_path, loss_path = out_dir / CHECKPOINT_NAME, out_dir / MODEL_NAME, out_dir / LOSS_NAME
-    device = pick_device(device)
+    slice_paths, device = [Path(p) for p in slice_paths], pick_device(device)
+    with training_data(slice_paths, options.image_size, scratch) as (data, data_record):
+        return _train(data, data_record, len(slice_paths), out_dir, options, device, max_steps_this_run)
 
-    slice_paths = [Path(p) for p in slice_paths]
-    images, labels, data_record = load_training_data(slice_paths)
-    data = SlicePairs(images, labels, options.image_size)
-    del images, labels
+
+def _train(data: SlicePairs, data_record: dict, stacks: int, out_dir: Path, options: SPADEOptions, device,
+           max_steps_this_run) -> Path:
+    checkpoint_path, model_path, loss_path = out_dir / CHECKPOINT_NAME, out_dir / MODEL_NAME, out_dir / LOSS_NAME
     trainer = SPADETrainer(options, device)
     curve, running = LossCurve(), _RunningMean()
     state = load_checkpoint(checkpoint_path, map_location=device) if checkpoint_path.exists() else None
@@ -207,7 +213,7 @@ def train_spade(slice_paths, out_dir, options: SPADEOptions, device="auto", max_
         _say(f"resumed from {checkpoint_path} at step {trainer.step}")
         if trainer.step > options.max_steps:
             _say(f"the checkpoint is past spade.max_steps ({options.max_steps}): its step-{trainer.step} weights are used")
-    _say(f"{len(data)} training slices from {len(slice_paths)} stacks at {options.image_size} px on {device}; "
+    _say(f"{len(data)} training slices from {stacks} stacks at {options.image_size} px on {device}; "
          f"G {count_parameters(trainer.generator) / 1e6:.2f} M, "
          f"D {count_parameters(trainer.discriminator) / 1e6:.2f} M "
          f"parameters; {options.upsampling} upsamplings from {options.start_size} px")
