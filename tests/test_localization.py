@@ -50,8 +50,10 @@ def test_config_is_mmdets_installed_one_adapted(tmp_path):
     assert cfg.model.roi_head.bbox_head.num_classes == 1
     assert cfg.model.rpn_head.anchor_generator.scales == [1.0, 2.0, 4.0]
     assert cfg.model.test_cfg.rpn.max_per_img == cfg.model.test_cfg.rpn.nms_pre == 1000  # mmdet's own
-    small = build_config(LocalizationOptions(test_proposals=100), SIZE, tmp_path / "coco", tmp_path)
+    assert cfg.model.train_cfg.rcnn.sampler.num == 512
+    small = build_config(LocalizationOptions(test_proposals=100, roi_samples=64), SIZE, tmp_path / "coco", tmp_path)
     assert small.model.test_cfg.rpn.max_per_img == small.model.test_cfg.rpn.nms_pre == 100
+    assert small.model.train_cfg.rcnn.sampler.num == 64
     assert cfg.train_dataloader.dataset.metainfo == {"classes": ("nodule",)}
     assert cfg.train_dataloader.dataset.filter_cfg.filter_empty_gt is False
     resize = [s for s in cfg.train_dataloader.dataset.pipeline if s["type"] == "Resize"]

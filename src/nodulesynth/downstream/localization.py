@@ -67,6 +67,10 @@ class LocalizationOptions:
     # 1333 x 800 images). The RoI head's cost grows with it (about 13 GFLOP per slice at 1000), whatever the
     # slice size: a small slice holds far fewer candidate nodules, and the demo's 64-px slices use 100.
     test_proposals: int = 1000
+    # Training: RoIs sampled per slice for the RoI head (mmdet's rcnn sampler, 512 for COCO). On the CPU the RoI
+    # head's matrix products and mmcv's RoIAlign backward take most of an iteration at 512 (measured at 64 px);
+    # the demo's small slices, with one nodule or none, use 64.
+    roi_samples: int = 512
     score_threshold: float = 0.05           # test: boxes scoring below are dropped (mmdet's default)
     max_per_img: int = 100                  # test: boxes kept per slice
     num_workers: int = 0
@@ -100,7 +104,8 @@ class LocalizationOptions:
         return self.epochs * self.iters_per_epoch
 
     def validate(self):
-        for key in ("epochs", "iters_per_epoch", "batch_size", "max_per_img", "log_interval", "test_proposals"):
+        for key in ("epochs", "iters_per_epoch", "batch_size", "max_per_img", "log_interval", "test_proposals",
+                    "roi_samples"):
             if getattr(self, key) < 1:
                 raise ValueError(f"localization.{key} must be positive, got {getattr(self, key)}")
         for key in ("warmup_iters", "num_workers", "weight_decay", "momentum"):
@@ -171,6 +176,7 @@ def build_config(options: LocalizationOptions, image_size: int, data_root, work_
         model.neck.norm_cfg = gn
     model.rpn_head.anchor_generator.scales = list(options.anchor_scales)
     model.roi_head.bbox_head.num_classes = len(CLASSES)
+    model.train_cfg.rcnn.sampler.num = options.roi_samples
     model.test_cfg.rpn.nms_pre = options.test_proposals
     model.test_cfg.rpn.max_per_img = options.test_proposals
     model.test_cfg.rcnn.score_thr = options.score_threshold
