@@ -17,7 +17,7 @@ distance).
 
 import os
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from nodulesynth.downstream import mmlab
 from nodulesynth.downstream.datasets import ArmDataset, SliceSet
 from nodulesynth.downstream.metrics import detection_metrics
 from nodulesynth.labels import LEFT_LUNG, NODULE, RIGHT_LUNG
+from nodulesynth.options import from_section
 
 BASE_CONFIG = "mmpretrain::seresnet/seresnet101_8xb32_in1k.py"
 CLASSES = ("no_nodule", "nodule")
@@ -45,7 +46,7 @@ class DetectionOptions:
     iters_per_epoch: int = 128
     batch_size: int = 8
     lr: float = 0.1
-    lr_steps: list = field(default_factory=lambda: [30, 40])  # epochs at which the lr is multiplied by lr_gamma
+    lr_steps: list[int] = field(default_factory=lambda: [30, 40])  # epochs at which the lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -59,12 +60,7 @@ class DetectionOptions:
 
     @classmethod
     def from_config(cls, section: dict | None):
-        section = dict(section or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise KeyError(f"unknown config key detection.{unknown[0]} (known: {', '.join(sorted(known))})")
-        options = cls(**section)
+        options = from_section(cls, section, "detection")
         options.validate()
         return options
 

@@ -17,7 +17,7 @@ import contextlib
 import io
 import json
 import shutil
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +28,8 @@ from mmengine.hooks import Hook
 
 from nodulesynth.downstream import mmlab
 from nodulesynth.downstream.datasets import ArmDataset, SliceSet
-from nodulesynth.io import atomic_path, write_tsv
+from nodulesynth.io import atomic_path
+from nodulesynth.options import from_section
 
 BASE_CONFIG = "mmdet::faster_rcnn/faster-rcnn_x101-32x4d_fpn_1x_coco.py"  # mmdet's shipped config
 CLASSES = ("nodule",)
@@ -53,7 +54,7 @@ class LocalizationOptions:
     # Anchor scales in units of each FPN level's stride (4, 8, 16, 32, 64 px). mmdet's default (8,) gives
     # anchors of 32 px and more, which cannot match a 4-pixel nodule at IoU 0.3; (1, 2, 4) gives 4, 8, 16 px
     # on the finest level, up to 256 px on the coarsest: a few-pixel nodule at 64 px to a large one at 256 px.
-    anchor_scales: tuple = (1, 2, 4)
+    anchor_scales: tuple[float, ...] = (1, 2, 4)
     # Train on slices without a nodule too (mmdet's filter_empty_gt off). The test folds hold such slices,
     # and FROC counts the false positives on them; without negatives the detector never sees healthy lung
     # during training. False: positive slices only (mmdet's COCO default).
@@ -84,12 +85,7 @@ class LocalizationOptions:
     @classmethod
     def from_config(cls, section: Optional[dict] = None) -> "LocalizationOptions":
         """Options from the `localization:` config section; an unknown key is an error, not ignored."""
-        section = dict(section or {})
-        known = {f.name: f for f in fields(cls)}
-        for key in section:
-            if key not in known:
-                raise KeyError(f"unknown option localization.{key} (known: {', '.join(sorted(known))})")
-        return cls(**{key: _coerce(key, value, known[key].default) for key, value in section.items()})
+        return from_section(cls, section, "localization")
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -132,28 +128,6 @@ def _as_sequence(value):
     if isinstance(value, str):
         value = value.replace(",", " ").split()
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _coerce(key, value, default):
-    # YAML reads "1e-4" as a string (PyYAML wants "1.0e-4"): coerce to the field's type.
-    if value is None:
-        return None
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if isinstance(default, int):
-            if float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if isinstance(default, float) or key == "clip_grad":
-            return float(value)
-        if key == "anchor_scales":
-            return tuple(float(v) for v in _as_sequence(value))
-        return str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"localization.{key}: cannot read {value!r}") from None
 
 
 # ---------------------------------------------------------------- config

@@ -5,7 +5,7 @@ code segments a real slice and a synthetic one (mask fidelity). Morphology is sc
 nodule's two-class intensity split is scikit-learn's k-means.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -13,6 +13,7 @@ from sklearn.cluster import KMeans
 
 from nodulesynth import labels as L
 from nodulesynth.data.window import DEFAULT_WINDOW, hu_to_level
+from nodulesynth.options import from_section
 
 
 @dataclass
@@ -27,12 +28,7 @@ class MaskOptions:
 
     @classmethod
     def from_config(cls, cfg: dict | None):
-        cfg = dict(cfg or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise KeyError(f"unknown config key masks.{unknown[0]}")
-        return cls(**cfg)
+        return from_section(cls, cfg, "masks")
 
 
 def body_mask_2d(image, threshold=127):

@@ -12,7 +12,9 @@ A CPU demo overrides the size keys from the config (e.g. image_size 64, model_ch
 channel_mult [1, 2], num_res_blocks 1, attention_resolutions [32], spade_hidden 32).
 """
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
+
+from nodulesynth.options import from_section
 
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")  # models/sdm/samplers.py
@@ -96,12 +98,7 @@ class SDMOptions:
     @classmethod
     def from_config(cls, config: dict | None) -> "SDMOptions":
         """Options from the `sdm:` section of the config; an unknown key is a KeyError naming it."""
-        config = dict(config or {})
-        known = {f.name for f in fields(cls)}
-        for key in config:
-            if key not in known:
-                raise KeyError(f"sdm.{key}")
-        return cls(**config)
+        return from_section(cls, config, "sdm")
 
     def to_dict(self) -> dict:
         return asdict(self)

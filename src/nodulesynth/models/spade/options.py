@@ -5,8 +5,10 @@ PatchGAN, hinge loss, feature matching and VGG weights 10, TTUR Adam 1e-4/4e-4 w
 0/0.9). The CPU demo overrides width, size and steps in its config.
 """
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
+
+from nodulesynth.options import from_section
 
 # The paper's generator starts from a small map and upsamples by 2 five times for 256 px (8x8
 # start); a derived upsampling count keeps that 8-pixel start at any power-of-two size.
@@ -57,13 +59,7 @@ class SPADEOptions:
     @classmethod
     def from_config(cls, config: Optional[dict] = None) -> "SPADEOptions":
         """Options from the `spade:` config section; an unknown key is an error, not ignored."""
-        config = dict(config or {})
-        known = {f.name: f for f in fields(cls)}
-        for key in config:
-            if key not in known:
-                raise KeyError(f"unknown option spade.{key} (known: {', '.join(sorted(known))})")
-        # YAML reads "1e-4" as a string (PyYAML wants "1.0e-4"): coerce to the field's type.
-        return cls(**{key: _coerce(key, value, known[key].default) for key, value in config.items()})
+        return from_section(cls, config, "spade")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,22 +96,3 @@ class SPADEOptions:
             raise ValueError(f"spade.max_steps must be >= 0, got {self.max_steps}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"spade.ema_decay must be in [0, 1), got {self.ema_decay}")
-
-
-def _coerce(key, value, default):
-    if value is None:
-        return None
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if isinstance(default, int) or key == "num_upsampling":
-            if float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if isinstance(default, float):
-            return float(value)
-        return str(value) if key == "vgg_weights" or isinstance(default, str) else value
-    except (TypeError, ValueError):
-        raise ValueError(f"spade.{key}: cannot read {value!r} as {type(default).__name__}") from None

@@ -1,0 +1,34 @@
+"""One reading of a config section for every stage's options (nodulesynth.options.from_section)."""
+
+import pytest
+
+from nodulesynth.downstream.detection import DetectionOptions
+from nodulesynth.downstream.localization import LocalizationOptions
+from nodulesynth.masks.segment import MaskOptions
+from nodulesynth.models.sdm import SDMOptions
+from nodulesynth.models.spade.options import SPADEOptions
+
+
+@pytest.mark.parametrize("cls, name", [(SDMOptions, "sdm"), (SPADEOptions, "spade"), (DetectionOptions, "detection"),
+                                       (LocalizationOptions, "localization"), (MaskOptions, "masks")])
+def test_unknown_key_names_the_section_and_key(cls, name):
+    with pytest.raises(KeyError, match=rf"unknown option {name}\.no_such_key"):
+        cls.from_config({"no_such_key": 1})
+
+
+def test_yaml_strings_become_the_fields_types():
+    # PyYAML reads 1e-4 as a string; JSON params bring lists where the options keep tuples
+    sdm = SDMOptions.from_config({"lr": "1e-4", "channel_mult": [1, 2], "max_steps": "30000", "bf16": "false"})
+    assert (sdm.lr, sdm.channel_mult, sdm.max_steps, sdm.bf16) == (1e-4, (1, 2), 30000, False)
+    spade = SPADEOptions.from_config({"num_upsampling": "3", "vgg_weights": None, "lr_g": "2e-4"})
+    assert (spade.num_upsampling, spade.vgg_weights, spade.lr_g) == (3, None, 2e-4)
+    loc = LocalizationOptions.from_config({"anchor_scales": "1, 2", "clip_grad": None, "weight_decay": "1e-4"})
+    assert (loc.anchor_scales, loc.clip_grad, loc.weight_decay) == ((1.0, 2.0), None, 1e-4)
+    assert DetectionOptions.from_config({"lr_steps": [3, "4"]}).lr_steps == [3, 4]
+
+
+def test_a_value_that_cannot_be_read_names_the_key():
+    with pytest.raises(ValueError, match="sdm.max_steps: cannot read '1.5'"):
+        SDMOptions.from_config({"max_steps": "1.5"})
+    with pytest.raises(ValueError, match="masks.body_threshold"):
+        MaskOptions.from_config({"body_threshold": "high"})
