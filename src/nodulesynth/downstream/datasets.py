@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nodulesynth.data.slices import resize_slices
 from nodulesynth.io import atomic_path
 from nodulesynth.labels import NODULE
 
@@ -100,24 +101,9 @@ def load_dataset(path) -> ArmDataset:
         return ArmDataset(str(data["arm"]), int(data["fold"]), sets["train"], sets["test"], json.loads(str(data["info"])))
 
 
-def _resize_stack(array: np.ndarray, size: int, interpolation) -> np.ndarray:
-    """[N,H,W] -> [N,size,size] with the interpolation the generators' training set uses
-    (models.data.SlicePairs: INTER_AREA for images, INTER_NEAREST for maps)."""
-    import cv2
-
-    if array.shape[1:] == (size, size):
-        return array.astype(np.uint8)
-    out = np.zeros((len(array), size, size), np.uint8)
-    for i, a in enumerate(array):
-        out[i] = cv2.resize(a, (size, size), interpolation=interpolation)
-    return out
-
-
 def real_slices(stack, nodule_boxes, size: int) -> SliceSet:
     """Every slice of a usable real stack at `size`, with its nodule boxes (`{scan}.nodules.tsv` rows:
     slice_index, x0, y0, x1, y1 at the stack's resolution) scaled to `size`."""
-    import cv2
-
     n, height, width = stack.image.shape
     row_of = {int(s): i for i, s in enumerate(stack.slice_index)}
     boxes = []
@@ -126,9 +112,10 @@ def real_slices(stack, nodule_boxes, size: int) -> SliceSet:
             raise KeyError(f"{stack.scan_id}: nodule box on slice {box.slice_index}, which the stack does not hold")
         boxes.append((row_of[int(box.slice_index)], box.x0 * size / width, box.y0 * size / height,
                       box.x1 * size / width, box.y1 * size / height))
+    image, label = resize_slices(stack.image, stack.label, size)
     return SliceSet(
-        image=_resize_stack(stack.image, size, cv2.INTER_AREA),
-        label=_resize_stack(stack.label, size, cv2.INTER_NEAREST),
+        image=image,
+        label=label,
         has_nodule=np.asarray(stack.has_nodule, bool), boxes=np.array(boxes, np.float32).reshape(-1, 5),
         scan_id=np.full(n, stack.scan_id), patient_id=np.full(n, stack.patient_id),
         slice_index=np.asarray(stack.slice_index, np.int64), source=np.full(n, "real"))
@@ -146,10 +133,7 @@ def component_boxes(label: np.ndarray) -> np.ndarray:
 def synthetic_slices(stack, generator: str, size: int) -> SliceSet:
     """The slices of a synthetic stack (`results/synth/{generator}/{fold}/{scan}.npz`) at `size`, boxed
     from the maps that produced them; `slice_index` is that of the source map."""
-    import cv2
-
-    image = _resize_stack(stack.image, size, cv2.INTER_AREA)
-    label = _resize_stack(stack.label, size, cv2.INTER_NEAREST)
+    image, label = resize_slices(stack.image, stack.label, size)
     boxes = [(row, *box) for row, lb in enumerate(label) for box in component_boxes(lb)]
     n = len(image)
     return SliceSet(image=image, label=label, has_nodule=(label == NODULE).any((1, 2)),

@@ -12,12 +12,11 @@ import mmap
 import tempfile
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nodulesynth.data.slices import load_slices
+from nodulesynth.data.slices import load_slices, resize_slices
 from nodulesynth.labels import NUM_CLASSES
 
 # Mapped pages a batch touched stay resident (as page cache they are reclaimable, but they count as
@@ -38,7 +37,7 @@ class SlicePairs:
         size = int(image_size)
         if np.shape(images) != np.shape(labels) or np.ndim(images) != 3:
             raise ValueError(f"images {np.shape(images)} and labels {np.shape(labels)} must be equal [N,H,W]")
-        parts = [(_resized(images, size, cv2.INTER_AREA), _resized(labels, size, cv2.INTER_NEAREST))]
+        parts = [resize_slices(images, labels, size)]
         self._set_parts(parts, size)
 
     @classmethod
@@ -97,18 +96,6 @@ class SlicePairs:
                 mapping.madvise(mmap.MADV_DONTNEED)
 
 
-def _resized(array, size, interpolation):
-    if isinstance(array, np.ndarray) and array.dtype == np.uint8 and array.shape[1:] == (size, size):
-        return array
-    array = np.asarray(array)
-    if array.shape[1:] == (size, size):
-        return array.astype(np.uint8)
-    out = np.empty((len(array), size, size), np.uint8)
-    for i, item in enumerate(array):
-        out[i] = cv2.resize(item, (size, size), interpolation=interpolation)
-    return out
-
-
 def one_hot(label: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
     """Label map long [B,H,W] -> float [B,C,H,W]."""
     return F.one_hot(label.long(), num_classes).permute(0, 3, 1, 2).float()
@@ -147,8 +134,9 @@ def load_training_data(paths, image_size: int, scratch) -> tuple:
         files = None
         if stack.status == "ok" and len(stack):
             files = (scratch / f"{k}.image.npy", scratch / f"{k}.label.npy")
-            np.save(files[0], _resized(stack.image, size, cv2.INTER_AREA))
-            np.save(files[1], _resized(stack.label, size, cv2.INTER_NEAREST))
+            image, label = resize_slices(stack.image, stack.label, size)
+            np.save(files[0], image)
+            np.save(files[1], label)
         del stack  # before the next one is read
         staged.append((entry, files))
     staged.sort(key=lambda pair: (pair[0]["scan_id"], pair[0]["sha256"]))
