@@ -134,3 +134,23 @@ def test_options_refuse_unknown_keys_and_read_yaml_strings():
     assert LocalizationOptions().to_dict()["iters_per_epoch"] == 510
     with pytest.raises(ValueError, match="localization.lr_end_factor"):
         LocalizationOptions(lr_end_factor=0)
+
+
+def test_a_loss_that_is_no_longer_finite_stops_training_and_is_kept(tmp_path):
+    """mmlab's loss-curve hook (detection and localization): a NaN loss ends the run at once, naming the
+    iteration and lr, and the curve up to it is written for the post-mortem."""
+    from types import SimpleNamespace
+
+    from nodulesynth.downstream.mmlab import LossCurveHook
+
+    hook = LossCurveHook(tmp_path / "loss.tsv", interval=50)
+    runner = SimpleNamespace(iter=0, optim_wrapper=SimpleNamespace(get_lr=lambda: {"lr": [0.1]}))
+    for step, loss in enumerate((2.0, 1.5, float("nan"))):
+        runner.iter = step
+        hook.before_train_iter(runner, step)
+        if np.isfinite(loss):
+            hook.after_train_iter(runner, step, outputs={"loss": torch.tensor(loss)})
+    with pytest.raises(FloatingPointError, match=r"loss is nan at iteration 3 \(lr 0.1\)"):
+        hook.after_train_iter(runner, 2, outputs={"loss": torch.tensor(loss)})
+    curve = pd.read_csv(tmp_path / "loss.tsv", sep="\t")
+    assert curve["iter"].tolist() == [1, 2, 3] and curve["loss"].isna().tolist() == [False, False, True]

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from nodulesynth.data.folds import read_folds
 from nodulesynth.data.slices import load_slice_info, load_slices
 from nodulesynth.downstream.datasets import ARMS, load_dataset
 from nodulesynth.io import read_table, read_tsv, write_tsv
@@ -51,9 +52,9 @@ def _read_table(path, columns) -> pd.DataFrame:
     return frame
 
 
-def read_folds(path) -> dict:
-    """patient_id -> fold (as a string, to match the generators' fold names)."""
-    frame = read_table(path, "folds")
+def fold_of_patient(path) -> dict:
+    """patient_id -> fold (as a string, to match the generators' fold names), from folds.tsv."""
+    frame = read_folds(path)
     return dict(zip(frame.patient_id.astype(str), frame.fold.astype(str)))
 
 
@@ -400,7 +401,7 @@ def audit(folds_tsv, manifest_tsv, generator_dirs, synth_dirs, dataset_paths, si
     generator_dirs, synth_dirs: {(model, fold): directory}; dataset_paths: {(arm, fold): path}; folds are
     matched as strings ("0".."k-1", or "holdout" for the generators, which feed no arm).
     """
-    folds = read_folds(folds_tsv)
+    folds = fold_of_patient(folds_tsv)
     manifest = read_manifest(manifest_tsv)
     rows = []
     for (model, fold), directory in sorted(generator_dirs.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):

@@ -29,7 +29,7 @@ from mmengine.hooks import Hook
 from nodulesynth.downstream import mmlab
 from nodulesynth.downstream.datasets import ArmDataset, SliceSet
 from nodulesynth.io import atomic_path
-from nodulesynth.options import from_section
+from nodulesynth.options import coerce, from_section
 
 BASE_CONFIG = "mmdet::faster_rcnn/faster-rcnn_x101-32x4d_fpn_1x_coco.py"  # mmdet's shipped config
 CLASSES = ("nodule",)
@@ -75,11 +75,13 @@ class LocalizationOptions:
     score_threshold: float = 0.05           # test: boxes scoring below are dropped (mmdet's default)
     max_per_img: int = 100                  # test: boxes kept per slice
     num_workers: int = 0
-    log_interval: int = 50                  # mmengine log line every N iterations (train.log)
+    log_interval: int = 50                  # mmengine log line every N iterations (its log under work_dir)
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "anchor_scales", tuple(float(s) for s in _as_sequence(self.anchor_scales)))
+        # from_config coerces already; this also covers options built directly (LocalizationOptions(...)).
+        object.__setattr__(self, "anchor_scales", coerce(self.anchor_scales, tuple[float, ...],
+                                                         "localization.anchor_scales"))
         self.validate()
 
     @classmethod
@@ -122,12 +124,6 @@ class LocalizationOptions:
             raise ValueError(f"localization.score_threshold must be in [0, 1), got {self.score_threshold}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ValueError(f"localization.clip_grad must be positive or null, got {self.clip_grad}")
-
-
-def _as_sequence(value):
-    if isinstance(value, str):
-        value = value.replace(",", " ").split()
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 # ---------------------------------------------------------------- config

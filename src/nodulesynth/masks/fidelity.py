@@ -16,7 +16,7 @@ import pandas as pd
 from scipy import ndimage
 from sklearn.cluster import KMeans
 
-from nodulesynth.data.slices import load_slices
+from nodulesynth.data.slices import load_slice_info, load_slices
 from nodulesynth import labels as L
 from nodulesynth.data.window import DEFAULT_WINDOW, hu_per_level
 from nodulesynth.masks.segment import MaskOptions, segment_slice
@@ -31,24 +31,19 @@ def _dice(a, b):
     return np.nan if total == 0 else 2.0 * (a & b).sum() / total
 
 
-def field_of_view(path) -> tuple:
+def field_of_view(path, info: dict | None = None) -> tuple:
     """(rows, columns) extent in mm of a real slice stack: its `spacing` (slice, row, column mm) times its
-    image size. The size is read from the .npy header inside the npz, so the images are not decompressed
-    (a fold's stacks hold tens of thousands of slices)."""
-    stack_extra = _small_arrays(path)
-    if "spacing" not in stack_extra:
+    image size. `info`: the stack's `load_slice_info`, when already read. The size is read from the .npy header
+    inside the npz, so the images are not decompressed (a fold's stacks hold tens of thousands of slices)."""
+    info = info or load_slice_info(path)
+    if "spacing" not in info["extra"]:
         raise KeyError(f"{path}: no 'spacing' array (a slice stack of the masks step has one)")
-    spacing = np.asarray(stack_extra["spacing"], float)
+    spacing = np.asarray(info["extra"]["spacing"], float)
     with zipfile.ZipFile(path) as archive, archive.open("image.npy") as fh:
         version = np.lib.format.read_magic(fh)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape = read_header(fh)[0]
     return float(spacing[1] * shape[1]), float(spacing[2] * shape[2])
-
-
-def _small_arrays(path):
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files if k not in ("image", "label")}
 
 
 def pixel_mm(fov, shape) -> float:
@@ -105,9 +100,9 @@ def synthetic_fidelity(synth_dirs: dict, source_paths, opts: MaskOptions | None 
     (`source_paths`, the real stacks whose maps were sampled, matched by scan_id) over its own image size."""
     fovs = {}
     for path in source_paths:
-        info = _small_arrays(path)
-        if str(info["status"]) == "ok":
-            fovs[str(info["scan_id"])] = field_of_view(path)
+        info = load_slice_info(path)
+        if info["status"] == "ok":
+            fovs[info["scan_id"]] = field_of_view(path, info)
     tables = []
     for split, folder in synth_dirs.items():
         if split not in SPLITS:
