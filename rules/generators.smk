@@ -118,9 +118,9 @@ rule sample_spade:
         "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
-rule sample_sdm_heldout:
-    # The fold's SDM on its test patients' maps: evaluation only (held-out mask fidelity). Kept out of
-    # results/synth/, which the downstream arms draw on; nothing here reaches a training set.
+# The fold's generators on its test patients' maps: evaluation only (held-out mask fidelity). Written outside
+# results/synth/, which the downstream arms draw on, so nothing sampled here reaches a training set.
+use rule sample_sdm as sample_sdm_heldout with:
     input:
         model="results/generators/sdm/{fold}/model.pt",
         stacks=heldout_stacks,
@@ -132,27 +132,9 @@ rule sample_sdm_heldout:
         "results/benchmarks/sample_sdm_heldout/{fold}.tsv"
     wildcard_constraints:
         fold=r"\d+",
-    conda:
-        "../envs/generators.yaml"
-    container:
-        config["containers"]["generators"]
-    threads: config["generators"]["threads"]
-    resources:
-        gpu=1,
-        mem_mb=16000,
-        runtime=12 * 60,
-    params:
-        sampling=sdm_sampling_params(),
-        synthesis=section("synthesis"),
-        device=config["generators"]["device"],
-    shell:
-        "nodulesynth sample-sdm --model {input.model} --slices {input.stacks} --params {params.sampling:q} "
-        "--synthesis {params.synthesis:q} --out-dir {output} "
-        "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
-rule sample_spade_heldout:
-    # As sample_sdm_heldout, for SPADE.
+use rule sample_spade as sample_spade_heldout with:
     input:
         model="results/generators/spade/{fold}/model.pt",
         stacks=heldout_stacks,
@@ -164,22 +146,6 @@ rule sample_spade_heldout:
         "results/benchmarks/sample_spade_heldout/{fold}.tsv"
     wildcard_constraints:
         fold=r"\d+",
-    conda:
-        "../envs/generators.yaml"
-    container:
-        config["containers"]["generators"]
-    threads: config["generators"]["threads"]
-    resources:
-        gpu=1,
-        mem_mb=16000,
-        runtime=6 * 60,
-    params:
-        synthesis=section("synthesis"),
-        device=config["generators"]["device"],
-    shell:
-        "nodulesynth sample-spade --model {input.model} --slices {input.stacks} "
-        "--synthesis {params.synthesis:q} --out-dir {output} "
-        "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
 rule fidelity:

@@ -49,11 +49,20 @@ LOCK = lockreq.read_lock(REPO / "requirements.lock")
 # --- the rules and their images -------------------------------------------------------------------------------
 
 def rule_blocks():
-    """rule name -> its text, for every rule and checkpoint of rules/*.smk."""
-    blocks = {}
+    """rule name -> its text, for every rule and checkpoint of rules/*.smk. A rule made with `use rule PARENT as
+    NAME with:` gets its own text followed by its parent's, so a directive it overrides is found first and one
+    it inherits after."""
+    blocks, derived = {}, {}
     for path in sorted((REPO / "rules").glob("*.smk")):
-        parts = re.split(r"^(?:rule|checkpoint) (\w+):\n", path.read_text(), flags=re.M)
-        blocks.update(zip(parts[1::2], parts[2::2]))
+        heads = r"^(?:(?:rule|checkpoint) (\w+)|use rule (\w+) as (\w+) with):\n"
+        parts = re.split(heads, path.read_text(), flags=re.M)
+        for name, parent, child, text in zip(parts[1::4], parts[2::4], parts[3::4], parts[4::4]):
+            if name:
+                blocks[name] = text
+            else:
+                derived[child] = (parent, text)
+    for child, (parent, text) in derived.items():
+        blocks[child] = text + blocks[parent]
     return blocks
 
 
