@@ -89,7 +89,13 @@ rule qc:
     input:
         "results/slices/{scan}.npz",
     output:
-        report("results/qc/{scan}.png", category="Lesion maps", subcategory="QC montages", labels={"scan": "{scan}"}),
+        report(
+            "results/qc/{scan}.png",
+            category="Lesion maps",
+            subcategory="QC montages",
+            labels={"scan": "{scan}"},
+            caption="captions/qc.rst",
+        ),
     log:
         "results/logs/qc/{scan}.log",
     benchmark:

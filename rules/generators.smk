@@ -9,7 +9,13 @@ rule train_sdm:
     output:
         model="results/generators/sdm/{fold}/model.pt",
         scans="results/generators/sdm/{fold}/training_scans.tsv",
-        loss=report("results/generators/sdm/{fold}/loss.tsv", category="Generators", subcategory="SDM"),
+        loss=report(
+            "results/generators/sdm/{fold}/loss.tsv",
+            category="Generators",
+            subcategory="SDM",
+            labels={"generator": "sdm", "fold": "{fold}"},
+            caption="captions/generator_loss.rst",
+        ),
     log:
         "results/logs/train_sdm/{fold}.log",
     benchmark:
@@ -67,7 +73,13 @@ rule train_spade:
     output:
         model="results/generators/spade/{fold}/model.pt",
         scans="results/generators/spade/{fold}/training_scans.tsv",
-        loss=report("results/generators/spade/{fold}/loss.tsv", category="Generators", subcategory="SPADE"),
+        loss=report(
+            "results/generators/spade/{fold}/loss.tsv",
+            category="Generators",
+            subcategory="SPADE",
+            labels={"generator": "spade", "fold": "{fold}"},
+            caption="captions/generator_loss.rst",
+        ),
     log:
         "results/logs/train_spade/{fold}.log",
     benchmark:
@@ -161,6 +173,7 @@ rule fidelity:
             category="Generators",
             subcategory="Mask fidelity",
             labels={"generator": "{generator}", "fold": "{fold}"},
+            caption="captions/fidelity.rst",
         ),
     log:
         "results/logs/fidelity/{generator}_{fold}.log",

@@ -20,7 +20,7 @@ rule report:
         rejected="results/cohort/rejected.tsv",
     output:
         html=report("results/report/report.html", category="Study", caption="captions/report.rst"),
-        pdf="results/report/report.pdf",
+        pdf=report("results/report/report.pdf", category="Study", caption="captions/report.rst"),
     log:
         "results/logs/report.log",
     benchmark:

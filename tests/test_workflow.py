@@ -134,6 +134,19 @@ def test_statistics_and_report_close_the_dag(demo_run):
     assert (work / "results/report/report.pdf").read_bytes()[:5] == b"%PDF-"
 
 
+def test_snakemakes_own_report_has_a_caption_on_every_item(demo_run, tmp_path):
+    work, config = demo_run
+    rules = "".join(path.read_text() for path in sorted((REPO / "rules").glob("*.smk")))
+    items = re.findall(r"report\((.*?)\)", rules, re.S)
+    assert items and all("caption=" in item for item in items), [i for i in items if "caption=" not in i]
+    out = tmp_path / "snakemake-report.html"
+    run_snakemake(work, "--configfile", str(config), "--report", str(out))
+    html = out.read_text()
+    for caption in sorted((REPO / "rules" / "captions").glob("*.rst")):
+        first_words = " ".join(caption.read_text().split()[:5])
+        assert first_words in html, (caption.name, first_words)
+
+
 def test_second_run_has_nothing_to_do(demo_run):
     work, config = demo_run
     proc = run_snakemake(work, "--configfile", str(config), "-n")
@@ -155,7 +168,7 @@ def test_a_changed_value_reruns_only_what_uses_it(demo_run, tmp_path):
     assert dry_run_jobs(work, qc) == {"qc", "report", "all"}  # the report records the config as run
 
     config["report"]["qc_slices"] = 12
-    config["sdm"]["sample_steps"] = 4  # a sampling value: sampling reruns, training does not
+    config["sdm"]["guidance_scale"] = 2.0  # a sampling value: sampling reruns, training does not
     qc.write_text(yaml.safe_dump(config))
     # ... and what uses the SDM's slices: arm C's data, audit, models and the realism table; not arm A or B.
     assert dry_run_jobs(work, qc) == {"sample_sdm", "sample_sdm_heldout", "fidelity", "downstream_dataset", "audit",
