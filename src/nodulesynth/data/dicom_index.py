@@ -21,7 +21,7 @@ from pydicom.filereader import read_partial
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
-from nodulesynth.data.dicom_series import AXIAL_LIMIT_DEG, is_non_dicom_name
+from nodulesynth.data.dicom_series import AXIAL_LIMIT_DEG, is_non_dicom_name, plane_tilt_deg
 from nodulesynth.data.multiframe import CT_IMAGE_CLASSES, frame_count, frame_value, is_multiframe
 
 DICOMDIR_NAME = "dicomdir"
@@ -207,9 +207,7 @@ def read_headers(paths, workers: int = 1) -> list:
 def is_axial(orientation) -> bool:
     """True when the slice normal lies within AXIAL_LIMIT_DEG of the patient's z axis: axial, tilted or not
     (ingestion measures a tilt and rejects or resamples it); further off, a coronal or sagittal image."""
-    normal = np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:]))
-    norm = np.linalg.norm(normal)
-    return bool(norm > 0 and np.degrees(np.arccos(min(abs(normal[2]) / norm, 1.0))) <= AXIAL_LIMIT_DEG)
+    return bool(plane_tilt_deg(orientation) <= AXIAL_LIMIT_DEG)  # False for NaN, a degenerate orientation
 
 
 def _is_dose(h: Header) -> bool:

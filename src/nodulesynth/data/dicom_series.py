@@ -42,6 +42,14 @@ def _line_angle_deg(u, v) -> float:
     return float(np.degrees(np.arccos(min(cos, 1.0))))
 
 
+def plane_tilt_deg(orientation) -> float:
+    """Angle (0 to 90 degrees) between the slice normal of ImageOrientationPatient and the patient's z axis;
+    NaN for a degenerate orientation (parallel cosines)."""
+    orientation = np.asarray(orientation, float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    return _line_angle_deg(normal, (0, 0, 1)) if np.linalg.norm(normal) > 0 else float("nan")
+
+
 class ScanRejected(Exception):
     """A scan that cannot be used; the message is the reason recorded in rejected.tsv."""
 
@@ -167,7 +175,7 @@ def read_series(source, max_gap_factor: float = 1.5, spacing_tolerance: float = 
             raise ScanRejected(f"inconsistent image size in {path.name}")
 
     normal = np.cross(orientation[:3], orientation[3:])
-    plane_tilt = _line_angle_deg(normal, (0, 0, 1))
+    plane_tilt = plane_tilt_deg(orientation)
     if plane_tilt > AXIAL_LIMIT_DEG:
         raise ScanRejected(f"not an axial series (slice normal is not along z: {plane_tilt:.0f}° from it)")
     # Slices are ordered along the normal (their distance apart, also in a tilted series), inferior ->
