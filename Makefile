@@ -6,10 +6,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD := 1
 
-.PHONY: setup demo test test-fast lint report containers clean
+.PHONY: setup system-packages demo test test-fast lint report containers clean
 
+# The Python environment; then a word on the optional system packages (PDF, browser and SLURM tests) if any
+# is missing, with the one command that installs them.
 setup:
 	@scripts/setup-env.sh
+	@scripts/system-packages.sh
+
+system-packages:
+	@scripts/system-packages.sh --install
 
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES)

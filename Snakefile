@@ -38,5 +38,4 @@ rule all:
             fold=downstream_folds(),
         ),
         expand("results/downstream/realism/fold{fold}.json", fold=downstream_folds()),
-        "results/report/report.html",
-        "results/report/report.pdf",
+        report_targets(),

@@ -2,6 +2,7 @@
 # the per-step-group container image, and config sections as JSON for `params:`.
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -13,6 +14,9 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 os.environ.setdefault("NODULESYNTH_ROOT", str(Path(workflow.basedir)))
 from nodulesynth.data.folds import evaluation_scans, read_folds, training_scans
 from nodulesynth.downstream.datasets import ARMS
+from nodulesynth.report.pdf import pdf_wanted
+from snakemake.logging import logger
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 
 wildcard_constraints:
@@ -111,3 +115,23 @@ def sdm_training_params():
 
 def sdm_sampling_params():
     return json.dumps({k: v for k, v in config["sdm"].items() if k in SDM_SAMPLING_KEYS}, sort_keys=True)
+
+
+def report_targets():
+    """The report's files: report.html, and report.pdf where nodulesynth.report.pdf.pdf_wanted says so (config
+    report.pdf); its warning, when the PDF is left out, is logged once here."""
+    settings = config.get("report", {})
+    wanted, warning = pdf_wanted(
+        settings.get("pdf", "auto"),
+        settings.get("chromium"),
+        in_containers=DeploymentMethod.APPTAINER in workflow.deployment_settings.deployment_method,
+    )
+    if warning:
+        logger.warning(warning)
+    return ["results/report/report.html"] + (["results/report/report.pdf"] if wanted else [])
+
+
+def chromium_option():
+    """`--chromium PATH` for report-pdf when config report.chromium names one (else found on PATH)."""
+    chromium = config.get("report", {}).get("chromium")
+    return f"--chromium {shlex.quote(chromium)}" if chromium else ""

@@ -1,4 +1,5 @@
-# The study as one self-contained HTML page and its PDF: both tables with p-values, figures, provenance.
+# The study as one self-contained HTML page (both tables with p-values, figures, provenance) and, where a Chromium
+# prints it (report.pdf: auto | true | false, decided in nodulesynth.report.pdf.pdf_wanted), its PDF.
 
 
 rule report:
@@ -20,7 +21,6 @@ rule report:
         rejected="results/cohort/rejected.tsv",
     output:
         html=report("results/report/report.html", category="Study", caption="captions/report.rst"),
-        pdf=report("results/report/report.pdf", category="Study", caption="captions/report.rst"),
     log:
         "results/logs/report.log",
     benchmark:
@@ -36,5 +36,27 @@ rule report:
     params:
         config=json.dumps(config, sort_keys=True),
     shell:
-        "nodulesynth report --results results --config {params.config:q} --html {output.html} --pdf {output.pdf} "
-        "> {log} 2>&1"
+        "nodulesynth report --results results --config {params.config:q} --html {output.html} > {log} 2>&1"
+
+
+rule report_pdf:
+    input:
+        rules.report.output.html,
+    output:
+        report("results/report/report.pdf", category="Study", caption="captions/report.rst"),
+    log:
+        "results/logs/report_pdf.log",
+    benchmark:
+        "results/benchmarks/report_pdf.tsv"
+    conda:
+        "../envs/report.yaml"
+    container:
+        config["containers"]["report"]
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        chromium=chromium_option(),
+    shell:
+        "nodulesynth report-pdf --html {input} --pdf {output} {params.chromium} > {log} 2>&1"

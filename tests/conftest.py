@@ -13,9 +13,33 @@ LIDC_ROOT = REPO.parent / "shared" / "data" / "LIDC-IDRI"
 LIDC_0001 = LIDC_ROOT / "LIDC-IDRI-0001"
 
 
-def run_snakemake(workdir, *args, check=True):
-    """Run the real workflow with this environment's `nodulesynth` on PATH; returns the CompletedProcess."""
+def path_without_chromium(bin_dir) -> str:
+    """A PATH like this one with every Chromium hidden, as on a machine without one: `bin_dir` gets a link to each
+    other executable on PATH (Chromium shares /usr/bin with everything else, so dropping folders would not do).
+    This environment's bin folder stays itself, first: a linked venv python would not find its pyvenv.cfg."""
+    from nodulesynth.report.pdf import CANDIDATES
+
+    venv_bin, bin_dir = Path(sys.executable).parent, Path(bin_dir)
+    assert not any((venv_bin / name).exists() for name in CANDIDATES), venv_bin
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        if not folder or not Path(folder).is_dir() or Path(folder) == venv_bin:
+            continue
+        for entry in Path(folder).iterdir():
+            link = bin_dir / entry.name
+            if entry.name in CANDIDATES or link.exists() or link.is_symlink() or not os.access(entry, os.X_OK):
+                continue
+            link.symlink_to(entry)
+    return f"{venv_bin}{os.pathsep}{bin_dir}"
+
+
+def run_snakemake(workdir, *args, check=True, without_chromium=False):
+    """Run the real workflow with this environment's `nodulesynth` on PATH; returns the CompletedProcess.
+    without_chromium: as on a machine without Chromium (path_without_chromium, $NODULESYNTH_CHROMIUM unset)."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if without_chromium:
+        env.pop("NODULESYNTH_CHROMIUM", None)
+        env["PATH"] = path_without_chromium(Path(workdir) / ".bin-without-chromium")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--cores", "2", "--nocolor", *args]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)

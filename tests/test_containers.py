@@ -29,7 +29,7 @@ RULES = {
     "generators": ["train_sdm", "sample_sdm", "sample_sdm_heldout", "train_spade", "sample_spade",
                    "sample_spade_heldout"],
     "mmlab": ["detect", "localize", "realism"],
-    "report": ["stats", "report"],
+    "report": ["stats", "report", "report_pdf"],
 }
 GPU_RULES = {"train_sdm", "sample_sdm", "sample_sdm_heldout", "train_spade", "sample_spade", "sample_spade_heldout",
              "detect", "localize", "realism"}

@@ -27,12 +27,14 @@ from nodulesynth.models.spade.options import SPADEOptions
 from nodulesynth.report import build_report
 from nodulesynth.report.html import HEADLINE, localization_panels, render_html, report_context, study_table
 from nodulesynth.report.inputs import read_stats
-from nodulesynth.report.pdf import find_chromium
+from nodulesynth.report.pdf import find_chromium, html_to_pdf, pdf_wanted
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install "
-                                                             "chromium chromium-driver poppler-utils)")
+_MISSING = [package for package, tool in (("chromium", CHROMIUM), ("chromium-driver", CHROMEDRIVER),
+                                          ("poppler-utils", shutil.which("pdftoppm"))) if tool is None]
+needs_chromium = pytest.mark.skipif(bool(_MISSING), reason=f"the browser test needs {', '.join(_MISSING)} "
+                                                           f"(apt-get install {' '.join(_MISSING)})")
 S = 32
 FOLDS = (0, 1)
 CONFIG = {"folds": {"k": 2}, "report": {"score_threshold": 0.5, "examples": 2}}
@@ -206,7 +208,7 @@ def open_in_chromium(html_path):
     options.binary_location = CHROMIUM
     for arg in ("--headless", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,900"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER or "/usr/bin/chromedriver"), options=options)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.get(html_path.resolve().as_uri())
     return driver
 
@@ -215,7 +217,8 @@ def open_in_chromium(html_path):
 def test_report_as_a_reader_sees_it(results, tmp_path):
     root, summaries = results
     html_path, pdf_path = tmp_path / "report" / "report.html", tmp_path / "report" / "report.pdf"
-    build_report(root, CONFIG, html_path, pdf_path)
+    build_report(root, CONFIG, html_path)
+    html_to_pdf(html_path, pdf_path)
     html = html_path.read_text()
     assert not re.search(r"""(src|href)=["'](?!data:)""", html), "the report must not load side files"
 
@@ -360,5 +363,33 @@ def test_missing_chromium_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("NODULESYNTH_CHROMIUM", raising=False)
     with pytest.raises(FileNotFoundError, match=r"apt-get install chromium"):
         find_chromium()
+    (tmp_path / "r.html").write_text("<p>report</p>")
     with pytest.raises(FileNotFoundError, match=r"no Chromium found"):
-        build_report(tmp_path / "results", CONFIG, tmp_path / "r.html", tmp_path / "r.pdf")
+        html_to_pdf(tmp_path / "r.html", tmp_path / "r.pdf")
+    assert not (tmp_path / "r.pdf").exists()
+
+
+def test_report_pdf_setting_decides_the_pdf(tmp_path, monkeypatch):
+    """report.pdf: auto prints where a Chromium is found or in containers, else warns how to get it; true makes a
+    missing Chromium an error; false never prints; an explicit report.chromium must exist unless false."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("NODULESYNTH_CHROMIUM", raising=False)
+    wanted, warning = pdf_wanted("auto")
+    assert not wanted and "apt-get install chromium" in warning and "report.html only" in warning
+    assert pdf_wanted("auto", in_containers=True) == (True, None)  # the report image carries one
+    assert pdf_wanted(False) == (False, None)
+    assert pdf_wanted(False, "/nonexistent/chromium") == (False, None)
+    with pytest.raises(FileNotFoundError, match=r"report.pdf = True: no Chromium found.*apt-get install chromium"):
+        pdf_wanted(True)
+    with pytest.raises(FileNotFoundError, match=r"report.chromium = '/nonexistent/chromium': no such executable"):
+        pdf_wanted("auto", "/nonexistent/chromium")
+    with pytest.raises(ValueError, match=r"report.pdf = 'yes': expected one of auto, true, false"):
+        pdf_wanted("yes")
+    with pytest.raises(ValueError, match=r"report.pdf = 1"):
+        pdf_wanted(1)
+
+    # A Chromium on PATH (an executable of that name; pdf_wanted only looks it up): auto and true print.
+    chromium = tmp_path / "chromium"
+    chromium.write_text("#!/bin/sh\nexit 0\n")
+    chromium.chmod(0o755)
+    assert pdf_wanted("auto") == (True, None) and pdf_wanted(True) == (True, None)

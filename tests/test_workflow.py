@@ -1,4 +1,7 @@
-"""The real Snakemake workflow on a small demo config: outputs, reruns, config errors, lint."""
+"""The real Snakemake workflow on a small demo config: outputs, reruns, config errors, lint.
+
+The shared run is the bare path: every Chromium hidden from PATH, as on a machine without one (the README's two
+commands must end green there with report.html); the PDF is printed in its own test where a Chromium exists."""
 
 import re
 
@@ -9,6 +12,19 @@ import pytest
 import yaml
 
 from conftest import REPO, run_snakemake
+from nodulesynth.report.pdf import find_chromium
+
+
+def run_bare(work, *args, **kwargs):
+    return run_bare(work, *args, without_chromium=True, **kwargs)
+
+
+def chromium_missing() -> bool:
+    try:
+        find_chromium()
+    except FileNotFoundError:
+        return True
+    return False
 
 
 def small_config(tmp_path, **masks):
@@ -31,12 +47,12 @@ def small_config(tmp_path, **masks):
 def demo_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("workflow")
     config = small_config(work)
-    run_snakemake(work, "--configfile", str(config))
-    return work, config
+    proc = run_bare(work, "--configfile", str(config))
+    return work, config, proc.stdout + proc.stderr
 
 
 def test_demo_writes_the_data_contract(demo_run):
-    work, _ = demo_run
+    work, *_ = demo_run
     manifest = pd.read_csv(work / "results/cohort/manifest.tsv", sep="\t", dtype={"scan_id": str})
     assert list(manifest.columns) == ["scan_id", "patient_id", "series_uid", "slices", "spacing", "status"]
     assert len(manifest) == 3 and (manifest.status == "ok").all() and (manifest.slices > 20).all()
@@ -62,7 +78,7 @@ def test_demo_writes_the_data_contract(demo_run):
 
 @pytest.mark.parametrize("generator", ["sdm", "spade"])
 def test_generators_see_only_training_patients_and_write_the_slices_layout(demo_run, generator):
-    work, _ = demo_run
+    work, *_ = demo_run
     folds = pd.read_csv(work / "results/folds/folds.tsv", sep="\t", dtype={"patient_id": str})
     for fold in ("0", "1", "holdout"):
         seen = pd.read_csv(work / f"results/generators/{generator}/{fold}/training_scans.tsv", sep="\t", dtype=str)
@@ -94,7 +110,7 @@ LOCALIZATION_KEYS = {"ap50", "ap60", "ar50", "ar60", "ar70", "cpm", "froc_0.125"
 def test_downstream_study_runs_every_arm_and_fold_after_a_passing_audit(demo_run):
     import json
 
-    work, _ = demo_run
+    work, *_ = demo_run
     leakage = pd.read_csv(work / "results/audit/leakage.tsv", sep="\t")
     assert {"arm", "fold", "check", "status", "detail"} <= set(leakage.columns)
     assert set(zip(leakage.arm, leakage.fold)) == {(a, f) for a in "ABC" for f in (0, 1)}
@@ -122,7 +138,7 @@ def test_downstream_study_runs_every_arm_and_fold_after_a_passing_audit(demo_run
 
 
 def test_statistics_and_report_close_the_dag(demo_run):
-    work, _ = demo_run
+    work, *_ = demo_run
     summary = pd.read_csv(work / "results/stats/detection_summary.tsv", sep="\t")
     assert set(summary.arm) == set("ABC")
     tests = pd.read_csv(work / "results/stats/localization_tests.tsv", sep="\t")
@@ -131,16 +147,44 @@ def test_statistics_and_report_close_the_dag(demo_run):
     for text in ("Detection", "Localization", "AP50", "Leakage audit"):
         assert text in html, text
     assert "<img" in html and "src=\"data:image/png;base64," in html  # self-contained
+
+
+def test_without_chromium_the_run_ends_green_with_the_html_and_one_warning(demo_run):
+    work, _, output = demo_run
+    assert (work / "results/report/report.html").is_file()
+    assert not (work / "results/report/report.pdf").exists()
+    assert output.count("report.pdf = auto and no Chromium found") == 1, output[-3000:]
+    assert "apt-get install chromium" in output
+
+
+def test_report_pdf_true_without_chromium_fails_before_any_job_naming_the_fix(demo_run, tmp_path):
+    work, *_ = demo_run
+    config = yaml.safe_load(small_config(tmp_path).read_text())
+    config["report"]["pdf"] = True
+    path = tmp_path / "pdf.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = run_bare(work, "--configfile", str(path), "-n", check=False)
+    assert proc.returncode != 0
+    assert "report.pdf = True: no Chromium found" in proc.stdout + proc.stderr
+    assert "apt-get install chromium" in proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(chromium_missing(), reason="no Chromium to print the PDF (apt-get install chromium)")
+def test_where_chromium_is_found_the_pdf_is_printed(demo_run):
+    work, config, _ = demo_run
+    dry = run_snakemake(work, "--configfile", str(config), "-n")
+    assert "report_pdf" in dry.stdout + dry.stderr  # report.pdf: auto prints where a Chromium is found
+    run_snakemake(work, "--configfile", str(config))
     assert (work / "results/report/report.pdf").read_bytes()[:5] == b"%PDF-"
 
 
 def test_snakemakes_own_report_has_a_caption_on_every_item(demo_run, tmp_path):
-    work, config = demo_run
+    work, config, _ = demo_run
     rules = "".join(path.read_text() for path in sorted((REPO / "rules").glob("*.smk")))
     items = re.findall(r"report\((.*?)\)", rules, re.S)
     assert items and all("caption=" in item for item in items), [i for i in items if "caption=" not in i]
     out = tmp_path / "snakemake-report.html"
-    run_snakemake(work, "--configfile", str(config), "--report", str(out))
+    run_bare(work, "--configfile", str(config), "--report", str(out))
     html = out.read_text()
     for caption in sorted((REPO / "rules" / "captions").glob("*.rst")):
         first_words = " ".join(caption.read_text().split()[:5])
@@ -148,19 +192,19 @@ def test_snakemakes_own_report_has_a_caption_on_every_item(demo_run, tmp_path):
 
 
 def test_second_run_has_nothing_to_do(demo_run):
-    work, config = demo_run
-    proc = run_snakemake(work, "--configfile", str(config), "-n")
+    work, config, _ = demo_run
+    proc = run_bare(work, "--configfile", str(config), "-n")
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
 def dry_run_jobs(work, config):
-    proc = run_snakemake(work, "--configfile", str(config), "-n")
+    proc = run_bare(work, "--configfile", str(config), "-n")
     stats = (proc.stdout + proc.stderr).split("Job stats:")[-1].split("Reasons:")[0]
     return {line.split()[0] for line in stats.splitlines()[3:] if line.strip() and not line.startswith("total")}
 
 
 def test_a_changed_value_reruns_only_what_uses_it(demo_run, tmp_path):
-    work, _ = demo_run
+    work, *_ = demo_run
     qc = small_config(tmp_path)
     config = yaml.safe_load(qc.read_text())
     config["report"]["qc_slices"] = 6
@@ -173,7 +217,7 @@ def test_a_changed_value_reruns_only_what_uses_it(demo_run, tmp_path):
     # ... and what uses the SDM's slices: arm C's data, audit, models and the realism table; not arm A or B.
     assert dry_run_jobs(work, qc) == {"sample_sdm", "sample_sdm_heldout", "fidelity", "downstream_dataset", "audit",
                                       "leakage", "detect", "localize", "realism", "stats", "report", "all"}
-    dry = run_snakemake(work, "--configfile", str(qc), "-n")
+    dry = run_bare(work, "--configfile", str(qc), "-n")
     arms = set(re.findall(r"wildcards: arm=([ABC])", dry.stdout + dry.stderr))
     assert arms == {"C"}, arms
 
@@ -197,7 +241,7 @@ def test_config_error_fails_before_any_job_naming_the_key(tmp_path):
     config["masks"]["body_treshold"] = 127  # misspelt
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = run_snakemake(tmp_path, "--configfile", str(path), check=False)
+    proc = run_bare(tmp_path, "--configfile", str(path), check=False)
     assert proc.returncode != 0
     assert "body_treshold" in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
@@ -241,7 +285,7 @@ def test_a_job_killed_midway_reruns_cleanly(demo_run, tmp_path):
 
     import torch
 
-    work, _ = demo_run
+    work, *_ = demo_run
     config = yaml.safe_load(small_config(tmp_path).read_text())
     config["sdm"].update(max_steps=40, checkpoint_every=4)
     path = tmp_path / "longer.yaml"
@@ -275,7 +319,7 @@ def test_a_job_killed_midway_reruns_cleanly(demo_run, tmp_path):
     killed_at = checkpoint_step()
     assert 8 <= killed_at < 40
 
-    run_snakemake(work, *target)
+    run_bare(work, *target)
     log = (work / "results/logs/train_sdm/0.log").read_text()
     assert re.search(rf"resumed from \S*checkpoint.pt at step {killed_at}\b", log), log[-2000:]
     assert torch.load(out / "model.pt", map_location="cpu", weights_only=False)["step"] == 40

@@ -394,8 +394,15 @@ def cmd_stats(args):
 def cmd_report(args):
     from nodulesynth.report import build_report
 
-    build_report(args.results, args.config, args.html, args.pdf)
-    log.info("report: %s and %s", args.html, args.pdf)
+    build_report(args.results, args.config, args.html)
+    log.info("report: %s", args.html)
+
+
+def cmd_report_pdf(args):
+    from nodulesynth.report.pdf import html_to_pdf
+
+    html_to_pdf(args.html, args.pdf, args.chromium)
+    log.info("report-pdf: %s", args.pdf)
 
 
 def build_parser():
@@ -547,12 +554,17 @@ def build_parser():
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("report", help="the study as self-contained HTML and its PDF")
+    p = sub.add_parser("report", help="the study as one self-contained HTML page")
     p.add_argument("--results", default="results", help="the workflow's results folder")
     p.add_argument("--config", type=_json, required=True, help="the config as run, as JSON")
     p.add_argument("--html", required=True)
-    p.add_argument("--pdf", required=True)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("report-pdf", help="the HTML report printed to PDF by headless Chromium")
+    p.add_argument("--html", required=True)
+    p.add_argument("--pdf", required=True)
+    p.add_argument("--chromium", default=None, help="the Chromium executable (default: found on PATH)")
+    p.set_defaults(func=cmd_report_pdf)
     return parser
 
 

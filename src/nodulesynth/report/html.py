@@ -1,7 +1,7 @@
 """The study's report: tables, figures and provenance from a results tree, rendered with Jinja2 into one
 self-contained HTML file (figures as base64 PNG data URIs, CSS inline) and printed to PDF.
 
-`build_report(results_dir, config, out_html, out_pdf)` is the entry point; the metrics.json files and the
+`build_report(results_dir, config, out_html)` is the entry point; the metrics.json files and the
 statistics tables are required, every other input is optional and reported as "not available" when absent.
 """
 
@@ -18,7 +18,6 @@ import yaml
 from nodulesynth.downstream.datasets import ARMS
 from nodulesynth.io import atomic_path, read_table
 from nodulesynth.report import figures, inputs
-from nodulesynth.report.pdf import find_chromium, html_to_pdf
 
 TEMPLATES = Path(__file__).parent / "templates"
 HEADLINE = {  # the study's two tables, in its column order
@@ -308,14 +307,11 @@ def render_html(context: dict) -> str:
     return env.get_template("report.html.j2").render(**context)
 
 
-def build_report(results_dir, config: dict, out_html, out_pdf) -> None:
-    """Write the self-contained HTML report of `results_dir` and its PDF print.
+def build_report(results_dir, config: dict, out_html) -> None:
+    """Write the self-contained HTML report of `results_dir` (its PDF print: nodulesynth.report.pdf.html_to_pdf).
 
-    config: the config as run (shown in the provenance; its `report` section sets chromium, score_threshold
-    and examples). Fails before any work when no Chromium is found for the PDF.
+    config: the config as run (shown in the provenance; its `report` section sets score_threshold and examples).
     """
-    chromium = find_chromium(((config or {}).get("report") or {}).get("chromium"))
     html = render_html(report_context(results_dir, config))
     with atomic_path(out_html) as tmp:
         Path(tmp).write_text(html, encoding="utf-8")
-    html_to_pdf(out_html, out_pdf, chromium)

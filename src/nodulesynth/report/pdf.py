@@ -35,6 +35,36 @@ def find_chromium(explicit=None) -> str:
         f"Debian's `chromium` package (apt-get install chromium), or set report.chromium or ${ENV_VAR} to its path")
 
 
+# The one command that gives a Debian/Ubuntu machine what prints the PDF; `make setup` and the warning name it.
+APT_COMMAND = "apt-get install chromium"
+
+
+def pdf_wanted(setting="auto", chromium=None, in_containers=False) -> tuple[bool, str | None]:
+    """Whether the workflow prints the report to PDF (config report.pdf), and the warning to log when it does not.
+
+    The HTML report is the result and the PDF a second form of it, so `auto` (the default) prints it where a
+    Chromium is found, or where the rules run in containers (the report image carries one), and otherwise
+    returns a warning that says how to get it. `True` makes a missing Chromium an error (FileNotFoundError naming
+    the fix) and `False` never prints. A `chromium` path given explicitly must exist whatever the setting but
+    `False`: the user asked for that executable.
+    """
+    if not (setting == "auto" or isinstance(setting, bool)):
+        raise ValueError(f"report.pdf = {setting!r}: expected one of auto, true, false")
+    if setting is False:
+        return False, None
+    if in_containers and not chromium:
+        return True, None
+    try:
+        find_chromium(chromium)
+    except FileNotFoundError as missing:
+        if setting is True or chromium:
+            raise FileNotFoundError(f"report.pdf = {setting}: {missing}") from None
+        return False, (f"report.pdf = auto and no Chromium found (looked for {', '.join(CANDIDATES)} on PATH): "
+                       f"writing results/report/report.html only. For the PDF too: {APT_COMMAND} (or set "
+                       f"report.chromium / ${ENV_VAR}), or run with --use-singularity, then run again.")
+    return True, None
+
+
 def chromium_command(chromium, html_path, pdf_path, profile_dir) -> list:
     return [
         str(chromium), "--headless", "--no-sandbox",  # no sandbox: runs as root in containers and CI
