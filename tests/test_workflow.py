@@ -16,7 +16,7 @@ from nodulesynth.report.pdf import find_chromium
 
 
 def run_bare(work, *args, **kwargs):
-    return run_bare(work, *args, without_chromium=True, **kwargs)
+    return run_snakemake(work, *args, without_chromium=True, **kwargs)
 
 
 def chromium_missing() -> bool:
