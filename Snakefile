@@ -34,7 +34,7 @@ rule all:
         expand(
             "results/downstream/{task}/{arm}/fold{fold}/metrics.json",
             task=TASKS,
-            arm=list(ARMS),
+            arm=ARM_NAMES,
             fold=downstream_folds(),
         ),
         expand("results/downstream/realism/fold{fold}.json", fold=downstream_folds()),

@@ -34,7 +34,7 @@ rule audit:
 
 rule leakage:
     input:
-        expand("results/audit/{arm}/fold{fold}.tsv", arm=list(ARMS), fold=downstream_folds()),
+        expand("results/audit/{arm}/fold{fold}.tsv", arm=ARM_NAMES, fold=downstream_folds()),
     output:
         report("results/audit/leakage.tsv", category="Leakage audit", caption="captions/leakage.rst"),
     log:

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 # envs/*.yaml install the lock and this checkout from here (Snakemake copies env files elsewhere).
 os.environ.setdefault("NODULESYNTH_ROOT", str(Path(workflow.basedir)))
 from nodulesynth.data.folds import evaluation_scans, read_folds, training_scans
-from nodulesynth.downstream.datasets import ARMS
+from nodulesynth.downstream.datasets import ARMS, study_arms
 from nodulesynth.report.pdf import pdf_wanted
 from snakemake.logging import logger
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
@@ -23,7 +23,7 @@ wildcard_constraints:
     scan=r"[A-Za-z0-9._-]+",
     fold=r"\d+|holdout",
     generator=r"sdm|spade",
-    arm=r"A|B|C",
+    arm=r"A|B|C|P|N",
     task=r"detection|localization",
 
 
@@ -80,17 +80,19 @@ def generator_folds():
 
 
 TASKS = ["detection", "localization"]
+# The arms the DAG trains: A, B, C, and the controls P and N where downstream.controls is on (the default).
+ARM_NAMES = study_arms(controls=config["downstream"].get("controls", True))
 
 
 def arm_synthetic(wildcards):
     """The synthetic stacks an arm adds: none for A, the fold's SPADE (B) or SDM (C) samples."""
-    generator = ARMS[wildcards.arm]
+    generator = ARMS.get(wildcards.arm)
     return [] if generator is None else [f"results/synth/{generator}/{wildcards.fold}"]
 
 
 def arm_generator_files(wildcards):
     """The training list of the generator whose slices an arm adds (none for A), for the audit."""
-    generator = ARMS[wildcards.arm]
+    generator = ARMS.get(wildcards.arm)
     return [] if generator is None else [f"results/generators/{generator}/{wildcards.fold}/training_scans.tsv"]
 
 

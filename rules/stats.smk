@@ -7,13 +7,13 @@ rule stats:
         metrics=expand(
             "results/downstream/{task}/{arm}/fold{fold}/metrics.json",
             task=TASKS,
-            arm=list(ARMS),
+            arm=ARM_NAMES,
             fold=downstream_folds(),
         ),
         predictions=expand(
             "results/downstream/{task}/{arm}/fold{fold}/predictions.tsv",
             task=TASKS,
-            arm=list(ARMS),
+            arm=ARM_NAMES,
             fold=downstream_folds(),
         ),
     output:

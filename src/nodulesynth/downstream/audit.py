@@ -26,7 +26,7 @@ import pandas as pd
 
 from nodulesynth.data.folds import read_folds
 from nodulesynth.data.slices import load_slice_info, load_slices
-from nodulesynth.downstream.datasets import ARMS, load_dataset
+from nodulesynth.downstream.datasets import ARMS, CONTROLS, RELABELLED, load_dataset, study_arms
 from nodulesynth.io import read_table, read_tsv, write_tsv
 
 HOLDOUT = "holdout"
@@ -326,8 +326,15 @@ def check_provenance(path, arm, fold, dataset, train_ids, synthetic, bank, thres
     scope = f"arm {arm}, fold {fold}"
     train = dataset.train
     model = ARMS.get(arm)
-    rows = np.flatnonzero(train.source.astype(str) != "real")
+    source = train.source.astype(str)
+    # The negative control's relabelled slices are real training slices (their patients are checked as any
+    # real slice's); only arm N may hold them.
+    rows = np.flatnonzero(~np.isin(source, ["real", RELABELLED]))
     problems = []
+    relabelled = np.flatnonzero(source == RELABELLED)
+    if len(relabelled) and arm != "N":
+        problems.append(f"{path}: {len(relabelled)} relabelled slices in arm {arm} (only the negative control N "
+                        f"adds them): {_slices_of(train.scan_id, train.slice_index, relabelled)}")
     wrong = [r for r in rows if str(train.source[r]) != model]
     if wrong:
         kinds = ", ".join(sorted({str(train.source[r]) for r in wrong}))
@@ -411,8 +418,8 @@ def audit(folds_tsv, manifest_tsv, generator_dirs, synth_dirs, dataset_paths, si
 
     by_fold = {}
     for (arm, fold), path in dataset_paths.items():
-        if arm not in ARMS:
-            raise KeyError(f"{path}: unknown arm {arm!r} (arms: {', '.join(ARMS)})")
+        if arm not in ARMS and arm not in CONTROLS:
+            raise KeyError(f"{path}: unknown arm {arm!r} (arms: {', '.join(study_arms(controls=True))})")
         by_fold.setdefault(str(fold), []).append((arm, Path(path)))
     for fold in sorted(by_fold):
         # One bank per fold: the arms' shared real slices are reduced once; nothing crosses folds.

@@ -7,7 +7,8 @@ identical in every arm of the fold, so the arms are paired). Both are `SliceSet`
 - `image` uint8 [N,S,S], `label` uint8 [N,S,S] (the lesion map), `has_nodule` bool [N]
 - `boxes` float32 [M,5]: (row in this set, x0, y0, x1, y1) in pixels at size S, x1 and y1 exclusive
 - `scan_id`, `patient_id` str [N], `slice_index` int [N] (in the series; for synthetic slices, the
-  index of the map that produced them), `source` str [N]: "real", "spade" or "sdm"
+  index of the map that produced them), `source` str [N]: "real", "spade", "sdm", or "relabelled" (the
+  negative control's real nodule-free slices labelled nodule)
 """
 
 import json
@@ -20,7 +21,19 @@ from nodulesynth.data.slices import resize_slices
 from nodulesynth.io import atomic_path
 from nodulesynth.labels import NODULE
 
-ARMS = {"A": None, "B": "spade", "C": "sdm"}  # arm -> generator whose slices it adds
+ARMS = {"A": None, "B": "spade", "C": "sdm"}  # the study's arms: arm -> generator whose slices it adds
+# Controls (downstream.controls): arms whose effect on arm A is known, run by the same DAG to prove that the
+# study can measure. P, positive: arm A with half its real nodule patients withheld (less real data: a known
+# loss, so A - P > 0). N, negative: arm A plus as many "synthetic" nodule slices as B and C add, which are real
+# nodule-free training slices labelled nodule, with the boxes of real nodules (no nodule information: a known
+# harm or null, so N - A <= 0).
+CONTROLS = {"P": "positive", "N": "negative"}
+RELABELLED = "relabelled"  # the `source` of the negative control's added slices
+
+
+def study_arms(controls: bool = False) -> list[str]:
+    """The arms the DAG trains: A, B, C, and the control arms P and N where downstream.controls is on."""
+    return list(ARMS) + (list(CONTROLS) if controls else [])
 
 
 @dataclass
@@ -142,6 +155,38 @@ def synthetic_slices(stack, generator: str, size: int) -> SliceSet:
                     source=np.full(n, generator))
 
 
+def withhold_nodule_patients(train: SliceSet, rng, fraction: float = 0.5) -> tuple[SliceSet, list]:
+    """(train without the slices of `fraction` of its nodule patients, those patients): the positive control.
+    At least one nodule patient is withheld and one kept; patients without a nodule all stay, so that only the
+    real positive data shrinks."""
+    positive = sorted(set(train.patient_id[np.asarray(train.has_nodule, bool)].tolist()))
+    if len(positive) < 2:
+        raise ValueError(f"the positive control withholds some of the nodule patients and keeps the others; the "
+                         f"training set has {len(positive)} nodule patient(s)")
+    n = min(max(1, int(round(fraction * len(positive)))), len(positive) - 1)
+    withheld = sorted(rng.choice(positive, n, replace=False).tolist())
+    return train.subset(np.flatnonzero(~np.isin(train.patient_id, withheld))), withheld
+
+
+def relabelled_slices(train: SliceSet, count: int, rng) -> SliceSet:
+    """`count` real nodule-free training slices (without replacement, as many as there are at most) labelled as
+    nodule slices, each given the boxes of a randomly drawn real nodule slice: the negative control's added
+    slices, which look like real data and carry no nodule information. Their lesion maps stay as they are
+    (nodule-free): nothing downstream reads a training map's nodule class, only has_nodule and boxes."""
+    negatives = np.flatnonzero(~np.asarray(train.has_nodule, bool))
+    positives = np.flatnonzero(np.asarray(train.has_nodule, bool))
+    if count and (not len(negatives) or not len(positives)):
+        raise ValueError("the negative control needs real slices with and without a nodule to relabel")
+    rows = np.sort(rng.choice(negatives, min(count, len(negatives)), replace=False))
+    added = train.subset(rows)
+    donors = rng.choice(positives, len(rows))
+    boxes = [(i, *box) for i, donor in enumerate(donors) for box in train.boxes_of(int(donor))]
+    added.boxes = np.array(boxes, np.float32).reshape(-1, 5)
+    added.has_nodule = np.ones(len(rows), bool)
+    added.source = np.full(len(rows), RELABELLED)
+    return added
+
+
 def _counts(prefix: str, slices: SliceSet) -> dict:
     positive = int(np.asarray(slices.has_nodule).sum())
     return {f"n_{prefix}": len(slices), f"n_{prefix}_positive": positive, f"n_{prefix}_negative": len(slices) - positive}
@@ -152,16 +197,18 @@ def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, 
     """One fold and arm of the study. `train_scans`/`test_scans` come from the fold plan
     (nodulesynth.data.folds); arm B/C add `synthetic_ratio` x (real training nodule slices) synthetic
     nodule slices of the fold's generator, drawn without replacement from `synth_dir`; a shortfall is
-    recorded in `info`, never made up by repeating a slice."""
+    recorded in `info`, never made up by repeating a slice. The control arms (CONTROLS): P withholds half
+    the real nodule patients (withhold_nodule_patients), N adds relabelled nodule-free slices
+    (relabelled_slices) as many as B and C add."""
     import logging
 
     import pandas as pd
 
     from nodulesynth.data.slices import load_slices
 
-    if arm not in ARMS:
-        raise KeyError(f"unknown arm {arm!r}: expected one of {sorted(ARMS)}")
-    generator = ARMS[arm]
+    if arm not in ARMS and arm not in CONTROLS:
+        raise KeyError(f"unknown arm {arm!r}: expected one of {study_arms(controls=True)}")
+    generator = ARMS.get(arm)
     if generator and synth_dir is None:
         raise ValueError(f"arm {arm} needs the synthetic slices of {generator}")
     slices_dir = Path(slices_dir)
@@ -177,7 +224,13 @@ def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, 
         return SliceSet.concatenate(parts) if parts else SliceSet.empty(image_size)
 
     train, test = real(train_scans), real(test_scans)
-    info = {"arm": arm, "fold": int(fold), "image_size": int(image_size), "n_train_real": len(train)}
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(fold)]))
+    info = {"arm": arm, "fold": int(fold), "image_size": int(image_size)}
+    if arm == "P":
+        train, withheld = withhold_nodule_patients(train, rng)
+        info.update(control=CONTROLS[arm], n_patients_withheld=len(withheld))
+    info["n_train_real"] = len(train)
+    info["n_train_real_positive"] = int(train.has_nodule.sum())
     if generator:
         pool = []
         for scan in train_scans:
@@ -190,7 +243,6 @@ def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, 
         pool = SliceSet.concatenate(pool) if pool else SliceSet.empty(image_size)
         candidates = np.flatnonzero(pool.has_nodule)
         wanted = int(round(synthetic_ratio * int(train.has_nodule.sum())))
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(fold)]))
         chosen = np.sort(rng.choice(candidates, min(wanted, len(candidates)), replace=False))
         if len(chosen) < wanted:
             logging.getLogger("nodulesynth").warning(
@@ -199,7 +251,14 @@ def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, 
         train = SliceSet.concatenate([train, pool.subset(chosen)])
         info.update(generator=generator, synthetic_ratio=float(synthetic_ratio), n_synthetic_wanted=wanted,
                     n_synthetic_available=len(candidates), n_train_synthetic=len(chosen))
+    elif arm == "N":
+        wanted = int(round(synthetic_ratio * int(train.has_nodule.sum())))
+        added = relabelled_slices(train, wanted, rng)
+        train = SliceSet.concatenate([train, added])
+        info.update(control=CONTROLS[arm], synthetic_ratio=float(synthetic_ratio), n_synthetic_wanted=wanted,
+                    n_train_synthetic=len(added))
     else:
         info.update(n_train_synthetic=0)
-    info.update(_counts("train", train), **_counts("test", test))
+    info.update(_counts("train", train), **_counts("test", test),
+                n_train_patients=len(np.unique(train.patient_id)), n_test_patients=len(np.unique(test.patient_id)))
     return ArmDataset(arm, int(fold), train, test, info)

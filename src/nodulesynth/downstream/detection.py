@@ -55,6 +55,9 @@ class DetectionOptions:
     patch_size: int = 64
     load_from: str | None = None  # optional local mmpretrain checkpoint (never downloaded)
     threshold: float = 0.5
+    # Training draws: "balanced" (half with a nodule, in every arm: see mmlab.BalancedSampler), or "shuffle"
+    # (a plain shuffle, as the study did: its class prior moves with the synthetic positives an arm adds).
+    sampler: str = "balanced"
     num_workers: int = 0
     seed: int = 0
 
@@ -82,6 +85,8 @@ class DetectionOptions:
             bad("input", f"must be one of {INPUTS}")
         if not 0.0 <= self.threshold <= 1.0:
             bad("threshold", "must lie in [0, 1]")
+        if self.sampler not in mmlab.SAMPLERS:
+            bad("sampler", f"must be one of {mmlab.SAMPLERS}")
         if not 0.0 <= self.flip_prob <= 1.0:
             bad("flip_prob", "must lie in [0, 1]")
         if self.load_from is not None and not Path(self.load_from).is_file():
@@ -191,7 +196,7 @@ def detection_config(options: DetectionOptions, work_dir, device: str, mean: flo
                                  std=[float(std)], to_rgb=False)
     cfg.train_dataloader = dict(
         batch_size=options.batch_size, num_workers=options.num_workers, persistent_workers=options.num_workers > 0,
-        sampler=dict(type="InfiniteSampler", shuffle=True),
+        sampler=mmlab.train_sampler(options.sampler, options.seed),
         dataset=dict(type="NoduleSliceDataset", memory_key=memory_key, pipeline=_train_pipeline(options)))
     for stage in ("val", "test"):  # the test fold is scored after training, by `predict_scores`
         for part in ("dataloader", "cfg", "evaluator"):

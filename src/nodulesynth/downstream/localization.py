@@ -60,6 +60,9 @@ class LocalizationOptions:
     # during training. False: positive slices only (mmdet's COCO default).
     include_negatives: bool = True
     norm: str = "bn"
+    # Training draws: "balanced" (half with a nodule, in every arm: see mmlab.BalancedSampler; needs
+    # include_negatives), or "shuffle" (a plain shuffle, as the study did).
+    sampler: str = "balanced"
     # Max gradient norm (None: off, as in mmdet's Faster R-CNN config). 35 is mmdet's usual value where it
     # clips (RetinaNet, FCOS); with it lr 0.1 trains from scratch (loss 2.0 -> 0.07 in 16 iterations).
     clip_grad: Optional[float] = 35.0
@@ -112,6 +115,11 @@ class LocalizationOptions:
         if self.warmup_iters >= self.total_iters:
             raise ValueError(f"localization.warmup_iters ({self.warmup_iters}) must be less than epochs x "
                              f"iters_per_epoch ({self.total_iters})")
+        if self.sampler not in mmlab.SAMPLERS:
+            raise ValueError(f"localization.sampler must be one of {mmlab.SAMPLERS}, got {self.sampler!r}")
+        if self.sampler == "balanced" and not self.include_negatives:
+            raise ValueError("localization.sampler = balanced draws slices without a nodule too: it needs "
+                             "localization.include_negatives = true (or sampler = shuffle)")
         if self.norm not in ("bn", "gn"):
             raise ValueError(f"localization.norm must be 'bn' or 'gn', got {self.norm!r}")
         if not self.lr > 0:
@@ -172,7 +180,7 @@ def build_config(options: LocalizationOptions, image_size: int, data_root, work_
     # Negative slices are kept in train.json only when they are to be trained on (see include_negatives).
     cfg.train_dataloader.dataset.filter_cfg = dict(filter_empty_gt=not options.include_negatives, min_size=0)
     cfg.train_dataloader.batch_size = options.batch_size
-    cfg.train_dataloader.sampler = dict(type="InfiniteSampler", shuffle=True, seed=options.seed)
+    cfg.train_dataloader.sampler = mmlab.train_sampler(options.sampler, options.seed)
     cfg.test_dataloader.batch_size = options.batch_size
     cfg.val_dataloader = cfg.val_evaluator = cfg.val_cfg = None
     cfg.test_evaluator = dict(type="CocoMetric", ann_file=str(Path(data_root) / "test.json"), metric="bbox",

@@ -10,6 +10,8 @@
 - `optim_wrapper`: `AmpOptimWrapper` on CUDA, plain `OptimWrapper` on CPU (AMP there would only slow down).
 - `StudyRunner`: mmengine's `Runner`, honouring the chosen device and keeping the console quiet.
 - `close_log_files`: closes a finished run's log file.
+- `BalancedSampler`: an endless stream of training indices, half from slices with a nodule and half from slices
+  without, so that every arm trains at the same class prior whatever synthetic positives it adds.
 - `LossCurveHook`: writes `iter, loss, lr` (plus any other logged losses) to a TSV in the work dir, and stops a
   run whose loss is no longer finite; `final_loss` reads the mean of its last iterations back.
 """
@@ -24,13 +26,79 @@ from pathlib import Path
 
 import numpy as np
 from mmengine.hooks import Hook
-from mmengine.registry import HOOKS
+from mmengine.registry import DATA_SAMPLERS, HOOKS
 from mmengine.runner import Runner
 
 from nodulesynth.io import atomic_path
 from nodulesynth.models.device import pick_device
 
 LOSS_HOOK = "NoduleSynthLossCurveHook"
+BALANCED_SAMPLER = "NoduleSynthBalancedSampler"
+SAMPLERS = ("balanced", "shuffle")
+
+
+def is_positive(data_info: dict) -> bool:
+    """Whether a training sample holds a nodule: mmpretrain's `gt_label` 1, or an mmdet sample with a box."""
+    if "gt_label" in data_info:
+        return int(data_info["gt_label"]) == 1
+    return any(not box.get("ignore_flag", 0) for box in data_info.get("instances", ()))
+
+
+@DATA_SAMPLERS.register_module(name=BALANCED_SAMPLER)
+class BalancedSampler:
+    """Training indices drawn forever, a nodule slice with probability `positive_fraction` (else a slice without),
+    uniformly within each class, seeded. Written here because mmengine ships no class-weighted sampler, and
+    torch's WeightedRandomSampler takes neither the dataset nor the seed that mmengine builds samplers with.
+
+    Why: arms B and C add synthetic positives to arm A's training set, which moves a plain shuffle's class prior
+    (and with it recall, precision and F1 at a fixed cut) with no new information; drawn at one prior, the arms
+    differ only in which positives they hold. Distributed: each rank takes every world_size-th draw.
+    """
+
+    def __init__(self, dataset, seed=None, positive_fraction: float = 0.5):
+        from mmengine.dist import get_dist_info, sync_random_seed
+
+        if not 0.0 < positive_fraction < 1.0:
+            raise ValueError(f"positive_fraction must lie in (0, 1), got {positive_fraction}")
+        labels = np.array([is_positive(dataset.get_data_info(i)) for i in range(len(dataset))], bool)
+        self.positive, self.negative = np.flatnonzero(labels), np.flatnonzero(~labels)
+        if not len(self.positive) or not len(self.negative):
+            raise ValueError(f"a balanced sampler needs slices with and without a nodule; the training set has "
+                             f"{len(self.positive)} with and {len(self.negative)} without")
+        self.positive_fraction = float(positive_fraction)
+        self.seed = sync_random_seed() if seed is None else int(seed)
+        self.rank, self.world_size = get_dist_info()
+        self.size = len(dataset)
+
+    def _draws(self):
+        rng = np.random.default_rng(self.seed)
+        while True:
+            take_positive = rng.random(1024) < self.positive_fraction
+            n_pos = int(take_positive.sum())
+            drawn = np.empty(1024, np.int64)
+            drawn[take_positive] = self.positive[rng.integers(len(self.positive), size=n_pos)]
+            drawn[~take_positive] = self.negative[rng.integers(len(self.negative), size=1024 - n_pos)]
+            yield from drawn.tolist()
+
+    def __iter__(self):
+        for i, index in enumerate(self._draws()):
+            if i % self.world_size == self.rank:
+                yield index
+
+    def __len__(self):
+        return self.size
+
+    def set_epoch(self, epoch: int) -> None:  # endless: epochs do not exist here (as mmengine's InfiniteSampler)
+        pass
+
+
+def train_sampler(kind: str, seed: int) -> dict:
+    """The training dataloader's sampler config for `kind` (detection/localization.sampler)."""
+    if kind not in SAMPLERS:
+        raise ValueError(f"sampler {kind!r}: expected one of {', '.join(SAMPLERS)}")
+    if kind == "balanced":
+        return dict(type=BALANCED_SAMPLER, seed=seed)
+    return dict(type="InfiniteSampler", shuffle=True, seed=seed)
 
 
 def allow_full_checkpoint_loading():

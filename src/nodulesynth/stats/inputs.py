@@ -24,7 +24,8 @@ _FOLD_DIR = re.compile(r"^fold(\d+)$")
 
 # Metrics that are fractions in 0..1 (shown in percent); every other metric (slice counts, tp/fp/...) is shown as is.
 # FROC sensitivities and their mean, the CPM, are fractions of nodules found, so they are proportions too.
-_PROPORTION = re.compile(r"^(accuracy|precision|recall|sensitivity|specificity|f1|auc|cpm|map|ap\d*|ar\d*)$"
+_PROPORTION = re.compile(r"^(accuracy|precision|recall|sensitivity|specificity|f1|auc|cpm|map|ap\d*|ar\d*"
+                         r"|average_precision|balanced_accuracy)$"
                          r"|^(ap|ar|froc|sens)[_@].*$")
 
 
