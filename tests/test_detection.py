@@ -48,8 +48,9 @@ def synthetic_slices(n_positive, n_negative, seed, size=SIZE) -> SliceSet:
 
 
 def tiny_options(**changes) -> DetectionOptions:
-    # The learnable toy problem needs a gentler lr than the study's 0.1 to fall within a few iterations.
-    values = dict(epochs=4, iters_per_epoch=5, batch_size=8, lr=0.001, lr_steps=[3], flip_prob=0.5, seed=0)
+    # The learnable toy problem needs a gentler lr than the study's 0.1 to fall within a few iterations (drawn
+    # class-balanced, 0.001 did not move the loss in 20 iterations; 0.01 halves it).
+    values = dict(epochs=4, iters_per_epoch=5, batch_size=8, lr=0.01, lr_steps=[3], flip_prob=0.5, seed=0)
     values.update(changes)
     return DetectionOptions.from_config(values)
 
@@ -135,7 +136,7 @@ def test_training_learns_and_scores_every_test_slice(trained):
     curve = pd.read_csv(work / "loss.tsv", sep="\t")
     assert list(curve.columns[:3]) == ["iter", "loss", "lr"] and curve["iter"].tolist() == list(range(1, 21))
     assert curve["loss"].iloc[-5:].mean() < curve["loss"].iloc[:5].mean()
-    assert curve["lr"].iloc[0] == pytest.approx(1e-3) and curve["lr"].iloc[-1] == pytest.approx(1e-4)  # step at epoch 3
+    assert curve["lr"].iloc[0] == pytest.approx(1e-2) and curve["lr"].iloc[-1] == pytest.approx(1e-3)  # step at epoch 3
     assert (work / "model.pth").is_file()
 
     for key in CORE_METRICS:

@@ -267,7 +267,7 @@ def cmd_fidelity(args):
 
 def _downstream_params(params):
     defaults = dict(synthetic_ratio=1.0, seed=0, near_duplicate_size=32, near_duplicate_threshold=0.98,
-                    device="auto", threads=1)
+                    device="auto", threads=1, controls=True)
     unknown = sorted(set(params) - set(defaults))
     if unknown:
         raise KeyError(f"unknown config key downstream.{unknown[0]}")
@@ -406,6 +406,8 @@ def cmd_report_pdf(args):
 
 
 def build_parser():
+    from nodulesynth.downstream.datasets import study_arms
+
     parser = argparse.ArgumentParser(prog="nodulesynth", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -503,7 +505,7 @@ def build_parser():
     p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("downstream-dataset", help="one fold and arm of the study: slices at one size, with boxes")
-    p.add_argument("--arm", required=True, choices=["A", "B", "C"])
+    p.add_argument("--arm", required=True, choices=study_arms(controls=True))
     p.add_argument("--fold", required=True, type=int)
     p.add_argument("--manifest", required=True)
     p.add_argument("--folds", required=True)

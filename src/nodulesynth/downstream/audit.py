@@ -335,6 +335,13 @@ def check_provenance(path, arm, fold, dataset, train_ids, synthetic, bank, thres
     if len(relabelled) and arm != "N":
         problems.append(f"{path}: {len(relabelled)} relabelled slices in arm {arm} (only the negative control N "
                         f"adds them): {_slices_of(train.scan_id, train.slice_index, relabelled)}")
+    # Each relabelled slice is a copy of one of the arm's own real training slices (same scan, slice and image).
+    real_rows = {(str(train.scan_id[r]), int(train.slice_index[r])): r for r in np.flatnonzero(source == "real")}
+    foreign = [r for r in relabelled if (key := (str(train.scan_id[r]), int(train.slice_index[r]))) not in real_rows
+               or not np.array_equal(train.image[real_rows[key]], train.image[r])]
+    if foreign:
+        problems.append(f"{path}: {len(foreign)} relabelled slices are not copies of the arm's real training slices: "
+                        f"{_slices_of(train.scan_id, train.slice_index, foreign)}")
     wrong = [r for r in rows if str(train.source[r]) != model]
     if wrong:
         kinds = ", ".join(sorted({str(train.source[r]) for r in wrong}))

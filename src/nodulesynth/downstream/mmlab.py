@@ -28,6 +28,7 @@ import numpy as np
 from mmengine.hooks import Hook
 from mmengine.registry import DATA_SAMPLERS, HOOKS
 from mmengine.runner import Runner
+from torch.utils.data import Sampler
 
 from nodulesynth.io import atomic_path
 from nodulesynth.models.device import pick_device
@@ -45,14 +46,15 @@ def is_positive(data_info: dict) -> bool:
 
 
 @DATA_SAMPLERS.register_module(name=BALANCED_SAMPLER)
-class BalancedSampler:
+class BalancedSampler(Sampler):
     """Training indices drawn forever, a nodule slice with probability `positive_fraction` (else a slice without),
     uniformly within each class, seeded. Written here because mmengine ships no class-weighted sampler, and
     torch's WeightedRandomSampler takes neither the dataset nor the seed that mmengine builds samplers with.
 
     Why: arms B and C add synthetic positives to arm A's training set, which moves a plain shuffle's class prior
     (and with it recall, precision and F1 at a fixed cut) with no new information; drawn at one prior, the arms
-    differ only in which positives they hold. Distributed: each rank takes every world_size-th draw.
+    differ only in which positives they hold. Distributed: each rank takes every world_size-th draw. A torch
+    `Sampler`, as mmdet's aspect-ratio batch sampler requires.
     """
 
     def __init__(self, dataset, seed=None, positive_fraction: float = 0.5):
@@ -60,6 +62,7 @@ class BalancedSampler:
 
         if not 0.0 < positive_fraction < 1.0:
             raise ValueError(f"positive_fraction must lie in (0, 1), got {positive_fraction}")
+        self.dataset = dataset  # mmdet's aspect-ratio batch sampler reads it
         labels = np.array([is_positive(dataset.get_data_info(i)) for i in range(len(dataset))], bool)
         self.positive, self.negative = np.flatnonzero(labels), np.flatnonzero(~labels)
         if not len(self.positive) or not len(self.negative):
