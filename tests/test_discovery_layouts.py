@@ -21,8 +21,8 @@ import pandas as pd
 import pydicom
 import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import (ExplicitVRLittleEndian, GrayscaleSoftcopyPresentationStateStorage, MediaStorageDirectoryStorage,
-                         RawDataStorage, SecondaryCaptureImageStorage, generate_uid)
+from pydicom.uid import (ExplicitVRLittleEndian, GrayscaleSoftcopyPresentationStateStorage,
+                         MediaStorageDirectoryStorage, RawDataStorage, SecondaryCaptureImageStorage, generate_uid)
 
 from conftest import LIDC_0001, dice
 from nodulesynth import labels as L
@@ -366,7 +366,8 @@ def philips(real):
     DICOM/S1000/S2020 a localizer, a presentation state and a raw data object that names no series; a DIRFILE
     in every folder."""
     root = real["tmp"] / "philips"
-    study, axial, scout = root / "DICOM" / "S1000", root / "DICOM" / "S1000" / "S2010", root / "DICOM" / "S1000" / "S2020"
+    study = root / "DICOM" / "S1000"
+    axial, scout = study / "S2010", study / "S2020"
     axial.mkdir(parents=True)
     images = [shutil.copy(path, axial / f"I{1000 + 10 * i}") for i, path in enumerate(real["files"])]
     scout_uid = generate_uid()

@@ -150,9 +150,10 @@ def discover_dicom(root, patient_id="PatientID", reconstruction="thinnest", anno
     chosen under `reconstruction` (see dicom_index.parse_reconstruction; a series named in `annotated` is
     always chosen). Other series (localizers, dose reports, ...) are skipped and counted, each in `series`
     with the reason; so are the objects that are no image and name no series (a directory file such as
-    Philips' DIRFILE, raw data), counted in `counts["outside_series"]` by kind. A scan series with an unreadable file in its folders, files missing from a DICOMDIR, or
-    without a patient under `patient_id` (see PATIENT_ID_SOURCES) is not ingested: `rejected` has a row per
-    reason (one per unreadable file); a folder of unreadable files that holds no scan series gets one row."""
+    Philips' DIRFILE, raw data), counted in `counts["outside_series"]` by kind. A scan series with an
+    unreadable file in its folders, files missing from a DICOMDIR, or without a patient under `patient_id`
+    (see PATIENT_ID_SOURCES) is not ingested: `rejected` has a row per reason (one per unreadable file); a
+    folder of unreadable files that holds no scan series gets one row."""
     if patient_id not in PATIENT_ID_SOURCES:
         raise KeyError(f"cohort.patient_id must be one of {', '.join(PATIENT_ID_SOURCES)}, not {patient_id!r}")
     parse_reconstruction(reconstruction)

@@ -49,7 +49,9 @@ PARALLEL_MIN_FILES = 1000  # below this, starting worker processes costs more th
 
 
 class Header(NamedTuple):
-    """What discovery needs of one file (small: a 100,000-file cohort is held in memory)."""
+    """What discovery needs of one file (small: a 100,000-file cohort is held in memory). A readable file with
+    no series_uid (and no error) is an object that is no CT image and names no series (a directory file, raw
+    data): skipped and counted, never a lost slice."""
     path: str
     error: str = ""                 # why the file cannot be read; empty when it can
     sop_class: str = ""
@@ -67,8 +69,6 @@ class Header(NamedTuple):
     kernel: str = ""
     frames: int = 1
     foreign: bool = False             # unreadable, and a text file not named as DICOM: a note, not a lost slice
-    # A readable file without series_uid and without error: an object that is no CT image and names no series
-    # (a directory file, a raw data object): skipped and counted, never a lost slice.
 
 
 @dataclass
