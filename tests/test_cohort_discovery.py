@@ -147,17 +147,20 @@ def test_schema_documents_patient_id():
         validate({**config, "cohort": {**config["cohort"], "patient_id": "Folder"}}, schema)
 
 
-def test_schema_documents_reconstruction_and_tilted():
+def test_schema_documents_reconstruction_tilted_and_variable_spacing():
     from snakemake.utils import validate
 
     schema_path = REPO / "schemas" / "config.schema.yaml"
     keys = yaml.safe_load(schema_path.read_text())["properties"]["cohort"]["properties"]
-    for key in ("dicom_root", "reconstruction", "tilted", "patient_id"):
+    for key in ("dicom_root", "reconstruction", "tilted", "patient_id", "variable_spacing"):
         assert len(keys[key].get("description", "")) > 40, key
+    assert (keys["tilted"]["default"], keys["variable_spacing"]["default"]) == ("reject", "reject")
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     for key, value in [("reconstruction", "all"), ("reconstruction", "thinnest"),
-                       ("reconstruction", "kernel:B3.f|LUNG"), ("tilted", "reject"), ("tilted", "resample")]:
+                       ("reconstruction", "kernel:B3.f|LUNG"), ("tilted", "reject"), ("tilted", "resample"),
+                       ("variable_spacing", "reject"), ("variable_spacing", "resample")]:
         validate({**config, "cohort": {**config["cohort"], key: value}}, str(schema_path))
-    for key, value in [("reconstruction", "thickest"), ("reconstruction", "kernel:"), ("tilted", "sideways")]:
+    for key, value in [("reconstruction", "thickest"), ("reconstruction", "kernel:"), ("tilted", "sideways"),
+                       ("variable_spacing", "finest")]:
         with pytest.raises(Exception, match=key):
             validate({**config, "cohort": {**config["cohort"], key: value}}, str(schema_path))

@@ -5,23 +5,32 @@ and why.
 Each layout is written here from 16 slices of the real series around its annotated nodule (so lesion maps
 stay fast): nested folders, a scout and other non-scan objects beside the axial series, three reconstructions
 in one folder (each `cohort.reconstruction` setting), a series split over two folders, a multi-frame copy
-(highdicom's legacy conversion), non-DICOM files beside the series, and a DICOMDIR export.
+(highdicom's legacy conversion), non-DICOM files beside the series, a DICOMDIR export, a Philips export (a
+directory file in every folder), and series whose slice spacing varies or has slices missing
+(`cohort.variable_spacing`).
 """
 
 import json
 import logging
 import shutil
+import tempfile
+from collections import Counter
 
 import numpy as np
 import pandas as pd
 import pydicom
 import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (ExplicitVRLittleEndian, GrayscaleSoftcopyPresentationStateStorage,
+                         MediaStorageDirectoryStorage, RawDataStorage, SecondaryCaptureImageStorage, generate_uid)
 
-from conftest import LIDC_0001
+from conftest import LIDC_0001, dice
+from nodulesynth import labels as L
 from nodulesynth.cli import main
-from nodulesynth.data.cohort import REJECTED_COLUMNS, SERIES_COLUMNS, discover_dicom, write_file_lists
+from nodulesynth.data.cohort import (REJECTED_COLUMNS, SERIES_COLUMNS, discover_dicom, discovery_summary,
+                                     write_file_lists)
+from nodulesynth.data.dicom_index import DIRECTORY, NON_IMAGE, read_header
+from nodulesynth.data.dicom_series import read_series
 from nodulesynth.data.ingest import ScanRecord, ingest_scan
 from nodulesynth.masks.lesion_map import slice_stack
 from nodulesynth.masks.segment import MaskOptions
@@ -146,16 +155,26 @@ def scout_layout(real, root):
         for path in (root / sub).iterdir():
             path.rename(root / f"{sub}_{i}_{path.name}")
         (root / sub).rmdir()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = COMPREHENSIVE_SR, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    sr = FileDataset(str(root / "sr.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-    sr.SOPClassUID, sr.SOPInstanceUID, sr.Modality = COMPREHENSIVE_SR, meta.MediaStorageSOPInstanceUID, "SR"
-    first = pydicom.dcmread(real["files"][0], stop_before_pixels=True)
-    sr.PatientID, sr.StudyInstanceUID = first.PatientID, first.StudyInstanceUID
-    sr.SeriesInstanceUID, sr.SeriesNumber = added["non-image object"][0], 1000
-    sr.save_as(root / "sr.dcm", enforce_file_format=True)
+    write_object(root / "sr.dcm", real, COMPREHENSIVE_SR, "SR", added["non-image object"][0], SeriesNumber=1000)
     return added
+
+
+def write_object(path, real, sop_class, modality, series_uid=None, **attributes):
+    """A DICOM object of `sop_class` with no pixels, of the real series' patient and study; without series_uid
+    it names no series."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = sop_class, meta.MediaStorageSOPInstanceUID, modality
+    first = pydicom.dcmread(real["files"][0], stop_before_pixels=True)
+    ds.PatientID, ds.StudyInstanceUID = first.PatientID, first.StudyInstanceUID
+    if series_uid:
+        ds.SeriesInstanceUID = series_uid
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 def test_scout_and_other_objects_beside_the_axial_series(real, tmp_path, caplog):
@@ -322,3 +341,164 @@ def test_bad_reconstruction_rule_names_the_key(real):
     with pytest.raises(ValueError, match="cohort.reconstruction 'kernel:\\(': bad regular expression"):
         discover_dicom(real["tmp"] / "plain", reconstruction="kernel:(")
     assert list(discover_dicom(real["tmp"] / "plain").rejected.columns) == REJECTED_COLUMNS
+
+
+def write_directory_file(folder, images):
+    """A file of the Media Storage Directory class named DIRFILE in `folder`, as Philips writes one into every
+    folder of an export: pydicom's DICOMDIR writer run over `images` (those in and below the folder), without a
+    SeriesInstanceUID (a directory names none)."""
+    from pydicom.fileset import FileSet
+
+    fileset = FileSet()
+    for path in images:
+        ds = pydicom.dcmread(path)
+        ds.StudyTime, ds.StudyID = "120000", "1"  # a directory's study record needs them
+        fileset.add(ds)
+    with tempfile.TemporaryDirectory() as staging:
+        fileset.write(staging)
+        shutil.copy(f"{staging}/DICOMDIR", folder / "DIRFILE")
+    return folder / "DIRFILE"
+
+
+@pytest.fixture(scope="module")
+def philips(real):
+    """A Philips-style export: DICOM/S1000/S2010 holds the axial series (files named without extension),
+    DICOM/S1000/S2020 a localizer, a presentation state and a raw data object that names no series; a DIRFILE
+    in every folder."""
+    root = real["tmp"] / "philips"
+    study = root / "DICOM" / "S1000"
+    axial, scout = study / "S2010", study / "S2020"
+    axial.mkdir(parents=True)
+    images = [shutil.copy(path, axial / f"I{1000 + 10 * i}") for i, path in enumerate(real["files"])]
+    scout_uid = generate_uid()
+    [localizer] = copy_series(real["files"][:1], scout, SeriesInstanceUID=scout_uid, SeriesNumber=2020,
+                              ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+                              ImageOrientationPatient=[1, 0, 0, 0, 0, -1])
+    localizer = localizer.rename(scout / "I1000")
+    presentation_uid = generate_uid()
+    write_object(scout / "PS1000", real, GrayscaleSoftcopyPresentationStateStorage, "PR", presentation_uid,
+                 SeriesNumber=2021)
+    write_object(scout / "XX_1000", real, RawDataStorage, "CT")
+    for folder, listed in ((axial, images), (scout, [localizer]), (study, [*images, localizer]),
+                           (root / "DICOM", [*images, localizer])):
+        write_directory_file(folder, listed)
+    return root, axial, scout, dict(localizer=scout_uid, presentation=presentation_uid)
+
+
+def test_philips_export_with_a_directory_file_in_every_folder(real, philips):
+    root, axial, scout, uids = philips
+    dirfile = pydicom.dcmread(axial / "DIRFILE")
+    assert dirfile.file_meta.MediaStorageSOPClassUID == MediaStorageDirectoryStorage
+    assert len(dirfile.DirectoryRecordSequence) > SLICES and "SeriesInstanceUID" not in dirfile
+    header = read_header(axial / "DIRFILE")
+    assert (header.error, header.series_uid) == ("", "")  # read up to its records: a directory, no lost slice
+
+    found = discover_dicom(root)
+    assert found.scans.series_uid.tolist() == [real["uid"]]
+    assert found.rejected.empty, found.rejected
+    assert found.counts["outside_series"] == Counter({DIRECTORY: 4, NON_IMAGE: 1})
+    assert found.counts["unreadable"] == 0 and found.counts["files"] == SLICES + 7
+    series = series_table(found)
+    assert series.reason[uids["localizer"]] == "skipped: localizer"
+    assert series.reason[uids["presentation"]].startswith("skipped: non-image object (Grayscale Softcopy")
+    assert series.folder[real["uid"]] == "DICOM/S1000/S2010"
+    assert "files skipped that are no image and name no series: 4 directory, 1 non-image object" in (
+        discovery_summary(found))
+    assert_same_maps(found, real["uid"], real, root.with_name("philips_out"))
+    # Read as a folder (the way LIDC-IDRI scans are), the series' own DIRFILE is passed over too.
+    assert len(read_series(axial).z) == SLICES
+
+
+def test_a_ct_image_naming_no_series_is_still_a_lost_slice(real, philips, tmp_path):
+    root = tmp_path / "philips"
+    shutil.copytree(philips[0], root)
+    ds = pydicom.dcmread(real["files"][0])
+    del ds.SeriesInstanceUID
+    ds.save_as(root / "DICOM" / "S1000" / "S2010" / "I9990")
+    with pytest.raises(ValueError, match="unreadable DICOM file I9990: no SeriesInstanceUID"):
+        discover_dicom(root)
+
+
+# Slices kept of the 16: gaps 2.5 (three), 5, 5, 7.5, 5, 7.5 mm. The common (median) gap is 5 mm; 2.5 and 7.5 are
+# no whole multiple of it, so the spacing varies (a thin part and a thick part, as variable-pitch protocols write).
+VARIABLE = [0, 1, 2, 3, 5, 7, 10, 12, 15]
+
+
+def ingest_command(real, folder, out, params=None):
+    """The ingest command as the rule runs it, on the series in `folder`: (exit code, status, reason)."""
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([dict(scan_id="S", patient_id="LIDC-IDRI-0001", series_uid=real["uid"], dicom_dir=str(folder))]
+                 ).to_csv(out / "scans.tsv", sep="\t", index=False)
+    volume = out / "volume.npz"
+    code = main(["ingest", "--scans", str(out / "scans.tsv"), "--scan", "S", "--annotations", str(real["annotations"]),
+                 "--out", str(volume), *(["--params", json.dumps(params)] if params is not None else [])])
+    if code:
+        return code, "", ""
+    with np.load(volume) as data:
+        return code, str(data["status"]), str(data["reason"])
+
+
+def test_a_varying_slice_spacing_is_rejected_by_default(real, tmp_path, caplog):
+    folder = tmp_path / "variable"
+    copy_series([real["files"][i] for i in VARIABLE], folder)
+    code, status, reason = ingest_command(real, folder, tmp_path / "out")
+    assert (code, status) == (0, "rejected")
+    assert reason == ("slice spacing varies from 2.50 to 7.50 mm (gaps that are no whole multiple of the common "
+                      "5.00 mm, so not missing slices); cohort.variable_spacing: resample resamples such a series "
+                      "onto its finest spacing"), reason
+    caplog.clear()
+    assert ingest_command(real, folder, tmp_path / "out", {"variable_spacing": "sideways"})[0] == 1
+    assert any("cohort.variable_spacing" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+
+
+def test_a_varying_slice_spacing_is_resampled_onto_the_finest(real, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="nodulesynth")
+    folder = tmp_path / "variable"
+    copy_series([real["files"][i] for i in VARIABLE], folder)
+    out = tmp_path / "out"
+    assert ingest_command(real, folder, out, {"variable_spacing": "resample"}) == (0, "ok", "")
+    assert ("ingest S: ok (resampled onto a regular 2.50 mm slice spacing from a spacing varying from 2.50 to "
+            "7.50 mm)") in caplog.text
+    with np.load(out / "volume.npz") as data, np.load(real["tmp"] / "plain_out" / "volume.npz") as plain:
+        # The finest gap, 2.5 mm, from the first slice to the last: the plain series' own grid.
+        np.testing.assert_allclose(data["z"], plain["z"], atol=1e-6)
+        np.testing.assert_allclose(data["spacing"], plain["spacing"])
+        np.testing.assert_array_equal(data["hu"][VARIABLE], plain["hu"][VARIABLE])  # kept slices unchanged
+        np.testing.assert_allclose(data["nodules"], plain["nodules"], atol=1e-6)
+    stack, boxes = slice_stack(out / "volume.npz", MaskOptions())
+    reference = real["stack"]
+    assert stack.status == "ok"
+    np.testing.assert_array_equal(stack.slice_index, reference.slice_index)
+    # Dice per class of the lesion maps against the plain series' (interpolated slices 4, 6, 8, 9, 11, 13, 14
+    # included); the nodule is found on the plain series' slices.
+    scores = {name: dice(stack.label == k, reference.label == k) for name, k in
+              (("body", L.BODY), ("left lung", L.LEFT_LUNG), ("right lung", L.RIGHT_LUNG), ("trachea", L.TRACHEA),
+               ("nodule", L.NODULE))}
+    assert min(scores.values()) > 0.9, scores
+    assert sorted(boxes.slice_index.unique()) == sorted(real["boxes"].slice_index.unique())
+
+
+def test_missing_slices_are_not_a_varying_spacing(real, tmp_path):
+    """Slices lost from the regular 2.5 mm series leave gaps of whole multiples of it: rejected as missing
+    slices under either setting (never interpolated over)."""
+    folder = tmp_path / "missing"
+    copy_series([path for i, path in enumerate(real["files"]) if i not in (8, 12, 13)], folder)
+    for params in (None, {"variable_spacing": "resample"}):
+        code, status, reason = ingest_command(real, folder, tmp_path / "out", params)
+        assert (code, status) == (0, "rejected")
+        assert reason.startswith("missing slice(s) between") and reason.endswith("(spacing 2.50 mm)"), reason
+
+
+def test_the_spacing_of_a_ge_series_is_named(real, tmp_path):
+    """Positions as a GE series wrote them, 1.08 to 6.99 mm apart (headers only: rejected before pixels)."""
+    folder = tmp_path / "ge"
+    folder.mkdir()
+    gaps = [5.0, 5.0, 1.08, 6.99, 5.0, 3.91, 5.0]
+    z = float(pydicom.dcmread(real["files"][0], stop_before_pixels=True).ImagePositionPatient[2])
+    for path, position in zip(real["files"], np.concatenate([[z], z + np.cumsum(gaps)])):
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], round(float(position), 3)]
+        ds.SliceLocation = round(float(position), 3)
+        ds.save_as(folder / path.name)
+    code, status, reason = ingest_command(real, folder, tmp_path / "out")
+    assert status == "rejected" and reason.startswith("slice spacing varies from 1.08 to 6.99 mm"), reason

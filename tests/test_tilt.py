@@ -1,5 +1,6 @@
 """Gantry tilt: a series whose slices are not stacked along the patient's z axis is rejected with its angle, or
-(cohort.tilted: resample) resampled onto an axial grid where anatomy and world-coordinate nodules line up.
+(cohort.tilted: resample) resampled onto an axial grid where anatomy and world-coordinate nodules line up; also
+when its slice spacing varies (cohort.variable_spacing: resample).
 
 The tilted series are demo phantom series with their headers edited as tilted scanners write them: axial
 ImageOrientationPatient with ImagePositionPatient shifted along y slice by slice (a sheared stack), or the
@@ -155,3 +156,33 @@ def test_the_ingest_command_takes_cohort_tilted(phantom, tmp_path, caplog):
     assert main([*common, "--params", '{"tilted": "sideways"}']) == 1
     [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "cohort.tilted" in record.getMessage()
+
+
+def test_a_tilted_series_whose_spacing_varies_is_resampled_on_both(phantom, tmp_path):
+    """Slices dropped from the sheared stack so its gaps are 5, 10 and 15 mm (common 10 mm: 5 and 15 are no whole
+    multiple of it): resampled onto its finest spacing, the phantom's 5 mm grid, then onto an axial grid; the
+    world-coordinate nodule still lands on the nodule."""
+    geometry, folder, truth = phantom
+    z_ref = float(np.median(geometry.z))
+    keep = [0, 1, 2, 3, 5, 7, 9, 12, 14, 16, 18, 20, 22, 25, 27, 29, 31, 33, 35, 38, 40, 42, 44, 46, 47]
+    tilted = copy_series(folder, tmp_path / "tilted", shear(z_ref))
+    for path in sorted(tilted.glob("*.dcm")):
+        if int(np.rint((float(pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient[2]) + 300) / 5)) \
+                not in keep:
+            path.unlink()
+    sheared_annotation(geometry, z_ref).to_csv(tmp_path / "annotations.csv", index=False)
+    volume_file = tmp_path / "vol.npz"
+    status, note = ingest_scan(ScanRecord("T", "T", "", str(tilted)), volume_file,
+                               annotations=tmp_path / "annotations.csv", tilted="reject", variable_spacing="resample")
+    assert status == "rejected" and "gantry tilt" in note, note  # regular now, but still tilted
+    status, note = ingest_scan(ScanRecord("T", "T", "", str(tilted)), volume_file,
+                               annotations=tmp_path / "annotations.csv", tilted="resample", variable_spacing="resample")
+    assert status == "ok", note
+    assert note.startswith("resampled onto a regular 5.00 mm slice spacing from a spacing varying from 5.00 to "
+                           "15.00 mm; resampled onto an axial grid from a gantry tilt of 12.0°"), note
+    with np.load(volume_file) as data:
+        hu, z, nodules = data["hu"], data["z"], data["nodules"]
+        assert np.allclose(data["spacing"], (5.0, PIXEL_MM, PIXEL_MM))
+    assert hu.shape == truth.shape and np.allclose(z, geometry.z)
+    s, r, c = np.rint(nodules[0, 1:4]).astype(int)
+    assert hu[s, r - 1:r + 2, c - 1:c + 2].mean() > -300

@@ -89,7 +89,7 @@ def cmd_cohort(args):
 
 
 def cmd_ingest(args):
-    from nodulesynth.data.dicom_series import TILTED_POLICIES
+    from nodulesynth.data.dicom_series import TILTED_POLICIES, VARIABLE_SPACING_POLICIES
     from nodulesynth.data.ingest import ScanRecord, ingest_scan
     from nodulesynth.io import read_table
 
@@ -105,10 +105,15 @@ def cmd_ingest(args):
     tilted = p.get("tilted", "reject")
     if tilted not in TILTED_POLICIES:
         raise KeyError(f"cohort.tilted must be one of {', '.join(TILTED_POLICIES)}, not {tilted!r}")
+    variable_spacing = p.get("variable_spacing", "reject")
+    if variable_spacing not in VARIABLE_SPACING_POLICIES:
+        raise KeyError(f"cohort.variable_spacing must be one of {', '.join(VARIABLE_SPACING_POLICIES)}, "
+                       f"not {variable_spacing!r}")
     status, reason = ingest_scan(
         record, args.out, source="lidc" if p.get("source") == "lidc" else "dicom",
         annotations=args.annotations, min_readers=nodules.get("min_readers", 3),
-        min_diameter_mm=nodules.get("min_diameter_mm", 3.0), lidc_root=p.get("lidc_root"), tilted=tilted)
+        min_diameter_mm=nodules.get("min_diameter_mm", 3.0), lidc_root=p.get("lidc_root"), tilted=tilted,
+        variable_spacing=variable_spacing)
     if status == "ok":
         log.info("ingest %s: ok%s", args.scan, f" ({reason})" if reason else "")
     else:
@@ -431,7 +436,8 @@ def build_parser():
     p.add_argument("--scan", required=True)
     p.add_argument("--annotations", required=True)
     p.add_argument("--params", type=_json, default={},
-                   help="the config's cohort section as JSON (source, lidc_root, tilted: reject | resample)")
+                   help="the config's cohort section as JSON (source, lidc_root, tilted: reject | resample, "
+                        "variable_spacing: reject | resample)")
     p.add_argument("--nodules", type=_json, default={})
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_ingest)

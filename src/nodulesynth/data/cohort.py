@@ -149,9 +149,11 @@ def discover_dicom(root, patient_id="PatientID", reconstruction="thinnest", anno
     grouped into series by SeriesInstanceUID, axial CT series kept and one reconstruction of each acquisition
     chosen under `reconstruction` (see dicom_index.parse_reconstruction; a series named in `annotated` is
     always chosen). Other series (localizers, dose reports, ...) are skipped and counted, each in `series`
-    with the reason. A scan series with an unreadable file in its folders, files missing from a DICOMDIR, or
-    without a patient under `patient_id` (see PATIENT_ID_SOURCES) is not ingested: `rejected` has a row per
-    reason (one per unreadable file); a folder of unreadable files that holds no scan series gets one row."""
+    with the reason; so are the objects that are no image and name no series (a directory file such as
+    Philips' DIRFILE, raw data), counted in `counts["outside_series"]` by kind. A scan series with an
+    unreadable file in its folders, files missing from a DICOMDIR, or without a patient under `patient_id`
+    (see PATIENT_ID_SOURCES) is not ingested: `rejected` has a row per reason (one per unreadable file); a
+    folder of unreadable files that holds no scan series gets one row."""
     if patient_id not in PATIENT_ID_SOURCES:
         raise KeyError(f"cohort.patient_id must be one of {', '.join(PATIENT_ID_SOURCES)}, not {patient_id!r}")
     parse_reconstruction(reconstruction)
@@ -165,7 +167,7 @@ def discover_dicom(root, patient_id="PatientID", reconstruction="thinnest", anno
     headers = read_headers(listing.files, workers)
     seconds = time.perf_counter() - start
     foreign = sum(h.foreign for h in headers)
-    series, unreadable = group_series(headers)
+    series, unreadable, outside = group_series(headers)
     del headers  # the series keep what they need
     missing, notes = dicomdir_missing(listing.dicomdirs, listing.files) if listing.dicomdirs else ({}, [])
     scan_series = [s for s in series if s.kind in SCAN_KINDS]
@@ -186,7 +188,7 @@ def discover_dicom(root, patient_id="PatientID", reconstruction="thinnest", anno
     chosen = {s.uid: s for s in scan_series if decisions[s.uid][0]}
     counts = dict(files=len(listing.files) - foreign, ignored=listing.ignored + foreign,
                   dicomdirs=len(listing.dicomdirs), seconds=seconds, unreadable=len(unreadable),
-                  skipped=Counter(s.kind for s in series if s.kind not in SCAN_KINDS),
+                  skipped=Counter(s.kind for s in series if s.kind not in SCAN_KINDS), outside_series=outside,
                   images_left_out=sum((s.left_out for s in series), Counter()),
                   reconstructions_left_out=int(sum(r.startswith("left out") for r in table.reason)))
     if not chosen:
@@ -234,6 +236,9 @@ def discovery_summary(found: Discovery) -> list:
              f"{c['dicomdirs']} DICOMDIR"]
     skipped = ", ".join(f"{n} {kind}" for kind, n in sorted(c["skipped"].items()))
     lines.append(f"series skipped (not scans): {skipped or 'none'}")
+    if c.get("outside_series"):
+        lines.append("files skipped that are no image and name no series: " +
+                     ", ".join(f"{n} {kind}" for kind, n in sorted(c["outside_series"].items())))
     if c["images_left_out"]:
         lines.append("images left out of their series: " +
                      ", ".join(f"{n} {kind}" for kind, n in sorted(c["images_left_out"].items())))

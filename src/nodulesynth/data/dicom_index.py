@@ -4,8 +4,9 @@ reformat, another modality or a non-image object to skip), and one reconstructio
 
 What a PACS export or a public archive holds, as dcm2niix, SimpleITK's series reader and 3D Slicer's DICOM
 browser take it: series split over folders, several series in one folder, scouts beside the axial images,
-several reconstructions (kernels, thicknesses) of one acquisition, multi-frame Enhanced CT, a DICOMDIR, and
-files that are no DICOM at all.
+several reconstructions (kernels, thicknesses) of one acquisition, multi-frame Enhanced CT, a DICOMDIR, a
+directory file in every folder (Philips' DIRFILE), objects that are no image and name no series, and files that
+are no DICOM at all.
 """
 
 import os
@@ -21,7 +22,7 @@ from pydicom.filereader import read_partial
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
-from nodulesynth.data.dicom_series import AXIAL_LIMIT_DEG, is_non_dicom_name, plane_tilt_deg
+from nodulesynth.data.dicom_series import AXIAL_LIMIT_DEG, MEDIA_STORAGE_DIRECTORY, is_non_dicom_name, plane_tilt_deg
 from nodulesynth.data.multiframe import CT_IMAGE_CLASSES, frame_count, frame_value, is_multiframe
 
 DICOMDIR_NAME = "dicomdir"
@@ -31,6 +32,7 @@ DICOMDIR_NAME = "dicomdir"
 AXIAL, NO_ORIENTATION = "axial CT", "CT without orientation"
 LOCALIZER, DOSE, SECONDARY = "localizer", "dose report", "secondary capture"
 REFORMAT, OTHER_IMAGE, NON_IMAGE = "non-axial CT", "other modality", "non-image object"
+DIRECTORY = "directory"  # the Media Storage Directory class: a DICOMDIR, or a DIRFILE whatever its name
 SCAN_KINDS = (AXIAL, NO_ORIENTATION)
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 STRUCTURED_REPORT = "1.2.840.10008.5.1.4.1.1.88."
@@ -38,14 +40,18 @@ DOSE_TEXT = re.compile(r"\bdose\b|dose report|dose info|patient protocol", re.IG
 
 RECONSTRUCTION_RULES = "all | thinnest | kernel:<regex>"
 # A classic header needs nothing past FrameOfReferenceUID (0020,0052): reading stops there, before the image
-# pixel module, overlays and private blocks. A multi-frame file (told by its SOP class) is read again whole,
-# without pixel data, for its functional groups.
+# pixel module, overlays and private blocks; and at group 0004, the records of a directory file (whose class is
+# in its file meta information). A multi-frame file (told by its SOP class) is read again whole, without pixel
+# data, for its functional groups.
 _LAST_TAG = Tag(0x0020, 0x0052)
+_DIRECTORY_GROUP = 0x0004
 PARALLEL_MIN_FILES = 1000  # below this, starting worker processes costs more than it saves
 
 
 class Header(NamedTuple):
-    """What discovery needs of one file (small: a 100,000-file cohort is held in memory)."""
+    """What discovery needs of one file (small: a 100,000-file cohort is held in memory). A readable file with
+    no series_uid (and no error) is an object that is no CT image and names no series (a directory file, raw
+    data): skipped and counted, never a lost slice."""
     path: str
     error: str = ""                 # why the file cannot be read; empty when it can
     sop_class: str = ""
@@ -137,6 +143,12 @@ def _header_of(path, ds) -> Header:
     sop_class = _get(ds, "SOPClassUID") or str(getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "") or "")
     series_uid = _get(ds, "SeriesInstanceUID")
     if not series_uid:
+        # Only a CT image can be a slice of a scan (image_kind), so a readable object of another class is no lost
+        # slice whatever it names: a directory file, a presentation state, a key object, raw data. One of a CT
+        # class, or of no class, may be a damaged slice.
+        if sop_class and sop_class not in CT_IMAGE_CLASSES:
+            return Header(path, sop_class=sop_class, modality=_get(ds, "Modality"), patient_id=_get(ds, "PatientID"),
+                          description=_get(ds, "SeriesDescription"))
         return Header(path, error="no SeriesInstanceUID", sop_class=sop_class)
     if is_multiframe(ds):
         frames = frame_count(ds)
@@ -168,7 +180,7 @@ def read_header(path) -> Header:
     """One file's Header; an unreadable file gives a Header whose `error` says why."""
     try:
         with open(path, "rb") as fh:
-            ds = read_partial(fh, stop_when=lambda tag, vr, length: tag > _LAST_TAG)
+            ds = read_partial(fh, stop_when=lambda tag, vr, length: tag > _LAST_TAG or tag.group == _DIRECTORY_GROUP)
         if is_multiframe(ds):
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         return _header_of(path, ds)
@@ -217,6 +229,8 @@ def _is_dose(h: Header) -> bool:
 def image_kind(h: Header) -> str:
     """The kind of one readable file's object."""
     sop = h.sop_class
+    if sop == MEDIA_STORAGE_DIRECTORY:
+        return DIRECTORY
     if sop in CT_IMAGE_CLASSES:
         if "LOCALIZER" in h.image_type:
             return LOCALIZER
@@ -296,16 +310,19 @@ def _series_of(uid, headers) -> Series:
 
 
 def group_series(headers) -> tuple:
-    """([Series] ordered by UID, [unreadable Header]) from the headers of every file."""
-    by_uid, unreadable = {}, []
+    """([Series] ordered by UID, [unreadable Header], Counter of the kinds of the readable objects that name no
+    series: directory files, raw data, ...) from the headers of every file."""
+    by_uid, unreadable, outside = {}, [], Counter()
     for h in headers:
         if h.foreign:
             continue
         if h.error:
             unreadable.append(h)
+        elif not h.series_uid:
+            outside[image_kind(h)] += 1
         else:
             by_uid.setdefault(h.series_uid, []).append(h)
-    return [_series_of(uid, by_uid[uid]) for uid in sorted(by_uid)], unreadable
+    return [_series_of(uid, by_uid[uid]) for uid in sorted(by_uid)], unreadable, outside
 
 
 def parse_reconstruction(rule: str) -> tuple:

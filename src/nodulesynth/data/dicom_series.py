@@ -1,6 +1,7 @@
 """Read one CT series from a folder of DICOM files into a HU volume, or say why it can't be used; bring an
 axial volume into the canonical orientation (columns toward the patient's left, rows toward posterior,
-slices inferior to superior); find gantry tilt and reject it or resample the volume onto an axial grid."""
+slices inferior to superior); find gantry tilt and reject it or resample the volume onto an axial grid; tell
+missing slices from a slice spacing that varies, and reject the latter or resample it onto a regular spacing."""
 
 import os
 from dataclasses import dataclass, replace
@@ -34,12 +35,33 @@ TILT_TOLERANCE_DEG = 0.5
 AXIAL_LIMIT_DEG = 45.0  # slice normal further than this from z: a coronal or sagittal series, not a tilted axial one
 CANONICAL_ORIENTATION = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 TILTED_POLICIES = ("reject", "resample")  # cohort.tilted
+VARIABLE_SPACING_POLICIES = ("reject", "resample")  # cohort.variable_spacing
+# A gap between slices within this fraction of the series' common spacing of it (or of a whole multiple of it)
+# is that spacing: scanners write positions to about 1e-3 mm, and some jitter a slice by a few percent.
+SPACING_TOLERANCE = 0.1
+# DICOMDIR's SOP class. Philips writes a file of it (DIRFILE) into every folder of an export: a directory,
+# never a slice.
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
 
 def _line_angle_deg(u, v) -> float:
     """Angle between the lines along u and v, 0 to 90 degrees."""
     cos = abs(float(np.dot(u, v))) / (np.linalg.norm(u) * np.linalg.norm(v))
     return float(np.degrees(np.arccos(min(cos, 1.0))))
+
+
+def is_directory_file(ds) -> bool:
+    """True for a dataset of the Media Storage Directory class (a DICOMDIR, or a Philips DIRFILE), whatever
+    the file's name: its class is in the file meta information, often not in the dataset."""
+    meta = ds.get("file_meta") or {}
+    return MEDIA_STORAGE_DIRECTORY in (str(ds.get("SOPClassUID", "")), str(meta.get("MediaStorageSOPClassUID", "")))
+
+
+def slice_normal(orientation) -> np.ndarray:
+    """The unit normal of an ImageOrientationPatient plane, pointing superior (z increasing)."""
+    orientation = np.asarray(orientation, float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    return normal * np.sign(normal[2]) / np.linalg.norm(normal)
 
 
 def plane_tilt_deg(orientation) -> float:
@@ -75,6 +97,18 @@ class CTVolume:
     def slice_step(self) -> np.ndarray:
         """World displacement (mm) from one slice's first pixel to the next one's, over the series."""
         return (self.positions[-1] - self.positions[0]) / max(len(self.positions) - 1, 1)
+
+    @property
+    def slice_gaps(self) -> np.ndarray:
+        """Distance (mm) from each slice to the next along the slice normal, as read_series measures it."""
+        return np.diff(self.positions @ slice_normal(self.orientation))
+
+    @property
+    def spacing_varies(self) -> bool:
+        """True when some gap between slices is off the series' common (median) spacing by more than
+        SPACING_TOLERANCE of it (read_series passes such a series only under cohort.variable_spacing: resample)."""
+        gaps = self.slice_gaps
+        return bool(len(gaps)) and bool(np.abs(gaps - np.median(gaps)).max() > SPACING_TOLERANCE * np.median(gaps))
 
     @property
     def tilt_deg(self) -> float:
@@ -126,8 +160,8 @@ def _read_headers(paths, series_uid=None):
             raise ScanRejected(f"unreadable DICOM file {path.name}: {err}") from err
         except Exception as err:  # truncated or corrupt files raise many kinds of errors
             raise ScanRejected(f"unreadable DICOM file {path.name}: {type(err).__name__}: {err}") from err
-        if series_uid and str(ds.get("SeriesInstanceUID", "")) != series_uid:
-            continue
+        if series_uid and str(ds.get("SeriesInstanceUID", "")) != series_uid or is_directory_file(ds):
+            continue  # another series, or a directory (a Philips DIRFILE beside the slices)
         if not is_multiframe(ds):
             datasets.append((path, ds))
             continue
@@ -138,10 +172,43 @@ def _read_headers(paths, series_uid=None):
     return datasets
 
 
-def read_series(source, max_gap_factor: float = 1.5, spacing_tolerance: float = 0.1, series_uid=None) -> CTVolume:
+def check_slice_gaps(along, variable_spacing: str = "reject", tolerance: float = SPACING_TOLERANCE) -> float:
+    """The common slice spacing (mm) of slices at distances `along` (mm along the slice normal, increasing, no
+    duplicate); raises ScanRejected for missing slices and (variable_spacing "reject") for a spacing that
+    varies. The rule that tells the last two apart: the common spacing is the median gap; a gap within
+    `tolerance` of it of a whole multiple (2, 3, ...) of it is where files of a regular series were lost
+    (missing slices, never interpolated over); any gap that is off every multiple (a non-multiple, or shorter
+    than the common spacing) means the scanner wrote a varying spacing, as variable-pitch protocols and some
+    GE series (1.08 to 6.99 mm) do. Under "resample" such a series passes and axial_volume resamples it."""
+    if variable_spacing not in VARIABLE_SPACING_POLICIES:
+        raise ValueError(f"cohort.variable_spacing must be one of {', '.join(VARIABLE_SPACING_POLICIES)}, "
+                         f"not {variable_spacing!r}")
+    along = np.asarray(along, float)
+    gaps = np.diff(along)
+    step = float(np.median(gaps))
+    multiple = np.rint(gaps / step)
+    off_grid = np.abs(gaps - multiple * step) > tolerance * step  # also every gap shorter than step / 2
+    if off_grid.any():
+        if variable_spacing == "reject":
+            raise ScanRejected(f"slice spacing varies from {gaps.min():.2f} to {gaps.max():.2f} mm (gaps that are no "
+                               f"whole multiple of the common {step:.2f} mm, so not missing slices); "
+                               "cohort.variable_spacing: resample resamples such a series onto its finest spacing")
+        return step
+    missing = np.flatnonzero(multiple >= 2)
+    if len(missing):
+        i = missing[0]
+        raise ScanRejected(f"missing slice(s) between {along[i]:.2f} and {along[i + 1]:.2f} mm "
+                           f"(spacing {step:.2f} mm)")
+    return step
+
+
+def read_series(source, spacing_tolerance: float = SPACING_TOLERANCE, series_uid=None,
+                variable_spacing: str = "reject") -> CTVolume:
     """Read a single axial CT series from a folder or a list of files (classic single-frame files, or an
     Enhanced / Legacy Converted Enhanced CT multi-frame file); with `series_uid`, only that series' files.
-    Raises ScanRejected with a reason for anything unusable."""
+    Raises ScanRejected with a reason for anything unusable; a slice spacing that varies is one under
+    `variable_spacing` "reject" (see check_slice_gaps), and under "resample" is passed on as stored, for
+    axial_volume to resample."""
     paths, where = _series_paths(source)
     datasets = _read_headers(paths, series_uid)
     if len(datasets) < 3:
@@ -174,31 +241,22 @@ def read_series(source, max_gap_factor: float = 1.5, spacing_tolerance: float = 
         if (int(ds.Rows), int(ds.Columns)) != shape:
             raise ScanRejected(f"inconsistent image size in {path.name}")
 
-    normal = np.cross(orientation[:3], orientation[3:])
     plane_tilt = plane_tilt_deg(orientation)
     if plane_tilt > AXIAL_LIMIT_DEG:
         raise ScanRejected(f"not an axial series (slice normal is not along z: {plane_tilt:.0f}° from it)")
     # Slices are ordered along the normal (their distance apart, also in a tilted series), inferior ->
     # superior (z increasing) whichever way the normal points.
-    normal *= np.sign(normal[2]) / np.linalg.norm(normal)
+    normal = slice_normal(orientation)
     positions = np.array([np.array(ds.ImagePositionPatient, float) for _, ds in datasets])
     order = np.argsort(positions @ normal, kind="stable")
     along = positions[order] @ normal
     datasets = [datasets[i] for i in order]
 
-    gaps = np.diff(along)
-    step = float(np.median(gaps))
-    duplicated = np.flatnonzero(gaps < 1e-3)
+    duplicated = np.flatnonzero(np.diff(along) < 1e-3)
     if len(duplicated):
         raise ScanRejected(f"duplicated slice at position {along[duplicated[0]]:.2f} mm "
                            f"({datasets[duplicated[0]][0].name}, {datasets[duplicated[0] + 1][0].name})")
-    missing = np.flatnonzero(gaps > max_gap_factor * step)
-    if len(missing):
-        i = missing[0]
-        raise ScanRejected(f"missing slice(s) between {along[i]:.2f} and {along[i + 1]:.2f} mm "
-                           f"(spacing {step:.2f} mm)")
-    if np.abs(gaps - step).max() > spacing_tolerance * step:
-        raise ScanRejected(f"inconsistent slice spacing: {gaps.min():.2f} to {gaps.max():.2f} mm")
+    step = check_slice_gaps(along, variable_spacing, spacing_tolerance)
 
     hu = np.empty((len(datasets), *shape), np.int16)
     for i, (path, ds) in enumerate(datasets):
@@ -271,11 +329,45 @@ def resample_axial(volume: CTVolume) -> CTVolume:
                    origin=positions[0], orientation=CANONICAL_ORIENTATION.copy(), positions=positions)
 
 
+def resample_regular_spacing(volume: CTVolume) -> CTVolume:
+    """A volume whose slice spacing varies, resampled (linear along the stack, SimpleITK) onto a regular one:
+    the finest gap between its slices, shortened just enough that the grid runs from its first slice to its
+    last. Slices stay in their plane; their positions follow the stack's (also a tilted one's)."""
+    import SimpleITK as sitk  # only series whose spacing varies need it
+
+    depth, rows, cols = volume.hu.shape
+    along = (volume.positions - volume.positions[0]) @ slice_normal(volume.orientation)
+    count = int(np.ceil(along[-1] / np.diff(along).min() - 1e-6)) + 1
+    target = np.linspace(0.0, along[-1], count)
+    source = np.interp(target, along, np.arange(depth))  # each output slice's fractional input slice
+    # The slices' positions are no affine function of their index, so the affine transform of resample_axial
+    # cannot carry the grid: a displacement field does, moving output slice k (the input has unit geometry:
+    # its physical points are its indices) to input slice source[k]. The field has a node at every output
+    # slice and at the corners of the plane, where its linear interpolation is exact.
+    field = np.zeros((count, 2, 2, 3))
+    field[..., 2] = (source - np.arange(count))[:, None, None]
+    displacement = sitk.GetImageFromArray(field, isVector=True)
+    displacement.SetSpacing((float(max(cols - 1, 1)), float(max(rows - 1, 1)), 1.0))
+    image = sitk.GetImageFromArray(volume.hu.astype(np.float32))
+    out = sitk.Resample(image, (cols, rows, count), sitk.DisplacementFieldTransform(displacement), sitk.sitkLinear,
+                        (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), np.eye(3).ravel().tolist(), float(volume.hu.min()),
+                        sitk.sitkFloat32)
+    hu = np.clip(np.rint(sitk.GetArrayFromImage(out)), -32768, 32767).astype(np.int16)
+    positions = np.column_stack([np.interp(target, along, volume.positions[:, i]) for i in range(3)])
+    step = float(target[1] - target[0]) if count > 1 else float(volume.spacing[0])
+    return replace(volume, hu=hu, z=positions[:, 2], spacing=(step, *volume.spacing[1:]), origin=positions[0],
+                   positions=positions)
+
+
 def axial_volume(volume: CTVolume, tilted: str = "reject", tolerance_deg: float = TILT_TOLERANCE_DEG) -> CTVolume:
-    """The volume as every later stage takes it: axial, canonical orientation. A gantry-tilted series is
-    rejected with its angle (tilted "reject") or resampled onto an axial grid (tilted "resample")."""
+    """The volume as every later stage takes it: axial, canonical orientation, a regular slice spacing. A
+    series whose spacing varies (read_series passes one only under cohort.variable_spacing: resample) is
+    resampled onto its finest spacing first. A gantry-tilted series is rejected with its angle (tilted
+    "reject") or resampled onto an axial grid (tilted "resample")."""
     if tilted not in TILTED_POLICIES:
         raise ValueError(f"cohort.tilted must be one of {', '.join(TILTED_POLICIES)}, not {tilted!r}")
+    if volume.spacing_varies:
+        volume = resample_regular_spacing(volume)
     tilt = volume.tilt_deg
     if tilt <= tolerance_deg:
         return reorient_canonical(volume)

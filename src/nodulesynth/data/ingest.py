@@ -8,7 +8,9 @@ Every volume is written in one canonical orientation, whatever ImageOrientationP
 stored in: the column index grows toward the patient's left, the row index toward posterior, slices go
 inferior to superior (`orientation` is then 1,0,0,0,1,0). Every later stage (lesion maps, generators, mask
 fidelity, the downstream study) sees the patient's left on the image's right, as a radiologist does.
-A gantry-tilted series is rejected with its tilt angle, or resampled onto an axial grid (`cohort.tilted`).
+A gantry-tilted series is rejected with its tilt angle, or resampled onto an axial grid (`cohort.tilted`); a
+series whose slice spacing varies is rejected with its range, or resampled onto its finest spacing
+(`cohort.variable_spacing`; missing slices, gaps of whole multiples of the spacing, are always rejected).
 """
 
 from dataclasses import dataclass
@@ -102,12 +104,14 @@ def save_volume(path, record: ScanRecord, volume: CTVolume | None, nodules=None,
 
 
 def ingest_scan(record: ScanRecord, out_path, source="dicom", annotations=None, min_readers=3,
-                min_diameter_mm=3.0, lidc_root=None, tilted="reject"):
-    """Read one scan and write its volume file (canonical orientation, axial); a bad scan is written as a
-    rejection with its reason. Returns (status, reason or, for an accepted scan, a note such as a resampling)."""
+                min_diameter_mm=3.0, lidc_root=None, tilted="reject", variable_spacing="reject"):
+    """Read one scan and write its volume file (canonical orientation, axial, regular slice spacing); a bad
+    scan is written as a rejection with its reason. Returns (status, reason or, for an accepted scan, a note
+    such as a resampling)."""
     try:
         # The series UID picks the scan's files out of a folder it shares with a scout or another reconstruction.
-        stored = read_series(series_source(record), series_uid=record.series_uid or None)
+        stored = read_series(series_source(record), series_uid=record.series_uid or None,
+                             variable_spacing=variable_spacing)
         if record.series_uid and stored.series_uid != record.series_uid:
             raise ScanRejected(f"series UID {stored.series_uid} differs from the cohort's {record.series_uid}")
         volume = axial_volume(stored, tilted)
@@ -124,6 +128,11 @@ def ingest_scan(record: ScanRecord, out_path, source="dicom", annotations=None, 
         save_volume(out_path, record, None, reason=str(err))
         return "rejected", str(err)
     save_volume(out_path, record, volume, nodules)
+    notes = []
+    if stored.spacing_varies:
+        gaps = stored.slice_gaps
+        notes.append(f"resampled onto a regular {volume.spacing[0]:.2f} mm slice spacing from a spacing varying "
+                     f"from {gaps.min():.2f} to {gaps.max():.2f} mm")
     if stored.tilt_deg > TILT_TOLERANCE_DEG:
-        return "ok", f"resampled onto an axial grid from a gantry tilt of {stored.tilt_deg:.1f}°"
-    return "ok", ""
+        notes.append(f"resampled onto an axial grid from a gantry tilt of {stored.tilt_deg:.1f}°")
+    return "ok", "; ".join(notes)
