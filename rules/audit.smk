@@ -39,6 +39,8 @@ rule leakage:
         report("results/audit/leakage.tsv", category="Leakage audit", caption="captions/leakage.rst"),
     log:
         "results/logs/leakage.log",
+    benchmark:
+        "results/benchmarks/leakage.tsv"
     conda:
         "../envs/data.yaml"
     container:
