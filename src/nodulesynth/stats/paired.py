@@ -29,7 +29,6 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from nodulesynth.downstream.metrics import detection_metrics
 from nodulesynth.stats.inputs import is_proportion, metric_values
 
 # Differences are rounded before ranking so that floating-point noise does not split ties (scipy's own advice).
@@ -233,12 +232,38 @@ BOOTSTRAP_METRICS = ("auc", "average_precision", "accuracy", "balanced_accuracy"
 
 
 def detection_evaluator(threshold: float):
-    """labels, scores -> the BOOTSTRAP_METRICS of nodulesynth.downstream.metrics.detection_metrics at `threshold`
-    (the config's detection.threshold): the same function that wrote metrics.json, so a resample's metrics are
-    the detect step's own."""
+    """labels, scores -> the BOOTSTRAP_METRICS at `threshold` (the config's detection.threshold), as
+    nodulesynth.downstream.metrics.detection_metrics defines them for metrics.json.
+
+    Computed here with numpy and scipy.stats.rankdata rather than by calling detection_metrics: its scikit-learn
+    calls validate their input at some 5-10 ms a call, and the bootstrap makes one call per arm, fold and resample
+    (50,000 in the study). The values are the same (tests/test_stats.py checks them against detection_metrics,
+    and run_stats notes any fold-mean difference that is not metrics.json's).
+    """
     def evaluate(labels, scores) -> dict:
-        values = detection_metrics(labels, scores, threshold)
-        return {metric: values[metric] for metric in BOOTSTRAP_METRICS}
+        labels = np.asarray(labels).astype(int)
+        scores = np.asarray(scores, dtype=float)
+        positive = labels == 1
+        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        called = scores >= threshold
+        recall = (called & positive).sum() / n_pos if n_pos else 0.0
+        specificity = (~called & ~positive).sum() / n_neg if n_neg else 0.0
+        values = {"accuracy": float((called == positive).mean()),
+                  "balanced_accuracy": float((recall + specificity) / 2), "auc": float("nan"),
+                  "average_precision": float("nan")}
+        if n_pos and n_neg:
+            # ROC AUC as the Mann-Whitney U over n_pos * n_neg (ties count one half), as roc_auc_score
+            ranks = stats.rankdata(scores)
+            values["auc"] = float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+            # average precision: precision at each distinct score, weighted by the recall it adds, as
+            # average_precision_score
+            order = np.argsort(-scores, kind="stable")
+            ordered = scores[order]
+            last = np.r_[np.flatnonzero(np.diff(ordered)), ordered.size - 1]  # last row of each distinct score
+            true_pos = np.cumsum(positive[order])[last]
+            precision = true_pos / (last + 1)
+            values["average_precision"] = float(np.sum(np.diff(np.r_[0, true_pos]) / n_pos * precision))
+        return values
     return evaluate
 
 
