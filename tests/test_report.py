@@ -9,12 +9,10 @@ import json
 import re
 import shutil
 import subprocess
-import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 
 from nodulesynth.data.slices import SliceStack, save_slices
 from nodulesynth.downstream.datasets import ARMS, ArmDataset, SliceSet, save_dataset

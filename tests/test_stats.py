@@ -16,8 +16,8 @@ import yaml
 from nodulesynth.cli import main
 from nodulesynth.downstream.metrics import detection_metrics
 from nodulesynth.stats.inputs import load_metrics, load_predictions
-from nodulesynth.stats.paired import (BOOTSTRAP_METRICS, bootstrap_difference, corrected_ttest, detection_evaluator,
-                                      five_fold_caveat, holm, min_wilcoxon_p, paired_tests)
+from nodulesynth.stats.paired import (BOOTSTRAP_METRICS, bootstrap_difference, corrected_ttest,
+                                      detection_evaluator, five_fold_caveat, holm, min_wilcoxon_p, paired_tests)
 from nodulesynth.stats.tables import StatsOptions, controls_table, format_mean_sd, latex_escape, run_stats, summary_table
 from nodulesynth.stats.tables import tests_table as comparisons_table  # a name pytest does not collect
 from nodulesynth.stats.tables import write_tables

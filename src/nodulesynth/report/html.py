@@ -40,8 +40,8 @@ CONTROL_MEANING = {
                 "cost, so A − P is expected above zero. Detected, it shows the study can see a loss of that size.",
     "negative": "Arm N (arm A plus real nodule-free slices relabelled “nodule”, with real nodules' boxes, as "
                 "many as B and C add) against A: slices without nodule information should not help, so N − A is "
-                "expected below zero. An interval reaching above zero would mean added positives help whatever "
-                "they show, and B's and C's gains could be that alone.",
+                "expected below zero. An interval wholly above zero would mean that added positive slices help "
+                "whatever they show, and that B's and C's gains could be that alone.",
 }
 
 
