@@ -2,8 +2,9 @@
 # use each fold once (n = the number of folds), the primary endpoints Holm-adjusted, and, where the control arms
 # P and N run (downstream.controls), the controls table.
 
-# controls.tsv: written where the control arms are among the metrics, i.e. where downstream.controls is on.
-CONTROLS_TABLE = ["results/stats/controls.tsv"] if "P" in ARM_NAMES else []
+# controls.tsv: the stats step writes it where the control arms are among its metrics, i.e. where
+# downstream.controls is on (ARM_NAMES then holds P and N).
+CONTROLS_TABLE = ["results/stats/controls.tsv"] if config["downstream"].get("controls", True) else []
 
 
 rule stats:

@@ -18,9 +18,9 @@ def _json(text):
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"--params is not valid JSON: {err}") from err
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("--params must be a JSON object")
+        raise argparse.ArgumentTypeError("must be a JSON object (a config section)")
     return value
 
 
