@@ -4,7 +4,8 @@
 
 rule report:
     input:
-        stats=rules.stats.output,
+        stats=rules.stats.output.tables,
+        controls=CONTROLS_TABLE,
         metrics=rules.stats.input.metrics,
         predictions=rules.stats.input.predictions,
         data=expand("results/downstream/data/{arm}/fold{fold}.npz", arm=list(ARMS), fold=downstream_folds()),

@@ -1,5 +1,10 @@
-# Statistics over the folds: mean ± sd per task and arm, and paired tests of B and C against A that use
-# each fold once (n = the number of folds).
+# Statistics over the folds: mean ± sd per task and arm, paired tests of B and C against A and of C against B that
+# use each fold once (n = the number of folds), the primary endpoints Holm-adjusted, and, where the control arms
+# P and N run (downstream.controls), the controls table.
+
+# controls.tsv: the stats step writes it where the control arms are among its metrics, i.e. where
+# downstream.controls is on (ARM_NAMES then holds P and N).
+CONTROLS_TABLE = ["results/stats/controls.tsv"] if config["downstream"].get("controls", True) else []
 
 
 rule stats:
@@ -17,7 +22,14 @@ rule stats:
             fold=downstream_folds(),
         ),
     output:
-        expand("results/stats/{task}_{table}.{ext}", task=TASKS, table=["summary", "tests"], ext=["tsv", "md", "tex"]),
+        tables=expand(
+            "results/stats/{task}_{table}.{ext}", task=TASKS, table=["summary", "tests"], ext=["tsv", "md", "tex"]
+        ),
+        **(
+            {"controls": report(CONTROLS_TABLE[0], category="Study", caption="captions/controls.rst")}
+            if CONTROLS_TABLE
+            else {}
+        ),
     log:
         "results/logs/stats.log",
     benchmark:
@@ -32,6 +44,8 @@ rule stats:
         runtime=10,
     params:
         stats=section("stats"),
+        detection=section("detection"),
         out_dir=subpath(output[0], parent=True),
     shell:
-        "nodulesynth stats --metrics {input.metrics} --params {params.stats:q} --out-dir {params.out_dir} > {log} 2>&1"
+        "nodulesynth stats --metrics {input.metrics} --params {params.stats:q} --detection {params.detection:q}"
+        " --out-dir {params.out_dir} > {log} 2>&1"

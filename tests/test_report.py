@@ -9,12 +9,10 @@ import json
 import re
 import shutil
 import subprocess
-import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 
 from nodulesynth.data.slices import SliceStack, save_slices
 from nodulesynth.downstream.datasets import ARMS, ArmDataset, SliceSet, save_dataset
@@ -28,6 +26,7 @@ from nodulesynth.report import build_report
 from nodulesynth.report.html import HEADLINE, localization_panels, render_html, report_context, study_table
 from nodulesynth.report.inputs import read_stats
 from nodulesynth.report.pdf import find_chromium, html_to_pdf, pdf_wanted
+from nodulesynth.stats.tables import StatsOptions, run_stats
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -77,32 +76,12 @@ def localization_predictions(arm, fold, test):
                           "score": s} for r, x0, y0, x1, y1, s in boxes])
 
 
-def p_values(a, b):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            w = stats.wilcoxon(b, a).pvalue
-        except ValueError:
-            w = float("nan")
-        return w, stats.ttest_rel(b, a).pvalue
-
-
-def write_stats(results, task, metrics):
-    """The stats tables in the columns the stats stage writes: summary (percent) and paired tests against A."""
-    summary, tests = [], []
-    for metric in metrics["A"][0]:
-        values = {arm: 100 * np.array([metrics[arm][k][metric] for k in range(len(FOLDS))]) for arm in ARMS}
-        for arm in ARMS:
-            mean, sd = values[arm].mean(), values[arm].std(ddof=1)
-            summary.append({"arm": arm, "metric": metric, "mean": mean, "sd": sd, "text": f"{mean:.2f} ± {sd:.2f}"})
-            if arm != "A":
-                diff = values[arm] - values["A"]
-                w, t = p_values(values["A"], values[arm])
-                tests.append({"arm": arm, "metric": metric, "n": len(diff), "mean_diff": diff.mean(),
-                              "ci_low": diff.mean() - 1, "ci_high": diff.mean() + 1, "wilcoxon_p": w, "ttest_p": t})
-    write_tsv(pd.DataFrame(summary), results / "stats" / f"{task}_summary.tsv")
-    write_tsv(pd.DataFrame(tests), results / "stats" / f"{task}_tests.tsv")
-    return pd.DataFrame(summary)
+def write_stats(results):
+    """The stats tables, written by the stats stage itself from the tree's metrics.json (no detection predictions
+    here: no bootstrap); returns the summaries as the report reads them."""
+    paths = sorted((results / "downstream").glob("*/*/fold*/metrics.json"))
+    run_stats(paths, results / "stats", StatsOptions(n_boot=0))
+    return {task: read_stats(results, task)[0] for task in ("detection", "localization")}
 
 
 def write_required(results, rng):
@@ -116,7 +95,9 @@ def write_required(results, rng):
                          ArmDataset(arm, fold, test.subset([2, 3]), test, {"n_test": len(test)}))
             scores = np.clip(test.has_nodule * 0.3 + rng.uniform(0, 0.7, len(test)), 0, 1)
             det = detection_metrics(test.has_nodule, scores)
-            det.update(n_train=2, n_test=len(test))
+            det.update(n_train=2, n_test=len(test), n_train_real=2, n_train_real_positive=0,
+                       n_train_synthetic=0 if arm == "A" else 1, n_test_positive=2, n_test_negative=2,
+                       n_train_patients=2, n_test_patients=2)
             predictions = localization_predictions(arm, fold, test)
             row_of = {int(i): r for r, i in enumerate(test.slice_index)}
             loc = froc([(int(r), *b) for r, *b in test.boxes],
@@ -130,7 +111,7 @@ def write_required(results, rng):
                 (folder / "metrics.json").write_text(json.dumps(values))
                 metrics[task][arm].append(values)
             write_tsv(predictions, results / "downstream" / "localization" / arm / f"fold{fold}" / "predictions.tsv")
-    return {task: write_stats(results, task, metrics[task]) for task in metrics}
+    return write_stats(results)
 
 
 def write_optional(results, rng):
@@ -189,13 +170,12 @@ def results(tmp_path):
     return root, summaries
 
 
-def expected_bold(summary, task):
-    """Texts of the cells holding their column's best mean (ties: every one of them), with multiplicity."""
-    texts = []
-    for metric, _ in HEADLINE[task]:
-        rows = summary[summary.metric == metric]
-        texts += rows[rows["mean"] == rows["mean"].max()]["text"].tolist()
-    return sorted(texts)
+def expected_bold(root, task):
+    """Texts of the cells the primary test supports: B or C beating A on a primary endpoint, Holm p < 0.05."""
+    summary, tests = read_stats(root, task)
+    won = tests[(tests["baseline"] == "A") & (tests["endpoint"] == "primary") & (tests["p_holm"] < 0.05)
+                & (tests["mean_diff"] > 0)]
+    return sorted(summary.set_index(["arm", "metric"]).loc[list(zip(won["arm"], won["metric"])), "text"])
 
 
 # ---------------------------------------------------------------- in the browser, and printed
@@ -237,7 +217,7 @@ def test_report_as_a_reader_sees_it(results, tmp_path):
             bold = driver.execute_script(
                 "return [...arguments[0].querySelectorAll('td .value')].filter("
                 "e => parseInt(getComputedStyle(e).fontWeight) >= 700).map(e => e.textContent)", table)
-            assert sorted(bold) == expected_bold(summary, task)
+            assert sorted(bold) == expected_bold(root, task)
 
         images = driver.execute_script(
             "return [...document.images].map(i => [i.closest('figure').id, i.complete, i.naturalWidth])")
@@ -312,8 +292,9 @@ def test_stats_texts_are_read_verbatim(tmp_path):
     """'75.00' (one fold: no sd) and 'n/a' stay as the stats stage wrote them, not 75.0 and NaN."""
     write_tsv(pd.DataFrame({"arm": ["A", "B"], "metric": "auc", "mean": [75.0, np.nan], "sd": np.nan,
                             "text": ["75.00", "n/a"]}), tmp_path / "stats" / "detection_summary.tsv")
-    write_tsv(pd.DataFrame({"arm": ["B"], "metric": "auc", "n": 1, "mean_diff": np.nan, "ci_low": np.nan,
-                            "ci_high": np.nan, "wilcoxon_p": np.nan, "ttest_p": np.nan}),
+    write_tsv(pd.DataFrame({"arm": ["B"], "baseline": "A", "metric": "auc", "n": 1, "mean_diff": np.nan,
+                            "ci_low": np.nan, "ci_high": np.nan, "wilcoxon_p": np.nan, "ttest_p": np.nan,
+                            "nb_ttest_p": np.nan, "endpoint": "primary", "p_holm": np.nan}),
               tmp_path / "stats" / "detection_tests.tsv")
     summary, tests = read_stats(tmp_path, "detection")
     assert summary["text"].tolist() == ["75.00", "n/a"]
@@ -328,22 +309,91 @@ def test_arms_must_share_their_folds(tmp_path):
         report_context(root, CONFIG)
 
 
-def test_study_table_marks_the_best_mean_and_ties():
+def test_study_table_bolds_only_what_the_primary_test_supports():
+    """Bold is no longer the best mean: only B or C beating A on a primary endpoint with Holm-adjusted p < 0.05."""
     metrics = HEADLINE["detection"]
+    # C has the best mean everywhere, B the second best
     summary = pd.DataFrame([{"arm": arm, "metric": m, "mean": mean, "sd": 1.0, "text": f"{arm}{m}"}
-                            for m, _ in metrics for arm, mean in zip(ARMS, (80.0, 85.0, 85.0 if m == "f1" else 70.0))])
-    tests = pd.DataFrame([{"arm": arm, "metric": m, "n": 5, "mean_diff": 5.0, "ci_low": 1.0, "ci_high": 9.0,
-                           "wilcoxon_p": 0.0625, "ttest_p": 0.0004} for m, _ in metrics for arm in ("B", "C")])
-    table = study_table("detection", summary, tests)
+                            for m, _ in metrics for arm, mean in zip(ARMS, (70.0, 80.0, 85.0))])
+    primary = {"auc", "average_precision", "recall"}
+    holm_p = {("B", "auc"): 0.01, ("C", "auc"): 0.2, ("B", "average_precision"): 0.04,
+              ("C", "average_precision"): 0.049, ("B", "recall"): 0.001, ("C", "recall"): 0.06}
+    rows = []
+    for m, _ in metrics:
+        for arm, baseline in (("B", "A"), ("C", "A"), ("C", "B")):
+            is_primary = m in primary
+            rows.append({"arm": arm, "baseline": baseline, "metric": m, "n": 5,
+                         "mean_diff": -2.0 if (arm, m) == ("B", "recall") else 5.0, "ci_low": 1.0, "ci_high": 9.0,
+                         "wilcoxon_p": 0.0625, "ttest_p": 0.0004, "nb_ttest_p": 0.002,
+                         "endpoint": "primary" if is_primary else "exploratory",
+                         "p_holm": (holm_p.get((arm, m), 0.5) if baseline == "A" else 0.5) if is_primary else np.nan})
+    table = study_table("detection", summary, pd.DataFrame(rows))
     best = {(row["arm"], m): cell["best"] for row in table["rows"] for (m, _), cell in zip(metrics, row["cells"])}
-    assert {key for key, is_best in best.items() if is_best} == {("B", m) for m, _ in metrics} | {("C", "f1")}
-    b_cell = table["rows"][1]["cells"][0]
-    assert (b_cell["wilcoxon_p"], b_cell["ttest_p"]) == ("0.0625", "<0.001")
+    # B's AUC and AP (p_holm .01, .04) and C's AP (.049); not C's AUC (.2, whatever its mean), not B's recall
+    # (significant, but worse than A), nor any exploratory metric (tiny unadjusted p), nor arm A
+    assert {key for key, is_best in best.items() if is_best} == {("B", "auc"), ("B", "average_precision"),
+                                                                 ("C", "average_precision")}
+    b_cell = table["rows"][1]["cells"][0]  # accuracy: exploratory
+    assert (b_cell["wilcoxon_p"], b_cell["ttest_p"], b_cell["nb_ttest_p"]) == ("0.0625", "<0.001", "0.002")
+    assert b_cell["p_holm"] is None
+    auc_column = [label for m, label in metrics].index("AUC")
+    assert table["rows"][1]["cells"][auc_column]["p_holm"] == "0.01"
     assert "wilcoxon_p" not in table["rows"][0]["cells"][0]
     assert table["wilcoxon_floor"] == {5: "0.0625"}
+    assert table["compared"] == ["B − A", "C − A", "C − B"]
+    assert set(table["primary"]) == {"AUC", "AP", "Recall"}
+    auc_row = next(d for d in table["differences"] if d["metric"] == "AUC")
+    assert auc_row["primary"] and [a["p_holm"] for a in auc_row["arms"]] == ["0.01", "0.2", "0.5"]
+    accuracy_row = next(d for d in table["differences"] if d["metric"] == "Accuracy")
+    assert not accuracy_row["primary"] and {a["p_holm"] for a in accuracy_row["arms"]} == {"exploratory"}
     with pytest.raises(KeyError, match=r"my_summary.tsv: expected one row for arm C, metric auc; found 0"):
-        study_table("detection", summary[~((summary.arm == "C") & (summary.metric == "auc"))], tests,
+        study_table("detection", summary[~((summary.arm == "C") & (summary.metric == "auc"))], pd.DataFrame(rows),
                     "my_summary.tsv")
+
+
+def test_controls_counts_and_tests_explained_in_the_report(tmp_path):
+    """The control arms' metrics beside A's: the stats stage writes controls.tsv, the report shows it with what each
+    control means; the counts per arm; the C − B comparison; which test is which."""
+    root = tmp_path / "results"
+    write_required(root, np.random.default_rng(4))
+    html = render_html(report_context(root, CONFIG))
+    assert "Controls table: not available" in html  # no control arms yet
+    for task in ("detection", "localization"):
+        for fold in FOLDS:
+            a = json.loads((root / "downstream" / task / "A" / f"fold{fold}" / "metrics.json").read_text())
+            for arm, change in (("P", -0.3), ("N", 0.0)):
+                values = {k: (min(1.0, max(0.0, v + change + 0.01 * fold)) if k in ("auc", "average_precision", "cpm",
+                                                                                    "ap50") else v)
+                          for k, v in a.items()}
+                folder = root / "downstream" / task / arm / f"fold{fold}"
+                folder.mkdir(parents=True)
+                (folder / "metrics.json").write_text(json.dumps(values))
+    write_stats(root)
+    controls = pd.read_csv(root / "stats" / "controls.tsv", sep="\t")
+    assert set(controls["control"]) == {"positive", "negative"}
+    html = render_html(report_context(root, CONFIG))
+    section = html[html.index('id="table-controls"'):]
+    section = section[:section.index("</table>")]
+    assert section.count("<tr>") == 1 + len(controls)
+    for text in ("positive", "negative", "&gt; 0", "&lt; 0", "t interval over 2 folds"):
+        assert text in section, text
+    positive_auc = controls[(controls["control"] == "positive") & (controls["metric"] == "auc")].iloc[0]
+    assert f"{positive_auc['difference']:.3g} pp [" in section
+    assert re.search(r"<td[^>]*>(yes|no)</td>", section)
+    assert "withholds half of A" in html and "relabelled" in html
+    counts = html[html.index('id="table-counts"'):]
+    counts = counts[:counts.index("</table>")]
+    for text in ("A: real", "B: real + SPADE", "P: positive control", "N: negative control", "real training slices",
+                 "test patients"):
+        assert text in counts, text
+    differences = html[html.index('id="differences-detection"'):]
+    assert "C − B" in differences[:differences.index("</table>")]
+    assert "AUC <b>(primary)</b>" in differences
+    explained = html[html.index('id="tests-explained"'):]
+    explained = explained[:explained.index("</p>")]
+    for text in ("Wilcoxon signed-rank", "paired t-test", "Nadeau–Bengio", "Holm-adjusted", "exploratory",
+                 "detection: AUC", "localization: CPM"):
+        assert text in explained, text
 
 
 def test_localization_examples_show_finds_and_misses(results):

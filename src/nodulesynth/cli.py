@@ -18,9 +18,9 @@ def _json(text):
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"--params is not valid JSON: {err}") from err
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("--params must be a JSON object")
+        raise argparse.ArgumentTypeError("must be a JSON object (a config section)")
     return value
 
 
@@ -386,13 +386,13 @@ def cmd_realism(args):
 
 
 def cmd_stats(args):
-    from nodulesynth.stats.tables import run_stats
+    from nodulesynth.stats.tables import StatsOptions, run_stats
 
-    unknown = sorted(set(args.params) - {"n_boot", "seed"})
-    if unknown:
-        raise KeyError(f"unknown config key stats.{unknown[0]}")
-    written = run_stats(args.metrics, args.out_dir, n_boot=args.params.get("n_boot", 2000),
-                        seed=args.params.get("seed", 0))
+    # the detection section for its threshold only (the cut that made metrics.json's accuracy); 0.5 is
+    # DetectionOptions' default, not imported: nodulesynth.downstream.detection needs torch, which the report
+    # step group that runs `stats` does not install
+    threshold = float(args.detection.get("threshold", 0.5))
+    written = run_stats(args.metrics, args.out_dir, StatsOptions.from_config(args.params), threshold=threshold)
     log.info("stats: wrote %s", ", ".join(str(p) for p in written))
 
 
@@ -556,9 +556,11 @@ def build_parser():
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_realism)
 
-    p = sub.add_parser("stats", help="mean ± sd per arm and paired tests against arm A, per task")
+    p = sub.add_parser("stats", help="mean ± sd per arm, paired tests (B, C vs A; C vs B), controls, per task")
     p.add_argument("--metrics", nargs="+", required=True, help="results/downstream/{task}/{arm}/fold{k}/metrics.json")
     p.add_argument("--params", type=_json, default={}, help="the config's stats section as JSON")
+    p.add_argument("--detection", type=_json, default={},
+                   help="the config's detection section as JSON (its threshold cuts the bootstrap's accuracy)")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_stats)
 

@@ -15,18 +15,34 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from nodulesynth.downstream.datasets import ARMS
+from nodulesynth.downstream.datasets import ARMS, study_arms
 from nodulesynth.io import atomic_path, read_table
 from nodulesynth.report import figures, inputs
 
 TEMPLATES = Path(__file__).parent / "templates"
-HEADLINE = {  # the study's two tables, in its column order
+# the study's two tables, in its column order (detection: then average precision and balanced accuracy)
+HEADLINE = {
     "detection": (("accuracy", "Accuracy"), ("precision", "Precision"), ("recall", "Recall"),
-                  ("specificity", "Specificity"), ("f1", "F1"), ("auc", "AUC")),
+                  ("specificity", "Specificity"), ("f1", "F1"), ("auc", "AUC"), ("average_precision", "AP"),
+                  ("balanced_accuracy", "Balanced accuracy")),
     "localization": (("ap50", "AP50"), ("ap60", "AP60"), ("ar50", "AR50"), ("ar60", "AR60"), ("ar70", "AR70"),
                      ("cpm", "CPM")),
 }
 FROC_GRID = np.geomspace(0.125, 8, 49)  # FP per scan, log-spaced over LUNA16's range
+COMPARISONS = (("B", "A"), ("C", "A"), ("C", "B"))  # (arm, baseline), as the stats stage writes them
+SIGNIFICANCE = 0.05  # a primary endpoint's Holm-adjusted p below this is bolded
+COUNTS = (("n_train_real", "real training slices"), ("n_train_real_positive", "of them with a nodule"),
+          ("n_train_synthetic", "added slices"), ("n_train_patients", "training patients"),
+          ("n_test_positive", "test slices with a nodule"), ("n_test_negative", "test slices without"),
+          ("n_test_patients", "test patients"))
+CONTROL_MEANING = {
+    "positive": "Arm A against arm P, which withholds half of A's real nodule patients: less real data should "
+                "cost, so A − P is expected above zero. Detected, it shows the study can see a loss of that size.",
+    "negative": "Arm N (arm A plus real nodule-free slices relabelled “nodule”, with real nodules' boxes, as "
+                "many as B and C add) against A: slices without nodule information should not help, so N − A is "
+                "expected below zero. An interval wholly above zero would mean that added positive slices help "
+                "whatever they show, and that B's and C's gains could be that alone.",
+}
 
 
 # ---------------------------------------------------------------- formatting
@@ -61,44 +77,96 @@ def frame_table(frame: pd.DataFrame, spec="{:.3f}") -> dict:
 
 # ---------------------------------------------------------------- the study's tables
 
-def _one_row(table, path, arm, metric):
+def _one_row(table, path, arm, metric, baseline=None):
     hit = table[(table["arm"] == arm) & (table["metric"] == metric)]
+    if baseline is not None:
+        hit = hit[hit["baseline"] == baseline]
     if len(hit) != 1:
-        raise KeyError(f"{path}: expected one row for arm {arm}, metric {metric}; found {len(hit)}")
+        against = f" against {baseline}" if baseline is not None else ""
+        raise KeyError(f"{path}: expected one row for arm {arm}{against}, metric {metric}; found {len(hit)}")
     return hit.iloc[0]
 
 
+def supported(test) -> bool:
+    """A primary endpoint whose Holm-adjusted p is below SIGNIFICANCE, in the arm's favour (every headline metric
+    is higher-is-better)."""
+    p_holm = float(test["p_holm"])
+    return (test["endpoint"] == "primary" and math.isfinite(p_holm) and p_holm < SIGNIFICANCE
+            and float(test["mean_diff"]) > 0)
+
+
 def study_table(task, summary, tests, summary_path="summary", tests_path="tests") -> dict:
-    """Rows A, B, C of one task's headline metrics: "mean ± sd" text, the best mean per column marked, and the
-    Wilcoxon and t-test p-values of B and C against A; plus the paired differences with their CIs."""
+    """Rows A, B, C of one task's headline metrics: "mean ± sd" text, bold where the primary test supports it
+    (B or C beating A on a primary endpoint, Holm-adjusted p < SIGNIFICANCE), the Wilcoxon, t and corrected t
+    p-values of B and C against A; plus the paired differences (B−A, C−A, C−B) with their CIs, primary endpoints
+    marked with their Holm-adjusted p."""
     metrics = HEADLINE[task]
-    best = {}
-    for metric, _ in metrics:
-        means = {arm: float(_one_row(summary, summary_path, arm, metric)["mean"]) for arm in ARMS}
-        finite = [m for m in means.values() if math.isfinite(m)]
-        # every headline metric is higher-is-better; ties are all marked
-        best[metric] = {arm for arm, m in means.items() if finite and m == max(finite)}
     rows, n_folds = [], set()
-    differences = [{"metric": label, "arms": []} for _, label in metrics]
     for arm in ARMS:
         cells = []
-        for (metric, label), difference in zip(metrics, differences):
-            cell = {"text": str(_one_row(summary, summary_path, arm, metric)["text"]), "best": arm in best[metric]}
+        for metric, label in metrics:
+            cell = {"text": str(_one_row(summary, summary_path, arm, metric)["text"]), "best": False}
             if arm != "A":
-                test = _one_row(tests, tests_path, arm, metric)
-                cell.update(wilcoxon_p=fmt_p(test["wilcoxon_p"]), ttest_p=fmt_p(test["ttest_p"]))
-                n_folds.add(int(test["n"]))
-                difference["arms"].append({
-                    "n": int(test["n"]), "mean_diff": fmt_number(test["mean_diff"]),
-                    "ci": f"[{fmt_number(test['ci_low'])}, {fmt_number(test['ci_high'])}]",
-                    "wilcoxon_p": fmt_p(test["wilcoxon_p"]), "ttest_p": fmt_p(test["ttest_p"])})
+                test = _one_row(tests, tests_path, arm, metric, "A")
+                cell.update(wilcoxon_p=fmt_p(test["wilcoxon_p"]), ttest_p=fmt_p(test["ttest_p"]),
+                            nb_ttest_p=fmt_p(test["nb_ttest_p"]), best=supported(test),
+                            p_holm=fmt_p(test["p_holm"]) if test["endpoint"] == "primary" else None)
             cells.append(cell)
         rows.append({"arm": arm, "name": figures.ARM_NAMES[arm], "cells": cells})
+    differences = []
+    for metric, label in metrics:
+        per_comparison = []
+        for arm, baseline in COMPARISONS:
+            test = _one_row(tests, tests_path, arm, metric, baseline)
+            n_folds.add(int(test["n"]))
+            per_comparison.append({
+                "n": int(test["n"]), "mean_diff": fmt_number(test["mean_diff"]),
+                "ci": f"[{fmt_number(test['ci_low'])}, {fmt_number(test['ci_high'])}]",
+                "wilcoxon_p": fmt_p(test["wilcoxon_p"]), "ttest_p": fmt_p(test["ttest_p"]),
+                "nb_ttest_p": fmt_p(test["nb_ttest_p"]),
+                "p_holm": fmt_p(test["p_holm"]) if test["endpoint"] == "primary" else "exploratory"})
+        primary = {str(e) for e in tests.loc[tests["metric"] == metric, "endpoint"]} == {"primary"}
+        differences.append({"metric": label, "primary": primary, "arms": per_comparison})
     # exact two-sided Wilcoxon signed-rank test: the smallest p with n pairs is 2 / 2**n
     floor = {n: 2.0 / 2 ** n for n in sorted(n_folds) if n > 0}
     return {"task": task, "columns": [label for _, label in metrics], "rows": rows, "differences": differences,
-            "compared": [arm for arm in ARMS if arm != "A"],
+            "compared": [f"{arm} − {baseline}" for arm, baseline in COMPARISONS],
+            "primary": [label for (metric, label), d in zip(metrics, differences) if d["primary"]],
             "wilcoxon_floor": {n: f"{p:.4g}" for n, p in floor.items()}}
+
+
+def controls_rows(controls: pd.DataFrame, path="controls.tsv") -> list[dict]:
+    """The controls table (stats' controls.tsv) as the report shows it: control, task, metric, difference [CI],
+    detected yes/no, how the interval was made."""
+    labels = {m: label for task in HEADLINE for m, label in HEADLINE[task]}
+    rows = []
+    for row in controls.itertuples(index=False):
+        detected = str(row.detected).strip().lower()
+        if detected not in ("true", "false"):
+            raise ValueError(f"{path}: detected must be True or False, got {row.detected!r}")
+        unit = f" {row.unit}" if isinstance(row.unit, str) and row.unit else ""
+        rows.append({"control": row.control, "task": row.task, "metric": labels.get(row.metric, row.metric),
+                     "expected": row.expected,
+                     "difference": f"{fmt_number(row.difference)}{unit} "
+                                   f"[{fmt_number(row.ci_low)}, {fmt_number(row.ci_high)}]",
+                     "detected": "yes" if detected == "true" else "no", "ci_method": row.ci_method})
+    return rows
+
+
+def counts_table(counts: pd.DataFrame) -> pd.DataFrame | None:
+    """Mean per arm over the folds of the training and test counts (COUNTS) that metrics.json carries; None
+    when it carries none of them."""
+    present = [(key, label) for key, label in COUNTS if key in set(counts["metric"])]
+    if not present:
+        return None
+    wide = counts.pivot_table(index="arm", columns="metric", values="value", aggfunc="mean")
+    folds = counts.groupby("arm")["fold"].nunique()
+    order = [arm for arm in study_arms(controls=True) if arm in wide.index]
+    table = pd.DataFrame({"arm": [figures.ARM_NAMES.get(arm, arm) for arm in order],
+                          "folds": [int(folds[arm]) for arm in order]})
+    for key, label in present:
+        table[label] = [fmt_number(wide.at[arm, key], "{:.1f}") for arm in order]
+    return table
 
 
 # ---------------------------------------------------------------- figures from the results tree
@@ -263,6 +331,9 @@ def report_context(results_dir, config: dict) -> dict:
     losses = inputs.read_loss_curves(results_dir)
     figs["loss"] = _figure(figures.loss_curves, losses) if losses else None
 
+    controls = inputs.read_controls(results_dir)
+    counts = counts_table(inputs.read_counts(results_dir, "detection"))
+
     fidelity = inputs.read_fidelity(results_dir)
     realism = inputs.read_realism(results_dir)
     if realism is not None:
@@ -280,6 +351,10 @@ def report_context(results_dir, config: dict) -> dict:
     return {
         "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "tables": [tables[task] for task in inputs.TASKS],
+        "significance": SIGNIFICANCE,
+        "controls": controls_rows(controls, results_dir / "stats" / "controls.tsv") if controls is not None else None,
+        "control_meaning": CONTROL_MEANING,
+        "counts": frame_table(counts) if counts is not None else None,
         "folds": folds,
         "figures": figs,
         "example_fold": examples[1] if examples else None,

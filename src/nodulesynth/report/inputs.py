@@ -15,12 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nodulesynth.downstream.datasets import ARMS, SliceSet
+from nodulesynth.downstream.datasets import ARMS, SliceSet, study_arms
 from nodulesynth.io import read_tsv
 
 TASKS = ("detection", "localization")
 SUMMARY_COLUMNS = ("arm", "metric", "mean", "sd", "text")
-TESTS_COLUMNS = ("arm", "metric", "n", "mean_diff", "ci_low", "ci_high", "wilcoxon_p", "ttest_p")
+TESTS_COLUMNS = ("arm", "baseline", "metric", "n", "mean_diff", "ci_low", "ci_high", "wilcoxon_p", "ttest_p",
+                 "nb_ttest_p", "endpoint", "p_holm")
+CONTROLS_COLUMNS = ("task", "metric", "control", "difference", "ci_low", "ci_high", "ci_method", "expected",
+                    "detected", "unit")
 PREDICTION_COLUMNS = {
     "detection": ("scan_id", "patient_id", "slice_index", "source", "label", "score"),
     "localization": ("scan_id", "patient_id", "slice_index", "x0", "y0", "x1", "y1", "score"),
@@ -52,6 +55,18 @@ def fold_of(path) -> int:
     return int(match.group(1))
 
 
+def _metrics_rows(path, arm) -> list[tuple]:
+    """(arm, fold, metric, value) of one metrics.json's numbers."""
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path}: expected one flat JSON object")
+    return [(arm, fold_of(path.parent), metric, float(value)) for metric, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)]
+
+
 def read_metrics(results_dir, task) -> pd.DataFrame:
     """Every fold's metrics.json of one task, long form: arm, fold, metric, value.
 
@@ -65,15 +80,7 @@ def read_metrics(results_dir, task) -> pd.DataFrame:
             raise FileNotFoundError(f"{arm_dir}: no fold*/metrics.json (task {task}, arm {arm}): required input")
         folds_by_arm[arm] = [fold_of(p.parent) for p in paths]
         for path in paths:
-            try:
-                metrics = json.loads(path.read_text())
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: not valid JSON ({err})") from None
-            if not isinstance(metrics, dict):
-                raise ValueError(f"{path}: expected one flat JSON object")
-            for metric, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    rows.append((arm, fold_of(path.parent), metric, float(value)))
+            rows += _metrics_rows(path, arm)
     reference = folds_by_arm["A"]
     for arm, folds in folds_by_arm.items():
         if folds != reference:
@@ -88,7 +95,24 @@ def read_stats(results_dir, task):
     summary = read_table(stats_dir / f"{task}_summary.tsv", SUMMARY_COLUMNS)
     tests = read_table(stats_dir / f"{task}_tests.tsv", TESTS_COLUMNS)
     summary["arm"], tests["arm"] = summary["arm"].astype(str), tests["arm"].astype(str)
+    tests["baseline"] = tests["baseline"].astype(str)
     return summary, tests
+
+
+def read_controls(results_dir):
+    """results/stats/controls.tsv (written where the control arms ran), or None when absent."""
+    path = Path(results_dir) / "stats" / "controls.tsv"
+    return read_table(path, CONTROLS_COLUMNS) if path.is_file() else None
+
+
+def read_counts(results_dir, task) -> pd.DataFrame:
+    """arm, fold, metric, value of every arm's metrics.json of one task that is present (the control arms too),
+    for the counts table."""
+    rows = []
+    for arm in study_arms(controls=True):
+        for path in sorted((Path(results_dir) / "downstream" / task / arm).glob("fold*/metrics.json")):
+            rows += _metrics_rows(path, arm)
+    return pd.DataFrame(rows, columns=["arm", "fold", "metric", "value"])
 
 
 # ---------------------------------------------------------------- optional inputs

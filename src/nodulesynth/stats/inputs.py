@@ -12,10 +12,12 @@ from pathlib import Path
 import pandas as pd
 
 from nodulesynth.downstream.datasets import ARMS as ARM_GENERATORS
+from nodulesynth.downstream.datasets import CONTROLS
 from nodulesynth.io import read_tsv
 
 TASKS = ("detection", "localization")
-ARMS = tuple(ARM_GENERATORS)  # A real, B + SPADE, C + SDM
+ARMS = tuple(ARM_GENERATORS)  # the study's arms: A real, B + SPADE, C + SDM (its summary tables show these)
+CONTROL_ARMS = tuple(CONTROLS)  # P positive and N negative control: read too, shown in the controls table only
 PREDICTION_COLUMNS = {
     "detection": ("scan_id", "patient_id", "slice_index", "source", "label", "score"),
     "localization": ("scan_id", "patient_id", "slice_index", "x0", "y0", "x1", "y1", "score"),
@@ -43,8 +45,9 @@ def parse_result_path(path, filename: str = "metrics.json") -> tuple[str, str, i
         raise ValueError(f"{path}: not a downstream result file (expected {layout})")
     task, arm, fold_dir = parts[-4], parts[-3], parts[-2]
     fold = _FOLD_DIR.match(fold_dir)
-    if task not in TASKS or arm not in ARMS or fold is None:
-        raise ValueError(f"{path}: unknown layout (expected {layout} with task in {TASKS}, arm in {ARMS}); "
+    if task not in TASKS or arm not in ARMS + CONTROL_ARMS or fold is None:
+        raise ValueError(f"{path}: unknown layout (expected {layout} with task in {TASKS}, arm in "
+                         f"{ARMS + CONTROL_ARMS}); "
                          f"got task={task!r}, arm={arm!r}, fold directory={fold_dir!r}")
     return task, arm, int(fold.group(1))
 

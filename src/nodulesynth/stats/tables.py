@@ -1,4 +1,5 @@
-"""The study's tables: mean ± sd per arm and the paired tests against arm A, as TSV, Markdown and LaTeX (booktabs).
+"""The study's tables: mean ± sd per arm and the paired tests (B and C against A, C against B), as TSV, Markdown and
+LaTeX (booktabs); and the controls table (controls.tsv) where the control arms P and N were run.
 
 Numbers are printed as the study prints them, `85.76 ± 1.69`: proportions (accuracy, AUC, AP50, AR70, FROC
 sensitivities, CPM, ...) as percent, differences of proportions in percentage points (pp); counts (slices,
@@ -6,24 +7,73 @@ tp/fp/...) in their own unit. The sd is the sample sd over folds (ddof = 1). The
 long tables; Markdown and LaTeX hold the formatted paper tables.
 """
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from nodulesynth.io import atomic_path, write_tsv
-from nodulesynth.stats.inputs import TASKS, is_proportion, load_metrics, load_predictions, metric_values
-from nodulesynth.stats.paired import DETECTION_METRIC_FNS, bootstrap_tests, five_fold_caveat, paired_tests
+from nodulesynth.options import from_section
+from nodulesynth.stats.inputs import ARMS, TASKS, is_proportion, load_metrics, load_predictions, metric_values
+from nodulesynth.stats.paired import (bootstrap_comparisons, detection_evaluator, five_fold_caveat, holm,
+                                      paired_tests, paired_values, t_interval)
 
+# Every metric here is higher-is-better (the controls' expected directions rely on it).
 TASK_METRICS = {
-    "detection": ("accuracy", "precision", "recall", "specificity", "f1", "auc"),
+    "detection": ("accuracy", "precision", "recall", "specificity", "f1", "auc", "average_precision",
+                  "balanced_accuracy"),
     "localization": ("ap50", "ap60", "ar50", "ar60", "ar70", "cpm"),
 }
 METRIC_NAMES = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "specificity": "Specificity",
-                "f1": "F1", "auc": "AUC", "ap50": "AP50", "ap60": "AP60", "ar50": "AR50", "ar60": "AR60",
-                "ar70": "AR70", "cpm": "CPM"}
+                "f1": "F1", "auc": "AUC", "average_precision": "Average precision",
+                "balanced_accuracy": "Balanced accuracy", "ap50": "AP50", "ap60": "AP60", "ar50": "AR50",
+                "ar60": "AR60", "ar70": "AR70", "cpm": "CPM"}
 ARM_NAMES = {"A": "A: real", "B": "B: real + SPADE", "C": "C: real + SDM"}
 PLUS_MINUS = "\u00b1"
+# The study's comparisons as (baseline, arm), difference arm - baseline: each synthetic arm against real only, and
+# SDM against SPADE (the study's claim).
+COMPARISONS = (("A", "B"), ("A", "C"), ("B", "C"))
+# The controls as (baseline, arm) and the sign their difference (arm - baseline) must have: A - P > 0 (more real
+# nodule patients help), N - A < 0 (slices relabelled "nodule" without a nodule harm).
+CONTROL_COMPARISONS = {"positive": (("P", "A"), 1), "negative": (("A", "N"), -1)}
+CONTROL_EXTRA_METRICS = {"detection": ("average_precision",), "localization": ("ap50",)}  # beside the primary ones
+# The p-value Holm adjusts: the Nadeau-Bengio corrected t. With 5 folds the Wilcoxon test cannot fall below
+# 0.0625, so an adjusted Wilcoxon p could never support a claim; the plain paired t ignores that the folds'
+# training sets overlap and is too liberal; the corrected t accounts for that overlap.
+ADJUSTED_P = "nb_ttest_p"
+
+
+@dataclass
+class StatsOptions:
+    """The `stats` config section (defaults: the study's)."""
+
+    n_boot: int = 2000  # patient-bootstrap resamples (0 skips the bootstrap)
+    seed: int = 0
+    # primary endpoints per task: their comparisons (B-A, C-A, C-B) are Holm-adjusted together, every other row
+    # is exploratory
+    primary: dict = field(default_factory=lambda: {"detection": ["auc"], "localization": ["cpm"]})
+
+    @classmethod
+    def from_config(cls, section: dict | None):
+        options = from_section(cls, section, "stats")
+        options.validate()
+        return options
+
+    def validate(self):
+        if self.n_boot < 0:
+            raise ValueError(f"stats.n_boot must be >= 0, got {self.n_boot}")
+        if not isinstance(self.primary, dict):
+            raise ValueError(f"stats.primary must map a task to a list of metrics, got {self.primary!r}")
+        for task, metrics in self.primary.items():
+            if task not in TASK_METRICS:
+                raise KeyError(f"stats.primary: unknown task {task!r} (known: {', '.join(TASK_METRICS)})")
+            if isinstance(metrics, str) or not isinstance(metrics, (list, tuple)):
+                raise ValueError(f"stats.primary.{task} must be a list of metrics, got {metrics!r}")
+            for metric in metrics:
+                if metric not in TASK_METRICS[task]:
+                    raise KeyError(f"stats.primary.{task}: unknown metric {metric!r} "
+                                   f"(known: {', '.join(TASK_METRICS[task])})")
 
 
 def format_mean_sd(mean: float, sd: float, decimals: int = 2) -> str:
@@ -49,13 +99,15 @@ def metric_label(metric: str, unit: str) -> str:
 
 def summary_table(metrics: pd.DataFrame, task: str, metrics_list, scale: float = 100,
                   decimals: int = 2) -> pd.DataFrame:
-    """Long table: task, arm, metric, n (folds with a finite value), mean, sd (ddof 1), unit, text ('85.76 ± 1.69').
+    """Long table of arms A, B, C: task, arm, metric, n (folds with a finite value), mean, sd (ddof 1), unit, text
+    ('85.76 ± 1.69').
 
     Proportions are multiplied by `scale` (percent by default); other metrics are left in their unit.
     """
     rows = []
     for metric in metrics_list:
         values = metric_values(metrics, task, metric, scale)
+        values = values[values["arm"].isin(ARMS)]  # the control arms have their own table (controls_table)
         for arm, group in values.groupby("arm", sort=True):
             finite = group["value"][np.isfinite(group["value"])]
             mean = float(finite.mean()) if len(finite) else float("nan")
@@ -85,10 +137,12 @@ def _interval(low: float, high: float, decimals: int = 2) -> str:
 
 
 def tests_paper_table(tests: pd.DataFrame) -> pd.DataFrame:
-    """Wide table for the paper: one row per metric and arm, differences with their intervals and both p-values."""
+    """Wide table for the paper: one row per metric and comparison, primary or exploratory, differences with their
+    intervals, the three p-values and, for primary rows, the Holm-adjusted one."""
     out = pd.DataFrame({
         "Metric": [metric_label(m, u) for m, u in zip(tests["metric"], tests["unit"])],
         "Comparison": [f"{a} vs {b}" for a, b in zip(tests["arm"], tests["baseline"])],
+        "Endpoint": tests["endpoint"].tolist(),
         "n": tests["n"].astype(int).astype(str),
         "Difference": [_signed(v) for v in tests["mean_diff"]],
         "95% CI (t)": [_interval(lo, hi) for lo, hi in zip(tests["ci_low"], tests["ci_high"])],
@@ -97,6 +151,8 @@ def tests_paper_table(tests: pd.DataFrame) -> pd.DataFrame:
         out["95% CI (bootstrap)"] = [_interval(lo, hi) for lo, hi in zip(tests["boot_low"], tests["boot_high"])]
     out["Wilcoxon p"] = [format_p(p) for p in tests["wilcoxon_p"]]
     out["t-test p"] = [format_p(p) for p in tests["ttest_p"]]
+    out["NB t p"] = [format_p(p) for p in tests["nb_ttest_p"]]
+    out["Holm p"] = [format_p(p) if e == "primary" else "" for p, e in zip(tests["p_holm"], tests["endpoint"])]
     return out
 
 
@@ -150,8 +206,11 @@ def write_tables(summary: pd.DataFrame, tests: pd.DataFrame, out_dir, task: str)
         f"{int(summary['n'].min())} to {int(summary['n'].max())}"
     summary_caption = (f"{task.capitalize()}: mean {PLUS_MINUS} sample standard deviation over {folds_text} folds "
                        "(proportions in %).")
-    tests_caption = (f"{task.capitalize()}: paired differences against arm A, fold by fold (arm minus A; "
-                     f"proportions in percentage points, pp). {caveat}")
+    tests_caption = (f"{task.capitalize()}: paired differences fold by fold, B and C against A and C against B "
+                     f"(arm minus baseline; proportions in percentage points, pp). p-values: Wilcoxon signed-rank, "
+                     f"paired t, and the Nadeau-Bengio corrected t (NB t), whose variance allows for the folds' "
+                     f"overlapping training sets. Holm p: the NB t p-values of the primary endpoints, Holm-adjusted "
+                     f"together across tasks; every other row is exploratory. {caveat}")
     paper_summary, paper_tests = summary_paper_table(summary), tests_paper_table(tests)
     paths = []
     stem = out_dir / f"{task}_summary"
@@ -168,22 +227,29 @@ def write_tables(summary: pd.DataFrame, tests: pd.DataFrame, out_dir, task: str)
     return paths
 
 
-def tests_table(metrics: pd.DataFrame, task: str, metrics_list, baseline: str = "A", arms=("B", "C")) -> pd.DataFrame:
-    """paired_tests of every metric in metrics_list, one table."""
-    return pd.concat([paired_tests(metrics, task, m, baseline, arms) for m in metrics_list], ignore_index=True)
+def tests_table(metrics: pd.DataFrame, task: str, metrics_list, primary=(), comparisons=COMPARISONS) -> pd.DataFrame:
+    """paired_tests of every metric in metrics_list and comparison (baseline, arm), one table; `endpoint` says
+    primary (a metric in `primary`) or exploratory, `p_holm` is left for adjust_primary."""
+    rows = [paired_tests(metrics, task, m, baseline, (arm,)) for m in metrics_list for baseline, arm in comparisons]
+    tests = pd.concat(rows, ignore_index=True)
+    tests["endpoint"] = np.where(tests["metric"].isin(list(primary)), "primary", "exploratory")
+    tests["p_holm"] = np.nan
+    return tests
 
 
-def _with_bootstrap(tests: pd.DataFrame, metrics_paths, task: str, n_boot: int, seed: int) -> pd.DataFrame:
-    """Add the slice bootstrap (detection AUC and accuracy) from the predictions.tsv beside each metrics.json."""
-    paths = [Path(p).with_name("predictions.tsv") for p in metrics_paths if Path(p).parts[-4] == task]
-    for path in paths:
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: predictions.tsv missing beside its metrics.json "
-                                    "(needed for the bootstrap)")
-    boot = bootstrap_tests(load_predictions(paths), DETECTION_METRIC_FNS, arms=tuple(tests["arm"].unique()),
-                           n_boot=n_boot, seed=seed)
-    merged = tests.merge(boot, on=["metric", "arm"], how="left")
-    # the bootstrap's observed difference is recomputed from predictions.tsv; it should equal the metrics.json one
+def adjust_primary(tests_by_task: dict) -> None:
+    """Holm-adjust the ADJUSTED_P of every primary row of every task as one family, into `p_holm` (in place)."""
+    family = [(task, index) for task, tests in tests_by_task.items()
+              for index in tests.index[tests["endpoint"] == "primary"]]
+    adjusted = holm([tests_by_task[task].at[index, ADJUSTED_P] for task, index in family])
+    for (task, index), p in zip(family, adjusted):
+        tests_by_task[task].at[index, "p_holm"] = p
+
+
+def _with_bootstrap(tests: pd.DataFrame, boot: pd.DataFrame) -> pd.DataFrame:
+    """Add the patient bootstrap's columns to the rows it covers, noting where its observed difference (from
+    predictions.tsv) is not the metrics.json one."""
+    merged = tests.merge(boot, on=["metric", "baseline", "arm"], how="left")
     off = (merged["boot_diff"] - merged["mean_diff"]).abs() > 1e-6
     merged.loc[off, "note"] = [f"{note}; " if note else "" for note in merged.loc[off, "note"]]
     merged.loc[off, "note"] += [f"predictions.tsv gives a difference of {v:.4g}, metrics.json {m:.4g}"
@@ -191,18 +257,79 @@ def _with_bootstrap(tests: pd.DataFrame, metrics_paths, task: str, n_boot: int, 
     return merged
 
 
-def run_stats(metrics_paths, out_dir, n_boot: int = 2000, seed: int = 0) -> list[Path]:
-    """Summary and test tables of every task present in metrics_paths, written to out_dir; the paths written.
+def _predictions_beside(metrics_paths, task: str, arms) -> list[Path]:
+    paths = [Path(p).with_name("predictions.tsv") for p in metrics_paths
+             if Path(p).parts[-4] == task and Path(p).parts[-3] in arms]
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: predictions.tsv missing beside its metrics.json "
+                                    "(needed for the bootstrap)")
+    return paths
 
-    n_boot > 0 adds the slice bootstrap of detection AUC and accuracy (0 skips it).
+
+def controls_table(metrics: pd.DataFrame, primary: dict, boot: pd.DataFrame | None = None,
+                   level: float = 0.95) -> pd.DataFrame:
+    """One row per task, metric and control present (P: positive, N: negative) with columns task, metric, control,
+    baseline, arm, n, difference (arm - baseline of the fold means: A - P, N - A), ci_low, ci_high, ci_method,
+    expected, detected, unit.
+
+    Metrics: each task's primary endpoints, then CONTROL_EXTRA_METRICS. The interval is the patient bootstrap's
+    where `boot` (bootstrap_comparisons) has the row (detection metrics computed from predictions), else the t
+    interval over folds. detected: the interval excludes zero in the expected direction.
     """
+    arms = set(metrics["arm"])
+    rows = []
+    for task in [t for t in TASKS if (metrics["task"] == t).any()]:
+        chosen = list(dict.fromkeys([*primary.get(task, ()), *CONTROL_EXTRA_METRICS[task]]))
+        for metric in chosen:
+            for control, ((baseline, arm), sign) in CONTROL_COMPARISONS.items():
+                if not {baseline, arm} <= arms:
+                    continue
+                pairs = paired_values(metrics, task, metric, arm, baseline)
+                difference, low, high = t_interval(pairs["arm"] - pairs["baseline"], level)
+                method = f"t interval over {len(pairs)} folds"
+                hit = pd.DataFrame() if boot is None or task != "detection" else boot[
+                    (boot["metric"] == metric) & (boot["baseline"] == baseline) & (boot["arm"] == arm)]
+                if len(hit):
+                    low, high = float(hit["boot_low"].iat[0]), float(hit["boot_high"].iat[0])
+                    method = f"patient bootstrap ({int(hit['n_boot'].iat[0])} resamples)"
+                detected = bool(low > 0) if sign > 0 else bool(high < 0)  # NaN bounds: not detected
+                rows.append({"task": task, "metric": metric, "control": control, "baseline": baseline, "arm": arm,
+                             "n": len(pairs), "difference": difference, "ci_low": low, "ci_high": high,
+                             "ci_method": method, "expected": "> 0" if sign > 0 else "< 0", "detected": detected,
+                             "unit": "pp" if is_proportion(metric) else ""})
+    return pd.DataFrame(rows, columns=["task", "metric", "control", "baseline", "arm", "n", "difference", "ci_low",
+                                       "ci_high", "ci_method", "expected", "detected", "unit"])
+
+
+def run_stats(metrics_paths, out_dir, options: StatsOptions | None = None, threshold: float = 0.5) -> list[Path]:
+    """Summary and test tables of every task present in metrics_paths, and controls.tsv where the control arms
+    are among them, written to out_dir; the paths written.
+
+    options.n_boot > 0 adds the patient bootstrap of the detection metrics that predictions.tsv allows
+    (paired.BOOTSTRAP_METRICS, thresholded metrics at `threshold`, the config's detection.threshold).
+    """
+    options = options or StatsOptions()
     metrics_paths = [Path(p) for p in metrics_paths]
     metrics = load_metrics(metrics_paths)
+    tasks = [t for t in TASKS if (metrics["task"] == t).any()]
+    controls = [pair for pair, _ in CONTROL_COMPARISONS.values() if set(pair) <= set(metrics["arm"])]
+    boot = None
+    if options.n_boot > 0 and "detection" in tasks:
+        comparisons = [*COMPARISONS, *controls]
+        arms = {arm for pair in comparisons for arm in pair}
+        predictions = load_predictions(_predictions_beside(metrics_paths, "detection", arms))
+        boot = bootstrap_comparisons(predictions, detection_evaluator(threshold), comparisons,
+                                     n_boot=options.n_boot, seed=options.seed)
+    tests = {task: tests_table(metrics, task, TASK_METRICS[task], options.primary.get(task, ())) for task in tasks}
+    if boot is not None:
+        tests["detection"] = _with_bootstrap(tests["detection"], boot)
+    adjust_primary(tests)
     written = []
-    for task in [t for t in TASKS if (metrics["task"] == t).any()]:
-        summary = summary_table(metrics, task, TASK_METRICS[task])
-        tests = tests_table(metrics, task, TASK_METRICS[task])
-        if n_boot > 0 and task == "detection":
-            tests = _with_bootstrap(tests, metrics_paths, task, n_boot, seed)
-        written += write_tables(summary, tests, out_dir, task)
+    for task in tasks:
+        written += write_tables(summary_table(metrics, task, TASK_METRICS[task]), tests[task], out_dir, task)
+    if controls:
+        path = Path(out_dir) / "controls.tsv"
+        write_tsv(controls_table(metrics, options.primary, boot), path)
+        written.append(path)
     return written
