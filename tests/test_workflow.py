@@ -28,9 +28,10 @@ def chromium_missing() -> bool:
 
 
 def small_config(tmp_path, **masks):
-    """The demo config, smaller: 3 scans, 2 folds, generators trained for a handful of steps."""
+    """The demo config, smaller: 4 scans, 2 folds, generators trained for a handful of steps (4 scans: each fold's
+    training set then holds two nodule patients, of which the positive control withholds one)."""
     config = yaml.safe_load(open(REPO / "config.yaml"))
-    config["cohort"]["demo"].update(n_scans=3, image_size=96)
+    config["cohort"]["demo"].update(n_scans=4, image_size=96)
     config["folds"]["k"] = 2
     config["masks"].update(masks)
     config["sdm"].update(max_steps=4, checkpoint_every=2, log_every=2, sample_steps=3)
@@ -55,7 +56,7 @@ def test_demo_writes_the_data_contract(demo_run):
     work, *_ = demo_run
     manifest = pd.read_csv(work / "results/cohort/manifest.tsv", sep="\t", dtype={"scan_id": str})
     assert list(manifest.columns) == ["scan_id", "patient_id", "series_uid", "slices", "spacing", "status"]
-    assert len(manifest) == 3 and (manifest.status == "ok").all() and (manifest.slices > 20).all()
+    assert len(manifest) == 4 and (manifest.status == "ok").all() and (manifest.slices > 20).all()
     rejected = pd.read_csv(work / "results/cohort/rejected.tsv", sep="\t")
     assert list(rejected.columns) == ["scan_id", "patient_id", "reason"] and rejected.empty
     for scan in manifest.scan_id:
@@ -113,11 +114,11 @@ def test_downstream_study_runs_every_arm_and_fold_after_a_passing_audit(demo_run
     work, *_ = demo_run
     leakage = pd.read_csv(work / "results/audit/leakage.tsv", sep="\t")
     assert {"arm", "fold", "check", "status", "detail"} <= set(leakage.columns)
-    assert set(zip(leakage.arm, leakage.fold)) == {(a, f) for a in "ABC" for f in (0, 1)}
+    assert set(zip(leakage.arm, leakage.fold)) == {(a, f) for a in "ABCPN" for f in (0, 1)}
     assert (leakage.status == "pass").all(), leakage[leakage.status != "pass"]
     counts = {}
     for task, keys in (("detection", DETECTION_KEYS), ("localization", LOCALIZATION_KEYS)):
-        for arm in "ABC":
+        for arm in "ABCPN":
             for fold in (0, 1):
                 out = work / f"results/downstream/{task}/{arm}/fold{fold}"
                 metrics = json.loads((out / "metrics.json").read_text())
@@ -130,8 +131,10 @@ def test_downstream_study_runs_every_arm_and_fold_after_a_passing_audit(demo_run
                 counts[task, arm, fold] = (metrics["n_train"], metrics["n_test"], metrics["n_train_synthetic"])
     for fold in (0, 1):
         # Paired arms: one test set per fold; B and C add the same number of synthetic slices to A's.
-        a, b, c = (counts["detection", arm, fold] for arm in "ABC")
-        assert a[1] == b[1] == c[1] and a[2] == 0 and b[2] == c[2] > 0 and b[0] == c[0] == a[0] + b[2]
+        a, b, c, p, n = (counts["detection", arm, fold] for arm in "ABCPN")
+        assert a[1] == b[1] == c[1] == p[1] == n[1] and a[2] == 0 and b[2] == c[2] > 0 and b[0] == c[0] == a[0] + b[2]
+        # The controls: P holds fewer real slices and nothing added; N adds relabelled slices to A's.
+        assert p[0] < a[0] and p[2] == 0 and n[2] > 0 and n[0] == a[0] + n[2]
         realism = json.loads((work / f"results/downstream/realism/fold{fold}.json").read_text())
         assert {"fd_real_train", "fd_spade", "fd_sdm"} <= set(realism)
         assert all(np.isfinite(realism[k]) and realism[k] >= 0 for k in ("fd_real_train", "fd_spade", "fd_sdm"))
@@ -140,9 +143,14 @@ def test_downstream_study_runs_every_arm_and_fold_after_a_passing_audit(demo_run
 def test_statistics_and_report_close_the_dag(demo_run):
     work, *_ = demo_run
     summary = pd.read_csv(work / "results/stats/detection_summary.tsv", sep="\t")
-    assert set(summary.arm) == set("ABC")
+    assert set(summary.arm) == set("ABC")  # the controls have their own table
     tests = pd.read_csv(work / "results/stats/localization_tests.tsv", sep="\t")
-    assert set(tests.arm) == {"B", "C"} and (tests.n == 2).all()  # one value per fold, never repeated
+    assert set(zip(tests.arm, tests.baseline)) == {("B", "A"), ("C", "A"), ("C", "B")}
+    assert (tests.n == 2).all()  # one value per fold, never repeated
+    controls = pd.read_csv(work / "results/stats/controls.tsv", sep="\t")
+    assert set(zip(controls.task, controls.control)) == {(t, c) for t in ("detection", "localization")
+                                                         for c in ("positive", "negative")}
+    assert controls.detected.isin([True, False]).all() and (controls.ci_low <= controls.ci_high).all()
     html = (work / "results/report/report.html").read_text()
     for text in ("Detection", "Localization", "AP50", "Leakage audit"):
         assert text in html, text
@@ -218,7 +226,7 @@ def test_a_changed_value_reruns_only_what_uses_it(demo_run, tmp_path):
     assert dry_run_jobs(work, qc) == {"sample_sdm", "sample_sdm_heldout", "fidelity", "downstream_dataset", "audit",
                                       "leakage", "detect", "localize", "realism", "stats", "report", "all"}
     dry = run_bare(work, "--configfile", str(qc), "-n")
-    arms = set(re.findall(r"wildcards: arm=([ABC])", dry.stdout + dry.stderr))
+    arms = set(re.findall(r"wildcards: arm=([ABCPN])", dry.stdout + dry.stderr))
     assert arms == {"C"}, arms
 
     masks = small_config(tmp_path, min_lung_area_mm2=150)
