@@ -1,5 +1,7 @@
 # Generators: one SDM and one SPADE per fold, trained on that fold's training patients only
-# ("holdout": on all patients, for the report), then sampled on the same lesion maps.
+# ("holdout": on all patients; its losses and mask fidelity are reported), then sampled on the same lesion
+# maps. Each fold's generators also sample its test patients' maps (sample_*_heldout): held-out fidelity and
+# the report's Figure 1.
 # GPU jobs: `gpu=1` asks SLURM for a GPU; without one they run on the CPU.
 
 
@@ -130,8 +132,9 @@ rule sample_spade:
         "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
-# The fold's generators on its test patients' maps: evaluation only (held-out mask fidelity). Written outside
-# results/synth/, which the downstream arms draw on, so nothing sampled here reaches a training set.
+# The fold's generators on its test patients' maps: evaluation only (held-out mask fidelity, the report's
+# Figure 1). Written outside results/synth/, which the downstream arms draw on, so nothing sampled here
+# reaches a training set.
 use rule sample_sdm as sample_sdm_heldout with:
     input:
         model="results/generators/sdm/{fold}/model.pt",

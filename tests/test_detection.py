@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from nodulesynth.downstream import mmlab
 from nodulesynth.downstream.datasets import ArmDataset, SliceSet
 from nodulesynth.downstream.detection import (BASE_CONFIG, DetectionOptions, crop_patches, detection_config,
-                                              detection_features, fold_rgb_stem, run_detection, unit_centres,
-                                              unit_images)
+                                              detection_features, fold_rgb_stem, load_classifier, predict_scores,
+                                              run_detection, slice_units, tile_origins, unit_centres, unit_images)
 from nodulesynth.labels import BODY, LEFT_LUNG, NODULE, RIGHT_LUNG
 
 SIZE = 64
@@ -92,6 +92,8 @@ def test_options_refuse_unknown_and_bad_keys():
         DetectionOptions.from_config({"input": "volume"})
     with pytest.raises(ValueError, match="detection.load_from"):
         DetectionOptions.from_config({"load_from": "/nonexistent/seresnet.pth"})
+    with pytest.raises(ValueError, match="detection.patch_stride"):
+        DetectionOptions.from_config({"input": "patch", "patch_size": 32, "patch_stride": 40})  # gaps between tiles
     options = DetectionOptions.from_config({"input": "patch", "patch_size": 32})
     assert DetectionOptions.from_config(options.to_dict()) == options
     assert DetectionOptions().to_dict()["lr_steps"] == [30, 40]
@@ -116,6 +118,26 @@ def test_patches_centred_on_box_and_in_lung():
     assert not np.array_equal(centres[3:], unit_centres(slices, seed=[1, 0])[3:])
     grid = np.arange(100, dtype=np.uint8).reshape(1, 10, 10)
     assert np.array_equal(crop_patches(grid, np.array([[5, 5]]), 4)[0], grid[0, 3:7, 3:7])
+
+
+def test_test_tiles_cover_the_slice_from_its_image_alone():
+    slices = synthetic_slices(3, 2, seed=7)
+    options = DetectionOptions(input="patch", patch_size=16)  # stride: half a patch
+    assert tile_origins(64, 16, 8).tolist() == [0, 8, 16, 24, 32, 40, 48]
+    assert tile_origins(60, 16, 16).tolist() == [0, 16, 32, 44]  # the last tile flush with the edge
+    assert tile_origins(10, 16, 8).tolist() == [0]
+    units = slice_units(slices.image, options)
+    assert units.shape == (5, 49, 16, 16)
+    covered = np.zeros((5, SIZE, SIZE), int)
+    for k, (y, x) in enumerate((y, x) for y in tile_origins(SIZE, 16, 8) for x in tile_origins(SIZE, 16, 8)):
+        assert np.array_equal(units[:, k], slices.image[:, y:y + 16, x:x + 16])
+        covered[:, y:y + 16, x:x + 16] += 1
+    assert covered.min() >= 1
+    # a slice smaller than a patch: one tile, the slice zero-padded around it (as training patches are)
+    small = slice_units(slices.image[:, :10, :12], DetectionOptions(input="patch", patch_size=16))
+    assert small.shape == (5, 1, 16, 16) and np.array_equal(small[:, 0, 3:13, 2:14], slices.image[:, :10, :12])
+    whole = slice_units(slices.image, DetectionOptions(input="slice"))
+    assert whole.shape == (5, 1, SIZE, SIZE) and np.array_equal(whole[:, 0], slices.image)
 
 
 def test_rgb_checkpoint_folds_to_one_channel():
@@ -163,17 +185,37 @@ def test_detection_features_shape(trained):
     assert not np.allclose(features[0], features[-1])  # a nodule slice and a clean slice differ
 
 
+def without_labels(slices: SliceSet) -> SliceSet:
+    """The same slices with no nodule label, box or lesion map."""
+    return SliceSet(slices.image, np.zeros_like(slices.label), np.zeros(len(slices), bool),
+                    np.zeros((0, 5), np.float32), slices.scan_id, slices.patient_id, slices.slice_index, slices.source)
+
+
 def test_patch_mode_from_local_checkpoint(trained, tmp_path):
-    """Patch input end to end, starting from the trained model (`load_from`); lr 0 keeps its weights."""
+    """Patch input end to end, starting from the trained model (`load_from`); lr 0 keeps its weights. A test
+    slice's score is the highest of its tiles', and the same with its labels removed: test patches are placed
+    without them."""
     torch.set_num_threads(1)
     _, work, _, _ = trained
     dataset = ArmDataset("B", 1, synthetic_slices(3, 3, seed=3), synthetic_slices(2, 2, seed=4), info={})
     options = tiny_options(input="patch", patch_size=32, epochs=1, iters_per_epoch=2, batch_size=4, lr=0.0,
                            load_from=str(work / "model.pth"))
-    metrics, predictions = run_detection(dataset, options, tmp_path, device="cpu")
+    metrics, predictions = run_detection(dataset, options, tmp_path / "labelled", device="cpu")
     assert len(predictions) == 4 and metrics["n_train"] == 6
-    assert len(pd.read_csv(tmp_path / "loss.tsv", sep="\t")) == 2
+    assert len(pd.read_csv(tmp_path / "labelled" / "loss.tsv", sep="\t")) == 2
     start, end = (torch.load(p, map_location="cpu", weights_only=False)["state_dict"]
-                  for p in (work / "model.pth", tmp_path / "model.pth"))
+                  for p in (work / "model.pth", tmp_path / "labelled" / "model.pth"))
     for key in ("backbone.conv1.weight", "backbone.layer4.2.conv3.weight", "head.fc.weight"):
         assert torch.equal(start[key], end[key]), key
+
+    tiles = slice_units(dataset.test.image, options)
+    assert tiles.shape == (4, 9, 32, 32)  # 64 px in tiles of 32 every 16: 3 x 3
+    model = load_classifier(tmp_path / "labelled" / "model.pth", "cpu")
+    tile_scores = predict_scores(model, tiles.reshape(-1, 32, 32)).reshape(4, 9)
+    np.testing.assert_allclose(predictions["score"], tile_scores.max(axis=1), rtol=1e-5, atol=1e-6)
+    assert (tile_scores.max(axis=1) > tile_scores.min(axis=1)).all()  # the max is a choice among differing tiles
+
+    unlabelled = ArmDataset("B", 1, dataset.train, without_labels(dataset.test), info={})
+    _, again = run_detection(unlabelled, options, tmp_path / "unlabelled", device="cpu")
+    assert again["label"].tolist() == [0, 0, 0, 0] != predictions["label"].tolist()
+    np.testing.assert_allclose(again["score"], predictions["score"], rtol=1e-5, atol=1e-6)

@@ -24,7 +24,7 @@ from nodulesynth.models.spade.losses import perceptual_loss_status
 from nodulesynth.models.spade.options import SPADEOptions
 from nodulesynth.report import build_report
 from nodulesynth.report.html import HEADLINE, localization_panels, render_html, report_context, study_table
-from nodulesynth.report.inputs import read_stats
+from nodulesynth.report.inputs import grid_slices, read_realism, read_stats
 from nodulesynth.report.pdf import find_chromium, html_to_pdf, pdf_wanted
 from nodulesynth.stats.tables import StatsOptions, run_stats
 
@@ -120,9 +120,11 @@ def write_optional(results, rng):
     save_slices(results / "slices" / "s1.npz", SliceStack(
         np.stack([ct_from(m, rng) for m in maps]), maps, np.arange(4) * 2.5, np.arange(10, 14),
         (maps == 5).any((1, 2)), "s1", "p1"))
+    write_tsv(pd.DataFrame({"patient_id": ["p1", "p2"], "fold": [0, 1]}), results / "folds" / "folds.tsv")
     for generator in ("sdm", "spade"):
         rows = np.array([0, 1, 3])  # the maps behind the synthetic slices (source_index into s1's stack)
-        save_slices(results / "synth" / generator / "holdout" / "s1.npz", SliceStack(
+        # fold 0's generators on the maps of fold 0's test patient p1 (Figure 1)
+        save_slices(results / "synth_heldout" / generator / "0" / "s1.npz", SliceStack(
             np.stack([ct_from(maps[r], rng) for r in rows]), maps[rows], np.zeros(3), rows,
             (maps[rows] == 5).any((1, 2)), "s1", "p1", extra={"source_index": rows}))
         for fold in ("0", "holdout"):
@@ -146,7 +148,9 @@ def write_optional(results, rng):
     for fold in FOLDS:
         (results / "downstream" / "realism").mkdir(parents=True, exist_ok=True)
         (results / "downstream" / "realism" / f"fold{fold}.json").write_text(
-            json.dumps({"fd_real_train": 1.5 + fold, "fd_spade": 12.25, "fd_sdm": 7.125}))
+            json.dumps({"n_nodule": 6, "n_nodule_available_real_test": 6, "n_nodule_available_real_train": 9,
+                        "n_nodule_available_spade": 9, "n_nodule_available_sdm": 9,
+                        "fd_nodule_real_train": 1.5 + fold, "fd_nodule_spade": 12.25, "fd_nodule_sdm": 7.125}))
     write_tsv(pd.DataFrame({"scan_id": ["s1", "s2", "s3"], "patient_id": ["p1", "p2", "p3"],
                             "series_uid": ["1.2.1", "1.2.2", "1.2.3"], "slices": [4, 4, 0], "spacing": "0.7,0.7,2.5",
                             "status": ["ok", "ok", "rejected"]}), results / "cohort" / "manifest.tsv")
@@ -394,6 +398,84 @@ def test_controls_counts_and_tests_explained_in_the_report(tmp_path):
     for text in ("Wilcoxon signed-rank", "paired t-test", "Nadeau–Bengio", "Holm-adjusted", "exploratory",
                  "detection: AUC", "localization: CPM"):
         assert text in explained, text
+
+
+def write_synthetic_stack(path, maps, images, scan_id, patient_id):
+    """A generator's stack in the layout write_synthetic gives it: every map of a real stack, in order."""
+    rows = np.arange(len(maps))
+    save_slices(path, SliceStack(images, maps, np.zeros(len(maps)), rows, (maps == 5).any((1, 2)), scan_id,
+                                 patient_id, extra={"source_index": rows}))
+
+
+def test_figure_one_shows_a_test_patient_of_the_fold_with_that_folds_generators(tmp_path):
+    """Figure 1's slices are a test patient's of fold k, and its SDM and SPADE images are those fold k's generators
+    made from that patient's maps (results/synth_heldout/{generator}/{k}), not the holdout generators' or the
+    fold generators' on their own training patients (results/synth/...), which saw those scans."""
+    root = tmp_path / "results"
+    rng = np.random.default_rng(4)
+    maps = np.stack([lesion_map(), lesion_map((10, 8)), lesion_map((12, 20)), lesion_map()])
+    patients = {"s1": "p1", "s2": "p2"}
+    write_tsv(pd.DataFrame({"patient_id": ["p1", "p2"], "fold": [1, 0]}), root / "folds" / "folds.tsv")
+    for scan, patient in patients.items():
+        save_slices(root / "slices" / f"{scan}.npz", SliceStack(
+            np.stack([ct_from(m, rng) for m in maps]), maps, np.arange(4) * 2.5, np.arange(20, 24),
+            (maps == 5).any((1, 2)), scan, patient))
+    made = {}
+    for generator in ("sdm", "spade"):
+        # what the generators saw: every patient (holdout), p1 for fold 0's generators, p2 for fold 1's
+        for fold, scans in (("holdout", ("s1", "s2")), ("0", ("s1",)), ("1", ("s2",))):
+            for scan in scans:
+                write_synthetic_stack(root / "synth" / generator / fold / f"{scan}.npz", maps,
+                                      np.full(maps.shape, 255, np.uint8), scan, patients[scan])
+        # and each fold's generators on its own test patient: p2 for fold 0, p1 for fold 1
+        for fold, scan in (("0", "s2"), ("1", "s1")):
+            made[generator, fold] = rng.integers(0, 200, maps.shape).astype(np.uint8)
+            write_synthetic_stack(root / "synth_heldout" / generator / fold / f"{scan}.npz", maps,
+                                  made[generator, fold], scan, patients[scan])
+
+    rows = grid_slices(root)
+    assert [row["kind"] for row in rows] == ["nodule slice", "nodule-free slice"]
+    folds = pd.read_csv(root / "folds" / "folds.tsv", sep="\t", dtype={"patient_id": str})
+    for row in rows:
+        assert row["fold"] == 0 and (row["scan_id"], row["patient_id"]) == ("s2", "p2")
+        assert folds.set_index("patient_id").loc[row["patient_id"], "fold"] == row["fold"]  # a test patient of it
+        index = row["slice_index"] - 20  # the row of s2's stack (slice indices 20..23)
+        assert np.array_equal(row["ct"], np.load(root / "slices" / "s2.npz")["image"][index])
+        assert np.array_equal(row["label"], maps[index])
+        for generator in ("sdm", "spade"):  # fold 0's generators, on this patient's map
+            assert np.array_equal(row[generator], made[generator, "0"][index])
+
+    write_required(root, rng)
+    html = render_html(report_context(root, CONFIG))
+    assert "Figure 1. A nodule slice and a nodule-free slice of a test patient of fold 0:" in html
+    assert "by the fold&#39;s own generators, which never saw this patient" in html
+
+    # results of another fold plan (p2 now in fold 1): fold 0's heldout samples are stale, and said so
+    write_tsv(pd.DataFrame({"patient_id": ["p1", "p2"], "fold": [0, 1]}), root / "folds" / "folds.tsv")
+    with pytest.raises(ValueError, match=r"synth_heldout/sdm/0/s2\.npz: patient p2 is not a test patient of fold 0"):
+        grid_slices(root)
+
+
+def test_realism_table_reads_the_class_matched_keys(results):
+    root, _ = results
+    realism = read_realism(root)
+    assert realism["fold"].tolist() == [0, 1]
+    assert realism["nodule slices per set"].tolist() == [6, 6]
+    assert realism["nodule: real train (floor)"].tolist() == [1.5, 2.5]
+    assert realism["nodule: SDM / floor"].tolist() == pytest.approx([7.125 / 1.5, 7.125 / 2.5])
+    assert not any(c.startswith("nodule-free") for c in realism.columns)  # no generator set held nodule-free slices
+    path = root / "downstream" / "realism" / "fold1.json"
+    values = json.loads(path.read_text())
+    values.update(n_nodule_free=4, fd_nodule_free_real_train=2.0, fd_nodule_free_sdm=3.0, fd_nodule_sdm=None)
+    path.write_text(json.dumps(values))
+    realism = read_realism(root)
+    assert realism["nodule-free: SDM / floor"].tolist()[1] == 1.5 and np.isnan(realism["nodule-free: SDM"][0])
+    assert np.isnan(realism["nodule: SDM"][1])  # too few slices to fit a Gaussian: no distance
+    html = render_html(report_context(root, CONFIG))
+    assert "Class-matched" in html and "nodule-free: SPADE" not in html
+    path.write_text(json.dumps({"fd_real_train": 1.0, "fd_spade": 2.0, "fd_sdm": 3.0}))  # the old, class-blind keys
+    with pytest.raises(KeyError, match=r"fold1\.json: missing key\(s\) \['n_nodule'"):
+        read_realism(root)
 
 
 def test_localization_examples_show_finds_and_misses(results):

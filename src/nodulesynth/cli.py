@@ -547,7 +547,7 @@ def build_parser():
         p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("realism", help="Frechet distances in the arm-A classifier's feature space")
+    p = sub.add_parser("realism", help="class-matched Frechet distances in the arm-A classifier's feature space")
     p.add_argument("--model", required=True, help="the fold's arm-A detection model.pth")
     p.add_argument("--data", nargs="+", required=True, help="the fold's arm datasets")
     p.add_argument("--params", type=_json, default={}, help="the config's detection section")

@@ -6,9 +6,11 @@ pipeline, SGD with step decay over an iteration-based loop, trained with mmengin
 
 Input units (`DetectionOptions.input`):
 - "slice": the whole slice, label = has_nodule.
-- "patch": a `patch_size` square centred on the slice's (largest) nodule box for nodule slices, at a random
-  lung pixel (label 1 or 2) for the others; deterministic given the seed. Test slices are cut the same way,
-  one patch per slice, so there is still one prediction per test slice.
+- "patch": in training, a `patch_size` square centred on the slice's (largest) nodule box for nodule slices,
+  at a random lung pixel (label 1 or 2) for the others; deterministic given the seed. A test slice is cut
+  without its labels (which a detector in use would not have): into tiles of `patch_size` every
+  `patch_stride` pixels (default half a patch, so any nodule up to half a patch wide lies whole in some
+  tile) covering the slice, and scored as its highest tile score: still one prediction per test slice.
 
 `run_detection` trains on an `ArmDataset`'s training slices and scores its test slices;
 `detection_features` gives a trained classifier's pooled 2048-d features (for the feature-space Fréchet
@@ -53,6 +55,7 @@ class DetectionOptions:
     flip_prob: float = 0.5  # random horizontal flip of training inputs
     input: str = "slice"
     patch_size: int = 64
+    patch_stride: int | None = None  # test tiles' stride (input "patch"); None: patch_size // 2
     load_from: str | None = None  # optional local mmpretrain checkpoint (never downloaded)
     threshold: float = 0.5
     # Training draws: "balanced" (half with a nodule, in every arm: see mmlab.BalancedSampler), or "shuffle"
@@ -89,11 +92,19 @@ class DetectionOptions:
             bad("sampler", f"must be one of {mmlab.SAMPLERS}")
         if not 0.0 <= self.flip_prob <= 1.0:
             bad("flip_prob", "must lie in [0, 1]")
+        if self.patch_stride is not None and (not isinstance(self.patch_stride, int)
+                                              or not 1 <= self.patch_stride <= self.patch_size):
+            bad("patch_stride", f"must be an integer from 1 to patch_size ({self.patch_size}), so the test tiles "
+                                "cover the slice, or null (half a patch)")
         if self.load_from is not None and not Path(self.load_from).is_file():
             bad("load_from", "no such checkpoint file")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def tile_stride(self) -> int:
+        return self.patch_stride or max(1, self.patch_size // 2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,11 +153,49 @@ def crop_patches(images: np.ndarray, centres: np.ndarray, size: int) -> np.ndarr
 
 
 def unit_images(slices: SliceSet, options: DetectionOptions, seed) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N,s,s], labels int64 [N]) of the chosen input unit, one per slice."""
+    """(images uint8 [N,s,s], labels int64 [N]) of the chosen training input unit, one per slice (patches are
+    placed by the labels: training may use them; test slices go through `slice_units`, which does not)."""
     labels = np.asarray(slices.has_nodule, bool).astype(np.int64)
     if options.input == "slice":
         return np.ascontiguousarray(slices.image), labels
     return crop_patches(slices.image, unit_centres(slices, seed), options.patch_size), labels
+
+
+def tile_origins(length: int, size: int, stride: int) -> np.ndarray:
+    """Offsets of tiles of `size` every `stride` pixels along a side of `length`, the last one flush with the
+    far edge so the tiles cover the side; [0] where one tile covers it."""
+    if length <= size:
+        return np.zeros(1, np.int64)
+    origins = np.arange(0, length - size + 1, stride)
+    return origins if origins[-1] == length - size else np.append(origins, length - size)
+
+
+def slice_units(images: np.ndarray, options: DetectionOptions) -> np.ndarray:
+    """uint8 [N,T,s,s]: the T units scored for each of N test slices, from the images alone (no label, box or
+    lesion map). Input "slice": the slice itself (T = 1); "patch": tiles of `patch_size` at the options'
+    stride covering the slice (a slice smaller than a patch is zero-padded around it, as `crop_patches` pads)."""
+    images = np.asarray(images)
+    if options.input == "slice":
+        return images[:, None]
+    size = options.patch_size
+    pad = [(0, 0)] + [((size - n) // 2, size - n - (size - n) // 2) if n < size else (0, 0) for n in images.shape[1:]]
+    images = np.pad(images, pad)
+    ys, xs = (tile_origins(n, size, options.tile_stride) for n in images.shape[1:])
+    windows = np.lib.stride_tricks.sliding_window_view(images, (size, size), axis=(1, 2))  # a view: no copy yet
+    return windows[:, ys][:, :, xs].reshape(len(images), len(ys) * len(xs), size, size)
+
+
+def score_slices(model, images: np.ndarray, options: DetectionOptions, max_units: int = 4096) -> np.ndarray:
+    """Score per test slice: the highest of its units' scores (`slice_units`; one unit for whole slices), with
+    at most `max_units` units in memory at a time (a fold's tiles at the real size would take gigabytes)."""
+    images = np.asarray(images)
+    scores = []
+    per_chunk = max(1, max_units // slice_units(images[:1], options).shape[1]) if len(images) else 1
+    for start in range(0, len(images), per_chunk):
+        units = slice_units(images[start:start + per_chunk], options)
+        unit_scores = predict_scores(model, units.reshape(-1, *units.shape[2:]), options.batch_size)
+        scores.append(unit_scores.reshape(units.shape[:2]).max(axis=1))
+    return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,7 +308,7 @@ def run_detection(dataset: ArmDataset, options: DetectionOptions, work_dir, devi
         if not len(getattr(dataset, split)):
             raise ValueError(f"arm {dataset.arm} fold {dataset.fold}: no {split} slices")
     train_images, train_labels = unit_images(dataset.train, options, seed=[options.seed, 0])
-    test_images, test_labels = unit_images(dataset.test, options, seed=[options.seed, 1])
+    test_labels = np.asarray(dataset.test.has_nodule, bool).astype(np.int64)  # for the metrics only
 
     key = uuid.uuid4().hex
     std = float(train_images.std()) or 1.0
@@ -280,7 +329,7 @@ def run_detection(dataset: ArmDataset, options: DetectionOptions, work_dir, devi
     finally:
         _IN_MEMORY.pop(key, None)
 
-    scores = predict_scores(runner.model, test_images, options.batch_size)
+    scores = score_slices(runner.model, dataset.test.image, options)
     metrics = dict(detection_metrics(test_labels, scores, options.threshold))
     metrics.update(_counts("train", train_labels), **_counts("test", test_labels),
                    final_loss=mmlab.final_loss(work_dir / "loss.tsv", options.iters_per_epoch))

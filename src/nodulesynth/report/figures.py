@@ -42,13 +42,15 @@ def _grey(ax, image, title=None):
 
 
 def image_grid(rows) -> bytes:
-    """Rows of dicts (kind, scan_id, slice_index, ct, label, sdm, spade): CT, lesion map, SDM, SPADE."""
+    """Rows of dicts (kind, scan_id, slice_index, ct, label, sdm, spade; fold where known): CT, lesion map,
+    SDM, SPADE."""
     fig = Figure(figsize=(9, 2.4 * len(rows)))
     axes = fig.subplots(len(rows), 4, squeeze=False)
     for r, row in enumerate(rows):
         titles = ("CT", "lesion map", "SDM", "SPADE") if r == 0 else (None,) * 4
         _grey(axes[r, 0], row["ct"], titles[0])
-        axes[r, 0].set_ylabel(f"{row['kind']}\n{row['scan_id']} #{row['slice_index']}", fontsize=8)
+        fold = f"\ntest patient of fold {row['fold']}" if row.get("fold") is not None else ""
+        axes[r, 0].set_ylabel(f"{row['kind']}\n{row['scan_id']} #{row['slice_index']}{fold}", fontsize=8)
         axes[r, 1].imshow(colorize(row["label"]), interpolation="nearest")
         axes[r, 1].set_xticks([])
         axes[r, 1].set_yticks([])

@@ -358,6 +358,7 @@ def report_context(results_dir, config: dict) -> dict:
         "folds": folds,
         "figures": figs,
         "example_fold": examples[1] if examples else None,
+        "grid_fold": grid[0]["fold"] if grid else None,
         "score_threshold": threshold,
         "froc_from_predictions": sorted(curves),
         "fidelity": frame_table(fidelity) if fidelity is not None else None,

@@ -170,51 +170,88 @@ def read_fidelity(results_dir):
     return means.reset_index()
 
 
+REALISM_CLASSES = ("nodule", "nodule_free")  # nodulesynth.downstream.realism.CLASSES (imports torch: not here)
+
+
 def read_realism(results_dir):
-    """Feature-space Fréchet distances per fold (fold, fd_real_train, fd_spade, fd_sdm), or None."""
+    """Class-matched feature-space Fréchet distances per fold, or None: fold, and per class compared (nodule
+    always, nodule-free where a generator's set held some) the count every set was drawn to, the floor (real
+    training slices), each generator's distance and its ratio to the floor. A null distance (too few slices)
+    reads as NaN."""
     rows = []
     paths = (Path(results_dir) / "downstream" / "realism").glob("fold*.json")
     for path in sorted(paths, key=lambda p: fold_of(p.with_suffix(""))):
         values = json.loads(path.read_text())
-        missing = [k for k in ("fd_real_train", "fd_spade", "fd_sdm") if k not in values]
+        required = ["n_nodule", "fd_nodule_real_train"] + [f"fd_nodule_{g}" for g in GENERATORS]
+        missing = [k for k in required if k not in values]
         if missing:
             raise KeyError(f"{path}: missing key(s) {missing}")
-        rows.append({"fold": fold_of(path.with_suffix("")), **{k: float(values[k]) for k in
-                                                               ("fd_real_train", "fd_spade", "fd_sdm")}})
+        row = {"fold": fold_of(path.with_suffix(""))}
+        for name in (c for c in REALISM_CLASSES if f"n_{c}" in values):
+            words = name.replace("_", "-")
+            floor = values[f"fd_{name}_real_train"]
+            floor = float("nan") if floor is None else float(floor)
+            row[f"{words} slices per set"] = int(values[f"n_{name}"])
+            row[f"{words}: real train (floor)"] = floor
+            for generator in (g for g in GENERATORS if f"fd_{name}_{g}" in values):
+                distance = values[f"fd_{name}_{generator}"]
+                distance = float("nan") if distance is None else float(distance)
+                row[f"{words}: {generator.upper()}"] = distance
+                row[f"{words}: {generator.upper()} / floor"] = distance / floor if floor > 0 else float("nan")
+        rows.append(row)
     return pd.DataFrame(rows) if rows else None
 
 
-def grid_slices(results_dir):
-    """For the image grid: from the first scan the holdout generators both synthesised, a nodule slice and a
-    nodule-free slice: dicts with CT (the real slice), the lesion map, the SDM and the SPADE image. None if
-    no scan has both kinds of slice in both generators' output."""
-    results_dir = Path(results_dir)
-    for sdm_path in sorted((results_dir / "synth" / "sdm" / "holdout").glob("*.npz")):
-        spade_path = results_dir / "synth" / "spade" / "holdout" / sdm_path.name
-        real_path = results_dir / "slices" / sdm_path.name
-        if not (spade_path.is_file() and real_path.is_file()):
-            continue
-        from nodulesynth.data.slices import load_slices
+def _heldout_folds(results_dir) -> list:
+    """The folds whose generators sampled their test patients' maps (results/synth_heldout/sdm/<k>), in order."""
+    folds = [p.name for p in (Path(results_dir) / "synth_heldout" / "sdm").glob("*") if p.is_dir()]
+    return sorted((f for f in folds if f.isdigit()), key=int)
 
-        sdm, spade, real = load_slices(sdm_path), load_slices(spade_path), load_slices(real_path)
-        if min(len(sdm), len(spade), len(real)) == 0:
-            continue
-        for stack, path in ((sdm, sdm_path), (spade, spade_path)):
-            if "source_index" not in stack.extra:
-                raise KeyError(f"{path}: missing array 'source_index' (the row of the real stack behind each map)")
-        sdm_row = {int(s): i for i, s in enumerate(sdm.extra["source_index"])}
-        spade_row = {int(s): i for i, s in enumerate(spade.extra["source_index"])}
-        common = sorted(set(sdm_row) & set(spade_row))
-        nodule = [s for s in common if (sdm.label[sdm_row[s]] == 5).any()]
-        free = [s for s in common if not (sdm.label[sdm_row[s]] == 5).any()]
-        if not (nodule and free):
-            continue
-        # the slice with the largest nodule shows it best; the middle nodule-free map is a typical one
-        picks = [("nodule slice", max(nodule, key=lambda s: int((sdm.label[sdm_row[s]] == 5).sum()))),
-                 ("nodule-free slice", free[len(free) // 2])]
-        return [dict(kind=kind, scan_id=real.scan_id, slice_index=int(real.slice_index[s]), ct=real.image[s],
-                     label=sdm.label[sdm_row[s]], sdm=sdm.image[sdm_row[s]], spade=spade.image[spade_row[s]])
-                for kind, s in picks]
+
+def grid_slices(results_dir):
+    """For the image grid (Figure 1): a nodule slice and a nodule-free slice of a test patient of the first fold
+    that has one, with the images that fold's own generators (which never saw the patient) made from its maps
+    (results/synth_heldout/{generator}/{fold}): dicts with fold, scan_id, patient_id, CT (the real slice), the
+    lesion map, the SDM and the SPADE image. None if no such scan has both kinds of slice in both generators'
+    output. Where results/folds/folds.tsv is present, the patient must be in that fold: a heldout sample of
+    another fold's patient (stale results) is an error."""
+    from nodulesynth.data.slices import load_slices
+
+    results_dir = Path(results_dir)
+    folds_tsv = results_dir / "folds" / "folds.tsv"
+    fold_of_patient = None
+    if folds_tsv.is_file():
+        table = read_table(folds_tsv, ("patient_id", "fold"))
+        fold_of_patient = dict(zip(table["patient_id"].astype(str), table["fold"].astype(int)))
+    for fold in _heldout_folds(results_dir):
+        for sdm_path in sorted((results_dir / "synth_heldout" / "sdm" / fold).glob("*.npz")):
+            spade_path = results_dir / "synth_heldout" / "spade" / fold / sdm_path.name
+            real_path = results_dir / "slices" / sdm_path.name
+            if not (spade_path.is_file() and real_path.is_file()):
+                continue
+            sdm, spade, real = load_slices(sdm_path), load_slices(spade_path), load_slices(real_path)
+            if min(len(sdm), len(spade), len(real)) == 0:
+                continue
+            if fold_of_patient is not None and fold_of_patient.get(str(real.patient_id)) != int(fold):
+                raise ValueError(f"{sdm_path}: patient {real.patient_id} is not a test patient of fold {fold} in "
+                                 f"{folds_tsv} (fold {fold_of_patient.get(str(real.patient_id))}): stale results?")
+            for stack, path in ((sdm, sdm_path), (spade, spade_path)):
+                if "source_index" not in stack.extra:
+                    raise KeyError(f"{path}: missing array 'source_index' (the row of the real stack behind each map)")
+            sdm_row = {int(s): i for i, s in enumerate(sdm.extra["source_index"])}
+            spade_row = {int(s): i for i, s in enumerate(spade.extra["source_index"])}
+            common = sorted(set(sdm_row) & set(spade_row))
+            nodule = [s for s in common if (sdm.label[sdm_row[s]] == 5).any()]
+            free = [s for s in common if not (sdm.label[sdm_row[s]] == 5).any()]
+            if not (nodule and free):
+                continue
+            # the slice with the largest nodule shows it best; the middle nodule-free map is a typical one
+            picks = [("nodule slice", max(nodule, key=lambda s: int((sdm.label[sdm_row[s]] == 5).sum()))),
+                     ("nodule-free slice", free[len(free) // 2])]
+            return [dict(kind=kind, fold=int(fold), scan_id=real.scan_id, patient_id=str(real.patient_id),
+                         slice_index=int(real.slice_index[s]), ct=real.image[s], label=sdm.label[sdm_row[s]],
+                         sdm=sdm.image[sdm_row[s]], spade=spade.image[spade_row[s]])
+                    for kind, s in picks]
     return None
 
 
