@@ -33,7 +33,8 @@ def square_slices(n_pos, n_neg, seed, scans):
         boxes.append((row, x0, y0, x0 + NODULE, y0 + NODULE))
     scan_id = np.array([scans[row % len(scans)] for row in range(n)])
     return SliceSet(image, label, np.arange(n) < n_pos, np.array(boxes, np.float32).reshape(-1, 5), scan_id,
-                    np.array([f"P{s}" for s in scan_id]), np.arange(n, dtype=np.int64), np.array(["real"] * n))
+                    np.array([f"P{s}" for s in scan_id]), np.arange(n, dtype=np.int64), np.array(["real"] * n),
+                    box_nodule=np.arange(len(boxes)))  # each square a nodule of its own
 
 
 def test_config_is_mmdets_installed_one_adapted(tmp_path):

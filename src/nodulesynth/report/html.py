@@ -26,7 +26,7 @@ HEADLINE = {  # the study's two tables, in its column order
     "localization": (("ap50", "AP50"), ("ap60", "AP60"), ("ar50", "AR50"), ("ar60", "AR60"), ("ar70", "AR70"),
                      ("cpm", "CPM")),
 }
-FROC_GRID = np.geomspace(0.125, 8, 49)  # FP per scan, log-spaced over LUNA16's range
+FROC_GRID = 0.125 * 2 ** (np.arange(49) / 8)  # FP per scan, log-spaced over LUNA16's range, its rates exactly
 
 
 # ---------------------------------------------------------------- formatting
