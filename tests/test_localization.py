@@ -114,6 +114,7 @@ def test_tiny_training_loss_falls_and_metrics_are_complete(tmp_path):
     assert {k: metrics[k] for k in ("n_train", "n_train_positive", "n_train_negative", "n_test", "n_test_positive",
                                     "n_test_boxes")} == dict(n_train=8, n_train_positive=6, n_train_negative=2,
                                                              n_test=4, n_test_positive=3, n_test_boxes=3)
+    assert metrics["n_test_nodules"] == 3 and metrics["n_test_scans"] == 2
     assert math.isfinite(metrics["final_loss"])
     assert any(k.startswith("coco_") for k in metrics)
     # mmdet's own CocoMetric on the same predictions agrees with coco_metrics

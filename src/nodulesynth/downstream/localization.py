@@ -353,5 +353,9 @@ def run_localization(dataset: ArmDataset, options: LocalizationOptions, work_dir
     metrics.update(n_train=len(trained), n_train_positive=len(trained_positive),
                    n_train_negative=len(trained) - len(trained_positive), n_test=len(test),
                    n_test_positive=len(test_positive), n_test_boxes=len(test.boxes),
+                   # the per-nodule FROC's denominators: nodules found of n_test_nodules, FPs per n_test_scans
+                   n_test_nodules=len(set(zip(test.scan_id[test.boxes[:, 0].astype(int)].tolist(),
+                                              test.box_nodule.tolist()))),
+                   n_test_scans=len(set(test.scan_id.tolist())),
                    final_loss=mmlab.final_loss(work_dir / "loss.tsv", options.iters_per_epoch))
     return metrics, predictions_frame(pred_boxes, test)
