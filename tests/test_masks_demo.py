@@ -95,7 +95,7 @@ def test_a_finding_too_small_to_count_is_kept_apart_and_ignored_by_the_froc(tmp_
     import pandas as pd
 
     from nodulesynth.data.demo import annotations_frame
-    from nodulesynth.downstream.datasets import real_slices
+    from nodulesynth.downstream.datasets import real_slices, synthetic_slices
     from nodulesynth.downstream.metrics import froc_curve
     from nodulesynth.masks.lesion_map import excluded_boxes
 
@@ -115,7 +115,7 @@ def test_a_finding_too_small_to_count_is_kept_apart_and_ignored_by_the_froc(tmp_
         _, slice_, row, column, diameter = data["excluded"][0]
     assert diameter == 2.0 and set(boxes.nodule) == set(range(len(frame)))
 
-    table = excluded_boxes(volume, stack)
+    table = excluded_boxes(volume, stack.slice_index, stack.z)
     assert len(table) >= 1 and (table.finding == 0).all()
     assert set(table.slice_index) <= set(stack.slice_index.tolist()) and round(slice_) in set(table.slice_index)
     on_centre = table[table.slice_index == round(slice_)].iloc[0]
@@ -124,6 +124,11 @@ def test_a_finding_too_small_to_count_is_kept_apart_and_ignored_by_the_froc(tmp_
 
     test = real_slices(stack, boxes, 64, table)
     assert len(test.excluded) == len(table)
+    # at 64 px every (slice, nodule) of nodules.tsv keeps a box named by its nodule, the same boxes as the same
+    # maps drawn as synthetic slices
+    assert set(zip(test.slice_index[test.boxes[:, 0].astype(int)].tolist(), test.box_nodule.tolist())) == \
+        set(zip(boxes.slice_index.tolist(), boxes.nodule.tolist()))
+    np.testing.assert_array_equal(test.boxes, synthetic_slices(stack, "sdm", 64).boxes)
     scan_id = str(test.scan_id[0])
     on_finding = [(scan_id, slice_index, *box, 0.9) for slice_index, *box in
                   ((s, x0, y0, x1, y1) for _, s, x0, y0, x1, y1 in test.excluded_rows())]

@@ -97,11 +97,12 @@ def slice_stack(volume_file, opts: MaskOptions, window=DEFAULT_WINDOW):
     return stack, boxes
 
 
-def excluded_boxes(volume_file, stack: SliceStack) -> pd.DataFrame:
-    """`{scan}.excluded.tsv`: one row (slice_index, finding, x0, y0, x1, y1) per kept slice of `stack` that cuts the
-    sphere of an excluded finding (the volume file's `excluded`: id, slice, row, column, diameter mm), boxed as
-    nodules are (pixels, x1 and y1 exclusive) around its disc on that slice. The per-nodule FROC ignores
-    detections within them. A volume without the array (written before findings were kept) has none."""
+def excluded_boxes(volume_file, slice_index, slice_z) -> pd.DataFrame:
+    """`{scan}.excluded.tsv`: one row (slice_index, finding, x0, y0, x1, y1) per kept slice (`slice_index`, at
+    `slice_z` mm: the slice stack's) that cuts the sphere of an excluded finding (the volume file's `excluded`: id,
+    slice, row, column, diameter mm), boxed as nodules are (pixels, x1 and y1 exclusive) around its disc on that
+    slice. The per-nodule FROC ignores detections within them. A volume without the array (ingested before
+    findings were kept) has none."""
     rows = []
     with np.load(volume_file, allow_pickle=False) as data:
         if str(data["status"]) == "ok" and "excluded" in data.files:
@@ -109,12 +110,12 @@ def excluded_boxes(volume_file, stack: SliceStack) -> pd.DataFrame:
             for finding, slice_, row, column, diameter in findings:
                 radius = diameter / 2
                 zc = float(np.interp(slice_, np.arange(len(z)), z))
-                for slice_index, zk in zip(stack.slice_index, stack.z):
+                for k, zk in zip(slice_index, slice_z):
                     if abs(zk - zc) >= radius:
                         continue
                     disc = np.sqrt(radius ** 2 - (zk - zc) ** 2)  # mm: the sphere's cut at this slice
                     # pixel i spans [i, i + 1) in box coordinates: a centre at index c lies at c + 0.5
-                    rows.append(dict(slice_index=int(slice_index), finding=int(finding),
+                    rows.append(dict(slice_index=int(k), finding=int(finding),
                                      x0=round(column + 0.5 - disc / spacing[2], 2),
                                      y0=round(row + 0.5 - disc / spacing[1], 2),
                                      x1=round(column + 0.5 + disc / spacing[2], 2),
