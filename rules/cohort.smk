@@ -65,6 +65,7 @@ rule masks:
         slices="results/slices/{scan}.npz",
         nodules="results/slices/{scan}.nodules.tsv",
         dropped="results/slices/{scan}.dropped.tsv",
+        excluded="results/slices/{scan}.excluded.tsv",
     log:
         "results/logs/masks/{scan}.log",
     benchmark:
@@ -82,31 +83,8 @@ rule masks:
         window=section("window"),
     shell:
         "nodulesynth masks --volume {input} --params {params.masks:q} --window {params.window:q} "
-        "--slices {output.slices} --nodules {output.nodules} --dropped {output.dropped} > {log} 2>&1"
-
-
-# Apart from masks, so that adding it reruns no lesion map (nor what follows from them): a volume ingested before
-# excluded findings were kept gives an empty table.
-rule excluded_findings:
-    input:
-        volume="results/volumes/{scan}.npz",
-        slices="results/slices/{scan}.npz",
-    output:
-        "results/slices/{scan}.excluded.tsv",
-    log:
-        "results/logs/excluded/{scan}.log",
-    benchmark:
-        "results/benchmarks/excluded/{scan}.tsv"
-    conda:
-        "../envs/data.yaml"
-    container:
-        config["containers"]["data"]
-    threads: 1
-    resources:
-        mem_mb=500,
-        runtime=5,
-    shell:
-        "nodulesynth excluded --volume {input.volume} --slices {input.slices} --out {output} > {log} 2>&1"
+        "--slices {output.slices} --nodules {output.nodules} --dropped {output.dropped} "
+        "--excluded {output.excluded} > {log} 2>&1"
 
 
 rule qc:

@@ -119,7 +119,7 @@ def cmd_masks(args):
     from nodulesynth.data.slices import save_slices
     from nodulesynth.data.window import window_from_config
     from nodulesynth.io import write_tsv
-    from nodulesynth.masks.lesion_map import scan_lesion_maps
+    from nodulesynth.masks.lesion_map import excluded_boxes, scan_lesion_maps
     from nodulesynth.masks.segment import MaskOptions
 
     opts = MaskOptions.from_config(args.params)
@@ -128,28 +128,14 @@ def cmd_masks(args):
     save_slices(args.slices, stack)
     write_tsv(boxes, args.nodules)
     write_tsv(dropped, args.dropped)
+    if args.excluded:
+        write_tsv(excluded_boxes(args.volume, stack.slice_index, stack.z), args.excluded)
     if stack.status == "ok":
         log.info("masks %s: %d slices kept, %d with nodules", stack.scan_id, len(stack), int(stack.has_nodule.sum()))
     else:
         log.warning("masks %s: rejected: %s", stack.scan_id, stack.reason)
     for row in dropped.itertuples():
         log.warning("masks %s: nodule %d dropped: %s", row.scan_id, row.nodule, row.reason)
-
-
-def cmd_excluded(args):
-    import numpy as np
-
-    from nodulesynth.io import write_tsv
-    from nodulesynth.masks.lesion_map import excluded_boxes
-
-    with np.load(args.slices, allow_pickle=False) as data:  # only the small arrays: no image is decompressed
-        missing = [k for k in ("slice_index", "z") if k not in data.files]
-        if missing:
-            raise KeyError(f"{args.slices}: not a slice stack, missing {missing}")
-        slice_index, z = data["slice_index"], data["z"]
-    table = excluded_boxes(args.volume, slice_index, z)
-    write_tsv(table, args.out)
-    log.info("excluded %s: %d findings on %d slices", args.slices, table.finding.nunique(), len(table))
 
 
 def cmd_qc(args):
@@ -457,14 +443,9 @@ def build_parser():
     p.add_argument("--slices", required=True)
     p.add_argument("--nodules", required=True)
     p.add_argument("--dropped", required=True, help="output: annotated nodules that gave no mask, with the reason")
+    p.add_argument("--excluded", help="output: boxes of the annotated findings that do not count as nodules (too "
+                                      "few readers, too small) on the kept slices, which the FROC ignores")
     p.set_defaults(func=cmd_masks)
-
-    p = sub.add_parser("excluded", help="boxes of one scan's annotated findings that do not count as nodules (too "
-                                        "few readers, too small) on its kept slices, which the FROC ignores")
-    p.add_argument("--volume", required=True, help="the scan's volume file (ingest)")
-    p.add_argument("--slices", required=True, help="the scan's slice stack (masks): which slices were kept")
-    p.add_argument("--out", required=True, help="output: {scan}.excluded.tsv")
-    p.set_defaults(func=cmd_excluded)
 
     p = sub.add_parser("qc", help="QC montage of a slice stack with its lesion maps overlaid")
     p.add_argument("--slices", required=True)
