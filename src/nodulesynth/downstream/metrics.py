@@ -130,6 +130,12 @@ def _as_slice_boxes(rows, name, width, with_score=False) -> list:
     return out
 
 
+def _at_least(scores, thresholds) -> np.ndarray:
+    """How many `scores` are >= each threshold (a sort and a binary search: predictions run into the millions)."""
+    ordered = np.sort(np.asarray(scores, float))
+    return (len(ordered) - np.searchsorted(ordered, thresholds, side="left")).astype(float)
+
+
 def merge_candidates(pred_boxes) -> list:
     """Predicted boxes merged into 3-D candidates, as LUNA16 scores candidates, not slices: boxes on consecutive
     slice indices of one scan are one candidate when the centre of each lies within the radius (half the larger
@@ -139,20 +145,26 @@ def merge_candidates(pred_boxes) -> list:
     from scipy.sparse.csgraph import connected_components
 
     pred = _as_slice_boxes(pred_boxes, "pred_boxes", 2, with_score=True)
-    by_slice = {}
-    for k, (scan, slice_index, *_rest) in enumerate(pred):
-        by_slice.setdefault((scan, slice_index), []).append(k)
-    links = []
-    for k, (scan, slice_index, x0, y0, x1, y1, _score) in enumerate(pred):
-        a = _centre_radius(x0, y0, x1, y1)
-        for j in by_slice.get((scan, slice_index + 1), ()):
-            b = _centre_radius(*pred[j][2:6])
-            if np.hypot(a[0] - b[0], a[1] - b[1]) < min(a[2], b[2]):
-                links.append((k, j))
     n = len(pred)
     if not n:
         return []
-    graph = coo_matrix((np.ones(len(links)), ([i for i, _ in links], [j for _, j in links])), shape=(n, n))
+    coords = np.array([p[2:6] for p in pred], float).reshape(-1, 4)
+    cx, cy = (coords[:, 0] + coords[:, 2]) / 2, (coords[:, 1] + coords[:, 3]) / 2
+    radius = np.maximum(coords[:, 2] - coords[:, 0], coords[:, 3] - coords[:, 1]) / 2
+    by_slice = {}
+    for k, (scan, slice_index, *_rest) in enumerate(pred):
+        by_slice.setdefault((scan, slice_index), []).append(k)
+    rows, cols = [], []
+    for (scan, slice_index), here in by_slice.items():
+        above = by_slice.get((scan, slice_index + 1))
+        if above is None:
+            continue
+        here, above = np.array(here), np.array(above)  # every pair of boxes on the two slices at once
+        distance = np.hypot(cx[here][:, None] - cx[above][None], cy[here][:, None] - cy[above][None])
+        a, b = np.nonzero(distance < np.minimum(radius[here][:, None], radius[above][None]))
+        rows += here[a].tolist()
+        cols += above[b].tolist()
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     candidates = {}
     for k, c in enumerate(component):
@@ -219,8 +231,8 @@ def froc_curve(gt_boxes, pred_boxes, scans, excluded=()):
     fp_scores = np.asarray(fp_scores, float)
 
     thresholds = np.unique(np.concatenate([hit_scores, fp_scores]))[::-1]
-    fps = np.array([0.0] + [(fp_scores >= t).sum() / len(scans) for t in thresholds])
-    found = np.array([0] + [(hit_scores >= t).sum() for t in thresholds], float)
+    fps = np.concatenate([[0.0], _at_least(fp_scores, thresholds) / len(scans)])
+    found = np.concatenate([[0.0], _at_least(hit_scores, thresholds)])
     sens = found / len(nodules) if nodules else np.full_like(found, np.nan)  # no nodules: sensitivity undefined
     return fps, sens
 
@@ -280,8 +292,8 @@ def slice_froc_curve(gt_boxes, pred_boxes, image_scan):
     fp_scores = np.asarray(fp_scores, float)
 
     thresholds = np.unique(np.concatenate([best_hit[np.isfinite(best_hit)], fp_scores]))[::-1]
-    fps = np.array([0.0] + [(fp_scores >= t).sum() / n_scans for t in thresholds])
-    found = np.array([0] + [(best_hit >= t).sum() for t in thresholds], float)
+    fps = np.concatenate([[0.0], _at_least(fp_scores, thresholds) / n_scans])
+    found = np.concatenate([[0.0], _at_least(best_hit[np.isfinite(best_hit)], thresholds)])
     sens = found / len(gt) if len(gt) else np.full_like(found, np.nan)
     return fps, sens
 
