@@ -309,6 +309,8 @@ def test_froc_figure_draws_the_per_nodule_curve_of_the_predictions(results):
         at_rates = np.interp([0.125, 0.25, 0.5, 1, 2, 4, 8], FROC_GRID, curves[arm][1])
         expected = [np.mean([m[f"froc_{r:g}"] for m in metrics]) for r in (0.125, 0.25, 0.5, 1, 2, 4, 8)]
         np.testing.assert_allclose(at_rates, expected, atol=0.02)
+    context = report_context(root, CONFIG)
+    assert context["froc_from_predictions"] == sorted(ARMS) and context["figures"]["froc"].startswith("data:image/png")
 
 
 def test_missing_required_inputs_fail_naming_the_file(tmp_path):
