@@ -65,6 +65,7 @@ rule masks:
         slices="results/slices/{scan}.npz",
         nodules="results/slices/{scan}.nodules.tsv",
         dropped="results/slices/{scan}.dropped.tsv",
+        excluded="results/slices/{scan}.excluded.tsv",
     log:
         "results/logs/masks/{scan}.log",
     benchmark:
@@ -82,7 +83,8 @@ rule masks:
         window=section("window"),
     shell:
         "nodulesynth masks --volume {input} --params {params.masks:q} --window {params.window:q} "
-        "--slices {output.slices} --nodules {output.nodules} --dropped {output.dropped} > {log} 2>&1"
+        "--slices {output.slices} --nodules {output.nodules} --dropped {output.dropped} "
+        "--excluded {output.excluded} > {log} 2>&1"
 
 
 rule qc:

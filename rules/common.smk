@@ -65,10 +65,10 @@ def heldout_stacks(wildcards):
 
 
 def fold_stacks(wildcards):
-    """Slice stacks and nodule boxes of a downstream fold: its training and its test scans."""
+    """Slice stacks, nodule boxes and excluded findings of a downstream fold: its training and its test scans."""
     manifest, folds = _fold_plan()
     scans = training_scans(manifest, folds, wildcards.fold) + evaluation_scans(manifest, folds, wildcards.fold)
-    return expand("results/slices/{scan}.{ext}", scan=scans, ext=["npz", "nodules.tsv"])
+    return expand("results/slices/{scan}.{ext}", scan=scans, ext=["npz", "nodules.tsv", "excluded.tsv"])
 
 
 def downstream_folds():

@@ -172,3 +172,23 @@ def test_a_nodule_with_an_empty_mask_is_recorded(tmp_path):
     assert set(boxes.nodule) == {0}  # the real nodule is found, the corner one gives nothing
     assert dropped[["scan_id", "nodule"]].values.tolist() == [["P1", 1]]
     assert dropped.reason[0].startswith("empty mask: no contrast inside its sphere")
+
+
+def test_an_annotation_outside_the_scan_rejects_it_unless_it_is_an_excluded_finding():
+    """A nodule annotated outside the scan rejects the scan; a finding too small to count there is left out, as
+    it would not be evaluated anyway. Findings under nodules.min_diameter_mm are kept apart, not dropped."""
+    from nodulesynth.data.dicom_series import CANONICAL_ORIENTATION, CTVolume
+    from nodulesynth.data.ingest import LUNA_COLUMNS, excluded_from_annotations, nodules_from_annotations
+
+    z = np.arange(4) * 2.0
+    volume = CTVolume(np.zeros((4, 8, 8), np.int16), z, (2.0, 1.0, 1.0), np.zeros(3), CANONICAL_ORIENTATION,
+                      "P1", "1.2.3", "1.2", np.stack([np.zeros(4), np.zeros(4), z], 1))
+    rows = pd.DataFrame([("1.2.3", 3, 5, 2, 5.0),      # a nodule: column 3, row 5, slice 1
+                         ("1.2.3", 4, 4, 4, 2.0),      # too small: an excluded finding at slice 2
+                         ("1.2.3", 100, 4, 4, 2.0),    # too small and outside: left out
+                         ("9.9.9", 1, 1, 1, 2.0)], columns=LUNA_COLUMNS)  # another series
+    np.testing.assert_allclose(nodules_from_annotations(volume, rows), [[0, 1, 5, 3, 5.0]])
+    np.testing.assert_allclose(excluded_from_annotations(volume, rows), [[0, 2, 4, 4, 2.0]])
+    outside = pd.concat([rows, pd.DataFrame([("1.2.3", 100, 4, 4, 6.0)], columns=LUNA_COLUMNS)])
+    with pytest.raises(ScanRejected, match=r"annotation at \(100.0, 4.0, 4.0\) mm lies outside the scan"):
+        nodules_from_annotations(volume, outside)

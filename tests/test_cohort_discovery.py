@@ -118,7 +118,9 @@ def test_rejections_reach_rejected_tsv_through_the_commands(unreadable, tmp_path
     assert main(["ingest", "--scans", str(out / "scans.tsv"), "--scan", "P1", "--annotations",
                  str(out / "annotations.csv"), "--params", params, "--out", str(volume)]) == 0
     assert main(["masks", "--volume", str(volume), "--slices", str(slices), "--nodules", str(out / "P1.nodules.tsv"),
-                 "--dropped", str(dropped)]) == 0
+                 "--dropped", str(dropped), "--excluded", str(out / "P1.excluded.tsv")]) == 0
+    excluded = pd.read_csv(out / "P1.excluded.tsv", sep="\t")
+    assert list(excluded.columns) == ["slice_index", "finding", "x0", "y0", "x1", "y1"] and excluded.empty
     assert main(["manifest", "--scans", str(out / "scans.tsv"), "--cohort-rejected", str(out / "cohort_rejected.tsv"),
                  "--slices", str(slices), "--dropped", str(dropped), "--manifest", str(out / "manifest.tsv"),
                  "--rejected", str(out / "rejected.tsv"), "--dropped-nodules", str(out / "dropped.tsv")]) == 0

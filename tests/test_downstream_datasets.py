@@ -7,7 +7,7 @@ import pytest
 
 from nodulesynth.data.slices import SliceStack, save_slices
 from nodulesynth.downstream.datasets import (SliceSet, build_arm_dataset, component_boxes, load_dataset,
-                                             save_dataset)
+                                             real_slices, save_dataset, synthetic_slices)
 from nodulesynth.labels import BODY, LEFT_LUNG, NODULE
 
 
@@ -83,7 +83,8 @@ def test_dataset_round_trip_and_clear_errors(cohort, tmp_path):
     back = load_dataset(tmp_path / "B" / "fold1.npz")
     assert back.arm == "B" and back.fold == 1 and back.info == data.info
     for split in ("train", "test"):
-        for name in ("image", "label", "has_nodule", "boxes", "scan_id", "patient_id", "slice_index", "source"):
+        for name in ("image", "label", "has_nodule", "boxes", "scan_id", "patient_id", "slice_index", "source",
+                     "box_nodule", "excluded"):
             np.testing.assert_array_equal(getattr(getattr(back, split), name), getattr(getattr(data, split), name))
     with pytest.raises(FileNotFoundError, match="P9"):
         build_arm_dataset("C", 0, ["P1", "P9"], ["P3"], real, synth_dir=synth, image_size=64)
@@ -105,3 +106,68 @@ def test_component_boxes_and_subset():
                  np.array(["a", "b", "c"]), np.arange(n), np.array(["real"] * n))
     sub = s.subset([2, 1])
     assert list(sub.scan_id) == ["c", "b"] and sub.boxes.tolist() == [[0, 0, 0, 1, 1]]
+    assert sub.box_nodule.tolist() == [-1]  # no ids given: unknown
+
+
+def test_nodule_ids_and_excluded_findings_follow_subset_and_concatenate():
+    n = 3
+    s = SliceSet(np.zeros((n, 4, 4), np.uint8), np.zeros((n, 4, 4), np.uint8), np.array([1, 0, 1], bool),
+                 np.array([[0, 1, 1, 2, 2], [2, 0, 0, 1, 1], [2, 2, 2, 3, 3]], np.float32), np.array(["a", "a", "a"]),
+                 np.array(["p", "p", "p"]), np.arange(n), np.array(["real"] * n), box_nodule=np.array([4, 5, 6]),
+                 excluded=np.array([[1, 0, 0, 2, 2], [2, 1, 1, 3, 3]], np.float32))
+    sub = s.subset([2, 1])
+    assert sub.boxes[:, 0].tolist() == [0, 0] and sub.box_nodule.tolist() == [5, 6]
+    assert sub.excluded.tolist() == [[1, 0, 0, 2, 2], [0, 1, 1, 3, 3]]
+    both = SliceSet.concatenate([s, sub])
+    assert both.box_nodule.tolist() == [4, 5, 6, 5, 6] and both.boxes[:, 0].tolist() == [0, 2, 2, 3, 3]
+    assert both.excluded[:, 0].tolist() == [1, 2, 4, 3]
+    assert both.nodule_rows()[3] == ("a", 2, 5, 0.0, 0.0, 1.0, 1.0)
+    assert both.excluded_rows()[0] == ("a", 1, 0.0, 0.0, 2.0, 2.0)
+    with pytest.raises(ValueError, match="box_nodule"):
+        SliceSet(s.image, s.label, s.has_nodule, s.boxes, s.scan_id, s.patient_id, s.slice_index, s.source,
+                 box_nodule=np.array([1]))
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_one_map_gives_the_same_boxes_as_a_real_and_as_a_synthetic_slice(size):
+    """Real boxes (named by the masks stage's nodules.tsv) and synthetic boxes (from the map alone) come from one
+    rule: the same map gives the same boxes at every size, and no nodule vanishes, not even one of 2 pixels that
+    the nearest-neighbour resize of the map to 64 px drops."""
+    from nodulesynth.masks.lesion_map import nodule_boxes
+
+    shape, n = (512, 512), 3
+    masks = {nodule: np.zeros((n, *shape), bool) for nodule in (0, 1, 2)}
+    masks[0][0:2, 100:130, 200:236] = True   # a large nodule on slices 0 and 1
+    masks[1][1:3, 301:303, 401:402] = True   # 2 x 1 pixels: lost to a 64-px nearest-neighbour map
+    masks[2][2, 40:47, 60:70] = True
+    masks[2][2, 50:53, 75:79] = True         # nodule 2 in two pieces on one slice: two boxes, both its own
+    label = np.full((n, *shape), LEFT_LUNG, np.uint8)
+    for mask in masks.values():
+        label[mask] = NODULE
+    stack = SliceStack(np.zeros((n, *shape), np.uint8), label, np.arange(n, dtype=float), 7 + np.arange(n),
+                       (label == NODULE).any((1, 2)), "S1", "P1")
+    table = nodule_boxes(masks, np.ones(n, bool))
+    table["slice_index"] += 7
+    real, synthetic = real_slices(stack, table, size), synthetic_slices(stack, "sdm", size)
+    np.testing.assert_array_equal(real.boxes, synthetic.boxes)
+    np.testing.assert_array_equal(real.has_nodule, synthetic.has_nodule)
+    assert (synthetic.box_nodule == -1).all()
+    # every (slice, nodule) of nodules.tsv has its box, named by the nodule
+    assert sorted(zip(real.slice_index[real.boxes[:, 0].astype(int)].tolist(), real.box_nodule.tolist())) == \
+        [(7, 0), (8, 0), (8, 1), (9, 1), (9, 2), (9, 2)]
+    # scaled once from the full-resolution component by size / 512, as floats
+    k = int(np.flatnonzero((real.box_nodule == 1) & (real.boxes[:, 0] == 1))[0])
+    np.testing.assert_allclose(real.boxes[k, 1:], np.array([401, 301, 402, 303]) * size / 512)
+
+
+def test_a_nodules_tsv_row_the_map_contradicts_is_an_error(tmp_path):
+    label = np.full((1, 32, 32), LEFT_LUNG, np.uint8)
+    stack = SliceStack(np.zeros_like(label), label, np.zeros(1), np.array([3]), np.zeros(1, bool), "S1", "P1")
+    table = pd.DataFrame([dict(slice_index=3, nodule=0, x0=4, y0=4, x1=8, y1=8)])
+    with pytest.raises(ValueError, match="S1: nodule 0 .* slice 3"):
+        real_slices(stack, table, 16)
+    with pytest.raises(KeyError, match="S1: nodule box on slice 5"):
+        real_slices(stack, table.assign(slice_index=5), 16)
+    excluded = pd.DataFrame([dict(slice_index=3, finding=0, x0=4, y0=4, x1=8, y1=12)])
+    got = real_slices(stack, table.iloc[:0], 16, excluded)
+    assert got.excluded.tolist() == [[0, 2, 2, 4, 6]]  # scaled by the boxes' rule, 32 -> 16 px

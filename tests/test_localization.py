@@ -33,7 +33,8 @@ def square_slices(n_pos, n_neg, seed, scans):
         boxes.append((row, x0, y0, x0 + NODULE, y0 + NODULE))
     scan_id = np.array([scans[row % len(scans)] for row in range(n)])
     return SliceSet(image, label, np.arange(n) < n_pos, np.array(boxes, np.float32).reshape(-1, 5), scan_id,
-                    np.array([f"P{s}" for s in scan_id]), np.arange(n, dtype=np.int64), np.array(["real"] * n))
+                    np.array([f"P{s}" for s in scan_id]), np.arange(n, dtype=np.int64), np.array(["real"] * n),
+                    box_nodule=np.arange(len(boxes)))  # each square a nodule of its own
 
 
 def test_config_is_mmdets_installed_one_adapted(tmp_path):
@@ -113,6 +114,7 @@ def test_tiny_training_loss_falls_and_metrics_are_complete(tmp_path):
     assert {k: metrics[k] for k in ("n_train", "n_train_positive", "n_train_negative", "n_test", "n_test_positive",
                                     "n_test_boxes")} == dict(n_train=8, n_train_positive=6, n_train_negative=2,
                                                              n_test=4, n_test_positive=3, n_test_boxes=3)
+    assert metrics["n_test_nodules"] == 3 and metrics["n_test_scans"] == 2
     assert math.isfinite(metrics["final_loss"])
     assert any(k.startswith("coco_") for k in metrics)
     # mmdet's own CocoMetric on the same predictions agrees with coco_metrics

@@ -86,3 +86,53 @@ def test_slice_info_reads_what_load_slices_reads(demo_processed, tmp_path):
     assert load_slice_info(rejected)["status"] == "rejected" and load_slice_info(rejected)["slices"] == 0
     first = load_slice_info(demo_processed[0][1])
     assert first["slices"] > 0 and "spacing" in first["extra"]
+
+
+def test_a_finding_too_small_to_count_is_kept_apart_and_ignored_by_the_froc(tmp_path, demo_cohort):
+    """An annotation under nodules.min_diameter_mm is no nodule (no mask, no box) but is kept as an excluded
+    finding: ingest stores it, masks boxes its disc on the slices that cut it ({scan}.excluded.tsv), the arm's
+    SliceSet carries it, and the per-nodule FROC counts a detection on it neither as a hit nor as an FP."""
+    import pandas as pd
+
+    from nodulesynth.data.demo import annotations_frame
+    from nodulesynth.downstream.datasets import real_slices, synthetic_slices
+    from nodulesynth.downstream.metrics import froc_curve
+    from nodulesynth.masks.lesion_map import excluded_boxes
+
+    out, geometries = demo_cohort
+    geometry = geometries[0]
+    folder = out / "dicom" / geometry.patient_id / geometry.series_uid
+    frame = annotations_frame([geometry])
+    first = frame.iloc[0]
+    z = float(np.asarray(geometry.z)[np.argmin(np.abs(np.asarray(geometry.z) - first.coordZ))])  # on a slice
+    small = dict(seriesuid=first.seriesuid, coordX=first.coordX + first.diameter_mm + 10, coordY=first.coordY,
+                 coordZ=z, diameter_mm=2.0)
+    pd.concat([frame, pd.DataFrame([small])]).to_csv(tmp_path / "annotations.csv", index=False)
+    _, stack, boxes = process_scan(folder, geometry.patient_id, tmp_path / "annotations.csv", tmp_path / "out")
+    volume = tmp_path / "out" / "volumes" / f"{geometry.patient_id}.npz"
+    with np.load(volume) as data:
+        assert len(data["nodules"]) == len(frame) and data["excluded"].shape == (1, 5)
+        _, slice_, row, column, diameter = data["excluded"][0]
+    assert diameter == 2.0 and set(boxes.nodule) == set(range(len(frame)))
+
+    table = excluded_boxes(volume, stack.slice_index, stack.z)
+    assert len(table) >= 1 and (table.finding == 0).all()
+    assert set(table.slice_index) <= set(stack.slice_index.tolist()) and round(slice_) in set(table.slice_index)
+    on_centre = table[table.slice_index == round(slice_)].iloc[0]
+    np.testing.assert_allclose([(on_centre.x0 + on_centre.x1) / 2, (on_centre.y0 + on_centre.y1) / 2],
+                               [column + 0.5, row + 0.5], atol=0.01)
+
+    test = real_slices(stack, boxes, 64, table)
+    assert len(test.excluded) == len(table)
+    # at 64 px every (slice, nodule) of nodules.tsv keeps a box named by its nodule, the same boxes as the same
+    # maps drawn as synthetic slices
+    assert set(zip(test.slice_index[test.boxes[:, 0].astype(int)].tolist(), test.box_nodule.tolist())) == \
+        set(zip(boxes.slice_index.tolist(), boxes.nodule.tolist()))
+    np.testing.assert_array_equal(test.boxes, synthetic_slices(stack, "sdm", 64).boxes)
+    scan_id = str(test.scan_id[0])
+    on_finding = [(scan_id, slice_index, *box, 0.9) for slice_index, *box in
+                  ((s, x0, y0, x1, y1) for _, s, x0, y0, x1, y1 in test.excluded_rows())]
+    fps, _ = froc_curve(test.nodule_rows(), on_finding, [scan_id], test.excluded_rows())
+    assert fps.max() == 0
+    fps, _ = froc_curve(test.nodule_rows(), on_finding, [scan_id])
+    assert fps.max() == 1  # without the record it is one false positive (its boxes on adjacent slices: one candidate)

@@ -23,7 +23,8 @@ from nodulesynth.models.records import LossCurve, write_options_file
 from nodulesynth.models.spade.losses import perceptual_loss_status
 from nodulesynth.models.spade.options import SPADEOptions
 from nodulesynth.report import build_report
-from nodulesynth.report.html import HEADLINE, localization_panels, render_html, report_context, study_table
+from nodulesynth.report.html import (FROC_GRID, HEADLINE, froc_curves, localization_panels, render_html, report_context,
+                                     study_table)
 from nodulesynth.report.inputs import grid_slices, read_realism, read_stats
 from nodulesynth.report.pdf import find_chromium, html_to_pdf, pdf_wanted
 from nodulesynth.stats.tables import StatsOptions, run_stats
@@ -63,7 +64,7 @@ def make_test_set(rng):
     boxes = np.array([[0, 8, 8, 12, 12], [1, 20, 18, 24, 22]], np.float32)
     return SliceSet(np.stack([ct_from(lab, rng) for lab in labels]), labels, np.array([1, 1, 0, 0], bool), boxes,
                     np.array(["s1", "s2", "s1", "s2"]), np.array(["p1", "p2", "p1", "p2"]),
-                    np.array([3, 5, 7, 9]), np.array(["real"] * 4))
+                    np.array([3, 5, 7, 9]), np.array(["real"] * 4), box_nodule=np.array([0, 0]))
 
 
 def localization_predictions(arm, fold, test):
@@ -99,10 +100,9 @@ def write_required(results, rng):
                        n_train_synthetic=0 if arm == "A" else 1, n_test_positive=2, n_test_negative=2,
                        n_train_patients=2, n_test_patients=2)
             predictions = localization_predictions(arm, fold, test)
-            row_of = {int(i): r for r, i in enumerate(test.slice_index)}
-            loc = froc([(int(r), *b) for r, *b in test.boxes],
-                       [(row_of[p.slice_index], p.x0, p.y0, p.x1, p.y1, p.score) for p in predictions.itertuples()],
-                       {r: s for r, s in enumerate(test.scan_id)})
+            loc = froc(test.nodule_rows(),
+                       [(p.scan_id, p.slice_index, p.x0, p.y0, p.x1, p.y1, p.score) for p in predictions.itertuples()],
+                       set(test.scan_id.tolist()), test.excluded_rows())
             loc.update(zip(("ap50", "ap60", "ar50", "ar60", "ar70"), rng.uniform(0.2, 0.9, 5).tolist()))
             loc.update(n_train=2, n_test=len(test))
             for task, values in (("detection", det), ("localization", loc)):
@@ -274,6 +274,27 @@ def test_missing_optional_inputs_are_reported_not_available(tmp_path):
         assert re.search(re.escape(missing) + r"[^<]*: not available", html), missing
     assert html.count("<img") == 3  # FROC from the metrics' operating points, and the two per-fold plots
     assert "table-detection" in html and "table-localization" in html
+
+
+def test_froc_figure_draws_the_per_nodule_curve_of_the_predictions(results):
+    """The report's FROC curves come from predictions.tsv through the per-nodule FROC (FP per scan), read at
+    LUNA16's rates as the metrics are: arm B finds both nodules before its one false positive (sensitivity 1 from
+    the start), arm A one of two (0.5), so neither curve is empty."""
+    root, _ = results
+    curves = froc_curves(root, FOLDS)
+    assert set(curves) == set(ARMS)
+    grid, mean_b, _ = curves["B"]
+    np.testing.assert_allclose(grid, FROC_GRID)
+    np.testing.assert_allclose(mean_b, 1.0)
+    np.testing.assert_allclose(curves["A"][1], 0.5)
+    for arm in ARMS:  # the curve at LUNA16's rates is the metrics' froc_<rate>, fold by fold averaged
+        metrics = [json.loads((root / "downstream" / "localization" / arm / f"fold{k}" / "metrics.json").read_text())
+                   for k in FOLDS]
+        at_rates = np.interp([0.125, 0.25, 0.5, 1, 2, 4, 8], FROC_GRID, curves[arm][1])
+        expected = [np.mean([m[f"froc_{r:g}"] for m in metrics]) for r in (0.125, 0.25, 0.5, 1, 2, 4, 8)]
+        np.testing.assert_allclose(at_rates, expected, atol=0.02)
+    context = report_context(root, CONFIG)
+    assert context["froc_from_predictions"] == sorted(ARMS) and context["figures"]["froc"].startswith("data:image/png")
 
 
 def test_missing_required_inputs_fail_naming_the_file(tmp_path):

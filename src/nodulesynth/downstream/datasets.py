@@ -5,14 +5,20 @@ training slices, plus synthetic slices for arms B and C) and `test` (the fold's 
 identical in every arm of the fold, so the arms are paired). Both are `SliceSet`s:
 
 - `image` uint8 [N,S,S], `label` uint8 [N,S,S] (the lesion map), `has_nodule` bool [N]
-- `boxes` float32 [M,5]: (row in this set, x0, y0, x1, y1) in pixels at size S, x1 and y1 exclusive
+- `boxes` float32 [M,5]: (row in this set, x0, y0, x1, y1) in pixels at size S, x1 and y1 exclusive, one per
+  nodule component of the slice's full-resolution map (`map_boxes`, the one rule for real and synthetic slices)
+- `box_nodule` int [M]: each box's nodule id in its scan's `{scan}.nodules.tsv` (column `nodule`), which groups
+  a nodule's boxes across slices for the per-nodule FROC; -1 where unknown (synthetic and relabelled slices)
+- `excluded` float32 [E,5]: boxes of annotated findings that do not count as nodules (fewer readers than
+  nodules.min_readers, or under nodules.min_diameter_mm; `{scan}.excluded.tsv`), laid out as `boxes`: the FROC
+  counts a detection on one neither as a hit nor as a false positive
 - `scan_id`, `patient_id` str [N], `slice_index` int [N] (in the series; for synthetic slices, the
   index of the map that produced them), `source` str [N]: "real", "spade", "sdm", or "relabelled" (the
   negative control's real nodule-free slices labelled nodule)
 """
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +52,20 @@ class SliceSet:
     patient_id: np.ndarray
     slice_index: np.ndarray
     source: np.ndarray
+    # Defaults (no nodule ids, no excluded findings) for sets built without them: synthetic or made-up slices.
+    box_nodule: np.ndarray = field(default=None)
+    excluded: np.ndarray = field(default=None)
+
+    def __post_init__(self):
+        self.boxes = np.asarray(self.boxes, np.float32).reshape(-1, 5)
+        if self.box_nodule is None:
+            self.box_nodule = np.full(len(self.boxes), -1, np.int64)
+        self.box_nodule = np.asarray(self.box_nodule, np.int64).reshape(-1)
+        if len(self.box_nodule) != len(self.boxes):
+            raise ValueError(f"box_nodule holds {len(self.box_nodule)} ids for {len(self.boxes)} boxes")
+        if self.excluded is None:
+            self.excluded = np.zeros((0, 5), np.float32)
+        self.excluded = np.asarray(self.excluded, np.float32).reshape(-1, 5)
 
     def __len__(self):
         return len(self.image)
@@ -57,6 +77,17 @@ class SliceSet:
     def boxes_of(self, row: int) -> np.ndarray:
         """[k,4] boxes (x0, y0, x1, y1) of slice `row`."""
         return self.boxes[self.boxes[:, 0] == row, 1:]
+
+    def nodule_rows(self) -> list:
+        """The ground truth of the per-nodule FROC (`metrics.froc`): (scan_id, slice_index, nodule, x0, y0, x1, y1)
+        per box."""
+        return [(str(self.scan_id[int(row)]), int(self.slice_index[int(row)]), int(nodule), *map(float, box))
+                for (row, *box), nodule in zip(self.boxes, self.box_nodule)]
+
+    def excluded_rows(self) -> list:
+        """The excluded findings as the FROC takes them: (scan_id, slice_index, x0, y0, x1, y1)."""
+        return [(str(self.scan_id[int(row)]), int(self.slice_index[int(row)]), *map(float, box))
+                for row, *box in self.excluded]
 
     @classmethod
     def empty(cls, size: int):
@@ -70,18 +101,33 @@ class SliceSet:
         if not parts:
             raise ValueError("no slices to concatenate")
         offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])
-        boxes = [p.boxes + np.array([off, 0, 0, 0, 0], np.float32) for p, off in zip(parts, offsets)]
-        return cls(*(np.concatenate(boxes) if f.name == "boxes" else np.concatenate([getattr(p, f.name) for p in parts])
-                     for f in fields(cls)))
+
+        def joined(name):
+            if name in _ROW_BOXES:  # (row, x0, y0, x1, y1): rows move by the slices before them
+                return np.concatenate([getattr(p, name) + np.array([off, 0, 0, 0, 0], np.float32)
+                                       for p, off in zip(parts, offsets)])
+            return np.concatenate([getattr(p, name) for p in parts])
+
+        return cls(**{f.name: joined(f.name) for f in fields(cls)})
 
     def subset(self, rows):
-        """The slices at `rows` (in that order), boxes renumbered."""
+        """The slices at `rows` (in that order), boxes (with their nodule ids) and excluded findings renumbered."""
         rows = np.asarray(rows, np.int64)
         new_row = {int(r): i for i, r in enumerate(rows)}
-        keep = np.isin(self.boxes[:, 0].astype(np.int64), rows)
-        boxes = self.boxes[keep].copy()
-        boxes[:, 0] = [new_row[int(r)] for r in boxes[:, 0]]
-        return SliceSet(*(boxes if f.name == "boxes" else getattr(self, f.name)[rows] for f in fields(SliceSet)))
+        kept = {}
+        for name in _ROW_BOXES:
+            table = getattr(self, name)
+            keep = np.isin(table[:, 0].astype(np.int64), rows)
+            moved = table[keep].copy()
+            moved[:, 0] = [new_row[int(r)] for r in moved[:, 0]]
+            kept[name] = moved
+            if name == "boxes":
+                kept["box_nodule"] = self.box_nodule[keep]
+        return SliceSet(**{f.name: kept[f.name] if f.name in kept else getattr(self, f.name)[rows]
+                           for f in fields(SliceSet)})
+
+
+_ROW_BOXES = ("boxes", "excluded")  # SliceSet's box tables whose first column is a row of the set
 
 
 @dataclass
@@ -114,45 +160,110 @@ def load_dataset(path) -> ArmDataset:
         return ArmDataset(str(data["arm"]), int(data["fold"]), sets["train"], sets["test"], json.loads(str(data["info"])))
 
 
-def real_slices(stack, nodule_boxes, size: int) -> SliceSet:
-    """Every slice of a usable real stack at `size`, with its nodule boxes (`{scan}.nodules.tsv` rows:
-    slice_index, x0, y0, x1, y1 at the stack's resolution) scaled to `size`."""
-    n, height, width = stack.image.shape
+def _scaled(box, height: int, width: int, size: int) -> tuple:
+    """A box (x0, y0, x1, y1) of a height x width map in pixels of the same map at size x size: the one scaling
+    rule of every box the study draws (floats, so that a nodule of a pixel or two keeps its box)."""
+    x0, y0, x1, y1 = box
+    return x0 * size / width, y0 * size / height, x1 * size / width, y1 * size / height
+
+
+def _tsv_boxes(table, scan_id, what: str):
+    """{slice_index: [(id, x0, y0, x1, y1)]} of a `{scan}.nodules.tsv`/`{scan}.excluded.tsv` table."""
+    if table is None:
+        return {}
+    missing = [c for c in ("slice_index", what, "x0", "y0", "x1", "y1") if c not in table.columns]
+    if missing:
+        raise KeyError(f"{scan_id}: the {what} box table lacks columns {missing}")
+    out = {}
+    for row in table.itertuples(index=False):
+        out.setdefault(int(row.slice_index), []).append(
+            (int(getattr(row, what)), float(row.x0), float(row.y0), float(row.x1), float(row.y1)))
+    return out
+
+
+def map_boxes(label: np.ndarray, size: int, nodules=()) -> tuple[np.ndarray, np.ndarray]:
+    """([k,4] boxes at `size`, [k] nodule ids) of the nodule components of one map [H,W] at its own resolution:
+    the one way the study boxes a nodule, for real and synthetic slices alike. Each 8-connected nodule component
+    of the full-resolution map gives one box, scaled once to `size` (`_scaled`), so that a nodule too small to
+    survive the nearest-neighbour resize of the map keeps its box. `nodules`: the slice's rows of
+    `{scan}.nodules.tsv` as (nodule id, x0, y0, x1, y1) at the map's resolution; a component takes the id of the
+    nodule whose box holds most of its pixels (-1 when none does, and for every component when none are given)."""
+    height, width = label.shape
+    components, boxes = _components(label)
+    ids = np.full(len(boxes), -1, np.int64)
+    if len(nodules) and len(boxes):
+        ys, xs = np.nonzero(components)
+        which = components[ys, xs] - 1
+        for k in range(len(boxes)):
+            inside = [((xs[which == k] >= x0) & (xs[which == k] < x1) & (ys[which == k] >= y0)
+                       & (ys[which == k] < y1)).sum() for _, x0, y0, x1, y1 in nodules]
+            if max(inside) > 0:
+                ids[k] = nodules[int(np.argmax(inside))][0]
+    scaled = np.array([_scaled(b, height, width, size) for b in boxes], np.float32).reshape(-1, 4)
+    return scaled, ids
+
+
+def stack_slices(stack, size: int, source: str, nodule_boxes=None, excluded=None) -> SliceSet:
+    """Every slice of a stack at `size`, each boxed by `map_boxes` from its full-resolution map. `nodule_boxes`
+    (`{scan}.nodules.tsv`) names the boxes' nodules and must agree with the maps: a nodule row whose box holds no
+    nodule pixel of its slice is an error, as is one on a slice the stack does not hold. `excluded`
+    (`{scan}.excluded.tsv`: slice_index, finding, x0, y0, x1, y1 at the stack's resolution): findings that do not
+    count, scaled by the same rule."""
+    n, height, width = stack.label.shape
     row_of = {int(s): i for i, s in enumerate(stack.slice_index)}
-    boxes = []
-    for box in nodule_boxes.itertuples():
-        if int(box.slice_index) not in row_of:
-            raise KeyError(f"{stack.scan_id}: nodule box on slice {box.slice_index}, which the stack does not hold")
-        boxes.append((row_of[int(box.slice_index)], box.x0 * size / width, box.y0 * size / height,
-                      box.x1 * size / width, box.y1 * size / height))
+    nodules = _tsv_boxes(nodule_boxes, stack.scan_id, "nodule")
+    findings = _tsv_boxes(excluded, stack.scan_id, "finding")
+    for where, table in (("nodule", nodules), ("excluded finding", findings)):
+        for slice_index in table:
+            if slice_index not in row_of:
+                raise KeyError(f"{stack.scan_id}: {where} box on slice {slice_index}, which the stack does not hold")
+    boxes, ids = [], []
+    for row in range(n):
+        on_slice = nodules.get(int(stack.slice_index[row]), [])
+        found, found_ids = map_boxes(stack.label[row], size, on_slice)
+        # A nodule without a component of its own on a slice touches another there (its pixels went to the
+        # component of the nodule holding most of them); one whose box holds no nodule pixel contradicts the map.
+        for nodule, x0, y0, x1, y1 in on_slice:
+            if nodule not in found_ids and not (stack.label[row, int(y0):int(y1), int(x0):int(x1)] == NODULE).any():
+                raise ValueError(f"{stack.scan_id}: nodule {nodule} has a box on slice {int(stack.slice_index[row])} "
+                                 "(nodules.tsv) that holds no nodule pixel of the slice's map")
+        boxes += [(row, *box) for box in found]
+        ids += found_ids.tolist()
+    excluded_boxes = [(row_of[s], *_scaled(box[1:], height, width, size)) for s, rows in findings.items()
+                      for box in rows]
     image, label = resize_slices(stack.image, stack.label, size)
     return SliceSet(
-        image=image,
-        label=label,
-        has_nodule=np.asarray(stack.has_nodule, bool), boxes=np.array(boxes, np.float32).reshape(-1, 5),
-        scan_id=np.full(n, stack.scan_id), patient_id=np.full(n, stack.patient_id),
-        slice_index=np.asarray(stack.slice_index, np.int64), source=np.full(n, "real"))
+        image=image, label=label, has_nodule=(np.asarray(stack.label) == NODULE).any((1, 2)),
+        boxes=np.array(boxes, np.float32).reshape(-1, 5), scan_id=np.full(n, stack.scan_id),
+        patient_id=np.full(n, stack.patient_id), slice_index=np.asarray(stack.slice_index, np.int64),
+        source=np.full(n, source), box_nodule=np.array(ids, np.int64),
+        excluded=np.array(excluded_boxes, np.float32).reshape(-1, 5))
+
+
+def real_slices(stack, nodule_boxes, size: int, excluded=None) -> SliceSet:
+    """Every slice of a usable real stack at `size` (`stack_slices`), its boxes named by `{scan}.nodules.tsv`."""
+    return stack_slices(stack, size, "real", nodule_boxes, excluded)
+
+
+def _components(label: np.ndarray):
+    """(component image, [k,4] boxes x0, y0, x1, y1 with x1, y1 exclusive) of the 8-connected nodule components."""
+    from scipy import ndimage
+
+    components, _ = ndimage.label(label == NODULE, structure=np.ones((3, 3), bool))
+    boxes = np.array([(sx.start, sy.start, sx.stop, sy.stop) for sy, sx in ndimage.find_objects(components)],
+                     np.float32).reshape(-1, 4)
+    return components, boxes
 
 
 def component_boxes(label: np.ndarray) -> np.ndarray:
     """[k,4] boxes (x0, y0, x1, y1; x1, y1 exclusive) of the 8-connected nodule components of one map."""
-    from scipy import ndimage
-
-    components, _ = ndimage.label(label == NODULE, structure=np.ones((3, 3), bool))
-    return np.array([(sx.start, sy.start, sx.stop, sy.stop) for sy, sx in ndimage.find_objects(components)],
-                    np.float32).reshape(-1, 4)
+    return _components(label)[1]
 
 
 def synthetic_slices(stack, generator: str, size: int) -> SliceSet:
     """The slices of a synthetic stack (`results/synth/{generator}/{fold}/{scan}.npz`) at `size`, boxed
-    from the maps that produced them; `slice_index` is that of the source map."""
-    image, label = resize_slices(stack.image, stack.label, size)
-    boxes = [(row, *box) for row, lb in enumerate(label) for box in component_boxes(lb)]
-    n = len(image)
-    return SliceSet(image=image, label=label, has_nodule=(label == NODULE).any((1, 2)),
-                    boxes=np.array(boxes, np.float32).reshape(-1, 5), scan_id=np.full(n, stack.scan_id),
-                    patient_id=np.full(n, stack.patient_id), slice_index=np.asarray(stack.slice_index, np.int64),
-                    source=np.full(n, generator))
+    from the maps that produced them (`stack_slices`, as real slices); `slice_index` is that of the source map."""
+    return stack_slices(stack, size, generator)
 
 
 def withhold_nodule_patients(train: SliceSet, rng, fraction: float = 0.5) -> tuple[SliceSet, list]:
@@ -182,6 +293,7 @@ def relabelled_slices(train: SliceSet, count: int, rng) -> SliceSet:
     donors = rng.choice(positives, len(rows))
     boxes = [(i, *box) for i, donor in enumerate(donors) for box in train.boxes_of(int(donor))]
     added.boxes = np.array(boxes, np.float32).reshape(-1, 5)
+    added.box_nodule = np.full(len(added.boxes), -1, np.int64)  # a donor's nodule is not on this scan
     added.has_nodule = np.ones(len(rows), bool)
     added.source = np.full(len(rows), RELABELLED)
     return added
@@ -220,7 +332,10 @@ def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, 
             if stack.status != "ok" or not len(stack):
                 raise ValueError(f"{slices_dir / f'{scan}.npz'}: scan {scan} is not usable ({stack.reason})")
             boxes = pd.read_csv(slices_dir / f"{scan}.nodules.tsv", sep="\t")
-            parts.append(real_slices(stack, boxes, image_size))
+            # Excluded findings (masks writes them beside the nodules; stacks made before they were kept have none)
+            excluded_tsv = slices_dir / f"{scan}.excluded.tsv"
+            excluded = pd.read_csv(excluded_tsv, sep="\t") if excluded_tsv.is_file() else None
+            parts.append(real_slices(stack, boxes, image_size, excluded))
         return SliceSet.concatenate(parts) if parts else SliceSet.empty(image_size)
 
     train, test = real(train_scans), real(test_scans)

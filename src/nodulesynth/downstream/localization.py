@@ -6,7 +6,7 @@ one class "nodule", the slices written as PNG with COCO annotation files (`work_
 mmdet's CocoDataset, the slice size kept (no 1333x800 rescale), anchors small enough for nodules of a
 few pixels, no pretrained download, the study's schedule (SGD lr 0.1, 12 epochs of 510 iterations,
 batch 2, linear decay to 0.1x), AMP on CUDA. mmengine's Runner trains and tests; the test-fold metrics
-are `coco.coco_metrics` and `metrics.froc` of `nodulesynth.downstream`.
+are `coco.coco_metrics` and `metrics.froc` (LUNA16's FROC per nodule) of `nodulesynth.downstream`.
 
 Outputs in `work_dir`: model.pth, loss.tsv (iter, loss, lr and mmdet's partial losses), coco/{train,test}.json
 with the PNG slices, mmengine's log and its dump of the config as run under `<timestamp>/` (the console gets
@@ -287,14 +287,18 @@ def predictions_frame(pred_boxes, slices: SliceSet) -> pd.DataFrame:
 
 
 def evaluate(slices: SliceSet, pred_boxes) -> dict:
-    """coco_metrics and froc of the predictions on a test set (image id = row + 1)."""
+    """coco_metrics (per slice box) and LUNA16's per-nodule froc (predictions merged into 3-D candidates, nodules
+    grouped by their id, excluded findings ignored, FP per test scan) of the predictions on a test set (image id
+    = row + 1)."""
     from nodulesynth.downstream.coco import coco_metrics
     from nodulesynth.downstream.metrics import froc
 
     image_ids = list(range(1, len(slices) + 1))
     gt = [(int(row) + 1, float(x0), float(y0), float(x1), float(y1)) for row, x0, y0, x1, y1 in slices.boxes]
-    image_scan = {row + 1: str(slices.scan_id[row]) for row in range(len(slices))}
-    return {**coco_metrics(image_ids, gt, pred_boxes), **froc(gt, pred_boxes, image_scan)}
+    on_slice = [(str(slices.scan_id[i - 1]), int(slices.slice_index[i - 1]), x0, y0, x1, y1, score)
+                for i, x0, y0, x1, y1, score in pred_boxes]
+    return {**coco_metrics(image_ids, gt, pred_boxes),
+            **froc(slices.nodule_rows(), on_slice, set(slices.scan_id.tolist()), slices.excluded_rows())}
 
 
 def run_localization(dataset: ArmDataset, options: LocalizationOptions, work_dir, device="auto"):
@@ -349,5 +353,9 @@ def run_localization(dataset: ArmDataset, options: LocalizationOptions, work_dir
     metrics.update(n_train=len(trained), n_train_positive=len(trained_positive),
                    n_train_negative=len(trained) - len(trained_positive), n_test=len(test),
                    n_test_positive=len(test_positive), n_test_boxes=len(test.boxes),
+                   # the per-nodule FROC's denominators: nodules found of n_test_nodules, FPs per n_test_scans
+                   n_test_nodules=len(set(zip(test.scan_id[test.boxes[:, 0].astype(int)].tolist(),
+                                              test.box_nodule.tolist()))),
+                   n_test_scans=len(set(test.scan_id.tolist())),
                    final_loss=mmlab.final_loss(work_dir / "loss.tsv", options.iters_per_epoch))
     return metrics, predictions_frame(pred_boxes, test)

@@ -95,11 +95,181 @@ def _check_known(rows, known, name):
 
 # ---------------------------------------------------------------- FROC
 
-# Written by hand: LUNA16's FROC ships only as a challenge script, not in a maintained library, and here it
-# runs on 2-D slices with boxes instead of 3-D candidates with diameters.
+# Written by hand: LUNA16's FROC ships only as a challenge script (noduleCADEvaluationLUNA16.py), not in a
+# maintained library, and here it runs on 2-D boxes on slices instead of 3-D candidate points with diameters.
 
-def _froc_points(gt_boxes, pred_boxes, image_scan):
-    """(sorted FP/scan, sensitivity) at every score threshold, starting from (0, 0) above the top score."""
+def _centre_radius(x0, y0, x1, y1):
+    """A box's centre and radius (half its larger side): the geometry of the LUNA16 hit rule on a slice."""
+    return (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2
+
+
+def _within(point, box) -> bool:
+    """LUNA16's hit rule on one slice: the point lies within the box's radius of the box's centre."""
+    cx, cy, radius = _centre_radius(*box)
+    return float(np.hypot(point[0] - cx, point[1] - cy)) < radius
+
+
+def _as_slice_boxes(rows, name, width, with_score=False) -> list:
+    """Rows (scan, slice_index, [id,] x0, y0, x1, y1[, score]) checked: `width` fields before the box."""
+    out = []
+    for i, row in enumerate(rows):
+        row = tuple(row)
+        if len(row) != width + 4 + with_score:
+            layout = ("scan, slice_index, " + ("nodule, " if width == 3 else "") + "x0, y0, x1, y1"
+                      + (", score" if with_score else ""))
+            raise ValueError(f"{name}[{i}] must be ({layout}), got {row!r}")
+        key = (str(row[0]), int(row[1]), *row[2:width])
+        box = _checked_box(row[width:width + 4], f"{name}[{i}]")
+        if with_score:
+            score = float(row[-1])
+            if not np.isfinite(score):
+                raise ValueError(f"{name}[{i}] has a non-finite score {row[-1]!r}")
+            out.append((*key, *box, score))
+        else:
+            out.append((*key, *box))
+    return out
+
+
+def _at_least(scores, thresholds) -> np.ndarray:
+    """How many `scores` are >= each threshold (a sort and a binary search: predictions run into the millions)."""
+    ordered = np.sort(np.asarray(scores, float))
+    return (len(ordered) - np.searchsorted(ordered, thresholds, side="left")).astype(float)
+
+
+def merge_candidates(pred_boxes) -> list:
+    """Predicted boxes merged into 3-D candidates, as LUNA16 scores candidates, not slices: boxes on consecutive
+    slice indices of one scan are one candidate when the centre of each lies within the radius (half the larger
+    side) of the smaller of the two, chains of such pairs included. pred_boxes: (scan, slice_index, x0, y0, x1,
+    y1, score). Returns candidates as (scan, score = the highest of its boxes, [(slice_index, x0, y0, x1, y1)])."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    pred = _as_slice_boxes(pred_boxes, "pred_boxes", 2, with_score=True)
+    n = len(pred)
+    if not n:
+        return []
+    coords = np.array([p[2:6] for p in pred], float).reshape(-1, 4)
+    cx, cy = (coords[:, 0] + coords[:, 2]) / 2, (coords[:, 1] + coords[:, 3]) / 2
+    radius = np.maximum(coords[:, 2] - coords[:, 0], coords[:, 3] - coords[:, 1]) / 2
+    by_slice = {}
+    for k, (scan, slice_index, *_rest) in enumerate(pred):
+        by_slice.setdefault((scan, slice_index), []).append(k)
+    rows, cols = [], []
+    for (scan, slice_index), here in by_slice.items():
+        above = by_slice.get((scan, slice_index + 1))
+        if above is None:
+            continue
+        here, above = np.array(here), np.array(above)  # every pair of boxes on the two slices at once
+        distance = np.hypot(cx[here][:, None] - cx[above][None], cy[here][:, None] - cy[above][None])
+        a, b = np.nonzero(distance < np.minimum(radius[here][:, None], radius[above][None]))
+        rows += here[a].tolist()
+        cols += above[b].tolist()
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    candidates = {}
+    for k, c in enumerate(component):
+        scan, slice_index, x0, y0, x1, y1, score = pred[k]
+        entry = candidates.setdefault(int(c), [scan, -np.inf, []])
+        entry[1] = max(entry[1], score)
+        entry[2].append((slice_index, x0, y0, x1, y1))
+    return [tuple(c) for c in candidates.values()]
+
+
+def _candidate_hits(candidate_boxes, targets) -> set:
+    """Keys of the `targets` ({(slice_index): [(key, box)]}) that one of the candidate's boxes hits: its centre
+    within the target's radius on the same slice."""
+    hits = set()
+    for slice_index, x0, y0, x1, y1 in candidate_boxes:
+        centre = ((x0 + x1) / 2, (y0 + y1) / 2)
+        for key, box in targets.get(slice_index, ()):
+            if _within(centre, box):
+                hits.add(key)
+    return hits
+
+
+def froc_curve(gt_boxes, pred_boxes, scans, excluded=()):
+    """LUNA16's FROC per nodule: (FP per scan, sensitivity) at every score threshold, from (0, 0) above the top
+    score, for plotting and for `froc`.
+
+    gt_boxes: (scan, slice_index, nodule, x0, y0, x1, y1), a nodule's box on each slice it lies on; the ground
+    truth is the nodule, (scan, nodule), found when a candidate hits it on any of its slices.
+    pred_boxes: (scan, slice_index, x0, y0, x1, y1, score), merged into 3-D candidates (`merge_candidates`).
+    scans: every evaluated scan (FP per scan divides by their number, scans without a nodule or a
+    prediction included). excluded: (scan, slice_index, x0, y0, x1, y1) of annotated findings that do not count
+    (too few readers, too small): a candidate hitting one and no nodule is neither a hit nor a false positive.
+    A candidate hitting a nodule counts for it (each nodule once, at its best candidate's score); one hitting
+    nothing is a false positive, as in LUNA16's evaluation script."""
+    scans = {str(s) for s in scans}
+    if not scans:
+        raise ValueError("scans is empty: no scans to evaluate")
+    gt = _as_slice_boxes(gt_boxes, "gt_boxes", 3)
+    ignored = _as_slice_boxes(excluded, "excluded", 2)
+    candidates = merge_candidates(pred_boxes)
+    for name, rows in (("gt_boxes", gt), ("excluded", ignored), ("pred_boxes", candidates)):
+        for i, row in enumerate(rows):
+            if row[0] not in scans:
+                raise ValueError(f"{name}[{i}] lies on scan {row[0]!r}, which is not among the evaluated scans")
+
+    nodules = sorted({(scan, int(nodule)) for scan, _, nodule, *_ in gt})
+    if any(n < 0 for _, n in nodules):
+        raise ValueError("gt_boxes: a nodule id is negative (unknown); the per-nodule FROC needs every nodule's id")
+    targets, findings = {}, {}
+    for scan, slice_index, nodule, *box in gt:
+        targets.setdefault(scan, {}).setdefault(slice_index, []).append(((scan, int(nodule)), box))
+    for k, (scan, slice_index, *box) in enumerate(ignored):
+        findings.setdefault(scan, {}).setdefault(slice_index, []).append((k, box))
+
+    best = {n: -np.inf for n in nodules}
+    fp_scores = []
+    for scan, score, boxes in candidates:
+        hits = _candidate_hits(boxes, targets.get(scan, {}))
+        for nodule in hits:  # further hits on a nodule already hit are neither TP nor FP
+            best[nodule] = max(best[nodule], score)
+        if not hits and not _candidate_hits(boxes, findings.get(scan, {})):
+            fp_scores.append(score)
+    hit_scores = np.array([v for v in best.values() if np.isfinite(v)], float)
+    fp_scores = np.asarray(fp_scores, float)
+
+    thresholds = np.unique(np.concatenate([hit_scores, fp_scores]))[::-1]
+    fps = np.concatenate([[0.0], _at_least(fp_scores, thresholds) / len(scans)])
+    found = np.concatenate([[0.0], _at_least(hit_scores, thresholds)])
+    sens = found / len(nodules) if nodules else np.full_like(found, np.nan)  # no nodules: sensitivity undefined
+    return fps, sens
+
+
+def sensitivity_at(fps, sens, rates) -> np.ndarray:
+    """The FROC curve's sensitivity at each FP/scan rate, linearly interpolated between its points as LUNA16's
+    evaluation does (np.interp on the curve), and its last sensitivity beyond its last point. Written out
+    because np.interp leaves tied x values (thresholds that add hits and no FP) unspecified: at a rate this
+    takes the last point at or below it, the highest sensitivity reached there."""
+    fps, sens = np.asarray(fps, float), np.asarray(sens, float)
+    out = []
+    for rate in np.asarray(rates, float).ravel():
+        k = int(np.searchsorted(fps, rate, side="right")) - 1  # fps is non-decreasing and starts at 0
+        if k >= len(fps) - 1:
+            out.append(sens[-1])
+        else:
+            step = (rate - fps[k]) / (fps[k + 1] - fps[k])
+            out.append(sens[k] + step * (sens[k + 1] - sens[k]))
+    return np.array(out)
+
+
+def froc(gt_boxes, pred_boxes, scans, excluded=(), fps_per_scan=FROC_FPS_PER_SCAN) -> dict:
+    """LUNA16's FROC per nodule (`froc_curve`): sensitivity at 1/8 ... 8 FP per scan (`froc_<rate>`, linear
+    interpolation of the curve) and the CPM, their mean."""
+    fps, sens = froc_curve(gt_boxes, pred_boxes, scans, excluded)
+    out = {f"froc_{rate:g}": float(v) for rate, v in zip(fps_per_scan, sensitivity_at(fps, sens, fps_per_scan))}
+    out["cpm"] = float(np.mean(list(out.values())))
+    return out
+
+
+# The slice-level variant, kept for comparison under its own names: every (slice, nodule) box is a ground
+# truth and every predicted box a candidate, so a nodule on 7 slices weighs 7 times one on a single slice.
+
+def slice_froc_curve(gt_boxes, pred_boxes, image_scan):
+    """The slice-level FROC: (sorted FP/scan, sensitivity over (slice, nodule) boxes) at every score threshold,
+    from (0, 0) above the top score. gt_boxes: (image_id, x0, y0, x1, y1); pred_boxes: (image_id, x0, y0, x1,
+    y1, score); image_scan maps every evaluated image_id to its scan."""
     if not image_scan:
         raise ValueError("image_scan is empty: no images to evaluate")
     gt, pred = _as_gt(gt_boxes), _as_pred(pred_boxes)
@@ -107,46 +277,33 @@ def _froc_points(gt_boxes, pred_boxes, image_scan):
     _check_known(pred, image_scan, "pred_boxes")
     n_scans = len(set(image_scan.values()))
 
-    # LUNA16 hit rule: the candidate's centre within the nodule's radius (half the larger box side) of its centre
     gt_by_image = {}
-    for k, (image_id, x0, y0, x1, y1) in enumerate(gt):
-        gt_by_image.setdefault(image_id, []).append((k, (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2))
-    best_hit = np.full(len(gt), -np.inf)  # each nodule counts once, at its best-scoring hit
+    for k, (image_id, *box) in enumerate(gt):
+        gt_by_image.setdefault(image_id, []).append((k, box))
+    best_hit = np.full(len(gt), -np.inf)  # each box counts once, at its best-scoring hit
     fp_scores = []
     for image_id, x0, y0, x1, y1, score in pred:
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        hits = [k for k, gx, gy, radius in gt_by_image.get(image_id, ()) if np.hypot(cx - gx, cy - gy) < radius]
-        for k in hits:  # extra hits on a nodule already hit are neither TP nor FP
+        centre = ((x0 + x1) / 2, (y0 + y1) / 2)
+        hits = [k for k, box in gt_by_image.get(image_id, ()) if _within(centre, box)]
+        for k in hits:
             best_hit[k] = max(best_hit[k], score)
         if not hits:
             fp_scores.append(score)
     fp_scores = np.asarray(fp_scores, float)
 
     thresholds = np.unique(np.concatenate([best_hit[np.isfinite(best_hit)], fp_scores]))[::-1]
-    fps = np.array([0.0] + [(fp_scores >= t).sum() / n_scans for t in thresholds])
-    found = np.array([0] + [(best_hit >= t).sum() for t in thresholds], float)
-    sens = found / len(gt) if len(gt) else np.full_like(found, np.nan)  # no nodules: sensitivity undefined
+    fps = np.concatenate([[0.0], _at_least(fp_scores, thresholds) / n_scans])
+    found = np.concatenate([[0.0], _at_least(best_hit[np.isfinite(best_hit)], thresholds)])
+    sens = found / len(gt) if len(gt) else np.full_like(found, np.nan)
     return fps, sens
 
 
-def froc_curve(gt_boxes, pred_boxes, image_scan):
-    """The FROC operating points for plotting: (FP per scan, sensitivity), one per score threshold."""
-    return _froc_points(gt_boxes, pred_boxes, image_scan)
-
-
-def froc(gt_boxes, pred_boxes, image_scan, fps_per_scan=FROC_FPS_PER_SCAN) -> dict:
-    """LUNA16-style FROC on slices: sensitivity at the given FP/scan rates, and CPM (their mean).
-
-    gt_boxes: (image_id, x0, y0, x1, y1); pred_boxes: (image_id, x0, y0, x1, y1, score); image_scan maps
-    every evaluated image_id to its scan (FP per scan divides by the number of distinct scans in it).
-    Sensitivity at a rate is the highest reached at any threshold whose FP/scan does not exceed it.
-    """
-    fps, sens = _froc_points(gt_boxes, pred_boxes, image_scan)
-    out = {}
-    for rate in fps_per_scan:
-        reachable = fps <= rate
-        out[f"froc_{rate:g}"] = float(sens[reachable].max())  # (0, 0) is always reachable
-    out["cpm"] = float(np.mean(list(out.values())))
+def slice_froc(gt_boxes, pred_boxes, image_scan, fps_per_scan=FROC_FPS_PER_SCAN) -> dict:
+    """The slice-level FROC (`slice_froc_curve`): `slice_froc_<rate>`, the highest sensitivity at any threshold
+    whose FP/scan does not exceed the rate, and `slice_cpm`, their mean."""
+    fps, sens = slice_froc_curve(gt_boxes, pred_boxes, image_scan)
+    out = {f"slice_froc_{rate:g}": float(sens[fps <= rate].max()) for rate in fps_per_scan}  # (0, 0) always reachable
+    out["slice_cpm"] = float(np.mean(list(out.values())))
     return out
 
 

@@ -1,5 +1,6 @@
 """Per-scan lesion maps: the volume file -> kept slices with labels, nodule boxes, and the annotated nodules
-that gave no mask (each with the reason, for results/cohort/dropped_nodules.tsv)."""
+that gave no mask (each with the reason, for results/cohort/dropped_nodules.tsv); the boxes of the annotated
+findings that do not count (`excluded_boxes`, `{scan}.excluded.tsv`)."""
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ from nodulesynth import labels as L
 from nodulesynth.masks.segment import MaskOptions, nodule_mask, segment_volume
 
 NODULE_COLUMNS = ["slice_index", "nodule", "x0", "y0", "x1", "y1"]
+EXCLUDED_COLUMNS = ["slice_index", "finding", "x0", "y0", "x1", "y1"]  # `{scan}.excluded.tsv`
 
 
 def lesion_maps(hu, z, spacing, orientation, nodules, opts: MaskOptions, window=DEFAULT_WINDOW):
@@ -93,3 +95,29 @@ def slice_stack(volume_file, opts: MaskOptions, window=DEFAULT_WINDOW):
     """(SliceStack, nodule box table) of `scan_lesion_maps`, for callers that write no dropped-nodule table."""
     stack, boxes, _ = scan_lesion_maps(volume_file, opts, window)
     return stack, boxes
+
+
+def excluded_boxes(volume_file, slice_index, slice_z) -> pd.DataFrame:
+    """`{scan}.excluded.tsv`: one row (slice_index, finding, x0, y0, x1, y1) per kept slice (`slice_index`, at
+    `slice_z` mm: the slice stack's) that cuts the sphere of an excluded finding (the volume file's `excluded`: id,
+    slice, row, column, diameter mm), boxed as nodules are (pixels, x1 and y1 exclusive) around its disc on that
+    slice. The per-nodule FROC ignores detections within them. A volume without the array (ingested before
+    findings were kept) has none."""
+    rows = []
+    with np.load(volume_file, allow_pickle=False) as data:
+        if str(data["status"]) == "ok" and "excluded" in data.files:
+            findings, z, spacing = data["excluded"].reshape(-1, 5), data["z"], tuple(data["spacing"])
+            for finding, slice_, row, column, diameter in findings:
+                radius = diameter / 2
+                zc = float(np.interp(slice_, np.arange(len(z)), z))
+                for k, zk in zip(slice_index, slice_z):
+                    if abs(zk - zc) >= radius:
+                        continue
+                    disc = np.sqrt(radius ** 2 - (zk - zc) ** 2)  # mm: the sphere's cut at this slice
+                    # pixel i spans [i, i + 1) in box coordinates: a centre at index c lies at c + 0.5
+                    rows.append(dict(slice_index=int(k), finding=int(finding),
+                                     x0=round(column + 0.5 - disc / spacing[2], 2),
+                                     y0=round(row + 0.5 - disc / spacing[1], 2),
+                                     x1=round(column + 0.5 + disc / spacing[2], 2),
+                                     y1=round(row + 0.5 + disc / spacing[1], 2)))
+    return pd.DataFrame(rows, columns=EXCLUDED_COLUMNS)

@@ -93,15 +93,15 @@ def localization_examples(panels, arms) -> bytes:
 
 
 def froc_figure(curves, points=None) -> bytes:
-    """curves: {arm: (fps grid, mean sensitivity, sd)}; points: {arm: (rates, mean sensitivity)} from metrics."""
+    """The per-nodule FROC. curves: {arm: (FP per scan grid, mean sensitivity, sd)}; points: {arm: (rates, mean
+    sensitivity)} from the metrics' froc_<rate> keys."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     for arm, (fps, mean, sd) in curves.items():
         colour = ARM_COLOURS.get(arm)
-        # the FROC is a step function: sensitivity holds until the next threshold adds a hit
-        ax.plot(fps, mean, color=colour, label=ARM_NAMES.get(arm, arm), drawstyle="steps-post")
-        ax.fill_between(fps, np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1), color=colour, alpha=0.15,
-                        step="post")
+        # each fold's curve is already interpolated linearly on the grid, as LUNA16 reads its operating points
+        ax.plot(fps, mean, color=colour, label=ARM_NAMES.get(arm, arm))
+        ax.fill_between(fps, np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1), color=colour, alpha=0.15)
     for arm, (rates, sens) in (points or {}).items():
         ax.plot(rates, sens, "o", color=ARM_COLOURS.get(arm), markersize=4,
                 label=None if arm in curves else ARM_NAMES.get(arm, arm))

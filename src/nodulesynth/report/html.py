@@ -28,7 +28,7 @@ HEADLINE = {
     "localization": (("ap50", "AP50"), ("ap60", "AP60"), ("ar50", "AR50"), ("ar60", "AR60"), ("ar70", "AR70"),
                      ("cpm", "CPM")),
 }
-FROC_GRID = np.geomspace(0.125, 8, 49)  # FP per scan, log-spaced over LUNA16's range
+FROC_GRID = 0.125 * 2 ** (np.arange(49) / 8)  # FP per scan, log-spaced over LUNA16's range, its rates exactly
 COMPARISONS = (("B", "A"), ("C", "A"), ("C", "B"))  # (arm, baseline), as the stats stage writes them
 SIGNIFICANCE = 0.05  # a primary endpoint's Holm-adjusted p below this is bolded
 COUNTS = (("n_train_real", "real training slices"), ("n_train_real_positive", "of them with a nodule"),
@@ -182,10 +182,6 @@ def fold_values(metrics: pd.DataFrame, task) -> dict:
     return out
 
 
-def _gt_rows(test):
-    return [(int(r), *map(float, box)) for r, *box in test.boxes]
-
-
 def _pred_rows(predictions, test, path):
     """Predictions as (test row, x0, y0, x1, y1, score), matched to the test set by scan and slice."""
     row_of = {(str(s), int(i)): r for r, (s, i) in enumerate(zip(test.scan_id, test.slice_index))}
@@ -199,29 +195,29 @@ def _pred_rows(predictions, test, path):
     return rows
 
 
-def sensitivity_at(fps, sens, grid):
-    """Highest sensitivity reached at FP/scan <= each grid rate (the FROC step function, as metrics.froc reads it)."""
-    return np.array([sens[fps <= g].max() for g in grid])
-
-
 def froc_curves(results_dir, folds):
-    """{arm: (grid, mean sensitivity, sd)} over the folds where the arm's predictions and the test set are both
-    present (one test set per fold: it is the same in every arm)."""
-    from nodulesynth.downstream.metrics import froc_curve
+    """{arm: (grid, mean sensitivity, sd)} of LUNA16's per-nodule FROC (nodulesynth.downstream.metrics.froc_curve:
+    3-D candidates, FP per test scan), each fold's curve interpolated on FROC_GRID as the metrics' froc_<rate>
+    are, over the folds where the arm's predictions and the test set are both present (one test set per fold:
+    it is the same in every arm)."""
+    from nodulesynth.downstream.metrics import froc_curve, sensitivity_at
 
     per_arm = {arm: [] for arm in ARMS}
     for fold in folds:
         test = inputs.read_test_set(results_dir, fold)
         if test is None or not len(test.boxes):
             continue
-        image_scan = {r: str(s) for r, s in enumerate(test.scan_id)}
+        gt, excluded, scans = test.nodule_rows(), test.excluded_rows(), set(test.scan_id.tolist())
         for arm in ARMS:
             predictions = inputs.read_predictions(results_dir, "localization", arm, fold)
             if predictions is None:
                 continue
             path = Path(results_dir) / "downstream" / "localization" / arm / f"fold{fold}" / "predictions.tsv"
-            fps, sens = froc_curve(_gt_rows(test), _pred_rows(predictions, test, path), image_scan)
-            per_arm[arm].append(sensitivity_at(np.asarray(fps), np.asarray(sens), FROC_GRID))
+            _pred_rows(predictions, test, path)  # every prediction on a slice of the fold's test set
+            pred = [(str(p.scan_id), int(p.slice_index), float(p.x0), float(p.y0), float(p.x1), float(p.y1),
+                     float(p.score)) for p in predictions.itertuples(index=False)]
+            fps, sens = froc_curve(gt, pred, scans, excluded)
+            per_arm[arm].append(sensitivity_at(fps, sens, FROC_GRID))
     curves = {}
     for arm, per_fold in per_arm.items():
         if per_fold:
