@@ -6,14 +6,14 @@ import shlex
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 # What each model may see is decided in the package (tested there); the rules only ask it.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 # envs/*.yaml install the lock and this checkout from here (Snakemake copies env files elsewhere).
 os.environ.setdefault("NODULESYNTH_ROOT", str(Path(workflow.basedir)))
-from nodulesynth.data.folds import evaluation_scans, read_folds, training_scans
+from nodulesynth.data.folds import evaluation_scans, has_test_patients, read_folds, training_scans
 from nodulesynth.downstream.datasets import ARMS, study_arms
+from nodulesynth.io import read_table
+from nodulesynth.models.sdm.options import SDMOptions
 from nodulesynth.report.pdf import pdf_wanted
 from snakemake.logging import logger
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
@@ -34,7 +34,7 @@ def section(name):
 
 def scan_ids():
     scans = checkpoints.cohort.get().output.scans
-    return pd.read_csv(scans, sep="\t", dtype=str).scan_id.tolist()
+    return read_table(scans, "scans").scan_id.astype(str).tolist()
 
 
 def slice_stacks(wildcards=None):
@@ -48,7 +48,7 @@ def qc_montages(wildcards=None):
 def _fold_plan():
     """The manifest and folds tables, once the `folds` checkpoint has run."""
     folds = read_folds(checkpoints.folds.get().output[0])
-    return pd.read_csv("results/cohort/manifest.tsv", sep="\t", dtype={"scan_id": str, "patient_id": str}), folds
+    return read_table("results/cohort/manifest.tsv", "manifest"), folds
 
 
 def training_stacks(wildcards):
@@ -59,8 +59,6 @@ def training_stacks(wildcards):
 def heldout_stacks(wildcards):
     """Slice stacks of `wildcards.fold`'s test patients (nodulesynth.data.folds.evaluation_scans), whose maps
     are sampled for evaluation only (held-out mask fidelity); none for the holdout generator."""
-    if wildcards.fold == "holdout":
-        return []
     return expand("results/slices/{scan}.npz", scan=evaluation_scans(*_fold_plan(), wildcards.fold))
 
 
@@ -69,6 +67,13 @@ def fold_stacks(wildcards):
     manifest, folds = _fold_plan()
     scans = training_scans(manifest, folds, wildcards.fold) + evaluation_scans(manifest, folds, wildcards.fold)
     return expand("results/slices/{scan}.{ext}", scan=scans, ext=["npz", "nodules.tsv", "excluded.tsv"])
+
+
+def heldout_samples(wildcards):
+    """The fold generator's samples of its test patients' maps (none for the holdout generator)."""
+    if not has_test_patients(wildcards.fold):
+        return []
+    return [f"results/synth_heldout/{wildcards.generator}/{wildcards.fold}"]
 
 
 def downstream_folds():
@@ -106,9 +111,8 @@ def downstream_image_size():
     return config["sdm"]["image_size"]
 
 
-# Sampling keys of the `sdm:` section (nodulesynth's SDMOptions.SAMPLING_KEYS; the Snakefile does not
-# import the package): a change reruns sampling only, not training.
-SDM_SAMPLING_KEYS = ["sampler", "sample_steps", "guidance_scale", "ddim_eta", "sample_batch_size"]
+# Sampling keys of the `sdm:` section: a change reruns sampling only, not training.
+SDM_SAMPLING_KEYS = SDMOptions.SAMPLING_KEYS
 
 
 def sdm_training_params():

@@ -168,7 +168,7 @@ rule fidelity:
     # the holdout generator has none), segmented with the run's window and masks settings.
     input:
         synth="results/synth/{generator}/{fold}",
-        heldout=lambda wc: [] if wc.fold == "holdout" else [f"results/synth_heldout/{wc.generator}/{wc.fold}"],
+        heldout=heldout_samples,
         slices=lambda wc: training_stacks(wc) + heldout_stacks(wc),
     output:
         report(

@@ -12,9 +12,7 @@ rule report:
         realism=expand("results/downstream/realism/fold{fold}.json", fold=downstream_folds()),
         leakage="results/audit/leakage.tsv",
         # Figure 1: each fold's generators on that fold's test patients' maps, and the folds naming them
-        heldout=expand(
-            "results/synth_heldout/{generator}/{fold}", generator=["sdm", "spade"], fold=downstream_folds()
-        ),
+        heldout=expand("results/synth_heldout/{generator}/{fold}", generator=["sdm", "spade"], fold=downstream_folds()),
         folds="results/folds/folds.tsv",
         fidelity=expand(
             "results/synth/{generator}/{fold}.fidelity.tsv", generator=["sdm", "spade"], fold=generator_folds()

@@ -22,13 +22,13 @@ rule stats:
             fold=downstream_folds(),
         ),
     output:
-        tables=expand(
-            "results/stats/{task}_{table}.{ext}", task=TASKS, table=["summary", "tests"], ext=["tsv", "md", "tex"]
-        ),
         **(
             {"controls": report(CONTROLS_TABLE[0], category="Study", caption="captions/controls.rst")}
             if CONTROLS_TABLE
             else {}
+        ),
+        tables=expand(
+            "results/stats/{task}_{table}.{ext}", task=TASKS, table=["summary", "tests"], ext=["tsv", "md", "tex"]
         ),
     log:
         "results/logs/stats.log",

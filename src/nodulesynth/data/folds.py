@@ -71,12 +71,20 @@ def training_scans(manifest: pd.DataFrame, folds: pd.DataFrame, fold) -> list:
     """Scans a model of `fold` may learn from: every usable scan of the other folds' patients
     ("holdout": every usable scan, for a generator that feeds no downstream arm)."""
     usable = _usable(manifest, folds)
-    if str(fold) != "holdout":
+    if has_test_patients(fold):
         usable = usable[usable.fold != int(fold)]
     return sorted(usable.scan_id)
 
 
+def has_test_patients(fold) -> bool:
+    """Whether `fold` has patients of its own to test on: every downstream fold; not "holdout", whose generator
+    trains on every patient (so it has no held-out maps either)."""
+    return str(fold) != "holdout"
+
+
 def evaluation_scans(manifest: pd.DataFrame, folds: pd.DataFrame, fold) -> list:
-    """Scans of `fold`'s own patients: the downstream test set, never seen by its models."""
+    """Scans of `fold`'s own patients: the downstream test set, never seen by its models (none for "holdout")."""
+    if not has_test_patients(fold):
+        return []
     usable = _usable(manifest, folds)
     return sorted(usable[usable.fold == int(fold)].scan_id)

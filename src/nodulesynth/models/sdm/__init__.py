@@ -5,8 +5,18 @@ options (SDMOptions), unet (the network), diffusion (schedules, posterior, hybri
 sample_images, sample_sdm).
 """
 
+
 from nodulesynth.models.sdm.options import SDMOptions
-from nodulesynth.models.sdm.sample import load_sdm, sample_images, sample_sdm
-from nodulesynth.models.sdm.train import train_sdm
 
 __all__ = ["SDMOptions", "train_sdm", "load_sdm", "sample_images", "sample_sdm"]
+_LAZY = {"train_sdm": "train", "load_sdm": "sample", "sample_images": "sample", "sample_sdm": "sample"}
+
+
+def __getattr__(name):
+    # The networks, training and sampling import torch; loaded on first use so that the options (and with them the
+    # rules' split of the `sdm:` section) import without it.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"nodulesynth.models.sdm.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
