@@ -11,8 +11,9 @@ Checks:
    (real and the source patients of synthetic slices) are not.
 2. `generator_training` (per generator): its training_scans.tsv holds only the fold's training patients.
 3. `synthetic_sources` (per synthetic directory): every synthetic stack's source map is a training
-   patient's; `synthetic_provenance` (per arm dataset): every synthetic slice is the slice of that
-   fold's own generator that its scan and slice index name.
+   patient's; `synthetic_generator` (per synthetic directory): every stack records that it was made by
+   that generator and fold, with the sha256 of its model.pt; `synthetic_provenance` (per arm dataset):
+   every synthetic slice is the slice of that fold's own generator that its scan and slice index name.
 4. `near_duplicates` (per arm dataset): no training image is a near-copy of a test image of its fold
    (see `image_features` for the measure).
 """
@@ -25,9 +26,9 @@ import numpy as np
 import pandas as pd
 
 from nodulesynth.data.folds import read_folds
-from nodulesynth.data.slices import load_slice_info, load_slices
+from nodulesynth.data.slices import PROVENANCE, load_slice_info, load_slices
 from nodulesynth.downstream.datasets import ARMS, CONTROLS, RELABELLED, load_dataset, study_arms
-from nodulesynth.io import read_table, read_tsv, write_tsv
+from nodulesynth.io import file_sha256, read_table, read_tsv, write_tsv
 
 HOLDOUT = "holdout"
 CHUNK = 4096        # rows per block of the correlation matrix: a block is at most CHUNK^2 float32 (64 MiB)
@@ -245,6 +246,42 @@ def check_synthetic_dir(model, fold, directory, folds, manifest):
                 f"{directory}: {slices} slices in {len(paths)} stacks, all from training patients")
 
 
+def check_synthetic_generator(model, fold, directory, generator_dir):
+    """Check 3c: every synthetic stack records (models.synthesis.generator_provenance) that it was made by this
+    generator and fold, with the sha256 of `generator_dir`/model.pt: a stack of the holdout generator (trained
+    on every patient, the fold's test patients included) or of another fold copied into the folder fails."""
+    directory = Path(directory)
+    scope = f"{model}, fold {fold}"
+    if not directory.is_dir():
+        return _row("synthetic_generator", scope, [f"{directory}: missing"], "")
+    if generator_dir is None:
+        return _row("synthetic_generator", scope, [f"{directory}: no generator directory of {model} fold {fold} "
+                                                   "given, so its stacks' provenance cannot be checked"], "")
+    model_path = Path(generator_dir) / "model.pt"
+    if not model_path.is_file():
+        return _row("synthetic_generator", scope, [f"{model_path}: missing"], "")
+    digest = file_sha256(model_path)
+    problems, stacks = [], 0
+    for path in sorted(directory.glob("*.npz")):
+        info = load_slice_info(path)
+        if not info["slices"]:
+            continue
+        stacks += 1
+        record = {key: str(info["extra"][key]) for key in PROVENANCE if key in info["extra"]}
+        missing = [key for key in PROVENANCE if key not in record]
+        if missing:
+            problems.append(f"{path}: records no {', '.join(missing)} (sampled without provenance)")
+            continue
+        if (record["generator"], record["generator_fold"]) != (model, fold):
+            problems.append(f"{path}: made by {record['generator']} fold {record['generator_fold']}, "
+                            f"not {model} fold {fold}")
+        elif record["model_sha256"] != digest:
+            problems.append(f"{path}: made by a model with sha256 {record['model_sha256'][:12]}..., "
+                            f"not {model_path} ({digest[:12]}...)")
+    return _row("synthetic_generator", scope, _capped(problems),
+                f"{directory}: {stacks} stacks, each made by {model} fold {fold} ({model_path}, sha256 {digest[:12]}...)")
+
+
 def check_split(path, arm, fold, dataset, folds, manifest):
     """Check 1: patients and series disjoint; the test side is the fold, the training side is not."""
     scope = f"arm {arm}, fold {fold}"
@@ -413,8 +450,10 @@ def audit(folds_tsv, manifest_tsv, generator_dirs, synth_dirs, dataset_paths, si
     rows = []
     for (model, fold), directory in sorted(generator_dirs.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         rows.append(check_generator(model, str(fold), directory, folds, manifest))
+    generator_of = {(model, str(fold)): directory for (model, fold), directory in generator_dirs.items()}
     for (model, fold), directory in sorted(synth_dirs.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         rows.append(check_synthetic_dir(model, str(fold), directory, folds, manifest))
+        rows.append(check_synthetic_generator(model, str(fold), directory, generator_of.get((model, str(fold)))))
 
     by_fold = {}
     for (arm, fold), path in dataset_paths.items():
