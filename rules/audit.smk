@@ -12,7 +12,10 @@ rule audit:
         synth=arm_synthetic,
         data="results/downstream/data/{arm}/fold{fold}.npz",
     output:
-        "results/audit/{arm}/fold{fold}.tsv",
+        audit="results/audit/{arm}/fold{fold}.tsv",
+        # per synthetic slice: nearest-neighbour score to the generator's training patients and to the fold's
+        # test patients (the report's memorisation figure); the header only for arms without synthetic slices
+        memorisation="results/audit/{arm}/fold{fold}.memorisation.tsv",
     log:
         "results/logs/audit/{arm}_{fold}.log",
     benchmark:
@@ -29,7 +32,8 @@ rule audit:
         downstream=section("downstream"),
     shell:
         "nodulesynth audit --manifest {input.manifest} --folds {input.folds} --generators {input.generators} "
-        "--synth {input.synth} --data {input.data} --params {params.downstream:q} --out {output} > {log} 2>&1"
+        "--synth {input.synth} --data {input.data} --params {params.downstream:q} --out {output.audit} "
+        "--memorisation {output.memorisation} > {log} 2>&1"
 
 
 rule leakage:

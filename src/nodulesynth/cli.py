@@ -268,7 +268,7 @@ def cmd_fidelity(args):
 
 
 def _downstream_params(params):
-    defaults = dict(synthetic_ratio=1.0, seed=0, near_duplicate_size=32, near_duplicate_threshold=0.98,
+    defaults = dict(synthetic_ratio=1.0, seed=0, near_duplicate_size=32, near_duplicate_threshold=0.96,
                     device="auto", threads=1)
     unknown = sorted(set(params) - set(defaults))
     if unknown:
@@ -308,19 +308,27 @@ def _keyed_paths(paths, pattern):
 
 
 def cmd_audit(args):
-    from nodulesynth.downstream.audit import assert_clean, audit, write_audit
+    import pandas as pd
+
+    from nodulesynth.downstream.audit import MEMORISATION_COLUMNS, assert_clean, audit, write_audit
     from nodulesynth.downstream.datasets import study_arms
+    from nodulesynth.io import write_tsv
 
     p = _downstream_params(args.params)
     arms = "|".join(study_arms(controls=True))
+    scores = []
     table = audit(args.folds, args.manifest,
                   # a generator's training_scans.tsv and model.pt name the same folder
                   generator_dirs={k: v.parent for k, v in _keyed_paths(
                       args.generators, r"(sdm|spade)/([^/]+)/(?:training_scans\.tsv|model\.pt)$").items()},
                   synth_dirs=_keyed_paths(args.synth, r"(sdm|spade)/([^/]+)/?$"),
                   dataset_paths=_keyed_paths(args.data, rf"({arms})/fold(\d+)\.npz$"),
-                  size=p["near_duplicate_size"], threshold=p["near_duplicate_threshold"])
+                  size=p["near_duplicate_size"], threshold=p["near_duplicate_threshold"], memorisation_out=scores)
     write_audit(table, args.out)
+    if args.memorisation:
+        scores = [frame for frame in scores if len(frame)]
+        write_tsv(pd.concat(scores, ignore_index=True) if scores else pd.DataFrame(columns=MEMORISATION_COLUMNS),
+                  args.memorisation)
     for row in table.itertuples():
         log.info("audit %s: %s %s", row.check, row.status, row.detail)
     assert_clean(table, args.out)
@@ -532,6 +540,9 @@ def build_parser():
     p.add_argument("--data", nargs="+", required=True, help="results/downstream/data/{arm}/fold{k}.npz")
     p.add_argument("--params", type=_json, default={}, help="the config's downstream section as JSON")
     p.add_argument("--out", required=True)
+    p.add_argument("--memorisation", help="TSV of each synthetic slice's nearest-neighbour score to its generator's "
+                                          "training patients and to the fold's test patients (arms B, C; others: "
+                                          "the header only)")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("leakage", help="the audits of every arm and fold in one table")
