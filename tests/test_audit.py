@@ -225,6 +225,68 @@ def test_synthetic_slices_not_from_the_folds_generator_fail(honest):
     failed = failures(run_audit(honest, synth_dirs={**honest["synth"], ("sdm", "1"): honest["synth"]["sdm", "0"]}))
     assert "synthetic_provenance (arm C, fold 1)" in failed
     assert str(honest["datasets"]["C", 1]) in failed["synthetic_provenance (arm C, fold 1)"]
+    assert "made by sdm fold 0, not sdm fold 1" in failed["synthetic_generator (sdm, fold 1)"]
+
+
+def test_holdout_samples_copied_into_a_fold_fail(honest, tmp_path):
+    # A real (untrained, tiny) SPADE as the holdout generator, sampled by sample_spade on the maps of fold 0's
+    # training patients, its stacks put in fold 0's SPADE folder in place of that fold's own and arm B's
+    # dataset rebuilt from them: patients, sources and the dataset's images all agree, only the record of
+    # the generator that made the stacks tells that the holdout generator (trained on fold 0's test
+    # patients too) made them.
+    import torch
+
+    from nodulesynth.io import file_sha256
+    from nodulesynth.models.checkpoints import save_checkpoint
+    from nodulesynth.models.spade import SPADEOptions, sample_spade
+    from nodulesynth.models.spade.train import FORMAT, build_generator
+
+    folds, real = honest["folds"], honest["real"]
+    holdout = copy_dir(honest["generators"]["spade", "holdout"], tmp_path / "spade_holdout")
+    options = SPADEOptions(image_size=SIZE, ngf=8, ndf=8, spade_hidden=8)
+    save_checkpoint(holdout / "model.pt", {"format": FORMAT, "step": 0, "options": options.to_dict(),
+                                           "generator": build_generator(options).state_dict()})
+    train = [honest["paths"][p] for p in folds.patient_id[folds.fold != 0]]
+    torch.set_num_threads(1)
+    holdout_synth = tmp_path / "synth_spade_holdout"
+    sampled = sample_spade(holdout / "model.pt", train, holdout_synth, fold="holdout", seed=1,
+                           max_slices_per_scan=SYNTH_PER_SCAN, device="cpu")
+    synth_dir = copy_dir(honest["synth"]["spade", "0"], tmp_path / "spade_0")
+    written = [shutil.copy(path, synth_dir / path.name) for path in sampled]
+    stack = load_slices(written[0])
+    assert str(stack.extra["generator_fold"]) == "holdout"
+    assert str(stack.extra["model_sha256"]) == file_sha256(holdout / "model.pt")
+    dataset = tmp_path / "B_fold0.npz"
+    build_dataset(dataset, "B", 0, real, folds, synth_dir)
+
+    table = run_audit(honest, generator_dirs={**honest["generators"], ("spade", "holdout"): holdout},
+                      synth_dirs={**honest["synth"], ("spade", "0"): synth_dir, ("spade", "holdout"): holdout_synth},
+                      dataset_paths={**honest["datasets"], ("B", 0): dataset})
+    failed = failures(table)
+    assert list(failed) == ["synthetic_generator (spade, fold 0)"]
+    detail = failed["synthetic_generator (spade, fold 0)"]
+    assert all(f"{path}: made by spade fold holdout, not spade fold 0" in detail for path in written)
+    # the holdout generator's own folder is what it should be
+    assert table.set_index("check").status["synthetic_generator (spade, fold holdout)"] == "pass"
+
+    # The same stacks claiming fold 0 but made by another model file: the digest tells.
+    for path in written:
+        stack = load_slices(path)
+        stack.extra["generator_fold"] = np.asarray("0")
+        save_slices(path, stack)
+    detail = failures(run_audit(honest, synth_dirs={**honest["synth"], ("spade", "0"): synth_dir},
+                                dataset_paths={**honest["datasets"], ("B", 0): dataset}))["synthetic_generator (spade, fold 0)"]
+    assert f"made by a model with sha256 {file_sha256(holdout / 'model.pt')[:12]}" in detail
+    assert str(honest["generators"]["spade", "0"] / "model.pt") in detail
+
+
+def test_sampling_without_provenance_is_refused(honest, tmp_path):
+    paths = list(honest["paths"].values())[:1]
+    with pytest.raises(ValueError, match="must record generator_fold, model_sha256"):
+        write_synthetic(plan_maps(paths, SIZE, seed=1, max_slices_per_scan=2), tmp_path, SIZE, 16, paint,
+                        {"generator": "sdm"}, "paint without provenance")
+    with pytest.raises(FileNotFoundError, match=r"nowhere/model\.pt: no such file"):
+        generator_provenance("sdm", "0", tmp_path / "nowhere" / "model.pt")
 
 
 def test_bad_folds_file_is_a_clear_error(honest, tmp_path):
