@@ -274,8 +274,9 @@ def test_holdout_samples_copied_into_a_fold_fail(honest, tmp_path):
         stack = load_slices(path)
         stack.extra["generator_fold"] = np.asarray("0")
         save_slices(path, stack)
-    detail = failures(run_audit(honest, synth_dirs={**honest["synth"], ("spade", "0"): synth_dir},
-                                dataset_paths={**honest["datasets"], ("B", 0): dataset}))["synthetic_generator (spade, fold 0)"]
+    failed = failures(run_audit(honest, synth_dirs={**honest["synth"], ("spade", "0"): synth_dir},
+                                dataset_paths={**honest["datasets"], ("B", 0): dataset}))
+    detail = failed["synthetic_generator (spade, fold 0)"]
     assert f"made by a model with sha256 {file_sha256(holdout / 'model.pt')[:12]}" in detail
     assert str(honest["generators"]["spade", "0"] / "model.pt") in detail
 
@@ -310,3 +311,79 @@ def test_chunked_comparison_equals_the_whole_matrix():
     assert (arg == scores.argmax(1)).all() and (above == (scores > 0.5).sum(1)).all()
     assert (view == corr[np.arange(len(train)), arg].argmax(1)).all()
     assert arg[5] == 2 and view[5] == 7 and above[5] == 1 and not test[-1].any()  # a blank image matches nothing
+
+
+# ----------------------------------------------------------------------------- the real series
+
+@pytest.fixture(scope="module")
+def near_duplicates_benchmark():
+    """benchmarks/near_duplicates.py (the calibration) and the real LIDC-IDRI-0001 series it reads."""
+    import importlib.util
+
+    from conftest import LIDC_0001, LIDC_ROOT
+
+    if not LIDC_0001.is_dir():
+        pytest.skip(f"needs the real LIDC-IDRI-0001 series at {LIDC_0001} (not shipped with the repo)")
+    spec = importlib.util.spec_from_file_location("near_duplicates", REPO / "benchmarks" / "near_duplicates.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench, *bench.lidc_series(LIDC_ROOT)
+
+
+def study_defaults():
+    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
+    keys = schema["properties"]["downstream"]["properties"]
+    return keys["near_duplicate_size"]["default"], keys["near_duplicate_threshold"]["default"]
+
+
+@pytest.mark.lidc
+@pytest.mark.parametrize("pixels", [64, 256])
+def test_near_duplicate_threshold_on_the_real_series(near_duplicates_benchmark, pixels):
+    # The study's defaults separate every copy of a slice (mirrored, shifted 1 %, turned 3 degrees, a central
+    # 90 % crop resized back, at three other HU windows) from every pair of its slices >= 20 mm apart.
+    bench, hu, z = near_duplicates_benchmark
+    size, threshold = study_defaults()
+    distinct, lowest = bench.separation(hu, z, pixels, size)
+    print(f"\n{pixels} px: distinct max {distinct:.4f}, threshold {threshold}, copies: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in lowest.items()))
+    required = {name: score for name, score in lowest.items() if name not in bench.NOT_REQUIRED}
+    assert len(required) == 7 and distinct < threshold
+    assert all(score > threshold for score in required.values()), required
+
+
+@pytest.mark.lidc
+def test_near_duplicates_check_catches_each_copy_of_real_slices(near_duplicates_benchmark, tmp_path):
+    # The audit's check on a dataset of real slices at the study's 256 px: five test slices; in training, every
+    # required copy of each (their scan named after the copy) and every slice >= 20 mm from all test slices.
+    from nodulesynth.downstream.audit import LISTED, FeatureBank, check_near_duplicates
+
+    bench, hu, z = near_duplicates_benchmark
+    size, threshold = study_defaults()
+    stack = bench.windowed(hu, bench.STUDY_WINDOW, 256)
+    tests = np.arange(50, 80, 6)
+    images, scans, index = [], [], []
+    for t in tests:
+        for name, image in bench.copies(hu, stack, t).items():
+            if name not in bench.NOT_REQUIRED:
+                images.append(image), scans.append(name), index.append(t)
+    n_copies = len(images)
+    far = np.flatnonzero(np.abs(z[:, None] - z[tests][None]).min(1) >= bench.DISTINCT_MM)
+    images.extend(stack[far]), scans.extend(["LIDC-IDRI-0001"] * len(far)), index.extend(far)
+
+    def slice_set(images, scans, index):
+        n = len(images)
+        return SliceSet(np.stack(images), np.zeros((n, 256, 256), np.uint8), np.zeros(n, bool),
+                        np.zeros((0, 5), np.float32), np.array(scans), np.full(n, "LIDC-IDRI-0001"),
+                        np.array(index, np.int64), np.full(n, "real"))
+
+    dataset = ArmDataset("A", 0, slice_set(images, scans, index), slice_set(list(stack[tests]), ["LIDC-IDRI-0001"] * 5,
+                                                                             tests), {})
+    bank = FeatureBank(size)
+    train_ids, test_ids = bank.add(dataset.train.image), bank.add(dataset.test.image, views=True)
+    row = check_near_duplicates(tmp_path / "A_fold0.npz", "A", "0", dataset, train_ids, test_ids, bank, threshold)
+    assert row["status"] == "fail" and f"... and {n_copies - LISTED} more train slices" in row["detail"]
+    best, arg, view, _ = best_matches(bank.matrix()[train_ids], bank.views(test_ids), threshold)
+    assert (best[:n_copies] > threshold).all() and (tests[arg[:n_copies]] == index[:n_copies]).all()
+    assert (best[n_copies:] < threshold).all(), best[n_copies:].max()
+    assert ("(scan mirrored, slice 50, source real) ~ test row 0 (scan LIDC-IDRI-0001, slice 50, mirrored)"
+            in row["detail"])

@@ -14,8 +14,12 @@ Checks:
    patient's; `synthetic_generator` (per synthetic directory): every stack records that it was made by
    that generator and fold, with the sha256 of its model.pt; `synthetic_provenance` (per arm dataset):
    every synthetic slice is the slice of that fold's own generator that its scan and slice index name.
-4. `near_duplicates` (per arm dataset): no training image is a near-copy of a test image of its fold
-   (see `image_features` for the measure).
+4. `near_duplicates` (per arm dataset): no training image is a near-copy of a test image of its fold:
+   mirrored, shifted, turned, cropped or at another HU window (see `image_features` for the measure
+   and its calibration on real CT).
+
+Besides the checks, `memorisation` scores each synthetic slice against its generator's training patients
+and the fold's test patients (the report's memorisation figure).
 """
 
 import hashlib
@@ -372,7 +376,8 @@ def check_synthetic_generator(model, fold, directory, generator_dir):
             problems.append(f"{path}: made by a model with sha256 {record['model_sha256'][:12]}..., "
                             f"not {model_path} ({digest[:12]}...)")
     return _row("synthetic_generator", scope, _capped(problems),
-                f"{directory}: {stacks} stacks, each made by {model} fold {fold} ({model_path}, sha256 {digest[:12]}...)")
+                f"{directory}: {stacks} stacks, each made by {model} fold {fold} ({model_path}, "
+                f"sha256 {digest[:12]}...)")
 
 
 def check_split(path, arm, fold, dataset, folds, manifest):
