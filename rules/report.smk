@@ -10,6 +10,11 @@ rule report:
         data=expand("results/downstream/data/{arm}/fold{fold}.npz", arm=list(ARMS), fold=downstream_folds()),
         realism=expand("results/downstream/realism/fold{fold}.json", fold=downstream_folds()),
         leakage="results/audit/leakage.tsv",
+        memorisation=expand(
+            "results/audit/{arm}/fold{fold}.memorisation.tsv",
+            arm=[arm for arm, generator in ARMS.items() if generator],
+            fold=downstream_folds(),
+        ),
         synth=expand("results/synth/{generator}/holdout", generator=["sdm", "spade"]),
         fidelity=expand(
             "results/synth/{generator}/{fold}.fidelity.tsv", generator=["sdm", "spade"], fold=generator_folds()

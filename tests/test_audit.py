@@ -387,3 +387,47 @@ def test_near_duplicates_check_catches_each_copy_of_real_slices(near_duplicates_
     assert (best[n_copies:] < threshold).all(), best[n_copies:].max()
     assert ("(scan mirrored, slice 50, source real) ~ test row 0 (scan LIDC-IDRI-0001, slice 50, mirrored)"
             in row["detail"])
+
+
+def test_memorisation_scores_through_the_cli_and_the_report_figure(honest, tmp_path):
+    # Fold 0's SDM "memorised" one slice: its first synthetic image is a training patient's real slice. The audit
+    # (the CLI, as the rule runs it) passes, and its memorisation table puts that slice at the top of the
+    # training axis, above the diagonal; the report reads the table and draws it.
+    import json
+
+    from nodulesynth.cli import main
+    from nodulesynth.report.figures import memorisation_figure
+    from nodulesynth.report.inputs import read_memorisation
+
+    folds, real, root = honest["folds"], honest["real"], honest["root"]
+    trained_on = next(s for s in real if s.patient_id in set(folds.patient_id[folds.fold != 0]))
+    synth_dir = copy_dir(honest["synth"]["sdm", "0"], tmp_path / "synth" / "sdm" / "0")
+    stack_path = sorted(synth_dir.glob("*.npz"))[0]
+    stack = load_slices(stack_path)
+    stack.image = stack.image.copy()
+    stack.image[0] = resize(trained_on.image[len(trained_on) // 2][None])[0]
+    save_slices(stack_path, stack)
+    dataset = tmp_path / "data" / "C" / "fold0.npz"
+    build_dataset(dataset, "C", 0, real, folds, synth_dir)
+    results = tmp_path / "results"
+    generator = honest["generators"]["sdm", "0"]
+    common = ["--manifest", str(root / "manifest.tsv"), "--folds", str(root / "folds.tsv"),
+              "--params", json.dumps({"near_duplicate_threshold": DEMO_THRESHOLD})]
+    assert main(["audit", *common, "--generators", str(generator / "training_scans.tsv"), str(generator / "model.pt"),
+                 "--synth", str(synth_dir), "--data", str(dataset), "--out", str(results / "audit/C/fold0.tsv"),
+                 "--memorisation", str(results / "audit/C/fold0.memorisation.tsv")]) == 0
+    assert main(["audit", *common, "--data", str(honest["datasets"]["A", 0]), "--out", str(results / "audit/A/fold0.tsv"),
+                 "--memorisation", str(results / "audit/A/fold0.memorisation.tsv")]) == 0
+    assert read_tsv(results / "audit/A/fold0.memorisation.tsv").empty  # arm A adds no synthetic slices
+
+    table = read_memorisation(results)
+    assert list(table.columns) == ["generator", "fold", "scan_id", "slice_index", "to_train", "to_test"]
+    assert len(table) == sum(len(load_slices(p)) for p in synth_dir.glob("*.npz")) and set(table.generator) == {"sdm"}
+    memorised = (table.scan_id == stack.scan_id) & (table.slice_index == int(stack.slice_index[0]))
+    assert memorised.sum() == 1
+    row = table[memorised].iloc[0]
+    assert row.to_train > 0.999 and row.to_train - row.to_test > 0.01
+    others = table[~memorised]
+    assert others[["to_train", "to_test"]].abs().le(1.0001).all().all() and (others.to_train < 0.999).all()
+    png = memorisation_figure(table, DEMO_THRESHOLD)
+    assert png.startswith(b"\x89PNG") and len(png) > 5000

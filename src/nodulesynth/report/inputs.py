@@ -160,6 +160,20 @@ def read_realism(results_dir):
     return pd.DataFrame(rows) if rows else None
 
 
+def read_memorisation(results_dir):
+    """The audit's memorisation scores of arms B and C (results/audit/{arm}/fold{k}.memorisation.tsv: generator,
+    fold, scan_id, slice_index, to_train, to_test per synthetic slice), or None when there are none."""
+    tables = []
+    for arm, generator in ARMS.items():
+        if generator is None:
+            continue
+        for path in sorted((Path(results_dir) / "audit" / arm).glob("fold*.memorisation.tsv")):
+            table = read_table(path, ("generator", "fold", "to_train", "to_test"))
+            if len(table):
+                tables.append(table)
+    return pd.concat(tables, ignore_index=True) if tables else None
+
+
 def grid_slices(results_dir):
     """For the image grid: from the first scan the holdout generators both synthesised, a nodule slice and a
     nodule-free slice: dicts with CT (the real slice), the lesion map, the SDM and the SPADE image. None if
