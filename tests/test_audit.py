@@ -416,7 +416,8 @@ def test_memorisation_scores_through_the_cli_and_the_report_figure(honest, tmp_p
     assert main(["audit", *common, "--generators", str(generator / "training_scans.tsv"), str(generator / "model.pt"),
                  "--synth", str(synth_dir), "--data", str(dataset), "--out", str(results / "audit/C/fold0.tsv"),
                  "--memorisation", str(results / "audit/C/fold0.memorisation.tsv")]) == 0
-    assert main(["audit", *common, "--data", str(honest["datasets"]["A", 0]), "--out", str(results / "audit/A/fold0.tsv"),
+    assert main(["audit", *common, "--data", str(honest["datasets"]["A", 0]),
+                 "--out", str(results / "audit/A/fold0.tsv"),
                  "--memorisation", str(results / "audit/A/fold0.memorisation.tsv")]) == 0
     assert read_tsv(results / "audit/A/fold0.memorisation.tsv").empty  # arm A adds no synthetic slices
 
