@@ -96,9 +96,12 @@ def arm_synthetic(wildcards):
 
 
 def arm_generator_files(wildcards):
-    """The training list of the generator whose slices an arm adds (none for A), for the audit."""
+    """The training list and model file of the generator whose slices an arm adds (none for A, P, N), for the
+    audit: its synthetic stacks must record that model's sha256."""
     generator = ARMS.get(wildcards.arm)
-    return [] if generator is None else [f"results/generators/{generator}/{wildcards.fold}/training_scans.tsv"]
+    if generator is None:
+        return []
+    return [f"results/generators/{generator}/{wildcards.fold}/{name}" for name in ("training_scans.tsv", "model.pt")]
 
 
 def downstream_image_size():

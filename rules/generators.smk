@@ -64,7 +64,8 @@ rule sample_sdm:
         synthesis=section("synthesis"),
         device=config["generators"]["device"],
     shell:
-        "nodulesynth sample-sdm --model {input.model} --slices {input.stacks} --params {params.sampling:q} "
+        "nodulesynth sample-sdm --model {input.model} --fold {wildcards.fold} --slices {input.stacks} "
+        "--params {params.sampling:q} "
         "--synthesis {params.synthesis:q} --out-dir {output} "
         "--device {params.device} --threads {threads} > {log} 2>&1"
 
@@ -127,7 +128,7 @@ rule sample_spade:
         synthesis=section("synthesis"),
         device=config["generators"]["device"],
     shell:
-        "nodulesynth sample-spade --model {input.model} --slices {input.stacks} "
+        "nodulesynth sample-spade --model {input.model} --fold {wildcards.fold} --slices {input.stacks} "
         "--synthesis {params.synthesis:q} --out-dir {output} "
         "--device {params.device} --threads {threads} > {log} 2>&1"
 

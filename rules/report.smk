@@ -14,6 +14,11 @@ rule report:
         # Figure 1: each fold's generators on that fold's test patients' maps, and the folds naming them
         heldout=expand("results/synth_heldout/{generator}/{fold}", generator=["sdm", "spade"], fold=downstream_folds()),
         folds="results/folds/folds.tsv",
+        memorisation=expand(
+            "results/audit/{arm}/fold{fold}.memorisation.tsv",
+            arm=[arm for arm, generator in ARMS.items() if generator],
+            fold=downstream_folds(),
+        ),
         fidelity=expand(
             "results/synth/{generator}/{fold}.fidelity.tsv", generator=["sdm", "spade"], fold=generator_folds()
         ),

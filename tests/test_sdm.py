@@ -603,7 +603,7 @@ def test_train_then_sample_files(tmp_path):
     model, diffusion, options = load_sdm(model_path, "cpu")
     assert options == tiny(max_steps=3) and not model.training
 
-    written = sample_sdm(model_path, paths, tmp_path / "synth", sampler="ddim", steps=3, seed=7,
+    written = sample_sdm(model_path, paths, tmp_path / "synth", fold="0", sampler="ddim", steps=3, seed=7,
                          max_slices_per_scan=4, batch_size=3)
     assert [p.name for p in written] == ["scan0.npz", "scan1.npz"]
     stack = load_slices(written[0])
@@ -612,11 +612,11 @@ def test_train_then_sample_files(tmp_path):
     assert stack.scan_id == "scan0" and stack.patient_id == "P0"
     assert np.array_equal(stack.label, source.label[stack.extra["source_index"]][:, ::2, ::2])
     assert np.array_equal(stack.z, source.z[stack.extra["source_index"]])
-    again = sample_sdm(model_path, paths, tmp_path / "synth2", sampler="ddim", steps=3, seed=7,
+    again = sample_sdm(model_path, paths, tmp_path / "synth2", fold="0", sampler="ddim", steps=3, seed=7,
                        max_slices_per_scan=4, batch_size=3)
     assert np.array_equal(load_slices(again[0]).image, stack.image)
 
-    transplanted = load_slices(sample_sdm(model_path, paths[:1], tmp_path / "tp", sampler="dpmpp_2m", steps=2,
+    transplanted = load_slices(sample_sdm(model_path, paths[:1], tmp_path / "tp", fold="0", sampler="dpmpp_2m", steps=2,
                                           mask_source="transplant", seed=1)[0])
     assert len(transplanted) > 0 and transplanted.has_nodule.all()
     assert (source.label[transplanted.extra["source_index"]] != NODULE).all()  # made from nodule-free maps

@@ -290,8 +290,8 @@ def test_schema_defaults_are_the_options_defaults():
 def test_sampling_is_deterministic_and_in_the_slices_layout(tiny_model, stacks, tmp_path):
     generator, options = load_spade(tiny_model, "cpu")
     assert not generator.training and options.image_size == 32
-    first = sample_spade(tiny_model, stacks, tmp_path / "a", seed=5, max_slices_per_scan=4, batch_size=3)
-    again = sample_spade(tiny_model, stacks, tmp_path / "b", seed=5, max_slices_per_scan=4, batch_size=2)
+    first = sample_spade(tiny_model, stacks, tmp_path / "a", fold="0", seed=5, max_slices_per_scan=4, batch_size=3)
+    again = sample_spade(tiny_model, stacks, tmp_path / "b", fold="0", seed=5, max_slices_per_scan=4, batch_size=2)
     assert [p.name for p in first] == ["SCAN-A.npz", "SCAN-B.npz"]
     for p, q, source in zip(first, again, stacks):
         s, t, src = load_slices(p), load_slices(q), load_slices(source)
@@ -304,8 +304,8 @@ def test_sampling_is_deterministic_and_in_the_slices_layout(tiny_model, stacks, 
         # The image is the generator's output for exactly the stored map.
         assert np.array_equal(s.image, generate(generator, torch.from_numpy(s.label.astype(np.int64))))
 
-    t1 = sample_spade(tiny_model, stacks, tmp_path / "t1", seed=1, mask_source="transplant")
-    t2 = sample_spade(tiny_model, stacks, tmp_path / "t2", seed=1, mask_source="transplant")
+    t1 = sample_spade(tiny_model, stacks, tmp_path / "t1", fold="0", seed=1, mask_source="transplant")
+    t2 = sample_spade(tiny_model, stacks, tmp_path / "t2", fold="0", seed=1, mask_source="transplant")
     for p, q in zip(t1, t2):
         s, t = load_slices(p), load_slices(q)
         assert len(s) > 0 and s.has_nodule.all()
@@ -326,9 +326,10 @@ def test_same_maps_as_the_sdm_sampler(tiny_model, stacks, tmp_path):
     save_checkpoint(sdm_path, {"format": FORMAT, "step": 0, "options": sdm_options.to_dict(),
                                "model": model.state_dict()})
     for source, limit in (("real", 3), ("transplant", None)):
-        spade_out = sample_spade(tiny_model, stacks, tmp_path / f"spade_{source}", seed=7, mask_source=source,
+        spade_out = sample_spade(tiny_model, stacks, tmp_path / f"spade_{source}", fold="0",
+                                 seed=7, mask_source=source,
                                  max_slices_per_scan=limit)
-        sdm_out = sample_sdm(sdm_path, stacks, tmp_path / f"sdm_{source}", seed=7, mask_source=source,
+        sdm_out = sample_sdm(sdm_path, stacks, tmp_path / f"sdm_{source}", fold="0", seed=7, mask_source=source,
                              max_slices_per_scan=limit, device="cpu")
         for p, q in zip(spade_out, sdm_out, strict=True):
             s, t = load_slices(p), load_slices(q)

@@ -28,7 +28,7 @@ CONFIG = dict(image_size=64, ngf=16, ndf=16, spade_hidden=32, batch_size=8, max_
 
 
 def _fidelity(model_path, slice_paths, out_dir):
-    written = sample_spade(model_path, slice_paths, out_dir, seed=0, max_slices_per_scan=8, device="cpu")
+    written = sample_spade(model_path, slice_paths, out_dir, fold="0", seed=0, max_slices_per_scan=8, device="cpu")
     stacks = [load_slices(p) for p in written]
     images = np.concatenate([s.image for s in stacks])
     labels = np.concatenate([s.label for s in stacks])

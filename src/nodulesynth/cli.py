@@ -235,7 +235,8 @@ def cmd_sample_sdm(args):
     p = args.params
     sample_sdm(args.model, args.slices, args.out_dir, sampler=p.get("sampler"), steps=p.get("sample_steps"),
                guidance_scale=p.get("guidance_scale"), eta=p.get("ddim_eta"),
-               batch_size=p.get("sample_batch_size"), device=args.device, **_synthesis(args.synthesis))
+               batch_size=p.get("sample_batch_size"), device=args.device, fold=args.fold,
+               **_synthesis(args.synthesis))
 
 
 def cmd_train_spade(args):
@@ -251,7 +252,8 @@ def cmd_sample_spade(args):
     _torch_threads(args)
     from nodulesynth.models.spade.sample import sample_spade
 
-    sample_spade(args.model, args.slices, args.out_dir, device=args.device, **_synthesis(args.synthesis))
+    sample_spade(args.model, args.slices, args.out_dir, device=args.device, fold=args.fold,
+                 **_synthesis(args.synthesis))
 
 
 def cmd_fidelity(args):
@@ -273,7 +275,7 @@ def cmd_fidelity(args):
 
 
 def _downstream_params(params):
-    defaults = dict(synthetic_ratio=1.0, seed=0, near_duplicate_size=32, near_duplicate_threshold=0.98,
+    defaults = dict(synthetic_ratio=1.0, seed=0, near_duplicate_size=32, near_duplicate_threshold=0.96,
                     device="auto", threads=1, controls=True)
     unknown = sorted(set(params) - set(defaults))
     if unknown:
@@ -313,16 +315,27 @@ def _keyed_paths(paths, pattern):
 
 
 def cmd_audit(args):
-    from nodulesynth.downstream.audit import assert_clean, audit, write_audit
+    import pandas as pd
+
+    from nodulesynth.downstream.audit import MEMORISATION_COLUMNS, assert_clean, audit, write_audit
+    from nodulesynth.downstream.datasets import study_arms
+    from nodulesynth.io import write_tsv
 
     p = _downstream_params(args.params)
+    arms = "|".join(study_arms(controls=True))
+    scores = []
     table = audit(args.folds, args.manifest,
+                  # a generator's training_scans.tsv and model.pt name the same folder
                   generator_dirs={k: v.parent for k, v in _keyed_paths(
-                      args.generators, r"(sdm|spade)/([^/]+)/training_scans\.tsv$").items()},
+                      args.generators, r"(sdm|spade)/([^/]+)/(?:training_scans\.tsv|model\.pt)$").items()},
                   synth_dirs=_keyed_paths(args.synth, r"(sdm|spade)/([^/]+)/?$"),
-                  dataset_paths=_keyed_paths(args.data, r"([ABC])/fold(\d+)\.npz$"),
-                  size=p["near_duplicate_size"], threshold=p["near_duplicate_threshold"])
+                  dataset_paths=_keyed_paths(args.data, rf"({arms})/fold(\d+)\.npz$"),
+                  size=p["near_duplicate_size"], threshold=p["near_duplicate_threshold"], memorisation_out=scores)
     write_audit(table, args.out)
+    if args.memorisation:
+        scores = [frame for frame in scores if len(frame)]
+        write_tsv(pd.concat(scores, ignore_index=True) if scores else pd.DataFrame(columns=MEMORISATION_COLUMNS),
+                  args.memorisation)
     for row in table.itertuples():
         log.info("audit %s: %s %s", row.check, row.status, row.detail)
     assert_clean(table, args.out)
@@ -331,10 +344,12 @@ def cmd_audit(args):
 def cmd_leakage(args):
     import pandas as pd
 
+    from nodulesynth.downstream.datasets import study_arms
     from nodulesynth.io import read_tsv, write_tsv
 
     tables = []
-    for (arm, fold), path in _keyed_paths(args.audits, r"([ABC])/fold(\d+)\.tsv$").items():
+    arms = "|".join(study_arms(controls=True))
+    for (arm, fold), path in _keyed_paths(args.audits, rf"({arms})/fold(\d+)\.tsv$").items():
         tables.append(read_tsv(path).assign(arm=arm, fold=int(fold)))
     table = pd.concat(tables, ignore_index=True)
     write_tsv(table[["arm", "fold", *[c for c in table.columns if c not in ("arm", "fold")]]], args.out)
@@ -492,6 +507,8 @@ def build_parser():
                                  ("sample-spade", cmd_sample_spade, "synthesise slices from lesion maps with SPADE")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--model", required=True)
+        p.add_argument("--fold", required=True,
+                       help="the generator's fold (0..k-1 or holdout), recorded in each stack for the leakage audit")
         p.add_argument("--slices", nargs="+", required=True, help="stacks whose lesion maps are used")
         p.add_argument("--params", type=_json, default={}, help="sdm: the sampling keys of the sdm section")
         p.add_argument("--synthesis", type=_json, default={}, help="the config's synthesis section as JSON")
@@ -529,11 +546,15 @@ def build_parser():
     p = sub.add_parser("audit", help="leakage audit of folds, generators, synthetic slices and arm datasets")
     p.add_argument("--manifest", required=True)
     p.add_argument("--folds", required=True)
-    p.add_argument("--generators", nargs="*", default=[], help="results/generators/*/*/training_scans.tsv")
+    p.add_argument("--generators", nargs="*", default=[],
+                   help="results/generators/*/*/training_scans.tsv and model.pt (the synthetic stacks' provenance)")
     p.add_argument("--synth", nargs="*", default=[], help="results/synth/{generator}/{fold} folders")
     p.add_argument("--data", nargs="+", required=True, help="results/downstream/data/{arm}/fold{k}.npz")
     p.add_argument("--params", type=_json, default={}, help="the config's downstream section as JSON")
     p.add_argument("--out", required=True)
+    p.add_argument("--memorisation", help="TSV of each synthetic slice's nearest-neighbour score to its generator's "
+                                          "training patients and to the fold's test patients (arms B, C; others: "
+                                          "the header only)")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("leakage", help="the audits of every arm and fold in one table")

@@ -3,6 +3,7 @@ checked against their schemas."""
 
 import contextlib
 import functools
+import hashlib
 import os
 from importlib import resources
 from pathlib import Path
@@ -34,6 +35,15 @@ def write_tsv(frame: pd.DataFrame, path):
 
 def read_tsv(path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t", dtype={"scan_id": str, "patient_id": str})
+
+
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes (a model file's identity: what sampling records and the audit checks)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 # The contract files between stages and their schemas (src/nodulesynth/schemas/{name}.schema.yaml).

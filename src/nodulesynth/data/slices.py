@@ -4,7 +4,8 @@ Arrays: `image` uint8 [N,H,W] (the config's HU window mapped to 0..255: nodulesy
 (see `nodulesynth.labels`), `z` float [N] (mm), `slice_index` int [N] (index in the series,
 ordered by ImagePositionPatient), `has_nodule` bool [N]. Scalars: `scan_id`, `patient_id`,
 `status` ("ok" or "rejected") and `reason`. A rejected scan has N = 0.
-Synthetic stacks (`results/synth/...`) use the same layout.
+Synthetic stacks (`results/synth/...`) use the same layout, plus the `PROVENANCE` scalars of the generator that
+made them (nodulesynth.models.synthesis.generator_provenance), which the leakage audit checks.
 """
 
 from dataclasses import dataclass, field
@@ -12,6 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nodulesynth.io import atomic_path
+
+# A synthetic stack's record of its generator: name (sdm, spade), fold ("0".."k-1", "holdout"), model.pt's sha256.
+PROVENANCE = ("generator", "generator_fold", "model_sha256")
 
 
 @dataclass

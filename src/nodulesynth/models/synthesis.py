@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import torch
 
-from nodulesynth.data.slices import SliceStack, load_slices, save_slices
+from nodulesynth.data.slices import PROVENANCE, SliceStack, load_slices, save_slices
+from nodulesynth.io import file_sha256
 from nodulesynth.labels import NODULE
 from nodulesynth.models.records import progress
 from nodulesynth.models.transplant import choose_maps, nodule_shapes
@@ -87,12 +88,24 @@ def plan_maps(slice_paths, size, seed, mask_source="real", max_slices_per_scan=N
     return MapPlans(slice_paths, size, seed, mask_source, max_slices_per_scan, shapes, nodule_maps_per_scan)
 
 
+def generator_provenance(generator: str, fold, model_path) -> dict:
+    """The `PROVENANCE` of a generator's stacks: its name, its fold ("0".."k-1" or "holdout") and the sha256 of
+    its model file. The leakage audit checks them against results/generators/{generator}/{fold}/model.pt, so
+    that a stack of another fold's or the holdout generator copied into a fold's folder is caught."""
+    if fold is None or not str(fold):
+        raise ValueError(f"{model_path}: sampling needs the generator's fold (0..k-1 or holdout)")
+    return {"generator": str(generator), "generator_fold": str(fold), "model_sha256": file_sha256(model_path)}
+
+
 def write_synthetic(plans, out_dir, size, batch_size, synthesise, extra, desc):
     """Write out_dir/{scan_id}.npz for each plan in the slices layout, one stack at a time; returns the paths.
 
     synthesise(labels long [B,S,S], scan_id, start) -> uint8 [B,S,S]; `extra` is stored with each
-    stack (generator, mask source, sampler settings, seed).
+    stack: the `generator_provenance` keys (required) and the sampling settings (mask source, sampler, seed).
     """
+    missing = [key for key in PROVENANCE if key not in extra]
+    if missing:
+        raise ValueError(f"{desc}: synthetic stacks must record {', '.join(missing)} (see generator_provenance)")
     out_dir = Path(out_dir)
     stacks = len(plans) if hasattr(plans, "__len__") else None
     print(f"{desc}: {stacks if stacks is not None else 'the'} stacks ({extra})", file=sys.stderr)

@@ -174,3 +174,38 @@ def loss_curves(curves) -> bytes:
         ax.axis("off")
     fig.tight_layout()
     return to_png(fig)
+
+
+def memorisation_figure(table, threshold=None) -> bytes:
+    """One panel per generator (rows) and fold (columns): each synthetic slice's nearest-neighbour score to the
+    real slices of its generator's training patients (y) against that to the fold's test patients (x). A
+    generator that memorises its training images puts its slices above the diagonal, near y = 1; `threshold`
+    (the audit's near-duplicate threshold) is drawn as a dashed line on both axes."""
+    generators = sorted(table["generator"].unique())
+    folds = sorted(table["fold"].astype(str).unique(), key=lambda f: (len(f), f))
+    fig = Figure(figsize=(2.4 * len(folds) + 0.6, 2.5 * len(generators)))
+    axes = fig.subplots(len(generators), len(folds), squeeze=False, sharex=True, sharey=True)
+    values = table[["to_train", "to_test"]].to_numpy(float)
+    low = float(np.nanmin(values)) if np.isfinite(values).any() else 0.0
+    low = min(low, threshold if threshold is not None else low) - 0.02
+    for r, generator in enumerate(generators):
+        for c, fold in enumerate(folds):
+            ax = axes[r, c]
+            rows = table[(table["generator"] == generator) & (table["fold"].astype(str) == fold)]
+            ax.plot([low, 1], [low, 1], color="#888888", linewidth=0.8)
+            if threshold is not None:
+                ax.axhline(threshold, color="#cc0000", linewidth=0.6, linestyle="--")
+                ax.axvline(threshold, color="#cc0000", linewidth=0.6, linestyle="--")
+            ax.scatter(rows["to_test"], rows["to_train"], s=6, alpha=0.6, linewidths=0,
+                       color=ARM_COLOURS["C" if generator == "sdm" else "B"])
+            ax.set_xlim(low, 1.005)
+            ax.set_ylim(low, 1.005)
+            ax.set_title(f"{generator.upper()}, fold {fold} ({len(rows)})", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            if r == len(generators) - 1:
+                ax.set_xlabel("to test patients", fontsize=8)
+            if c == 0:
+                ax.set_ylabel("to training patients", fontsize=8)
+    fig.tight_layout()
+    return to_png(fig)

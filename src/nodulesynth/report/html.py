@@ -326,6 +326,10 @@ def report_context(results_dir, config: dict) -> dict:
     figs["froc"] = _figure(figures.froc_figure, curves, points) if curves or points else None
     losses = inputs.read_loss_curves(results_dir)
     figs["loss"] = _figure(figures.loss_curves, losses) if losses else None
+    memorised = inputs.read_memorisation(results_dir)
+    near_duplicate = ((config or {}).get("downstream") or {}).get("near_duplicate_threshold")
+    figs["memorisation"] = (_figure(figures.memorisation_figure, memorised, near_duplicate)
+                            if memorised is not None else None)
 
     controls = inputs.read_controls(results_dir)
     counts = counts_table(inputs.read_counts(results_dir, "detection"))

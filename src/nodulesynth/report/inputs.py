@@ -208,6 +208,20 @@ def _heldout_folds(results_dir) -> list:
     return sorted((f for f in folds if f.isdigit()), key=int)
 
 
+def read_memorisation(results_dir):
+    """The audit's memorisation scores of arms B and C (results/audit/{arm}/fold{k}.memorisation.tsv: generator,
+    fold, scan_id, slice_index, to_train, to_test per synthetic slice), or None when there are none."""
+    tables = []
+    for arm, generator in ARMS.items():
+        if generator is None:
+            continue
+        for path in sorted((Path(results_dir) / "audit" / arm).glob("fold*.memorisation.tsv")):
+            table = read_table(path, ("generator", "fold", "to_train", "to_test"))
+            if len(table):
+                tables.append(table)
+    return pd.concat(tables, ignore_index=True) if tables else None
+
+
 def grid_slices(results_dir):
     """For the image grid (Figure 1): a nodule slice and a nodule-free slice of a test patient of the first fold
     that has one, with the images that fold's own generators (which never saw the patient) made from its maps

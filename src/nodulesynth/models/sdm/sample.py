@@ -12,7 +12,7 @@ from nodulesynth.models.sdm.diffusion import GaussianDiffusion
 from nodulesynth.models.sdm.options import SDMOptions
 from nodulesynth.models.sdm.samplers import guided_model, randn, sample
 from nodulesynth.models.sdm.unet import SDMUNet
-from nodulesynth.models.synthesis import plan_maps, scan_seed, to_uint8, write_synthetic
+from nodulesynth.models.synthesis import generator_provenance, plan_maps, scan_seed, to_uint8, write_synthetic
 
 
 def load_sdm(model_path, device="auto", channels_last: bool | None = None):
@@ -72,8 +72,11 @@ def batch_generator(seed: int, scan_id: str, start: int) -> torch.Generator:
 
 def sample_sdm(model_path, slice_paths, out_dir, sampler=None, steps=None, guidance_scale=None, seed=0,
                mask_source="real", max_slices_per_scan=None, batch_size=None, device="auto", eta=None,
-               shape_paths=None, nodule_maps_per_scan=0) -> list:
+               shape_paths=None, nodule_maps_per_scan=0, *, fold) -> list:
     """Synthesise one stack per input stack: out_dir/{scan_id}.npz in the slices layout.
+
+    fold: the generator's fold ("0".."k-1" or "holdout"), recorded with the model file's sha256 in each
+    stack (synthesis.generator_provenance) for the leakage audit.
 
     `image` is the synthetic slice and `label` the map that conditioned it, both at the model's
     resolution; z, slice_index and has_nodule follow the maps. mask_source "real" uses the stacks'
@@ -93,7 +96,7 @@ def sample_sdm(model_path, slice_paths, out_dir, sampler=None, steps=None, guida
         return sample_images(model, diffusion, labels, sampler, steps, guidance_scale,
                              batch_generator(seed, scan_id, start), eta=eta)
 
-    extra = {"generator": "sdm", "mask_source": mask_source, "sampler": sampler, "steps": steps,
-             "guidance_scale": guidance_scale, "seed": seed}
+    extra = {**generator_provenance("sdm", fold, model_path), "mask_source": mask_source, "sampler": sampler,
+             "steps": steps, "guidance_scale": guidance_scale, "seed": seed}
     return write_synthetic(plans, out_dir, options.image_size, int(batch_size or options.sample_batch_size),
                            synthesise, extra, f"sdm sample on {next(model.parameters()).device}")

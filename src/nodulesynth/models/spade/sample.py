@@ -13,7 +13,7 @@ from nodulesynth.labels import NUM_CLASSES
 from nodulesynth.models.checkpoints import load_checkpoint
 from nodulesynth.models.data import one_hot
 from nodulesynth.models.device import pick_device
-from nodulesynth.models.synthesis import plan_maps, to_uint8, write_synthetic
+from nodulesynth.models.synthesis import generator_provenance, plan_maps, to_uint8, write_synthetic
 
 from .networks import SPADEGenerator
 from .options import SPADEOptions
@@ -44,8 +44,11 @@ def generate(generator: SPADEGenerator, labels) -> np.ndarray:
 
 
 def sample_spade(model_path, slice_paths, out_dir, seed=0, mask_source="real", max_slices_per_scan=None,
-                 batch_size=None, device="auto", shape_paths=None, nodule_maps_per_scan=0) -> list:
+                 batch_size=None, device="auto", shape_paths=None, nodule_maps_per_scan=0, *, fold) -> list:
     """Synthesise one stack per input stack: out_dir/{scan_id}.npz in the slices layout.
+
+    fold: the generator's fold ("0".."k-1" or "holdout"), recorded with the model file's sha256 in each
+    stack (synthesis.generator_provenance) for the leakage audit.
 
     `image` is the synthetic slice and `label` the map that produced it, both at the model's
     resolution; z, slice_index and has_nodule follow the maps. mask_source "real" uses the
@@ -55,7 +58,7 @@ def sample_spade(model_path, slice_paths, out_dir, seed=0, mask_source="real", m
     generator, options = load_spade(model_path, device)
     plans = plan_maps([Path(p) for p in slice_paths], options.image_size, seed, mask_source,
                       max_slices_per_scan, shape_paths, nodule_maps_per_scan)
-    extra = {"generator": "spade", "mask_source": mask_source, "seed": seed}
+    extra = {**generator_provenance("spade", fold, model_path), "mask_source": mask_source, "seed": seed}
     return write_synthetic(plans, out_dir, options.image_size, int(batch_size or options.sample_batch_size),
                            lambda labels, scan_id, start: generate(generator, labels), extra,
                            f"spade sample on {next(generator.parameters()).device}")
