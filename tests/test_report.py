@@ -302,7 +302,7 @@ def test_missing_required_inputs_fail_naming_the_file(tmp_path):
     write_required(root, np.random.default_rng(2))
     tests_path = root / "stats" / "localization_tests.tsv"
     pd.read_csv(tests_path, sep="\t").drop(columns="wilcoxon_p").to_csv(tests_path, sep="\t", index=False)
-    with pytest.raises(KeyError, match=r"localization_tests\.tsv.*wilcoxon_p"):
+    with pytest.raises(ValueError, match=r"localization_tests\.tsv: missing column\(s\) \['wilcoxon_p'\]"):
         report_context(root, CONFIG)
     shutil.rmtree(root / "downstream" / "detection" / "B")
     with pytest.raises(FileNotFoundError, match=r"detection/B.*metrics\.json"):

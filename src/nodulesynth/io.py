@@ -37,6 +37,21 @@ def read_tsv(path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t", dtype={"scan_id": str, "patient_id": str})
 
 
+def read_columns(path, columns) -> pd.DataFrame:
+    """A TSV that is no contract table (those have schemas: `read_table`) but must exist and hold `columns`
+    (read by name; other columns are kept). Texts stay as written: ids are text, "75.00" is not the number 75.0,
+    "n/a" is not a missing value."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    table = pd.read_csv(path, sep="\t", keep_default_na=False, na_values=["", "nan", "NaN"],
+                        dtype={c: str for c in ("scan_id", "patient_id", "arm", "metric", "text")})
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing} (has {list(table.columns)})")
+    return table
+
+
 def file_sha256(path) -> str:
     """Hex sha256 of a file's bytes (a model file's identity: what sampling records and the audit checks)."""
     path = Path(path)

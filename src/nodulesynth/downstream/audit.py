@@ -37,7 +37,7 @@ import pandas as pd
 from nodulesynth.data.folds import read_folds
 from nodulesynth.data.slices import PROVENANCE, load_slice_info, load_slices
 from nodulesynth.downstream.datasets import ARMS, CONTROLS, RELABELLED, load_dataset, study_arms
-from nodulesynth.io import file_sha256, read_table, read_tsv, write_tsv
+from nodulesynth.io import file_sha256, read_columns, read_table, write_tsv
 
 HOLDOUT = "holdout"
 CHUNK = 4096        # rows per block of the score matrix: a block is at most CHUNK^2 float32 (64 MiB)
@@ -59,17 +59,6 @@ class LeakageError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- inputs
-
-def _read_table(path, columns) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    frame = read_tsv(path)
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: missing columns {missing}")
-    return frame
-
 
 def fold_of_patient(path) -> dict:
     """patient_id -> fold (as a string, to match the generators' fold names), from folds.tsv."""
@@ -296,7 +285,7 @@ def check_generator(model, fold, directory, folds, manifest):
     scope = f"{model}, fold {fold}"
     if not path.is_file():
         return _row("generator_training", scope, [f"{path}: missing"], "")
-    scans = _read_table(path, ["scan_id", "patient_id"])
+    scans = read_columns(path, ["scan_id", "patient_id"])
     if fold == HOLDOUT:
         return _row("generator_training", scope, [],
                     f"{path}: {scans.patient_id.nunique()} patients; the holdout generator sees all and feeds no arm")

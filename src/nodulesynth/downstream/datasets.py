@@ -18,6 +18,7 @@ identical in every arm of the fold, so the arms are paired). Both are `SliceSet`
 """
 
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -35,6 +36,15 @@ ARMS = {"A": None, "B": "spade", "C": "sdm"}  # the study's arms: arm -> generat
 # harm or null, so N - A <= 0).
 CONTROLS = {"P": "positive", "N": "negative"}
 RELABELLED = "relabelled"  # the `source` of the negative control's added slices
+
+
+def fold_number(path) -> int:
+    """k of a downstream fold's file or folder, `fold<k>` before any suffix (fold3, fold3.npz, fold3.json,
+    fold3.memorisation.tsv): the one reading of these names for every stage."""
+    match = re.fullmatch(r"fold(\d+)", Path(path).name.split(".")[0])
+    if not match:
+        raise ValueError(f"{path}: not named fold<k>")
+    return int(match.group(1))
 
 
 def study_arms(controls: bool = False) -> list[str]:

@@ -7,7 +7,6 @@ Required inputs raise a clear error naming the file; an optional one that is abs
 
 import importlib.metadata
 import json
-import re
 import subprocess
 from dataclasses import fields
 from pathlib import Path
@@ -15,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nodulesynth.downstream.datasets import ARMS, SliceSet, study_arms
-from nodulesynth.io import read_tsv
+from nodulesynth.downstream.datasets import ARMS, SliceSet, fold_number, study_arms
+from nodulesynth.data.folds import read_folds
+from nodulesynth.io import read_columns, read_tsv
 
 TASKS = ("detection", "localization")
 SUMMARY_COLUMNS = ("arm", "metric", "mean", "sd", "text")
@@ -34,27 +34,6 @@ GENERATORS = ("sdm", "spade")
 
 # ---------------------------------------------------------------- required: metrics and statistics
 
-def read_table(path, columns) -> pd.DataFrame:
-    """A TSV that must exist and hold `columns` (read by name; other columns are kept)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: required input is missing")
-    # texts stay as written ("75.00" is not the number 75.0, "n/a" is not a missing value)
-    table = pd.read_csv(path, sep="\t", keep_default_na=False, na_values=["", "nan", "NaN"],
-                        dtype={c: str for c in ("scan_id", "patient_id", "arm", "metric", "text")})
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise KeyError(f"{path}: missing column(s) {missing} (has {list(table.columns)})")
-    return table
-
-
-def fold_of(path) -> int:
-    match = re.fullmatch(r"fold(\d+)", Path(path).name)
-    if not match:
-        raise ValueError(f"{path}: folder name is not fold<k>")
-    return int(match.group(1))
-
-
 def _metrics_rows(path, arm) -> list[tuple]:
     """(arm, fold, metric, value) of one metrics.json's numbers."""
     try:
@@ -63,7 +42,7 @@ def _metrics_rows(path, arm) -> list[tuple]:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(metrics, dict):
         raise ValueError(f"{path}: expected one flat JSON object")
-    return [(arm, fold_of(path.parent), metric, float(value)) for metric, value in metrics.items()
+    return [(arm, fold_number(path.parent), metric, float(value)) for metric, value in metrics.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)]
 
 
@@ -75,10 +54,10 @@ def read_metrics(results_dir, task) -> pd.DataFrame:
     rows, folds_by_arm = [], {}
     for arm in ARMS:
         arm_dir = Path(results_dir) / "downstream" / task / arm
-        paths = sorted(arm_dir.glob("fold*/metrics.json"), key=lambda p: fold_of(p.parent))
+        paths = sorted(arm_dir.glob("fold*/metrics.json"), key=lambda p: fold_number(p.parent))
         if not paths:
             raise FileNotFoundError(f"{arm_dir}: no fold*/metrics.json (task {task}, arm {arm}): required input")
-        folds_by_arm[arm] = [fold_of(p.parent) for p in paths]
+        folds_by_arm[arm] = [fold_number(p.parent) for p in paths]
         for path in paths:
             rows += _metrics_rows(path, arm)
     reference = folds_by_arm["A"]
@@ -92,8 +71,8 @@ def read_metrics(results_dir, task) -> pd.DataFrame:
 def read_stats(results_dir, task):
     """(summary, tests) tables of one task from results/stats/."""
     stats_dir = Path(results_dir) / "stats"
-    summary = read_table(stats_dir / f"{task}_summary.tsv", SUMMARY_COLUMNS)
-    tests = read_table(stats_dir / f"{task}_tests.tsv", TESTS_COLUMNS)
+    summary = read_columns(stats_dir / f"{task}_summary.tsv", SUMMARY_COLUMNS)
+    tests = read_columns(stats_dir / f"{task}_tests.tsv", TESTS_COLUMNS)
     summary["arm"], tests["arm"] = summary["arm"].astype(str), tests["arm"].astype(str)
     tests["baseline"] = tests["baseline"].astype(str)
     return summary, tests
@@ -102,7 +81,7 @@ def read_stats(results_dir, task):
 def read_controls(results_dir):
     """results/stats/controls.tsv (written where the control arms ran), or None when absent."""
     path = Path(results_dir) / "stats" / "controls.tsv"
-    return read_table(path, CONTROLS_COLUMNS) if path.is_file() else None
+    return read_columns(path, CONTROLS_COLUMNS) if path.is_file() else None
 
 
 def read_counts(results_dir, task) -> pd.DataFrame:
@@ -122,7 +101,7 @@ def read_predictions(results_dir, task, arm, fold):
     path = Path(results_dir) / "downstream" / task / arm / f"fold{fold}" / "predictions.tsv"
     if not path.is_file():
         return None
-    return read_table(path, PREDICTION_COLUMNS[task])
+    return read_columns(path, PREDICTION_COLUMNS[task])
 
 
 def read_test_set(results_dir, fold, arm="A"):
@@ -144,7 +123,7 @@ def read_loss_curves(results_dir) -> dict:
     curves = {}
     for generator in GENERATORS:
         for path in sorted((Path(results_dir) / "generators" / generator).glob("*/loss.tsv")):
-            table = read_table(path, ("step",))
+            table = read_columns(path, ("step",))
             if len(table):
                 curves.setdefault(generator, {})[path.parent.name] = table
     return curves
@@ -180,13 +159,13 @@ def read_realism(results_dir):
     reads as NaN."""
     rows = []
     paths = (Path(results_dir) / "downstream" / "realism").glob("fold*.json")
-    for path in sorted(paths, key=lambda p: fold_of(p.with_suffix(""))):
+    for path in sorted(paths, key=lambda p: fold_number(p)):
         values = json.loads(path.read_text())
         required = ["n_nodule", "fd_nodule_real_train"] + [f"fd_nodule_{g}" for g in GENERATORS]
         missing = [k for k in required if k not in values]
         if missing:
             raise KeyError(f"{path}: missing key(s) {missing}")
-        row = {"fold": fold_of(path.with_suffix(""))}
+        row = {"fold": fold_number(path)}
         for name in (c for c in REALISM_CLASSES if f"n_{c}" in values):
             words = name.replace("_", "-")
             floor = values[f"fd_{name}_real_train"]
@@ -216,7 +195,7 @@ def read_memorisation(results_dir):
         if generator is None:
             continue
         for path in sorted((Path(results_dir) / "audit" / arm).glob("fold*.memorisation.tsv")):
-            table = read_table(path, ("generator", "fold", "to_train", "to_test"))
+            table = read_columns(path, ("generator", "fold", "to_train", "to_test"))
             if len(table):
                 tables.append(table)
     return pd.concat(tables, ignore_index=True) if tables else None
@@ -235,7 +214,7 @@ def grid_slices(results_dir):
     folds_tsv = results_dir / "folds" / "folds.tsv"
     fold_of_patient = None
     if folds_tsv.is_file():
-        table = read_table(folds_tsv, ("patient_id", "fold"))
+        table = read_folds(folds_tsv)
         fold_of_patient = dict(zip(table["patient_id"].astype(str), table["fold"].astype(int)))
     for fold in _heldout_folds(results_dir):
         for sdm_path in sorted((results_dir / "synth_heldout" / "sdm" / fold).glob("*.npz")):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from nodulesynth.downstream.datasets import ARMS as ARM_GENERATORS
-from nodulesynth.downstream.datasets import CONTROLS
-from nodulesynth.io import read_tsv
+from nodulesynth.downstream.datasets import CONTROLS, fold_number
+from nodulesynth.io import read_columns
 
 TASKS = ("detection", "localization")
 ARMS = tuple(ARM_GENERATORS)  # the study's arms: A real, B + SPADE, C + SDM (its summary tables show these)
@@ -22,7 +22,6 @@ PREDICTION_COLUMNS = {
     "detection": ("scan_id", "patient_id", "slice_index", "source", "label", "score"),
     "localization": ("scan_id", "patient_id", "slice_index", "x0", "y0", "x1", "y1", "score"),
 }
-_FOLD_DIR = re.compile(r"^fold(\d+)$")
 
 # Metrics that are fractions in 0..1 (shown in percent); every other metric (slice counts, tp/fp/...) is shown as is.
 # FROC sensitivities and their mean, the CPM, are fractions of nodules found, so they are proportions too.
@@ -44,12 +43,15 @@ def parse_result_path(path, filename: str = "metrics.json") -> tuple[str, str, i
     if len(parts) < 4 or parts[-1] != filename:
         raise ValueError(f"{path}: not a downstream result file (expected {layout})")
     task, arm, fold_dir = parts[-4], parts[-3], parts[-2]
-    fold = _FOLD_DIR.match(fold_dir)
+    try:
+        fold = fold_number(fold_dir)
+    except ValueError:
+        fold = None
     if task not in TASKS or arm not in ARMS + CONTROL_ARMS or fold is None:
         raise ValueError(f"{path}: unknown layout (expected {layout} with task in {TASKS}, arm in "
                          f"{ARMS + CONTROL_ARMS}); "
                          f"got task={task!r}, arm={arm!r}, fold directory={fold_dir!r}")
-    return task, arm, int(fold.group(1))
+    return task, arm, fold
 
 
 def _check_unique(keys: dict, key, path):
@@ -96,10 +98,7 @@ def load_predictions(paths) -> pd.DataFrame:
     for path in sorted(Path(p) for p in paths):
         key = parse_result_path(path, "predictions.tsv")
         _check_unique(seen, key, path)
-        frame = read_tsv(path)
-        missing = [c for c in PREDICTION_COLUMNS[key[0]] if c not in frame.columns]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing} of a {key[0]} predictions.tsv")
+        frame = read_columns(path, PREDICTION_COLUMNS[key[0]])
         frames.append(frame.assign(task=key[0], arm=key[1], fold=key[2]))
     if not frames:
         raise ValueError("load_predictions: no predictions.tsv files given")
