@@ -581,6 +581,14 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "device", None) is not None:  # a GPU step: its own GPU, or the CPU where none was given
+            from nodulesynth.models.device import DeviceError, job_device
+
+            try:
+                args.device = job_device(args.device)
+            except (DeviceError, TimeoutError) as err:
+                log.error("%s", err)
+                return 1
         args.func(args)
     except (KeyError, FileNotFoundError, ValueError) as err:
         # Expected input errors get one clear line: a missing file (its message names the path), and a
