@@ -68,10 +68,10 @@ def test_cli_refuses_a_gpu_job_without_a_usable_gpu_in_one_line(tmp_path, monkey
 
 CLAIMER = textwrap.dedent("""
     import sys, time
-    from nodulesynth.models.device import claim_gpu
+    from nodulesynth.models.device import DeviceError, claim_gpu
     try:
         slot = claim_gpu(2, sys.argv[1], timeout=float(sys.argv[2]), poll=0.1)
-    except TimeoutError as error:
+    except DeviceError as error:
         print("timeout:", error, flush=True)
         sys.exit(3)
     print(slot, flush=True)

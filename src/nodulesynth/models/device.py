@@ -111,7 +111,7 @@ def claim_gpu(n_slots: int, directory=None, timeout: float | None = None, names=
     `names`: the lock file of each slot (default: the slot's device in CUDA_VISIBLE_DEVICES, so that two runs
     that see the same GPU under other indices still take turns on it). Where all are held, waits for one
     (Snakemake starts at most `--resources gpu=N` GPU jobs, so the wait is short), up to `timeout` seconds
-    (None: for ever), then raises TimeoutError naming the lock folder.
+    (None: for ever), then raises DeviceError naming the lock folder.
     """
     if n_slots < 1:
         raise ValueError(f"claim_gpu needs at least one slot, got {n_slots}")
@@ -140,7 +140,7 @@ def claim_gpu(n_slots: int, directory=None, timeout: float | None = None, names=
             return slot
         waited = time.monotonic() - start
         if timeout is not None and waited >= timeout:
-            raise TimeoutError(f"all {n_slots} GPU slot(s) stayed held by other jobs for {waited:.0f} s "
+            raise DeviceError(f"all {n_slots} GPU slot(s) stayed held by other jobs for {waited:.0f} s "
                                f"(lock files in {directory}; each holds its job's process id)")
         if not told:
             print(f"waiting for a free GPU: all {n_slots} slot(s) in {directory} are held", file=sys.stderr)
