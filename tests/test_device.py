@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from nodulesynth.models.device import (SLOTS_VARIABLE, DeviceError, claim_gpu, gpu_request, pick_device,
-                                       visible_devices)
+from nodulesynth.models.device import (SLOTS_VARIABLE, DeviceError, claim_gpu, gpu_request, job_device,
+                                       pick_device, visible_devices)
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a usable GPU")
 
@@ -54,6 +54,10 @@ def test_auto_is_the_cpu_only_where_no_gpu_was_asked_for():
         assert "--device cpu" in message and "\n" not in message
     with pytest.raises(DeviceError, match="'cuda:1' requested but CUDA is not available"):
         pick_device("cuda:1", environ={})
+    # A workflow job (the CLI's job_device): the same rules, and no GPU slot claimed for the CPU.
+    assert job_device("auto", environ={}) == "cpu" == job_device("cpu", environ={SLOTS_VARIABLE: "2"})
+    with pytest.raises(DeviceError, match="--resources gpu=2"):
+        job_device("auto", environ={SLOTS_VARIABLE: "2"})
 
 
 @needs_no_cuda

@@ -160,7 +160,8 @@ def job_device(requested: str = "auto", environ=None, timeout: float | None = No
     device = pick_device(requested, environ)
     if device.type != "cuda" or device.index is not None or requested not in ("auto", "cuda"):
         return str(device)
-    if any(environ.get(name) for name in SLURM_GPU_VARIABLES):
+    if any(environ.get(name) for name in SLURM_GPU_VARIABLES + ("SLURM_JOB_ID", "SLURM_STEP_ID")):
+        # SLURM gives a job its own GPUs (and may number them from 0 in every job): slots would only collide.
         return "cuda"
     slots = int(environ.get(SLOTS_VARIABLE) or 0) or torch.cuda.device_count()
     slot = claim_gpu(slots, timeout=timeout)
