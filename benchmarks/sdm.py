@@ -41,7 +41,7 @@ from nodulesynth.models.sdm.unet import set_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(image_size=32, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
-             num_head_channels=16, spade_hidden=16, batch_size=8)
+             num_head_channels=16, spade_hidden=16, batch_size=8, grad_checkpoint=False)
 
 
 def parse_args(argv=None):

@@ -11,5 +11,6 @@ version=$(grep -E '^mmcv==' "$NODULESYNTH_ROOT/requirements.lock" | cut -d= -f3)
 plan=$(python "$NODULESYNTH_ROOT/scripts/mmcv_build.py" plan --mmcv-version "$version")
 eval "$plan"
 echo "mmlab env: mmcv $([ "$mmcv_cuda_ops" = 1 ] && echo "with CUDA ops" || echo "CPU-only"): $mmcv_reason"
-MAX_JOBS=${MAX_JOBS:-$(nproc)} pip install --no-cache-dir --no-build-isolation -c "$NODULESYNTH_ROOT/requirements.lock" mmcv
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+pip install --no-cache-dir --no-build-isolation -c "$NODULESYNTH_ROOT/requirements.lock" mmcv
 python "$NODULESYNTH_ROOT/scripts/mmcv_build.py" check --cuda-ops "$mmcv_cuda_ops"

@@ -26,12 +26,14 @@ install_mmcv() (
     --installed "$(cat "$env/.mmcv-key" 2>/dev/null || true)")
   eval "$plan"
   [ "$mmcv_install" = 1 ] || exit 0
-  ops=$([ "$mmcv_cuda_ops" = 1 ] && echo "with CUDA ops" || echo "CPU-only (no CUDA ops: localize cannot train on a GPU)")
+  ops="CPU-only (no CUDA ops: localize cannot train on a GPU)"
+  [ "$mmcv_cuda_ops" = 1 ] && ops="with CUDA ops"
   echo "setup-env: mmcv $mmcv_version $ops: $mmcv_reason"
   wheels="$cache/wheels/$mmcv_key"
   (
     flock 9
-    "$env/bin/python" scripts/mmcv_build.py adopt --wheels "$cache/wheels" --key "$mmcv_key" --mmcv-version "$mmcv_version"
+    "$env/bin/python" scripts/mmcv_build.py adopt --wheels "$cache/wheels" --key "$mmcv_key" \
+      --mmcv-version "$mmcv_version"
     if ! ls "$wheels"/mmcv-"$mmcv_version"-*.whl >/dev/null 2>&1; then
       echo "setup-env: building $mmcv_key (CPU-only: about 10 minutes on 2 cores; CUDA ops: an hour or more)"
       mkdir -p "$wheels"

@@ -1,13 +1,13 @@
 """How much GPU memory one SDM training step needs, estimated without allocating it.
 
-The network runs one forward pass on fake tensors (torch's FakeTensorMode: shapes and dtypes, no data),
-under bf16 autocast where the training would use it, and every tensor autograd saves for the backward pass
-is counted once (by its storage; weights aside). With gradient checkpointing a residual block keeps only its
-input, and recomputes its own saved tensors, one block at a time, in the backward pass (this module composes
-that from the counts of a forward pass without checkpointing, attributed to the block that saved them). To the activations
-add the persistent state: per parameter fp32 weights, gradients, Adam's two moments and the EMA copy
-(20 bytes). What this leaves out (the backward pass's transient gradients, cuDNN workspaces, the allocator's
-fragmentation) is why a measured peak is higher: benchmarks/sdm.py prints both where a GPU exists.
+The network runs one forward pass on fake tensors (torch's FakeTensorMode: shapes and dtypes, no data), under
+bf16 autocast where the training would use it, and every tensor autograd saves for the backward pass is counted
+once (by its storage; weights aside). With gradient checkpointing a residual block keeps only its input, and
+recomputes its own saved tensors, one block at a time, in the backward pass (composed here from the counts of a
+pass without checkpointing, each attributed to the block that saved it). To the activations add the persistent
+state: per parameter fp32 weights, gradients, Adam's two moments and the EMA copy (20 bytes). What this leaves
+out (the backward pass's transient gradients, cuDNN workspaces, the allocator's fragmentation) is why a measured
+peak is higher: benchmarks/sdm.py --memory prints both where a GPU exists.
 """
 
 from dataclasses import dataclass
