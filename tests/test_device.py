@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nodulesynth.models.device import (SLOTS_VARIABLE, DeviceError, claim_gpu, gpu_request, job_device,
-                                       pick_device, visible_devices)
+                                       local_gpu_count, pick_device, visible_devices)
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a usable GPU")
 
@@ -33,10 +33,18 @@ def test_what_gives_a_job_a_gpu(environ, asked):
     assert gpu_request(environ) == asked
 
 
-def test_visible_devices():
+def test_visible_devices_and_the_gpus_a_local_run_shares(tmp_path):
     assert visible_devices({}) is None
     assert visible_devices({"CUDA_VISIBLE_DEVICES": "2, 3"}) == ["2", "3"]
     assert visible_devices({"CUDA_VISIBLE_DEVICES": "-1"}) == []
+    # The count the Snakefile registers as the `gpu` resource of a local run that gives none.
+    assert local_gpu_count({"CUDA_VISIBLE_DEVICES": "0,1"}) == 2
+    assert local_gpu_count({"CUDA_VISIBLE_DEVICES": ""}) == 0
+    assert local_gpu_count({"PATH": str(tmp_path)}) == 0  # no driver, no nvidia-smi
+    smi = tmp_path / "nvidia-smi"  # the driver's own listing, as a two-GPU machine prints it
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-a)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-b)'\n")
+    smi.chmod(0o755)
+    assert local_gpu_count({"PATH": str(tmp_path)}) == 2
 
 
 @needs_no_cuda

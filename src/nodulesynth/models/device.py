@@ -13,12 +13,14 @@
 import fcntl
 import os
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+# torch is imported where it is used: the Snakefile reads `local_gpu_count` from here without it.
 
 SLOTS_VARIABLE = "NODULESYNTH_GPU_SLOTS"      # GPUs of this machine the run shares (`--resources gpu=N`)
 LOCK_DIR_VARIABLE = "NODULESYNTH_GPU_LOCK_DIR"
@@ -60,8 +62,27 @@ def gpu_request(environ=None) -> str | None:
     return None
 
 
+def local_gpu_count(environ=None) -> int:
+    """The NVIDIA GPUs a local run may use, without torch: CUDA_VISIBLE_DEVICES's entries where it is set, else the
+    lines of `nvidia-smi -L`; 0 where there is no driver."""
+    environ = os.environ if environ is None else environ
+    visible = visible_devices(environ)
+    if visible is not None:
+        return len(visible)
+    smi = shutil.which("nvidia-smi", path=environ.get("PATH"))
+    if not smi:
+        return 0
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines()) if listed.returncode == 0 else 0
+
+
 def cuda_unavailable_reason() -> str:
     """Why torch cannot use CUDA here, from torch's own initialisation error."""
+    import torch
+
     if not torch.backends.cuda.is_built():
         return f"torch {torch.__version__} is a CPU-only build"
     try:
@@ -71,10 +92,12 @@ def cuda_unavailable_reason() -> str:
     return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU"
 
 
-def pick_device(requested: str = "auto", environ=None) -> torch.device:
+def pick_device(requested: str = "auto", environ=None) -> "torch.device":
     """"auto": CUDA where torch can use it; the CPU only where this job was given no GPU (`gpu_request`).
     Anything else is taken literally, an index included; a CUDA index becomes the current device, so that
     libraries that say only "cuda" (mmengine, autocast, AMP's scaler) use the same one."""
+    import torch
+
     requested = str(requested or "auto")
     if requested == "auto":
         if torch.cuda.is_available():
@@ -155,6 +178,8 @@ def job_device(requested: str = "auto", environ=None, timeout: float | None = No
     (NODULESYNTH_GPU_SLOTS, else all that torch sees) and becomes "cuda:<slot>"; under SLURM the job's GPUs are
     its own already ("cuda"). "cpu" and an indexed "cuda:N" are taken as they are.
     """
+    import torch
+
     environ = os.environ if environ is None else environ
     requested = str(requested or "auto")
     device = pick_device(requested, environ)
