@@ -27,7 +27,7 @@ needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the
     ({"SLURM_GPUS_ON_NODE": "0"}, None),
     ({"CUDA_VISIBLE_DEVICES": "1"}, "CUDA_VISIBLE_DEVICES=1"),
     ({"SLURM_JOB_GPUS": "3"}, "SLURM_JOB_GPUS=3"),
-    ({SLOTS_VARIABLE: "2"}, f"{SLOTS_VARIABLE}=2 (snakemake --resources gpu=2)"),
+    ({SLOTS_VARIABLE: "2"}, f"{SLOTS_VARIABLE}=2: the workflow's gpu resource, 2 GPU(s) of this machine"),
 ])
 def test_what_gives_a_job_a_gpu(environ, asked):
     assert gpu_request(environ) == asked
@@ -54,7 +54,7 @@ def test_auto_is_the_cpu_only_where_no_gpu_was_asked_for():
     assert pick_device("cpu", environ={"CUDA_VISIBLE_DEVICES": "0"}) == torch.device("cpu")  # on purpose
     for environ, named in (({"CUDA_VISIBLE_DEVICES": "0"}, "CUDA_VISIBLE_DEVICES=0"),
                            ({"SLURM_STEP_GPUS": "1"}, "SLURM_STEP_GPUS=1"),
-                           ({SLOTS_VARIABLE: "2"}, "--resources gpu=2")):
+                           ({SLOTS_VARIABLE: "2"}, "gpu resource, 2 GPU(s)")):
         with pytest.raises(DeviceError) as refused:
             pick_device("auto", environ=environ)
         message = str(refused.value)
@@ -64,7 +64,7 @@ def test_auto_is_the_cpu_only_where_no_gpu_was_asked_for():
         pick_device("cuda:1", environ={})
     # A workflow job (the CLI's job_device): the same rules, and no GPU slot claimed for the CPU.
     assert job_device("auto", environ={}) == "cpu" == job_device("cpu", environ={SLOTS_VARIABLE: "2"})
-    with pytest.raises(DeviceError, match="--resources gpu=2"):
+    with pytest.raises(DeviceError, match="gpu resource, 2 GPU"):
         job_device("auto", environ={SLOTS_VARIABLE: "2"})
 
 

@@ -1,7 +1,7 @@
 """Which torch device a GPU job runs on: its own GPU when it was given one, the CPU only where none was.
 
-- `gpu_request`: whether this job was given a GPU (Snakemake's `--resources gpu=N`, passed on as
-  NODULESYNTH_GPU_SLOTS; CUDA_VISIBLE_DEVICES; SLURM's GPU variables), in words.
+- `gpu_request`: whether this job was given a GPU (the workflow's `gpu` resource, `--resources gpu=N` or the GPUs
+  the driver lists, passed on as NODULESYNTH_GPU_SLOTS; CUDA_VISIBLE_DEVICES; SLURM's GPU variables), in words.
 - `pick_device`: "auto" is CUDA where torch can use it, the CPU where no GPU was asked for, and otherwise an
   error that says why torch cannot use the GPU (a driver older than the pinned torch's CUDA, most often).
 - `claim_gpu` / `job_device`: one GPU per job on a machine that runs several at once. Each job holds an
@@ -22,7 +22,7 @@ from pathlib import Path
 
 # torch is imported where it is used: the Snakefile reads `local_gpu_count` from here without it.
 
-SLOTS_VARIABLE = "NODULESYNTH_GPU_SLOTS"      # GPUs of this machine the run shares (`--resources gpu=N`)
+SLOTS_VARIABLE = "NODULESYNTH_GPU_SLOTS"      # GPUs of this machine the run shares (rules/common.smk sets it)
 LOCK_DIR_VARIABLE = "NODULESYNTH_GPU_LOCK_DIR"
 SLURM_GPU_VARIABLES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE",
                        "SLURM_GPUS_PER_TASK")
@@ -52,7 +52,7 @@ def gpu_request(environ=None) -> str | None:
     environ = os.environ if environ is None else environ
     slots = environ.get(SLOTS_VARIABLE, "").strip()
     if slots and slots != "0":
-        return f"{SLOTS_VARIABLE}={slots} (snakemake --resources gpu={slots})"
+        return f"{SLOTS_VARIABLE}={slots}: the workflow's gpu resource, {slots} GPU(s) of this machine"
     for name in SLURM_GPU_VARIABLES:
         value = environ.get(name, "").strip()
         if value and value not in ("0", "(null)", "N/A"):
@@ -133,7 +133,7 @@ def claim_gpu(n_slots: int, directory=None, timeout: float | None = None, names=
 
     `names`: the lock file of each slot (default: the slot's device in CUDA_VISIBLE_DEVICES, so that two runs
     that see the same GPU under other indices still take turns on it). Where all are held, waits for one
-    (Snakemake starts at most `--resources gpu=N` GPU jobs, so the wait is short), up to `timeout` seconds
+    (Snakemake starts at most as many GPU jobs as its `gpu` resource, so the wait is short), up to `timeout` seconds
     (None: for ever), then raises DeviceError naming the lock folder.
     """
     if n_slots < 1:
