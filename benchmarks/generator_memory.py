@@ -33,7 +33,7 @@ TARGET_RATIO, TARGET_BYTES = 1.3, 3e9
 NETWORK = dict(image_size=256, model_channels=16, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=1,
                attention_resolutions=(8,), num_head_channels=16, spade_hidden=16, diffusion_steps=100,
                sample_steps=10, batch_size=2, finetune_steps=0, log_every=1, checkpoint_every=1000, bf16=False,
-               channels_last=False)
+               channels_last=False, grad_checkpoint=False)
 
 
 def write_cohort(folder: Path, slices: int, per_stack: int, size: int, seed: int = 0) -> list:

@@ -10,6 +10,13 @@ samplers on those stacks' lesion maps (paired per map, against the last one).
 
   python benchmarks/sdm.py                                   # small CPU defaults, a minute or two
   python benchmarks/sdm.py --config config.yaml --device cuda --image-size 256 --batch-size 16
+  python benchmarks/sdm.py --memory                          # estimated peak: the demo and the paper's defaults
+  python benchmarks/sdm.py --memory --paper --device cuda    # ... and the measured peak of the paper's defaults
+
+--memory prints the training memory model (nodulesynth.models.sdm.memory: a fake-tensor count of what
+autograd keeps, plus weights, gradients, Adam and EMA) for the demo config and the schema defaults (the
+paper's), with and without gradient checkpointing and micro-batches; on a CUDA device it also trains a few
+steps of each config (--config, or with --paper the schema defaults) and prints the measured peak beside.
 
 The network, diffusion and loss are the ones `train_sdm` uses (Trainer.train_step), on random
 images/maps of the configured size: throughput does not depend on the content.
@@ -32,8 +39,9 @@ from nodulesynth.models.synthesis import resize_labels
 from nodulesynth.models.sdm.train import Trainer
 from nodulesynth.models.sdm.unet import set_attention
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(image_size=32, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
-             num_head_channels=16, spade_hidden=16, batch_size=8)
+             num_head_channels=16, spade_hidden=16, batch_size=8, grad_checkpoint=False)
 
 
 def parse_args(argv=None):
@@ -63,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--fidelity-maps", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for torch (1 is best on a shared machine)")
+    p.add_argument("--memory", action="store_true", help="print the estimated (and on CUDA measured) training "
+                                                         "peak memory instead of the speed comparison")
+    p.add_argument("--paper", action="store_true", help="with --memory on CUDA: measure the schema defaults too")
     args = p.parse_args(argv)
     if args.model and not args.slices:
         p.error("--model needs --slices")  # before the timings, not after them
@@ -181,11 +192,61 @@ def fidelity_comparison(args, device):
             print(f"{'  delta':<29}" + "".join(f"{c:>15}" for c in cells))
 
 
+def schema_defaults() -> SDMOptions:
+    """The `sdm:` defaults of schemas/config.schema.yaml: the paper's study."""
+    schema = yaml.safe_load((ROOT / "schemas" / "config.schema.yaml").read_text())
+    return SDMOptions.from_config({k: v["default"] for k, v in schema["properties"]["sdm"]["properties"].items()})
+
+
+def measured_peak(options, device, steps=2) -> float:
+    """GiB: the CUDA allocator's peak over `steps` training steps (after one untimed step)."""
+    data = random_data(options, count=max(64, options.batch_size))
+    trainer = Trainer(data, options, device)
+    trainer.train_step()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(steps):
+        trainer.train_step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    del trainer
+    torch.cuda.empty_cache()
+    return peak
+
+
+def memory_report(args, device):
+    from nodulesynth.models.sdm.memory import training_memory
+
+    demo = SDMOptions.from_config((yaml.safe_load((ROOT / "config.yaml").read_text()) or {}).get("sdm", {}))
+    paper = schema_defaults()
+    rows = [("demo (config.yaml)", demo), ("paper (schema defaults)", paper),
+            ("paper, no checkpointing", paper.replace(grad_checkpoint=False)),
+            ("paper, one pass of 32, no checkpointing", paper.replace(grad_checkpoint=False, micro_batch_size=None))]
+    if args.config:
+        rows.insert(0, (f"--config {args.config}", options_from(args)))
+    cuda = device.type == "cuda"
+    measure = {rows[0][0]} | ({"paper (schema defaults)"} if args.paper else set())
+    print(f"{'config':<42}{'batch':>6}{'pass':>6}{'ckpt':>6}{'params M':>10}{'state GiB':>11}{'activ. GiB':>12}"
+          f"{'est. peak GiB':>15}" + (f"{'measured GiB':>14}" if cuda else ""))
+    for name, options in rows:
+        estimate = training_memory(options)
+        line = (f"{name:<42}{options.batch_size:>6}{estimate.micro_batch:>6}{str(options.grad_checkpoint):>6}"
+                f"{estimate.parameters / 1e6:>10.1f}{estimate.state_bytes / 2**30:>11.1f}"
+                f"{estimate.activation_bytes / 2**30:>12.1f}{estimate.peak_bytes / 2**30:>15.1f}")
+        if cuda:
+            line += f"{measured_peak(options, device):>14.1f}" if name in measure else f"{'-':>14}"
+        print(line, flush=True)
+    print("estimates: bf16 autocast as on a GPU (sdm.bf16); state = fp32 weights, gradients, Adam, EMA "
+          "(20 bytes a parameter); activations = what autograd keeps for one pass")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    if args.memory:
+        return memory_report(args, device)
     cuda = device.type == "cuda"
     fast = options_from(args)
     plain = fast.replace(bf16=False, channels_last=False, attention="plain")

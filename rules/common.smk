@@ -10,6 +10,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 # envs/*.yaml install the lock and this checkout from here (Snakemake copies env files elsewhere).
 os.environ.setdefault("NODULESYNTH_ROOT", str(Path(workflow.basedir)))
+from nodulesynth.models.device import SLOTS_VARIABLE, local_gpu_count
+
+# The GPUs of this machine that the run's GPU jobs (`gpu=1`) share: `--resources gpu=N`, or in a local run that gives
+# none the GPUs the driver lists, so that Snakemake starts no more GPU jobs than there are GPUs. Each job claims one
+# of them (nodulesynth.models.device.job_device) and stops with the reason where it cannot use it. An environment
+# variable rather than a `params:` entry: the jobs inherit it (Apptainer too), and a run with more or fewer GPUs
+# must not rerun every GPU step as a changed param would. No GPU (the demo, CI): nothing is set.
+_gpu_slots = getattr(workflow.global_resources.get("gpu"), "value", None)
+if not _gpu_slots and workflow.local_exec and not os.environ.get("SLURM_JOB_ID"):
+    _gpu_slots = local_gpu_count()
+    if _gpu_slots:
+        workflow.register_resource("gpu", _gpu_slots)
+if _gpu_slots:
+    os.environ[SLOTS_VARIABLE] = str(int(_gpu_slots))
 from nodulesynth.data.folds import evaluation_scans, has_test_patients, read_folds, training_scans
 from nodulesynth.downstream.datasets import ARMS, study_arms
 from nodulesynth.io import read_table

@@ -3,8 +3,10 @@
 #
 # The environment lives outside the clone, in $NODULESYNTH_CACHE (default ~/.cache/nodulesynth),
 # keyed by the hash of the lock and this script; `.venv` is a link to it. A second call with the
-# same lock reinstalls nothing. mmcv 2.1.0 has no wheel on PyPI: it is built once per machine
-# against the pinned torch and the wheel is kept in the cache.
+# same lock reinstalls nothing. mmcv 2.1.0 has no wheel on PyPI: it is built against the pinned torch,
+# with its CUDA ops wherever a CUDA toolkit of torch's CUDA version is found (NODULESYNTH_MMCV_OPS=cpu: without),
+# and the wheel is kept in the cache under a key of mmcv, torch, CUDA variant and ops (scripts/mmcv_build.py).
+# An environment whose mmcv lacks CUDA ops gets them once a later call can build them (on a GPU node).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -14,26 +16,49 @@ key=$(cat requirements.lock scripts/setup-env.sh | sha256sum | cut -c1-16)
 env="$cache/env-$key"
 mkdir -p "$cache/wheels"
 
+pip="$env/bin/python -m pip --disable-pip-version-check"
+mmcv_version=$(grep -E '^mmcv==' requirements.lock | cut -d= -f3)
+
+# mmcv built (or taken from the cache) as scripts/mmcv_build.py plans it, installed, and checked: in a subshell,
+# so that the build variables (FORCE_CUDA, CUDA_HOME, TORCH_CUDA_ARCH_LIST) reach nothing else.
+install_mmcv() (
+  plan=$("$env/bin/python" scripts/mmcv_build.py plan --mmcv-version "$mmcv_version" \
+    --installed "$(cat "$env/.mmcv-key" 2>/dev/null || true)")
+  eval "$plan"
+  [ "$mmcv_install" = 1 ] || exit 0
+  ops="CPU-only (no CUDA ops: localize cannot train on a GPU)"
+  [ "$mmcv_cuda_ops" = 1 ] && ops="with CUDA ops"
+  echo "setup-env: mmcv $mmcv_version $ops: $mmcv_reason"
+  wheels="$cache/wheels/$mmcv_key"
+  (
+    flock 9
+    "$env/bin/python" scripts/mmcv_build.py adopt --wheels "$cache/wheels" --key "$mmcv_key" \
+      --mmcv-version "$mmcv_version"
+    if ! ls "$wheels"/mmcv-"$mmcv_version"-*.whl >/dev/null 2>&1; then
+      echo "setup-env: building $mmcv_key (CPU-only: about 10 minutes on 2 cores; CUDA ops: an hour or more)"
+      mkdir -p "$wheels"
+      MAX_JOBS=${MAX_JOBS:-$(nproc)} $pip wheel -q --no-build-isolation --no-deps -w "$wheels" "mmcv==$mmcv_version"
+    fi
+  ) 9>"$cache/wheels/.lock"
+  $pip install -q --no-deps --force-reinstall "$wheels"/mmcv-"$mmcv_version"-*.whl
+  "$env/bin/python" scripts/mmcv_build.py check --cuda-ops "$mmcv_cuda_ops"
+  echo "$mmcv_key" > "$env/.mmcv-key"
+)
+
 if [ ! -f "$env/.complete" ]; then
   echo "setup-env: building $env (once per lock)"
   rm -rf "$env"
   "$python" -m venv "$env"
-  pip="$env/bin/python -m pip --disable-pip-version-check"
   # find-links here holds a CPU-only torch wheel whose torchvision fails to import: '===' pins
   # the registry's standard build exactly (it runs on CPU where no GPU is present).
   $pip install -q "$(grep -E '^torch===' requirements.lock)" "$(grep -E '^torchvision==' requirements.lock)"
   # mmcv's build and pylidc import pkg_resources, gone from setuptools 82.
   $pip install -q "$(grep -E '^setuptools==' requirements.lock)" "$(grep -E '^ninja==' requirements.lock)" wheel
-  (
-    flock 9
-    if ! ls "$cache"/wheels/mmcv-2.1.0-*.whl >/dev/null 2>&1; then
-      echo "setup-env: building mmcv 2.1.0 (about 10 minutes on 2 cores, once per machine)"
-      MAX_JOBS=${MAX_JOBS:-$(nproc)} $pip wheel -q --no-build-isolation --no-deps -w "$cache/wheels" mmcv==2.1.0
-    fi
-  ) 9>"$cache/wheels/.lock"
-  $pip install -q --no-deps "$cache"/wheels/mmcv-2.1.0-*.whl
+  install_mmcv
   grep -vE '^(mmcv|torch|torchvision)[=]' requirements.lock | $pip install -q --no-build-isolation -r /dev/stdin
   touch "$env/.complete"
+else
+  install_mmcv  # nothing to do unless CUDA ops can be built here and the environment's mmcv has none
 fi
 
 ln -sfn "$env" .venv

@@ -155,7 +155,8 @@ def test_mmlab_env_builds_mmcv_after_torch_from_the_lock():
     assert "torch" in {Requirement(line).name for line in pip if not line.startswith("-")}
     assert not any(line.startswith("mmcv") for line in pip)
     deploy = (REPO / "envs" / "mmlab.post-deploy.sh").read_text()
-    assert 'pip install --no-build-isolation -c "$NODULESYNTH_ROOT/requirements.lock" mmcv' in deploy
+    assert 'pip install --no-cache-dir --no-build-isolation -c "$NODULESYNTH_ROOT/requirements.lock" mmcv' in deploy
+    assert "mmcv_build.py\" plan" in deploy and "mmcv_build.py\" check --cuda-ops" in deploy
     assert not PIN.search(deploy)
 
 

@@ -667,6 +667,107 @@ def test_speed_features_train_and_match_fp32(device):
     assert np.abs(images[True].astype(int) - images[False].astype(int)).mean() < 4  # gray levels
 
 
+# --- memory: micro-batches, gradient checkpointing, the memory model ---------------------------
+
+
+def _small_data(count=8, size=32):
+    rng = np.random.default_rng(0)
+    labels = np.stack([synthetic_map(size, (size // 2, size // 3, 2) if i % 2 else None) for i in range(count)])
+    return SlicePairs(np.stack([synthetic_image(lb, rng) for lb in labels]), labels, 16)
+
+
+@pytest.mark.parametrize("micro", [2, 3])
+def test_micro_batches_give_the_full_batch_step(micro):
+    """One step at batch 8 in passes of `micro` (4 x 2, or 3 + 3 + 2) equals one pass of 8: the same losses,
+    gradients and weights, to float rounding; the cut changes nothing a checkpoint depends on."""
+    data = _small_data()
+    options = tiny(batch_size=8, lr=1e-2, grad_checkpoint=False)
+    whole = Trainer(data, options.replace(micro_batch_size=None), "cpu")
+    parts = Trainer(data, options.replace(micro_batch_size=micro), "cpu")
+    assert whole.options.micro_batches == [8] and sum(parts.options.micro_batches) == 8
+    assert len(parts.options.micro_batches) == math.ceil(8 / micro)
+    for p in (*whole.model.parameters(), *parts.model.parameters()):  # zero-initialised layers get a gradient too
+        p.data.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    before = {k: v.detach().clone() for k, v in whole.model.named_parameters()}
+    assert torch.allclose(whole.train_step(), parts.train_step(), rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(whole.model.named_parameters(), parts.model.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7), name
+        # Adam's first step moves each weight by lr * sign(gradient): where a gradient is rounding noise (a
+        # bias before a group norm), the sign is noise too; elsewhere the weights agree.
+        clear = a.grad.abs() > 1e-6
+        assert torch.allclose(a[clear], b[clear], rtol=1e-5, atol=1e-6), name
+    assert any(not torch.equal(before[k], v) for k, v in whole.model.named_parameters())  # the step moved them
+    with pytest.raises(ValueError, match="sdm.micro_batch_size"):
+        tiny(micro_batch_size=0)
+
+
+def test_gradient_checkpointing_keeps_gradients_and_saves_less():
+    """Recomputing the residual blocks in backward gives the same gradients and keeps fewer tensors."""
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 30])
+    cond = one_hot(torch.randint(6, (2, 16, 16)))
+    grads, saved = {}, {}
+    for on in (False, True):
+        model = randomize(SDMUNet(tiny(grad_checkpoint=on))).train()
+        count = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda s: count.append(s.numel()) or s, lambda s: s):
+            model(x, t, cond).square().mean().backward()
+        grads[on] = {k: p.grad for k, p in model.named_parameters()}
+        saved[on] = sum(count)
+    assert all(torch.allclose(grads[True][k], g, rtol=1e-5, atol=1e-7) for k, g in grads[False].items())
+    assert saved[True] < saved[False] / 2
+
+
+def test_resume_after_changing_micro_batches_or_checkpointing(tmp_path):
+    """How a step spends memory may change between a kill and its restart: the checkpoint is resumed."""
+    paths = write_stacks(tmp_path / "slices", count=1)
+    train_sdm(paths, tmp_path / "m", tiny(max_steps=3, micro_batch_size=2), device="cpu", max_steps_this_run=2)
+    resumed = train_sdm(paths, tmp_path / "m", tiny(max_steps=3, micro_batch_size=None, grad_checkpoint=False),
+                        device="cpu", max_steps_this_run=0)
+    assert _state(resumed)["step"] == 2
+
+
+def test_memory_model_paper_defaults_fit_an_80_gb_gpu():
+    """The meta-device count: the paper's network at 256 px in one pass of 32 without checkpointing needs far
+    more than 80 GB (the issue's out-of-memory); the schema defaults (checkpointing, passes of 16) fit."""
+    from nodulesynth.models.sdm.memory import training_memory
+
+    gib = 2 ** 30
+    paper = SDMOptions()
+    plain = training_memory(paper.replace(grad_checkpoint=False, micro_batch_size=None))
+    assert plain.micro_batch == 32 and 640e6 < plain.parameters < 660e6
+    assert 12 * gib < plain.state_bytes < 13 * gib and plain.peak_bytes > 110 * gib
+    fits = training_memory(paper)
+    assert fits.micro_batch == 16 and fits.peak_bytes < 40 * gib  # half of an H100's 80 GB: room for the rest
+    same_pass = training_memory(paper.replace(grad_checkpoint=False), micro_batch=16)
+    assert same_pass.activation_bytes > 3 * fits.activation_bytes
+
+
+def test_memory_model_counts_what_autograd_keeps_on_a_real_pass():
+    """Without checkpointing the fake-tensor count equals the bytes a real CPU pass keeps for backward."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from nodulesynth.models.sdm.memory import training_memory
+
+    options = tiny(grad_checkpoint=False, bf16=False)
+    model = SDMUNet(options).train()
+    weights = {StorageWeakRef(p.untyped_storage()).cdata for p in model.parameters()}
+    kept = {}
+
+    def pack(tensor):
+        key = StorageWeakRef(tensor.untyped_storage()).cdata
+        if key not in weights:
+            kept[key] = (tensor.untyped_storage().nbytes(), tensor)  # the tensor: its storage's key stays its own
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda s: s):
+        model(torch.randn(3, 1, 16, 16), torch.zeros(3, dtype=torch.long), torch.randn(3, 6, 16, 16))
+    estimate = training_memory(options, micro_batch=3)
+    assert estimate.activation_bytes == sum(n for n, _ in kept.values())
+    assert estimate.state_bytes == 20 * sum(p.numel() for p in model.parameters())
+    assert training_memory(options.replace(grad_checkpoint=True), micro_batch=3).activation_bytes < \
+        estimate.activation_bytes
+
+
 # --- transplanted nodules ----------------------------------------------------------------------
 
 

@@ -24,7 +24,8 @@ from nodulesynth.models.sdm.unet import SDMUNet
 DEMO = SDMOptions(image_size=64, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                   attention_resolutions=(16,), num_head_channels=32, spade_hidden=16, resblock_updown=False,
                   batch_size=8, lr=2e-3, ema_decay=0.995, ema_warmup=True, max_steps=300, log_every=50,
-                  checkpoint_every=1000, finetune_steps=0, grad_clip=1.0)  # the demo recipe (config.yaml)
+                  checkpoint_every=1000, finetune_steps=0, grad_clip=1.0,
+                  grad_checkpoint=False)  # the demo recipe (config.yaml)
 
 
 @pytest.fixture

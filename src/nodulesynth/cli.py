@@ -608,7 +608,18 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "device", None) is not None:  # a GPU step: its own GPU, or the CPU where none was given
+            from nodulesynth.models.device import job_device
+
+            args.device = job_device(args.device)
         args.func(args)
+    except RuntimeError as err:
+        # A job without the device it needs (nodulesynth.models.device.DeviceError) says why in one line.
+        device = sys.modules.get("nodulesynth.models.device")
+        if device is None or not isinstance(err, device.DeviceError):
+            raise
+        log.error("%s", err)
+        return 1
     except (KeyError, FileNotFoundError, ValueError) as err:
         # Expected input errors get one clear line: a missing file (its message names the path), and a
         # KeyError or ValueError that a `raise` statement of nodulesynth's own code made, to report bad

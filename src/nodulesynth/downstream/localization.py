@@ -29,6 +29,7 @@ from mmengine.hooks import Hook
 from nodulesynth.downstream import mmlab
 from nodulesynth.downstream.datasets import ArmDataset, SliceSet
 from nodulesynth.io import atomic_path
+from nodulesynth.models.device import DeviceError
 from nodulesynth.options import coerce, from_section
 
 BASE_CONFIG = "mmdet::faster_rcnn/faster-rcnn_x101-32x4d_fpn_1x_coco.py"  # mmdet's shipped config
@@ -132,6 +133,41 @@ class LocalizationOptions:
             raise ValueError(f"localization.score_threshold must be in [0, 1), got {self.score_threshold}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ValueError(f"localization.clip_grad must be positive or null, got {self.clip_grad}")
+
+
+# ---------------------------------------------------------------- mmcv's CUDA ops
+
+def probe_mmcv_ops(device: str):
+    """The mmcv ops mmdet's Faster R-CNN runs (batched NMS, RoIAlign), once each on a tiny input on `device`."""
+    import torch
+    from mmcv.ops import nms, roi_align
+
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0], [1.0, 1.0, 5.0, 5.0]], device=device)
+    nms(boxes, torch.tensor([0.9, 0.8], device=device), 0.5)
+    rois = torch.tensor([[0.0, 0.0, 0.0, 4.0, 4.0]], device=device)
+    roi_align(torch.ones(1, 1, 8, 8, device=device), rois, (2, 2), 1.0, 0, "avg", True)
+
+
+def check_mmcv_ops(device: str, probe=probe_mmcv_ops):
+    """On a CUDA device, mmcv's ops must run there before training starts (a CPU-only mmcv build fails only at the
+    first RoIAlign, on "implementation for device cuda:0 not found"); a DeviceError in one line says how to get
+    them. On the CPU: nothing to check."""
+    if not mmlab.is_cuda(device):
+        return
+    try:
+        probe(device)
+    except RuntimeError as error:
+        message = (str(error).strip().splitlines() or [""])[0]
+        if "implementation for device" not in message and "not compiled with GPU support" not in message:
+            raise
+        import mmcv
+        import torch
+
+        raise DeviceError(
+            f"localize on {device} needs mmcv's CUDA ops, but mmcv {mmcv.__version__} here was built without them "
+            f"({message}): run in the mmlab image (containers/mmlab.def, snakemake --use-singularity), or install "
+            f"the CUDA toolkit of torch's CUDA {torch.version.cuda} and rerun `make setup` (scripts/setup-env.sh "
+            f"then builds mmcv with them)") from None
 
 
 # ---------------------------------------------------------------- config
@@ -308,6 +344,7 @@ def run_localization(dataset: ArmDataset, options: LocalizationOptions, work_dir
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     device = mmlab.resolve_device(device)
+    check_mmcv_ops(device)
     train, test = dataset.train, dataset.test
     if len(train) == 0 or len(test) == 0:
         raise ValueError(f"arm {dataset.arm} fold {dataset.fold}: {len(train)} training and {len(test)} test "

@@ -2,7 +2,8 @@
 
 - `allow_full_checkpoint_loading`: mmengine 0.10.7 calls `torch.load` without `weights_only`, which newer
   torch refuses for mmengine's checkpoints (they hold numpy and config objects); set before any load.
-- `resolve_device`: "auto" = CUDA when present, else CPU; an explicit "cuda" without a GPU is an error.
+- `resolve_device`: `nodulesynth.models.device.pick_device` as mmengine's string, the device index kept ("cuda:1"
+  stays itself and becomes torch's current device, which the parts of mmengine that say only "cuda" then use).
 - `package_config`: a config read from the installed package's own shipped configs (`mmpretrain::...`),
   never a copy kept in this repository.
 - `runtime_settings` / `apply_settings`: the common run-time part of a config (work dir, seed, device, quiet logging, no
@@ -110,8 +111,13 @@ def allow_full_checkpoint_loading():
 
 
 def resolve_device(device: str = "auto") -> str:
-    """'cuda' or 'cpu' (mmengine places whole models, so no device index)."""
-    return pick_device(device).type
+    """'cpu', 'cuda' or 'cuda:N': a job given GPU N (`nodulesynth.models.device.job_device`) must train there, not
+    on GPU 0 beside another job (StudyRunner moves the model to exactly this; pick_device makes N current)."""
+    return str(pick_device(device))
+
+
+def is_cuda(device: str) -> bool:
+    return device.split(":", 1)[0] == "cuda"
 
 
 def package_config(spec: str):
@@ -128,7 +134,7 @@ def package_config(spec: str):
 
 
 def optim_wrapper(device: str, optimizer: dict, **extra) -> dict:
-    return dict(type="AmpOptimWrapper" if device == "cuda" else "OptimWrapper", optimizer=optimizer, **extra)
+    return dict(type="AmpOptimWrapper" if is_cuda(device) else "OptimWrapper", optimizer=optimizer, **extra)
 
 
 def runtime_settings(work_dir, seed: int, device: str, log_interval: int = 50) -> dict:

@@ -42,7 +42,12 @@ class SDMOptions:
     noise_schedule: str = "linear"
     vlb_weight: float = 0.001           # lambda of the hybrid loss L_simple + lambda * L_vlb
     # --- training ---
-    batch_size: int = 32
+    batch_size: int = 32                # the effective batch of one optimiser step (the paper's 32)
+    # Samples per forward/backward pass: batch_size is split into passes of at most this many, their
+    # gradients summed, so one step is the full batch's step (up to float rounding) in less memory.
+    # None: the whole batch in one pass. 16 with grad_checkpoint fits the paper's network at 256 px on
+    # an 80 GB GPU (`python benchmarks/sdm.py --memory`, nodulesynth.models.sdm.memory).
+    micro_batch_size: int | None = 16
     lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float | None = None      # max gradient norm; None: no clipping (the official code clips nothing)
@@ -61,7 +66,10 @@ class SDMOptions:
     bf16: bool = True                   # bf16 autocast, CUDA only
     channels_last: bool = True          # CUDA only
     attention: str = "sdpa"             # "sdpa" (F.scaled_dot_product_attention) or "plain"
-    grad_checkpoint: bool = False       # trade compute for memory at 256 px
+    # Recompute each residual block's activations in backward instead of keeping them (torch.utils.checkpoint):
+    # about a third more compute for several times less activation memory; the paper's network at 256 px
+    # needs it on an 80 GB GPU. The demo's tiny network turns it off.
+    grad_checkpoint: bool = True
     # --- sampling ---
     sampler: str = "ddpm"               # the paper's; dpmpp_2m_sde at 25 steps: see benchmarks/sdm.py
     sample_steps: int = 1000
@@ -85,6 +93,9 @@ class SDMOptions:
         if self.image_size % 2 ** (len(self.channel_mult) - 1):
             raise ValueError(f"sdm.image_size {self.image_size} is not divisible by "
                              f"2**{len(self.channel_mult) - 1} (len(channel_mult) - 1 downsamplings)")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"sdm.micro_batch_size must be at least 1 or null (the whole batch), "
+                             f"got {self.micro_batch_size}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"sdm.grad_clip must be positive or null (no clipping), got {self.grad_clip}")
         if not 0 <= self.finetune_steps <= self.max_steps:
@@ -107,6 +118,12 @@ class SDMOptions:
         return replace(self, **changes)
 
     @property
+    def micro_batches(self) -> list:
+        """The sizes of one step's forward/backward passes: batch_size cut into micro_batch_size pieces."""
+        size = min(self.micro_batch_size or self.batch_size, self.batch_size)
+        return [min(size, self.batch_size - start) for start in range(0, self.batch_size, size)]
+
+    @property
     def finetune_start(self) -> int:
         """Index of the first step of stage 2 (max_steps when there is none)."""
         return self.max_steps - self.finetune_steps
@@ -123,8 +140,10 @@ class SDMOptions:
 
     # Keys used only when sampling: the workflow's sample rule gets them, the training rule does not.
     SAMPLING_KEYS = ("sampler", "sample_steps", "guidance_scale", "ddim_eta", "sample_batch_size")
-    # Keys a restarted run may change and still resume its checkpoint: length, bookkeeping, sampling.
-    RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "log_every") + SAMPLING_KEYS
+    # Keys a restarted run may change and still resume its checkpoint: length, bookkeeping, sampling, and
+    # how a step's memory is spent (micro-batches, recomputation), which leaves its gradient unchanged.
+    RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "log_every", "micro_batch_size",
+                         "grad_checkpoint") + SAMPLING_KEYS
 
     # Keys that define the trained network and its diffusion; a checkpoint with other values cannot resume.
     MODEL_KEYS = ("image_size", "in_channels", "num_classes", "model_channels", "channel_mult",

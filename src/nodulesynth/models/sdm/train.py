@@ -78,32 +78,44 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
 
     def train_step(self):
-        """One optimiser step; returns the detached per-batch means (loss, mse, vb)."""
+        """One optimiser step over the whole batch, in `options.micro_batches` passes whose gradients add
+        up to the full batch's (each pass's summed loss over batch_size); returns the detached per-batch
+        means (loss, mse, vb). The random inputs are drawn for the whole batch first, so the step does not
+        depend on its cut into passes (with dropout, its masks are drawn per pass)."""
         o = self.options
         seed_everything_for_step(o.seed, self.step)  # dropout draws from the global RNG
         x0, label, t, noise, keep = draw_batch(self.data, o, self.step)
-        dev = self.device
-        x0, noise = x0.to(dev, non_blocking=True), noise.to(dev, non_blocking=True)
-        t, keep, label = t.to(dev), keep.to(dev), label.to(dev, non_blocking=True)
-        cond = one_hot(label, o.num_classes) * keep[:, None, None, None]
-        xt = self.diffusion.q_sample(x0, t, noise)
-        if self.channels_last:
-            xt, cond = xt.contiguous(memory_format=torch.channels_last), cond.contiguous(memory_format=torch.channels_last)
         self.model.train()
         for group in self.optimizer.param_groups:  # the stage's rate, also right after a resume
             group["lr"] = o.lr_at(self.step)
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.bf16):
-            output = self.model(xt, t, cond)
-        losses = self.diffusion.training_losses(output.float(), x0, xt, t, noise, o.vlb_weight)
-        loss = losses["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        sums = torch.zeros(3, device=self.device)
+        start = 0
+        for size in o.micro_batches:
+            part = slice(start, start + size)
+            start += size
+            losses = self._losses(x0[part], label[part], t[part], noise[part], keep[part])
+            (losses["loss"].sum() / o.batch_size).backward()
+            sums += torch.stack([losses[k].detach().sum() for k in ("loss", "mse", "vb")])
         if o.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
         self.optimizer.step()
         self.ema.update(self.model)
         self.step += 1
-        return torch.stack([loss.detach(), losses["mse"].mean().detach(), losses["vb"].mean().detach()])
+        return sums / o.batch_size
+
+    def _losses(self, x0, label, t, noise, keep):
+        """Per-sample losses of one forward pass on the training device."""
+        dev = self.device
+        x0, noise = x0.to(dev, non_blocking=True), noise.to(dev, non_blocking=True)
+        t, keep, label = t.to(dev), keep.to(dev), label.to(dev, non_blocking=True)
+        cond = one_hot(label, self.options.num_classes) * keep[:, None, None, None]
+        xt = self.diffusion.q_sample(x0, t, noise)
+        if self.channels_last:
+            xt, cond = xt.contiguous(memory_format=torch.channels_last), cond.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+            output = self.model(xt, t, cond)
+        return self.diffusion.training_losses(output.float(), x0, xt, t, noise, self.options.vlb_weight)
 
     def state_dict(self):
         return {"format": FORMAT, "step": self.step, "options": self.options.to_dict(),
@@ -189,7 +201,9 @@ def _train(data: SlicePairs, data_record: dict, out_dir: Path, options: SDMOptio
         "training_data": data_summary(data_record)})
     n_params = sum(p.numel() for p in trainer.model.parameters())
     print(f"sdm: {len(data)} slices at {options.image_size} px, {n_params / 1e6:.2f} M parameters, "
-          f"device {trainer.device}, bf16 {trainer.bf16}, channels_last {trainer.channels_last}", file=sys.stderr)
+          f"device {trainer.device}, bf16 {trainer.bf16}, channels_last {trainer.channels_last}, "
+          f"batch {options.batch_size} in passes of {options.micro_batches[0]}, "
+          f"gradient checkpointing {options.grad_checkpoint}", file=sys.stderr)
 
     end = options.max_steps
     if max_steps_this_run is not None:

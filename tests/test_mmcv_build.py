@@ -1,0 +1,139 @@
+"""scripts/mmcv_build.py: how setup-env.sh builds and caches mmcv (CUDA ops where a matching toolkit exists, wheels
+keyed by mmcv, torch, CUDA variant and ops), and localize's refusal to train on a GPU without mmcv's CUDA ops."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from conftest import REPO
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("mmcv_build", REPO / "scripts" / "mmcv_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load()
+ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # torch 2.13.0+cu130's
+
+
+def test_cache_key_names_mmcv_torch_variant_and_ops():
+    assert build.cuda_variant("13.0") == "cu130" and build.cuda_variant("12.8") == "cu128"
+    assert build.cuda_variant(None) == "cpu"
+    assert build.wheel_key("2.1.0", "2.13.0+cu130", "13.0", True) == "mmcv-2.1.0_torch-2.13.0_cu130_cuda-ops"
+    assert build.wheel_key("2.1.0", "2.13.0+cu130", "13.0", False) == "mmcv-2.1.0_torch-2.13.0_cu130_cpu-only"
+    assert build.wheel_key("2.1.0", "2.13.0+cpu", None, False) == "mmcv-2.1.0_torch-2.13.0_cpu_cpu-only"
+    keys = {build.wheel_key("2.1.0", t, c, o) for t, c in (("2.13.0", "13.0"), ("2.13.0", "12.8"), ("2.12.0", "13.0"))
+            for o in (True, False)}
+    assert len(keys) == 6  # no two builds share a folder
+
+
+def test_cuda_ops_where_the_toolkit_matches_torchs_cuda(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    plan = build.plan_build("2.1.0", "2.13.0+cu130", "13.0", ARCHS, "/usr/local/cuda-13.0", "13.0")
+    assert plan.cuda_ops and plan.key.endswith("_cu130_cuda-ops")
+    assert plan.env == {"FORCE_CUDA": "1", "MMCV_WITH_OPS": "1", "CUDA_HOME": "/usr/local/cuda-13.0",
+                        "TORCH_CUDA_ARCH_LIST": "7.5;8.0;8.6;9.0;10.0;12.0+PTX"}
+    assert build.plan_build("2.1.0", "2.13.0+cu130", "13.0", ARCHS, "/opt/cuda", "13.1").cuda_ops  # same major
+    for toolkit, release, why in ((None, None, "no CUDA toolkit found"), ("/opt/cuda-12", "12.8", "is 12.8")):
+        plan = build.plan_build("2.1.0", "2.13.0+cu130", "13.0", ARCHS, toolkit, release)
+        assert not plan.cuda_ops and plan.key.endswith("_cpu-only") and why in plan.reason and not plan.env
+        with pytest.raises(RuntimeError, match="NODULESYNTH_MMCV_OPS=cuda"):
+            build.plan_build("2.1.0", "2.13.0+cu130", "13.0", ARCHS, toolkit, release, wanted="cuda")
+    assert "CPU-only build" in build.plan_build("2.1.0", "2.13.0+cpu", None, [], "/usr/local/cuda", "13.0").reason
+    forced = build.plan_build("2.1.0", "2.13.0+cu130", "13.0", ARCHS, "/usr/local/cuda-13.0", "13.0", wanted="cpu")
+    assert not forced.cuda_ops and forced.reason == "NODULESYNTH_MMCV_OPS=cpu"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # the user's own list wins
+    assert build.plan_build("2.1.0", "2.13.0", "13.0", ARCHS, "/c", "13.0").env["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    assert build.nvcc_release("Cuda compilation tools, release 13.0, V13.0.88") == "13.0"
+    assert build.nvcc_release("command not found") is None
+    with pytest.raises(ValueError, match="no GPU architecture"):
+        build.arch_list([])
+
+
+def test_an_environment_keeps_its_mmcv_unless_cuda_ops_can_now_be_built():
+    cuda = build.plan_build("2.1.0", "2.13.0+cu130", "13.0", ARCHS, "/usr/local/cuda-13.0", "13.0")
+    cpu = build.plan_build("2.1.0", "2.13.0+cu130", "13.0", ARCHS, None, None)
+    assert build.keeps(cuda.key, cuda) and build.keeps(cpu.key, cpu)
+    assert not build.keeps(cpu.key, cuda)   # the GPU node after the login node: CUDA ops replace CPU-only
+    assert build.keeps(cuda.key, cpu)       # the login node after the GPU node: CUDA ops stay (they run on CPUs)
+    assert not build.keeps(None, cpu) and not build.keeps("", cpu)
+    other_torch = build.plan_build("2.1.0", "2.14.0+cu130", "13.0", ARCHS, None, None)
+    assert not build.keeps(cuda.key, other_torch)
+
+
+def _wheel(path, needed: bytes):
+    """A wheel whose extension names the libraries it needs as an ELF file does (NUL-separated strings)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("mmcv/_ext.cpython-311-x86_64-linux-gnu.so", b"\x7fELF\0" + needed + b"\0nms_impl\0")
+        archive.writestr("mmcv/__init__.py", "")
+    return path
+
+
+def test_the_old_unkeyed_wheel_is_taken_as_cpu_only_after_checking_its_links(tmp_path):
+    cpu_key, cuda_key = "mmcv-2.1.0_torch-2.13.0_cu130_cpu-only", "mmcv-2.1.0_torch-2.13.0_cu130_cuda-ops"
+    old = _wheel(tmp_path / "mmcv-2.1.0-cp311-cp311-linux_x86_64.whl", b"libc10.so\0libtorch_cpu.so")
+    assert not build.wheel_has_cuda_ops(old)
+    assert build.adopt_unkeyed(tmp_path, cuda_key, "2.1.0") is None  # never passed off as a CUDA build
+    adopted = build.adopt_unkeyed(tmp_path, cpu_key, "2.1.0")
+    assert adopted == tmp_path / cpu_key / old.name and adopted.read_bytes() == old.read_bytes() and old.exists()
+    assert os.stat(adopted).st_ino == os.stat(old).st_ino  # a hard link: no second copy of 30 MB
+    assert build.adopt_unkeyed(tmp_path, cpu_key, "2.1.0") is None  # once
+
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    built_with_cuda = _wheel(gpu / old.name, b"libc10.so\0libtorch_cpu.so\0libc10_cuda.so\0libtorch_cuda.so")
+    assert build.wheel_has_cuda_ops(built_with_cuda)
+    assert build.adopt_unkeyed(gpu, cpu_key, "2.1.0") is None  # an unkeyed CUDA wheel is not a CPU-only one
+    with zipfile.ZipFile(tmp_path / "lite.whl", "w") as archive:
+        archive.writestr("mmcv/__init__.py", "")
+    with pytest.raises(ValueError, match="no compiled"):
+        build.wheel_has_cuda_ops(tmp_path / "lite.whl")
+
+
+def test_the_installed_mmcv_is_checked_against_the_plan():
+    """This environment's mmcv: `check` passes for what it is and fails, in a line, for what it is not."""
+    mmcv_ops = pytest.importorskip("mmcv.ops")
+    has = mmcv_ops.get_compiling_cuda_version() != "not available"
+    script = [sys.executable, str(REPO / "scripts" / "mmcv_build.py"), "check", "--cuda-ops"]
+    assert subprocess.run(script + [str(int(has))], capture_output=True).returncode == 0
+    wrong = subprocess.run(script + [str(int(not has))], capture_output=True, text=True)
+    assert wrong.returncode == 1 and "but the installed one has" in wrong.stderr
+
+
+def test_setup_scripts_use_the_plan():
+    setup = (REPO / "scripts" / "setup-env.sh").read_text()
+    assert "mmcv_build.py plan" in setup and "mmcv_build.py adopt" in setup and "check --cuda-ops" in setup
+    assert '"$cache/wheels/$mmcv_key"' in setup and ".mmcv-key" in setup
+    assert "NODULESYNTH_MMCV_OPS=cpu" in (REPO / ".ci" / "run").read_text()  # CI has no GPU to run CUDA ops
+
+
+def test_localize_on_cuda_refuses_mmcv_without_cuda_ops_in_one_line():
+    """mmcv's own error for a device it has no kernels for (here the meta device: the same registry lookup that
+    fails for cuda:0 in a CPU-only build) becomes one line that says how to get the ops; on the CPU nothing runs."""
+    pytest.importorskip("mmdet")
+    from nodulesynth.downstream.localization import check_mmcv_ops, probe_mmcv_ops
+    from nodulesynth.models.device import DeviceError
+
+    probe_mmcv_ops("cpu")  # the probe itself runs where mmcv has kernels
+    with pytest.raises(DeviceError) as refused:
+        check_mmcv_ops("cuda:1", probe=lambda device: probe_mmcv_ops("meta"))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("localize on cuda:1 needs mmcv's CUDA ops")
+    assert "implementation for device meta not found" in message
+    assert "mmlab image" in message and "make setup" in message
+
+    called = []
+    check_mmcv_ops("cpu", probe=called.append)
+    assert not called
+
+    def other_failure(device):
+        raise RuntimeError("CUDA out of memory")
+    with pytest.raises(RuntimeError, match="out of memory"):  # not mmcv's missing ops: left as it is
+        check_mmcv_ops("cuda", probe=other_failure)
