@@ -75,9 +75,12 @@ def arch_list(torch_archs) -> str:
 
 
 def plan_build(mmcv_version, torch_version, torch_cuda, torch_archs, toolkit: str | None, toolkit_release: str | None,
-               wanted: str = "auto") -> Plan:
-    """What to build: CUDA ops where `toolkit` (a CUDA_HOME) has torch's CUDA major version, unless `wanted` is
-    "cpu"; `wanted` "cuda" makes a missing or mismatched toolkit an error instead of a CPU-only build."""
+               wanted: str = "auto", gpu_visible: bool = True) -> Plan:
+    """What to build: CUDA ops where `toolkit` (a CUDA_HOME) has torch's CUDA major version and a GPU is visible,
+    unless `wanted` is "cpu"; `wanted` "cuda" builds them without a GPU (a login node building for its GPU nodes)
+    and makes a missing or mismatched toolkit an error instead of a CPU-only build. Auto on a machine with a
+    toolkit but no GPU builds CPU-only: the CUDA ops take an hour or more on a few cores and nothing there could
+    run them (a GPU node's `make setup` adds them to the same environment later)."""
     if wanted not in ("auto", "cpu", "cuda"):
         raise ValueError(f"{OPS_VARIABLE} must be auto, cpu or cuda, got {wanted!r}")
 
@@ -95,6 +98,9 @@ def plan_build(mmcv_version, torch_version, torch_cuda, torch_archs, toolkit: st
     if not toolkit_release or toolkit_release.split(".")[0] != torch_cuda.split(".")[0]:
         return cpu(f"the CUDA toolkit in {toolkit} is {toolkit_release or 'of unknown version'}, torch's CUDA is "
                    f"{torch_cuda}")
+    if wanted == "auto" and not gpu_visible:
+        return cpu(f"CUDA toolkit {toolkit_release} in {toolkit} matches torch's CUDA {torch_cuda}, but no GPU is "
+                   f"visible here ({OPS_VARIABLE}=cuda builds the CUDA ops anyway)")
     env = {"FORCE_CUDA": "1", "MMCV_WITH_OPS": "1", "CUDA_HOME": str(toolkit),
            "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST") or arch_list(torch_archs)}
     return Plan(wheel_key(mmcv_version, torch_version, torch_cuda, True), True,
@@ -157,6 +163,15 @@ def find_toolkit(torch_cuda: str | None, environ=None):
     return None, None
 
 
+def gpu_visible(environ=None) -> bool:
+    """Whether an NVIDIA GPU is visible here (`nvidia-smi -L` lists one; CUDA_VISIBLE_DEVICES is honoured), without
+    initialising CUDA."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from nodulesynth.models.device import local_gpu_count
+
+    return local_gpu_count(environ) > 0
+
+
 def installed_cuda_ops() -> bool:
     import mmcv.ops
 
@@ -183,7 +198,8 @@ def main(argv=None):
         toolkit, release = find_toolkit(torch.version.cuda)
         try:
             plan = plan_build(args.mmcv_version, torch.__version__, torch.version.cuda, torch.cuda.get_arch_list(),
-                              toolkit, release, os.environ.get(OPS_VARIABLE, "auto") or "auto")
+                              toolkit, release, os.environ.get(OPS_VARIABLE, "auto") or "auto",
+                              gpu_visible=gpu_visible())
         except (RuntimeError, ValueError) as error:
             print(f"setup-env: {error}", file=sys.stderr)
             return 1

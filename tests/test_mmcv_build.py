@@ -51,6 +51,13 @@ def test_cuda_ops_where_the_toolkit_matches_torchs_cuda(monkeypatch):
     assert not forced.cuda_ops and forced.reason == "NODULESYNTH_MMCV_OPS=cpu"
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # the user's own list wins
     assert build.plan_build("2.1.0", "2.13.0", "13.0", ARCHS, "/c", "13.0").env["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    # A toolkit but no GPU (this machine, CI, a workstation without a card): CPU-only unless asked for, saying how.
+    headless = build.plan_build("2.1.0", "2.13.0+cu130", "13.0", ARCHS, "/usr/local/cuda-13.0", "13.0",
+                                gpu_visible=False)
+    assert not headless.cuda_ops and "no GPU is visible" in headless.reason and "=cuda" in headless.reason
+    assert build.plan_build("2.1.0", "2.13.0+cu130", "13.0", ARCHS, "/usr/local/cuda-13.0", "13.0", wanted="cuda",
+                            gpu_visible=False).cuda_ops
+    assert not build.gpu_visible({"PATH": "", "CUDA_VISIBLE_DEVICES": ""})
     assert build.nvcc_release("Cuda compilation tools, release 13.0, V13.0.88") == "13.0"
     assert build.nvcc_release("command not found") is None
     with pytest.raises(ValueError, match="no GPU architecture"):
