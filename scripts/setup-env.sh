@@ -19,8 +19,9 @@ mkdir -p "$cache/wheels"
 pip="$env/bin/python -m pip --disable-pip-version-check"
 mmcv_version=$(grep -E '^mmcv==' requirements.lock | cut -d= -f3)
 
-# mmcv built (or taken from the cache) as scripts/mmcv_build.py plans it, installed, and checked: in a subshell,
-# so that the build variables (FORCE_CUDA, CUDA_HOME, TORCH_CUDA_ARCH_LIST) reach nothing else.
+# mmcv built (or taken from the cache) as scripts/mmcv_build.py plans it and installed: in a subshell, so that the
+# build variables (FORCE_CUDA, CUDA_HOME, TORCH_CUDA_ARCH_LIST) reach nothing else. Its key waits in
+# .mmcv-key.new until check_mmcv has imported it (which needs the rest of the lock: OpenCV, mmengine).
 install_mmcv() (
   plan=$("$env/bin/python" scripts/mmcv_build.py plan --mmcv-version "$mmcv_version" \
     --installed "$(cat "$env/.mmcv-key" 2>/dev/null || true)")
@@ -41,9 +42,17 @@ install_mmcv() (
     fi
   ) 9>"$cache/wheels/.lock"
   $pip install -q --no-deps --force-reinstall "$wheels"/mmcv-"$mmcv_version"-*.whl
-  "$env/bin/python" scripts/mmcv_build.py check --cuda-ops "$mmcv_cuda_ops"
-  echo "$mmcv_key" > "$env/.mmcv-key"
+  echo "$mmcv_key" > "$env/.mmcv-key.new"
 )
+
+# The installed mmcv has the CUDA ops its key says (or none), asserted before the key is recorded.
+check_mmcv() {
+  [ -f "$env/.mmcv-key.new" ] || return 0
+  local ops=0
+  case "$(cat "$env/.mmcv-key.new")" in *_cuda-ops) ops=1 ;; esac
+  "$env/bin/python" scripts/mmcv_build.py check --cuda-ops "$ops"
+  mv "$env/.mmcv-key.new" "$env/.mmcv-key"
+}
 
 if [ ! -f "$env/.complete" ]; then
   echo "setup-env: building $env (once per lock)"
@@ -56,9 +65,11 @@ if [ ! -f "$env/.complete" ]; then
   $pip install -q "$(grep -E '^setuptools==' requirements.lock)" "$(grep -E '^ninja==' requirements.lock)" wheel
   install_mmcv
   grep -vE '^(mmcv|torch|torchvision)[=]' requirements.lock | $pip install -q --no-build-isolation -r /dev/stdin
+  check_mmcv
   touch "$env/.complete"
 else
   install_mmcv  # nothing to do unless CUDA ops can be built here and the environment's mmcv has none
+  check_mmcv
 fi
 
 ln -sfn "$env" .venv
