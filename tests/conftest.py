@@ -13,6 +13,16 @@ LIDC_ROOT = REPO.parent / "shared" / "data" / "LIDC-IDRI"
 LIDC_0001 = LIDC_ROOT / "LIDC-IDRI-0001"
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are no package: set-up runs them before the package exists)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def path_without_chromium(bin_dir) -> str:
     """A PATH like this one with every Chromium hidden, as on a machine without one: `bin_dir` gets a link to each
     other executable on PATH (Chromium shares /usr/bin with everything else, so dropping folders would not do).

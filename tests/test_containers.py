@@ -7,7 +7,6 @@ real `apptainer exec` command lines, the stand-in records them and runs each job
 
 import ast
 import importlib.metadata
-import importlib.util
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from conftest import REPO, run_snakemake
+from conftest import REPO, load_script, run_snakemake
 
 STANDINS = REPO / "tests" / "standins"
 # The step group of every rule: a new rule chooses one here (its `container:` and `conda:` must agree).
@@ -35,14 +34,7 @@ GPU_RULES = {"train_sdm", "sample_sdm", "sample_sdm_heldout", "train_spade", "sa
              "detect", "localize", "realism"}
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("lock_requirements", REPO / "scripts" / "lock_requirements.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-lockreq = load_script()
+lockreq = load_script("lock_requirements")
 LOCK = lockreq.read_lock(REPO / "requirements.lock")
 
 

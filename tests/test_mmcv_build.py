@@ -1,7 +1,6 @@
 """scripts/mmcv_build.py: how setup-env.sh builds and caches mmcv (CUDA ops where a matching toolkit exists, wheels
 keyed by mmcv, torch, CUDA variant and ops), and localize's refusal to train on a GPU without mmcv's CUDA ops."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,17 +8,10 @@ import zipfile
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("mmcv_build", REPO / "scripts" / "mmcv_build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build = _load()
+build = load_script("mmcv_build")
 ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # torch 2.13.0+cu130's
 
 
