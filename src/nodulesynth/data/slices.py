@@ -106,22 +106,33 @@ def load_training_pairs(paths):
     return np.concatenate(images), np.concatenate(labels)
 
 
-def resize_slices(image, label, size: int):
-    """Slices and their lesion maps [N,H,W] at `size` x `size`, uint8: images by area averaging (INTER_AREA),
-    maps by nearest neighbour, the one resizing of the generators' training sets and the downstream arms.
-    Arrays already uint8 at `size` come back as they are (a memory map stays one)."""
+def _resized(array, size: int, interpolation):
+    """[N,H,W] -> uint8 [N,size,size]; an array already uint8 at `size` comes back as it is (a memory map stays one)."""
     import cv2
 
-    def resized(array, interpolation):
-        if isinstance(array, np.ndarray) and array.dtype == np.uint8 and array.shape[1:] == (size, size):
-            return array
-        array = np.asarray(array)
-        if array.shape[1:] == (size, size):
-            return array.astype(np.uint8)
-        out = np.empty((len(array), size, size), np.uint8)
-        for i, item in enumerate(array):
-            out[i] = cv2.resize(item, (size, size), interpolation=interpolation)
-        return out
+    if isinstance(array, np.ndarray) and array.dtype == np.uint8 and array.shape[1:] == (size, size):
+        return array
+    array = np.asarray(array)
+    if array.shape[1:] == (size, size):
+        return array.astype(np.uint8)
+    out = np.empty((len(array), size, size), np.uint8)
+    for i, item in enumerate(array):
+        out[i] = cv2.resize(item, (size, size), interpolation=interpolation)
+    return out
 
-    return resized(image, cv2.INTER_AREA), resized(label, cv2.INTER_NEAREST)
+
+def resize_maps(label, size: int):
+    """Lesion maps [N,H,W] at `size` x `size`, uint8, by nearest neighbour (labels are no intensities)."""
+    import cv2
+
+    return _resized(label, size, cv2.INTER_NEAREST)
+
+
+def resize_slices(image, label, size: int):
+    """Slices and their lesion maps [N,H,W] at `size` x `size`, uint8: images by area averaging (INTER_AREA),
+    maps by nearest neighbour (`resize_maps`), the one resizing of the generators' training sets, their sampling
+    plans and the downstream arms. Arrays already uint8 at `size` come back as they are."""
+    import cv2
+
+    return _resized(image, size, cv2.INTER_AREA), resize_maps(label, size)
 

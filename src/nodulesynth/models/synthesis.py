@@ -2,15 +2,17 @@
 the synthetic stacks. SDM and SPADE go through the same code, so the study's arms B and C are
 synthesised from exactly the same maps."""
 
+import os
+import shutil
 import sys
+import zipfile
 import zlib
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
-from nodulesynth.data.slices import PROVENANCE, SliceStack, load_slices, save_slices
+from nodulesynth.data.slices import PROVENANCE, SliceStack, load_slice_info, load_slices, resize_maps, save_slices
 from nodulesynth.io import file_sha256
 from nodulesynth.labels import NODULE
 from nodulesynth.models.records import progress
@@ -20,16 +22,6 @@ from nodulesynth.models.transplant import choose_maps, nodule_shapes
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[-1, 1] -> 0..255, the inverse of the training scaling (u / 127.5 - 1)."""
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-
-
-def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
-    """Label maps [N,H,W] -> [N,size,size], nearest neighbour (as the training set)."""
-    labels = np.asarray(labels)
-    if labels.shape[1:] == (size, size):
-        return labels.astype(np.uint8)
-    if not len(labels):
-        return np.zeros((0, size, size), np.uint8)
-    return np.stack([cv2.resize(lb, (size, size), interpolation=cv2.INTER_NEAREST) for lb in labels]).astype(np.uint8)
 
 
 def scan_seed(seed: int, scan_id: str, *more: int) -> np.random.SeedSequence:
@@ -60,7 +52,7 @@ class MapPlans:
                 yield stack, scan_id, None, None
                 continue
             rng = np.random.default_rng(scan_seed(self.seed, scan_id))
-            indices, maps = choose_maps(resize_labels(stack.label, self.size), self.mask_source, rng, self.shapes,
+            indices, maps = choose_maps(resize_maps(stack.label, self.size), self.mask_source, rng, self.shapes,
                                         self.max_slices_per_scan, self.nodule_maps_per_scan)
             yield stack, scan_id, indices, maps
 
@@ -81,7 +73,7 @@ def plan_maps(slice_paths, size, seed, mask_source="real", max_slices_per_scan=N
         for path in slice_paths if shape_paths is None else shape_paths:
             stack = load_slices(path)  # one at a time: only the (small) nodule crops are kept
             if stack.status == "ok" and len(stack):
-                shapes.extend(nodule_shapes(resize_labels(stack.label, size)))
+                shapes.extend(nodule_shapes(resize_maps(stack.label, size)))
             del stack
         if not shapes:
             raise ValueError("mask_source 'transplant': no nodules in the stacks to draw shapes from")
@@ -97,27 +89,53 @@ def generator_provenance(generator: str, fold, model_path) -> dict:
     return {"generator": str(generator), "generator_fold": str(fold), "model_sha256": file_sha256(model_path)}
 
 
+def staging_dir(out_dir) -> Path:
+    """Where a sampling job writes its stacks until all are done: `<out_dir>.partial`, beside the output folder and
+    no output of the rule, so that a killed job's stacks outlive Snakemake's removal of its incomplete output."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+def _written_before(path: Path, extra: dict) -> bool:
+    """Whether `path` is a stack a killed run of the same sampling wrote: complete (written atomically, readable)
+    and recording the same `extra` (generator, fold, model digest and sampling settings). Each stack's noise is
+    seeded by its scan, so keeping it gives what an unbroken run would."""
+    if not path.is_file():
+        return False
+    try:
+        recorded = load_slice_info(path)["extra"]
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile):
+        return False
+    return all(key in recorded and str(recorded[key]) == str(value) for key, value in extra.items())
+
+
 def write_synthetic(plans, out_dir, size, batch_size, synthesise, extra, desc):
     """Write out_dir/{scan_id}.npz for each plan in the slices layout, one stack at a time; returns the paths.
 
     synthesise(labels long [B,S,S], scan_id, start) -> uint8 [B,S,S]; `extra` is stored with each
     stack: the `generator_provenance` keys (required) and the sampling settings (mask source, sampler, seed).
+    Resumable: stacks go to `staging_dir(out_dir)` first and into out_dir once every stack is there; a rerun
+    after a killed job keeps the stacks it finished (same `extra`) and samples only the rest.
     """
     missing = [key for key in PROVENANCE if key not in extra]
     if missing:
         raise ValueError(f"{desc}: synthetic stacks must record {', '.join(missing)} (see generator_provenance)")
-    out_dir = Path(out_dir)
+    out_dir, staging = Path(out_dir), staging_dir(out_dir)
+    staging.mkdir(parents=True, exist_ok=True)
     stacks = len(plans) if hasattr(plans, "__len__") else None
     print(f"{desc}: {stacks if stacks is not None else 'the'} stacks ({extra})", file=sys.stderr)
     bar = progress(None, 0, desc)  # slices; how many is known only once each stack's maps are chosen
-    written = []
+    staged, kept = [], 0
     for done, (stack, scan_id, indices, maps) in enumerate(plans):
         bar.set_postfix(stack=f"{done + 1}/{stacks or '?'}", refresh=False)
-        target = out_dir / f"{scan_id}.npz"
+        target = staging / f"{scan_id}.npz"
+        staged.append(target)
         if indices is None:
             save_slices(target, SliceStack.rejected(scan_id, stack.patient_id, stack.reason or "no slices",
                                                     (size, size)))
-            written.append(target)
+            continue
+        if _written_before(target, extra):
+            kept += 1
             continue
         images = np.zeros((len(indices), size, size), np.uint8)
         for start in range(0, len(indices), batch_size):
@@ -129,6 +147,13 @@ def write_synthetic(plans, out_dir, size, batch_size, synthesise, extra, desc):
             slice_index=np.asarray(stack.slice_index)[indices], has_nodule=(maps == NODULE).any((1, 2)),
             scan_id=stack.scan_id or scan_id, patient_id=stack.patient_id,
             extra={"source_index": indices, **extra}))
-        written.append(target)
     bar.close()
+    if kept:
+        print(f"{desc}: kept {kept} stacks an earlier, interrupted run wrote", file=sys.stderr)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in staged:
+        os.replace(path, out_dir / path.name)
+        written.append(out_dir / path.name)
+    shutil.rmtree(staging)  # what is left there belongs to no plan of this run
     return written

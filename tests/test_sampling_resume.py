@@ -1,0 +1,91 @@
+"""Sampling that finishes: a killed sampling job's finished stacks are kept (outside the rule's output folder,
+which Snakemake removes on failure) and a rerun samples only the rest, giving what an unbroken run gives."""
+
+import numpy as np
+import pytest
+
+from nodulesynth.data.slices import SliceStack, load_slices, save_slices
+from nodulesynth.labels import BODY, LEFT_LUNG, NODULE
+from nodulesynth.models.synthesis import plan_maps, scan_seed, staging_dir, write_synthetic
+
+SIZE = 32
+
+
+class Killed(Exception):
+    """Stands for the job's end (an out-of-memory kill, a node lost) in the middle of a stack."""
+
+
+def write_scans(folder, n_scans=4):
+    paths = []
+    for k in range(n_scans):
+        label = np.full((6, SIZE, SIZE), BODY, np.uint8)
+        label[:, 4:20, 4:20] = LEFT_LUNG
+        label[k % 6, 8:11, 8:11] = NODULE
+        image = np.random.default_rng(k).integers(0, 255, label.shape, dtype=np.uint8)
+        path = folder / f"S{k}.npz"
+        save_slices(path, SliceStack(image, label, np.arange(6, dtype=float), np.arange(6), (label == NODULE).any((1, 2)),
+                                     f"S{k}", f"P{k}"))
+        paths.append(path)
+    return paths
+
+
+class Generator:
+    """A stand-in network: noise seeded per scan and batch (as the samplers are), counting the maps it is given."""
+
+    def __init__(self, kill_at_scan=None):
+        self.kill_at_scan, self.calls = kill_at_scan, []
+
+    def __call__(self, labels, scan_id, start):
+        if scan_id == self.kill_at_scan:
+            raise Killed(scan_id)
+        self.calls.append(scan_id)
+        rng = np.random.default_rng(scan_seed(7, scan_id, start))
+        return (labels.numpy() * 40 + rng.integers(0, 30, tuple(labels.shape))).astype(np.uint8)
+
+
+EXTRA = {"generator": "sdm", "generator_fold": "0", "model_sha256": "ab" * 32, "sampler": "ddpm"}
+
+
+def sample(paths, out_dir, generator, extra=EXTRA):
+    return write_synthetic(plan_maps(paths, SIZE, seed=0, max_slices_per_scan=3), out_dir, SIZE, 4, generator,
+                           extra, "test sampling")
+
+
+def test_a_killed_sampling_run_resumes_and_equals_an_unbroken_one(tmp_path):
+    paths = write_scans(tmp_path)
+    unbroken = sample(paths, tmp_path / "unbroken" / "0", Generator())
+
+    out_dir = tmp_path / "synth" / "0"
+    with pytest.raises(Killed):
+        sample(paths, out_dir, Generator(kill_at_scan="S2"))
+    # Nothing in the output folder (Snakemake would remove it anyway); the two finished stacks are kept beside it.
+    assert not out_dir.exists()
+    assert sorted(p.name for p in staging_dir(out_dir).glob("*.npz")) == ["S0.npz", "S1.npz"]
+
+    rerun = Generator()
+    written = sample(paths, out_dir, rerun)
+    assert rerun.calls and set(rerun.calls) == {"S2", "S3"}  # S0 and S1 were not sampled again
+    assert not staging_dir(out_dir).exists()
+    assert [p.name for p in written] == [p.name for p in unbroken]
+    for mine, theirs in zip(written, unbroken):
+        a, b = load_slices(mine), load_slices(theirs)
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.label, b.label)
+        np.testing.assert_array_equal(a.slice_index, b.slice_index)
+
+
+def test_stacks_of_another_model_or_setting_are_sampled_again(tmp_path):
+    paths = write_scans(tmp_path, n_scans=2)
+    out_dir = tmp_path / "synth" / "0"
+    with pytest.raises(Killed):
+        sample(paths, out_dir, Generator(kill_at_scan="S1"))
+    other = Generator()
+    sample(paths, out_dir, other, extra={**EXTRA, "model_sha256": "cd" * 32})  # the generator was retrained
+    assert set(other.calls) == {"S0", "S1"}
+    # A half-written or unreadable leftover is no finished stack either.
+    with pytest.raises(Killed):
+        sample(paths, out_dir, Generator(kill_at_scan="S1"))
+    (staging_dir(out_dir) / "S0.npz").write_bytes(b"PK\x03\x04 truncated")
+    again = Generator()
+    sample(paths, out_dir, again)
+    assert set(again.calls) == {"S0", "S1"}
