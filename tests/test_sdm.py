@@ -490,6 +490,7 @@ def test_resume_equals_unbroken_training(tmp_path):
     train_sdm(paths, out, options, device="cpu", max_steps_this_run=2)  # reaches step 5 ...
     assert _state(out / "checkpoint.pt")["step"] == 5
     shutil.copy(tmp_path / "step3.pt", out / "checkpoint.pt")  # ... then "killed": last checkpoint is step 3
+    (out / "loss.tsv").unlink()  # and Snakemake removed the failed job's loss.tsv: the checkpoint carries the curve
     resumed = train_sdm(paths, out, options, device="cpu")
 
     a, b = _state(unbroken), _state(resumed)

@@ -188,7 +188,8 @@ def _train(data: SlicePairs, data_record: dict, out_dir: Path, options: SDMOptio
         (out_dir / MODEL).unlink(missing_ok=True)  # a model of that other run must not pass for this one's
     elif state:
         trainer.load_state_dict(state)
-        curve = LossCurve.load(out_dir / LOSS)
+        # The curve travels in the checkpoint (as SPADE's): Snakemake deletes loss.tsv with a failed job's outputs.
+        curve.rows = [dict(row) for row in state.get("curve", [])] or LossCurve.load(out_dir / LOSS).rows
         curve.truncate(trainer.step)
         print(f"sdm: resumed from {checkpoint_path} at step {trainer.step}", file=sys.stderr)
     write_options_file(out_dir / OPTIONS, {
@@ -212,7 +213,8 @@ def _train(data: SlicePairs, data_record: dict, out_dir: Path, options: SDMOptio
     window, window_steps, window_start = None, 0, time.perf_counter()
 
     def save():
-        save_checkpoint(checkpoint_path, {**trainer.state_dict(), "data": data_record})
+        save_checkpoint(checkpoint_path, {**trainer.state_dict(), "data": data_record,
+                                          "curve": [dict(row) for row in curve.rows]})
         curve.write(out_dir / LOSS)
 
     while trainer.step < end:
