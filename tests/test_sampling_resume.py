@@ -89,3 +89,29 @@ def test_stacks_of_another_model_or_setting_are_sampled_again(tmp_path):
     again = Generator()
     sample(paths, out_dir, again)
     assert set(again.calls) == {"S0", "S1"}
+
+
+def test_the_studys_defaults_sample_only_the_maps_it_uses_with_a_few_step_sampler(tmp_path):
+    """Schema defaults (what a user's config gets): every nodule map plus 4 evenly spaced maps per scan, not every
+    lung slice; SDE-DPM-Solver++(2M) at 25 steps, the paper's DDPM-1000 one key away."""
+    import yaml
+
+    from conftest import REPO
+    from nodulesynth.models.sdm.options import SDMOptions
+
+    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())["properties"]
+    synthesis = {k: v["default"] for k, v in schema["synthesis"]["properties"].items()}
+    sdm = schema["sdm"]["properties"]
+    assert (sdm["sampler"]["default"], sdm["sample_steps"]["default"]) == ("dpmpp_2m_sde", 25)
+    assert (SDMOptions().sampler, SDMOptions().sample_steps) == ("dpmpp_2m_sde", 25)
+    assert SDMOptions.from_config({"sampler": "ddpm", "sample_steps": 1000}).sample_steps == 1000
+
+    label = np.full((40, SIZE, SIZE), BODY, np.uint8)
+    label[:, 4:20, 4:20] = LEFT_LUNG
+    label[[5, 6, 7, 30], 8:11, 8:11] = NODULE
+    save_slices(tmp_path / "S.npz", SliceStack(np.zeros_like(label), label, np.arange(40, dtype=float), np.arange(40),
+                                               (label == NODULE).any((1, 2)), "S", "P"))
+    plans = plan_maps([tmp_path / "S.npz"], SIZE, seed=0, max_slices_per_scan=synthesis["max_slices_per_scan"],
+                      nodule_maps_per_scan=synthesis["nodule_maps_per_scan"])
+    (_, _, indices, maps), = list(plans)
+    assert {5, 6, 7, 30} <= set(indices.tolist()) and len(indices) <= 4 + 4  # every nodule map, a few others
