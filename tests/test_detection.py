@@ -219,3 +219,11 @@ def test_patch_mode_from_local_checkpoint(trained, tmp_path):
     _, again = run_detection(unlabelled, options, tmp_path / "unlabelled", device="cpu")
     assert again["label"].tolist() == [0, 0, 0, 0] != predictions["label"].tolist()
     np.testing.assert_allclose(again["score"], predictions["score"], rtol=1e-5, atol=1e-6)
+
+
+def test_image_stats_in_chunks_equal_numpys_and_cudnn_autotuning_only_on_cuda():
+    images = np.random.default_rng(0).integers(0, 256, (37, 16, 16), dtype=np.uint8)
+    mean, std = mmlab.image_stats(images, chunk=5)
+    assert mean == pytest.approx(images.mean()) and std == pytest.approx(images.std())
+    assert mmlab.runtime_settings("w", 0, "cuda:1")["env_cfg"]["cudnn_benchmark"] is True
+    assert mmlab.runtime_settings("w", 0, "cpu")["env_cfg"]["cudnn_benchmark"] is False

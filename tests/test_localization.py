@@ -105,6 +105,7 @@ def test_tiny_training_loss_falls_and_metrics_are_complete(tmp_path):
     assert loss[-1, 2] == pytest.approx(0.01) and (np.diff(loss[2:, 2]) < 0).all()  # linear decay to 0.1 x
     for name in ("model.pth", "coco/train.json", "coco/test.json"):
         assert (tmp_path / name).is_file(), name
+    assert not (tmp_path / "coco" / "train").exists() and not (tmp_path / "coco" / "test").exists()  # PNGs gone
     assert list(tmp_path.glob("*/*.log")), "mmengine's log of the run"
     assert len(json.loads((tmp_path / "coco/test.json").read_text())["annotations"]) == 3
 

@@ -311,8 +311,8 @@ def run_detection(dataset: ArmDataset, options: DetectionOptions, work_dir, devi
     test_labels = np.asarray(dataset.test.has_nodule, bool).astype(np.int64)  # for the metrics only
 
     key = uuid.uuid4().hex
-    std = float(train_images.std()) or 1.0
-    cfg = detection_config(options, work_dir, device, float(train_images.mean()), std, key)
+    mean, std = mmlab.image_stats(train_images)
+    cfg = detection_config(options, work_dir, device, mean, std or 1.0, key)
     if options.load_from:
         cfg.load_from = _initial_checkpoint(options.load_from, work_dir)
     _IN_MEMORY[key] = (train_images, train_labels)

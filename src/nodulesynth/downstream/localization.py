@@ -379,6 +379,9 @@ def run_localization(dataset: ArmDataset, options: LocalizationOptions, work_dir
                                    by_epoch=False)
     finally:
         mmlab.close_log_files(runner)
+    # The PNG slices served mmdet's loaders only (one per slice: ~125k a job at LIDC scale); the COCO files stay.
+    for split in ("train", "test"):
+        shutil.rmtree(data_root / split, ignore_errors=True)
     with atomic_path(work_dir / "mmdet_metrics.json") as tmp:
         tmp.write_text(json.dumps({k: float(v) for k, v in mmdet_metrics.items()}, indent=1))
 
