@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 # envs/*.yaml install the lock and this checkout from here (Snakemake copies env files elsewhere).
 os.environ.setdefault("NODULESYNTH_ROOT", str(Path(workflow.basedir)))
 from nodulesynth.data.folds import evaluation_scans, read_folds, training_scans
-from nodulesynth.downstream.datasets import ARMS, study_arms
+from nodulesynth.downstream.datasets import ARMS, study_arms, study_image_size
 from nodulesynth.report.pdf import pdf_wanted
 from snakemake.logging import logger
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
@@ -97,13 +97,9 @@ def arm_generator_files(wildcards):
 
 
 def downstream_image_size():
-    """All slices of the study at the generators' size; both generators must agree on it."""
-    if config["sdm"]["image_size"] != config["spade"]["image_size"]:
-        raise ValueError(
-            f"sdm.image_size {config['sdm']['image_size']} and spade.image_size "
-            f"{config['spade']['image_size']} differ: the downstream arms need one size"
-        )
-    return config["sdm"]["image_size"]
+    """The study's slice size: downstream.image_size, or (null) the generators' size (both must agree)."""
+    return study_image_size(config["downstream"].get("image_size"),
+                            {name: config[name]["image_size"] for name in ("sdm", "spade")})
 
 
 # Sampling keys of the `sdm:` section (nodulesynth's SDMOptions.SAMPLING_KEYS; the Snakefile does not

@@ -105,3 +105,42 @@ def test_component_boxes_and_subset():
                  np.array(["a", "b", "c"]), np.arange(n), np.array(["real"] * n))
     sub = s.subset([2, 1])
     assert list(sub.scan_id) == ["c", "b"] and sub.boxes.tolist() == [[0, 0, 0, 1, 1]]
+
+
+def test_study_image_size_is_the_downstream_setting_else_the_generators_agreed_size():
+    from nodulesynth.downstream.datasets import study_image_size
+
+    assert study_image_size(None, {"sdm": 64, "spade": 64}) == 64
+    # Set: the generators' slices are resampled to it, whatever their (even differing) sizes.
+    assert study_image_size(128, {"sdm": 64, "spade": 32}) == 128
+    with pytest.raises(ValueError, match=r"sdm.image_size 64, spade.image_size 32 differ"):
+        study_image_size(None, {"sdm": 64, "spade": 32})
+    with pytest.raises(ValueError, match=r"downstream.image_size = 4"):
+        study_image_size(4, {"sdm": 64, "spade": 64})
+
+
+def test_synthetic_slices_follow_a_study_size_above_the_generators(cohort):
+    real, synth = cohort  # real slices at 128 px, the generator's at 64
+    data = build_arm_dataset("B", 0, ["P1", "P2"], ["P3"], real, synth_dir=synth, image_size=128)
+    assert data.train.image.shape[1:] == (128, 128) and data.info["image_size"] == 128
+    spade = np.flatnonzero(data.train.source == "spade")
+    assert len(spade) == 3
+    # The 64-px map's nodule (30, 20, 36, 24) doubles with the upsampling.
+    np.testing.assert_allclose(data.train.boxes_of(int(spade[0])), [[60, 40, 72, 48]])
+
+
+def test_downstream_commands_take_every_key_of_the_schema_section():
+    """`--params` is the whole `downstream:` section (rules' section()): each key the schema allows is read."""
+    from pathlib import Path
+
+    import yaml
+
+    from nodulesynth.cli import _downstream_params
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "schemas" / "config.schema.yaml").read_text())
+    properties = schema["properties"]["downstream"]["properties"]
+    defaults = {key: spec["default"] for key, spec in properties.items()}
+    assert _downstream_params(defaults) == defaults
+    assert _downstream_params({}) == defaults  # the command's own defaults are the schema's
+    with pytest.raises(KeyError, match="downstream.imagesize"):
+        _downstream_params({"imagesize": 128})
