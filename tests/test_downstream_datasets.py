@@ -144,3 +144,14 @@ def test_downstream_commands_take_every_key_of_the_schema_section():
     assert _downstream_params({}) == defaults  # the command's own defaults are the schema's
     with pytest.raises(KeyError, match="downstream.imagesize"):
         _downstream_params({"imagesize": 128})
+
+
+def test_downstream_dataset_command_takes_the_control_arms():
+    from nodulesynth.cli import build_parser
+
+    common = ["--fold", "0", "--manifest", "m.tsv", "--folds", "f.tsv", "--slices", "s.npz", "--image-size", "128",
+              "--out", "o.npz"]
+    for arm in ("A", "B", "C", "P", "N"):
+        assert build_parser().parse_args(["downstream-dataset", "--arm", arm, *common]).arm == arm
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["downstream-dataset", "--arm", "Q", *common])

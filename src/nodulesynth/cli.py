@@ -503,7 +503,9 @@ def build_parser():
     p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("downstream-dataset", help="one fold and arm of the study: slices at one size, with boxes")
-    p.add_argument("--arm", required=True, choices=["A", "B", "C"])
+    from nodulesynth.downstream.datasets import study_arms
+
+    p.add_argument("--arm", required=True, choices=study_arms(controls=True))
     p.add_argument("--fold", required=True, type=int)
     p.add_argument("--manifest", required=True)
     p.add_argument("--folds", required=True)

@@ -28,6 +28,7 @@ import numpy as np
 from mmengine.hooks import Hook
 from mmengine.registry import DATA_SAMPLERS, HOOKS
 from mmengine.runner import Runner
+from torch.utils.data import Sampler
 
 from nodulesynth.io import atomic_path
 from nodulesynth.models.device import pick_device
@@ -45,10 +46,11 @@ def is_positive(data_info: dict) -> bool:
 
 
 @DATA_SAMPLERS.register_module(name=BALANCED_SAMPLER)
-class BalancedSampler:
+class BalancedSampler(Sampler):
     """Training indices drawn forever, a nodule slice with probability `positive_fraction` (else a slice without),
     uniformly within each class, seeded. Written here because mmengine ships no class-weighted sampler, and
-    torch's WeightedRandomSampler takes neither the dataset nor the seed that mmengine builds samplers with.
+    torch's WeightedRandomSampler takes neither the dataset nor the seed that mmengine builds samplers with. A torch
+    `Sampler`: mmdet's AspectRatioBatchSampler (the localization loader's) refuses anything else.
 
     Why: arms B and C add synthetic positives to arm A's training set, which moves a plain shuffle's class prior
     (and with it recall, precision and F1 at a fixed cut) with no new information; drawn at one prior, the arms
@@ -69,6 +71,7 @@ class BalancedSampler:
         self.seed = sync_random_seed() if seed is None else int(seed)
         self.rank, self.world_size = get_dist_info()
         self.size = len(dataset)
+        self.dataset = dataset  # AspectRatioBatchSampler reads each drawn sample's shape from it
 
     def _draws(self):
         rng = np.random.default_rng(self.seed)
