@@ -103,9 +103,11 @@ def load_training_pairs(paths):
 
 
 def resize_slices(image, label, size: int):
-    """Slices and their lesion maps [N,H,W] at `size` x `size`, uint8: images by area averaging (INTER_AREA),
-    maps by nearest neighbour, the one resizing of the generators' training sets and the downstream arms.
-    Arrays already uint8 at `size` come back as they are (a memory map stays one)."""
+    """Slices and their lesion maps [N,H,W] at `size` x `size`, uint8: images by area averaging (INTER_AREA) when
+    shrunk, bilinear when enlarged (INTER_AREA then repeats pixels: 64-px synthetic slices in a 128-px study
+    would be blocky beside the real ones), maps by nearest neighbour; the one resizing of the generators'
+    training sets and the downstream arms. Arrays already uint8 at `size` come back as they are (a memory map
+    stays one)."""
     import cv2
 
     def resized(array, interpolation):
@@ -119,5 +121,6 @@ def resize_slices(image, label, size: int):
             out[i] = cv2.resize(item, (size, size), interpolation=interpolation)
         return out
 
-    return resized(image, cv2.INTER_AREA), resized(label, cv2.INTER_NEAREST)
+    enlarged = np.shape(image)[-1] < size
+    return resized(image, cv2.INTER_LINEAR if enlarged else cv2.INTER_AREA), resized(label, cv2.INTER_NEAREST)
 
