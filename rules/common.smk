@@ -25,7 +25,7 @@ if not _gpu_slots and workflow.local_exec and not os.environ.get("SLURM_JOB_ID")
 if _gpu_slots:
     os.environ[SLOTS_VARIABLE] = str(int(_gpu_slots))
 from nodulesynth.data.folds import evaluation_scans, has_test_patients, read_folds, training_scans
-from nodulesynth.downstream.datasets import ARMS, study_arms
+from nodulesynth.downstream.datasets import ARMS, study_arms, study_image_size
 from nodulesynth.io import read_table
 from nodulesynth.models.sdm.options import SDMOptions
 from nodulesynth.report.pdf import pdf_wanted
@@ -119,13 +119,9 @@ def arm_generator_files(wildcards):
 
 
 def downstream_image_size():
-    """All slices of the study at the generators' size; both generators must agree on it."""
-    if config["sdm"]["image_size"] != config["spade"]["image_size"]:
-        raise ValueError(
-            f"sdm.image_size {config['sdm']['image_size']} and spade.image_size "
-            f"{config['spade']['image_size']} differ: the downstream arms need one size"
-        )
-    return config["sdm"]["image_size"]
+    """The study's slice size: downstream.image_size, or (null) the generators' size (both must agree)."""
+    return study_image_size(config["downstream"].get("image_size"),
+                            {name: config[name]["image_size"] for name in ("sdm", "spade")})
 
 
 # Sampling keys of the `sdm:` section: a change reruns sampling only, not training.

@@ -1,5 +1,5 @@
-# The downstream study: per fold and arm (A real, B + SPADE, C + SDM) the slices at the generators'
-# size, then nodule detection (mmpretrain SE-ResNet-101) and localization (mmdet Faster R-CNN X101),
+# The downstream study: per fold and arm (A real, B + SPADE, C + SDM, controls P, N) the slices at the study's
+# size (downstream.image_size, else the generators'), then nodule detection (mmpretrain SE-ResNet-101) and localization (mmdet Faster R-CNN X101),
 # trained only after the leakage audit passed. GPU jobs (`gpu=1`) run on the CPU where there is none.
 
 

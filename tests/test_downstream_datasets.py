@@ -171,3 +171,53 @@ def test_a_nodules_tsv_row_the_map_contradicts_is_an_error(tmp_path):
     excluded = pd.DataFrame([dict(slice_index=3, finding=0, x0=4, y0=4, x1=8, y1=12)])
     got = real_slices(stack, table.iloc[:0], 16, excluded)
     assert got.excluded.tolist() == [[0, 2, 2, 4, 6]]  # scaled by the boxes' rule, 32 -> 16 px
+
+
+def test_study_image_size_is_the_downstream_setting_else_the_generators_agreed_size():
+    from nodulesynth.downstream.datasets import study_image_size
+
+    assert study_image_size(None, {"sdm": 64, "spade": 64}) == 64
+    # Set: the generators' slices are resampled to it, whatever their (even differing) sizes.
+    assert study_image_size(128, {"sdm": 64, "spade": 32}) == 128
+    with pytest.raises(ValueError, match=r"sdm.image_size 64, spade.image_size 32 differ"):
+        study_image_size(None, {"sdm": 64, "spade": 32})
+    with pytest.raises(ValueError, match=r"downstream.image_size = 4"):
+        study_image_size(4, {"sdm": 64, "spade": 64})
+
+
+def test_synthetic_slices_follow_a_study_size_above_the_generators(cohort):
+    real, synth = cohort  # real slices at 128 px, the generator's at 64
+    data = build_arm_dataset("B", 0, ["P1", "P2"], ["P3"], real, synth_dir=synth, image_size=128)
+    assert data.train.image.shape[1:] == (128, 128) and data.info["image_size"] == 128
+    spade = np.flatnonzero(data.train.source == "spade")
+    assert len(spade) == 3
+    # The 64-px map's nodule (30, 20, 36, 24) doubles with the upsampling.
+    np.testing.assert_allclose(data.train.boxes_of(int(spade[0])), [[60, 40, 72, 48]])
+
+
+def test_downstream_commands_take_every_key_of_the_schema_section():
+    """`--params` is the whole `downstream:` section (rules' section()): each key the schema allows is read."""
+    from pathlib import Path
+
+    import yaml
+
+    from nodulesynth.cli import _downstream_params
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "schemas" / "config.schema.yaml").read_text())
+    properties = schema["properties"]["downstream"]["properties"]
+    defaults = {key: spec["default"] for key, spec in properties.items()}
+    assert _downstream_params(defaults) == defaults
+    assert _downstream_params({}) == defaults  # the command's own defaults are the schema's
+    with pytest.raises(KeyError, match="downstream.imagesize"):
+        _downstream_params({"imagesize": 128})
+
+
+def test_downstream_dataset_command_takes_the_control_arms():
+    from nodulesynth.cli import build_parser
+
+    common = ["--fold", "0", "--manifest", "m.tsv", "--folds", "f.tsv", "--slices", "s.npz", "--image-size", "128",
+              "--out", "o.npz"]
+    for arm in ("A", "B", "C", "P", "N"):
+        assert build_parser().parse_args(["downstream-dataset", "--arm", arm, *common]).arm == arm
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["downstream-dataset", "--arm", "Q", *common])

@@ -43,3 +43,18 @@ def test_a_missing_key_is_an_error_naming_file_and_key(tmp_path, missing):
             load(path)
         message = err.value.args[0]
         assert str(path) in message and repr(missing) in message
+
+
+def test_resize_averages_when_shrinking_and_interpolates_when_enlarging():
+    from nodulesynth.data.slices import resize_slices
+
+    image = np.zeros((1, 4, 4), np.uint8)
+    image[0, :, 2:] = 200
+    label = (image // 200 * 5).astype(np.uint8)
+    small, small_label = resize_slices(image, label, 2)
+    np.testing.assert_array_equal(small[0], [[0, 200], [0, 200]])  # 2x2 blocks averaged
+    big, big_label = resize_slices(image, label, 8)
+    row = big[0, 0].astype(int)
+    assert row[0] == 0 and row[-1] == 200 and 0 < row[3] < 200 and 0 < row[4] < 200  # a ramp at the edge, no blocks
+    assert set(np.unique(big_label)) == {0, 5}  # maps keep their labels (nearest neighbour)
+    np.testing.assert_array_equal(big_label[0, :, :4], 0)

@@ -276,7 +276,7 @@ def cmd_fidelity(args):
 
 def _downstream_params(params):
     defaults = dict(synthetic_ratio=1.0, seed=0, near_duplicate_size=32, near_duplicate_threshold=0.96,
-                    device="auto", threads=1, controls=True)
+                    device="auto", threads=1, controls=True, image_size=None)
     unknown = sorted(set(params) - set(defaults))
     if unknown:
         raise KeyError(f"unknown config key downstream.{unknown[0]}")

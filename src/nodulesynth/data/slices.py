@@ -129,10 +129,13 @@ def resize_maps(label, size: int):
 
 
 def resize_slices(image, label, size: int):
-    """Slices and their lesion maps [N,H,W] at `size` x `size`, uint8: images by area averaging (INTER_AREA),
-    maps by nearest neighbour (`resize_maps`), the one resizing of the generators' training sets, their sampling
-    plans and the downstream arms. Arrays already uint8 at `size` come back as they are."""
+    """Slices and their lesion maps [N,H,W] at `size` x `size`, uint8: images by area averaging (INTER_AREA) when
+    shrunk, bilinear when enlarged (INTER_AREA then repeats pixels: 64-px synthetic slices in a 128-px study would
+    be blocky beside the real ones), maps by nearest neighbour (`resize_maps`); the one resizing of the generators'
+    training sets, their sampling plans and the downstream arms. Arrays already uint8 at `size` come back as
+    they are."""
     import cv2
 
-    return _resized(image, size, cv2.INTER_AREA), resize_maps(label, size)
+    enlarged = np.shape(image)[-1] < size
+    return _resized(image, size, cv2.INTER_LINEAR if enlarged else cv2.INTER_AREA), resize_maps(label, size)
 

@@ -52,6 +52,23 @@ def study_arms(controls: bool = False) -> list[str]:
     return list(ARMS) + (list(CONTROLS) if controls else [])
 
 
+def study_image_size(image_size, generator_sizes: dict) -> int:
+    """The downstream study's slice size: `image_size` (config downstream.image_size) where set, else (None) the
+    generators' size, `generator_sizes` {section: size}, on which they must then agree. A set size differing
+    from the generators' resamples their slices to it (as the real slices are), so the detectors can see nodules
+    at a finer size than the generators are trained at."""
+    if image_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+            raise ValueError(f"downstream.image_size = {image_size!r}: must be an integer >= 8, or null for the "
+                             "generators' size")
+        return image_size
+    sizes = sorted(set(generator_sizes.values()))
+    if len(sizes) != 1:
+        named = ", ".join(f"{name}.image_size {size}" for name, size in generator_sizes.items())
+        raise ValueError(f"{named} differ: the downstream arms need one size (or set downstream.image_size)")
+    return sizes[0]
+
+
 @dataclass
 class SliceSet:
     image: np.ndarray

@@ -50,7 +50,8 @@ def is_positive(data_info: dict) -> bool:
 class BalancedSampler(Sampler):
     """Training indices drawn forever, a nodule slice with probability `positive_fraction` (else a slice without),
     uniformly within each class, seeded. Written here because mmengine ships no class-weighted sampler, and
-    torch's WeightedRandomSampler takes neither the dataset nor the seed that mmengine builds samplers with.
+    torch's WeightedRandomSampler takes neither the dataset nor the seed that mmengine builds samplers with. A torch
+    `Sampler`: mmdet's AspectRatioBatchSampler (the localization loader's) refuses anything else.
 
     Why: arms B and C add synthetic positives to arm A's training set, which moves a plain shuffle's class prior
     (and with it recall, precision and F1 at a fixed cut) with no new information; drawn at one prior, the arms
@@ -73,6 +74,7 @@ class BalancedSampler(Sampler):
         self.seed = sync_random_seed() if seed is None else int(seed)
         self.rank, self.world_size = get_dist_info()
         self.size = len(dataset)
+        self.dataset = dataset  # AspectRatioBatchSampler reads each drawn sample's shape from it
 
     def _draws(self):
         rng = np.random.default_rng(self.seed)
