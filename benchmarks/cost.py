@@ -316,6 +316,8 @@ def study_stages(config: dict, cohort: Cohort, sdm_options=None) -> list[Stage]:
     # scans ((k-1)/k of each generator's maps), through the classifier once; realism reads subsets of these.
     realism_slices = k * (cohort.slices + 2 * maps * (k - 1) / k)
     sdm_precision = "bf16" if sdm.bf16 else "tf32"
+    # SPADE and the realism features run in fp32, whose convolutions cuDNN runs on TF32 tensor cores (PyTorch's
+    # default); detection and localization train under AMP (mmlab.optim_wrapper: fp16, the bf16 rate).
     return [
         Stage("train SDM", generators, generators * sdm.max_steps * sdm.batch_size * sdm_f["train"], sdm_precision,
               note=f"{sdm.max_steps} steps x {sdm.batch_size}, {sdm_f['train'] / sdm_f['forward']:.2f} forwards "
@@ -383,6 +385,10 @@ def apply_measured(stages: list[Stage], measured: dict, options, config: dict, c
                              * guidance_branches(options) * per_evaluation)
 
 
+def hours_text(hours: float) -> str:
+    return f"{hours:,.0f}" if hours >= 100 else f"{hours:.2f}"
+
+
 def stage_hours(stage: Stage, rates: dict) -> float:
     seconds = stage.seconds if stage.seconds is not None else stage.flops / rates[stage.precision]
     return seconds / 3600
@@ -432,7 +438,7 @@ def main(argv=None):
     hours = [stage_hours(stage, rates) for stage in stages]
     total = sum(hours)
     print(f"cohort: {cohort.scans:,} scans, {cohort.slices:,} slices, {100 * cohort.nodule_fraction:.1f} % with a "
-          f"nodule; {config['folds']['k']} folds; config: {args.config or 'schema defaults (the paper study)'}")
+          f"nodule; {config['folds']['k']} folds; config: {args.config or 'schema defaults, the paper study'}")
     print(f"\n{'stage':<14}{'count':>6}{'PFLOP':>12}{'GPU-hours':>11}{'share':>8}  what")
     for stage, hour in zip(stages, hours):
         timing = " [measured]" if stage.seconds is not None else ""
@@ -447,7 +453,8 @@ def main(argv=None):
         apply_measured(paper_stages, measured, paper, every_slice, cohort)
     paper_total = sum(stage_hours(stage, rates) for stage in paper_stages)
     paper_sampling = stage_hours(next(s for s in paper_stages if s.name == "sample SDM"), rates)
-    print(f"\nwith the paper's sampler (ddpm {paper.sample_steps}) on every lung slice: {paper_total:,.0f} GPU-hours, "
+    print(f"\nwith the paper's sampler (ddpm {paper.sample_steps}) on every lung slice: "
+          f"{hours_text(paper_total)} GPU-hours, "
           f"{100 * paper_sampling / paper_total:.0f} % of it SDM sampling")
 
     if total > args.target:
@@ -462,7 +469,7 @@ def main(argv=None):
                   f"network (model_channels, channel_mult)")
         else:
             print(f"The other stages take {rest:,.0f} h.")
-    print(f"total: {total:,.0f} GPU-hours ({name}, {assumption})")
+    print(f"total: {hours_text(total)} GPU-hours ({name}, {assumption})")
     return total
 
 
