@@ -394,6 +394,25 @@ def stage_hours(stage: Stage, rates: dict) -> float:
     return seconds / 3600
 
 
+def over_target(target: float, stages: list[Stage], hours: list[float], sdm):
+    """Which stage dominates, and what would bring the total under `target` (nothing is changed to get there)."""
+    total = sum(hours)
+    top_hours, top = max(zip(hours, stages), key=lambda pair: pair[0])
+    rest = total - top_hours
+    print(f"above the target of {target:g} GPU-hours: {top.name} takes {100 * top_hours / total:.0f} % "
+          f"({top_hours:,.0f} h); the other stages {rest:,.0f} h")
+    if top.name != "train SDM" or rest >= target:
+        return
+    fraction = (target - rest) / top_hours  # of the SDM training's hours that fit
+    print(f"  under it: sdm.max_steps {math.floor(sdm.max_steps * fraction):,} (of {sdm.max_steps:,}), or an "
+          f"achieved throughput {1 / fraction:.2f}x the one used here, or a smaller network "
+          f"(sdm.model_channels, channel_mult)")
+    if sdm.grad_checkpoint and top.seconds is None:
+        ratio = sdm_flops(sdm.replace(grad_checkpoint=False))["train"] / sdm_flops(sdm)["train"]
+        print(f"  sdm.grad_checkpoint off saves the recomputation: {top_hours * ratio:,.0f} h for SDM training, if "
+              f"its activations fit (smaller micro_batch_size; benchmarks/sdm.py --memory)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (as `snakemake --configfile`): keys it leaves out take the "
@@ -458,17 +477,7 @@ def main(argv=None):
           f"{100 * paper_sampling / paper_total:.0f} % of it SDM sampling")
 
     if total > args.target:
-        top = max(zip(hours, stages), key=lambda pair: pair[0])
-        rest = total - top[0]
-        print(f"above the target of {args.target:g} GPU-hours: {top[1].name} is {100 * top[0] / total:.0f} % "
-              f"({top[0]:,.0f} h).", end=" ")
-        if top[1].name == "train SDM" and rest < args.target:
-            steps = math.floor(sdm.max_steps * (args.target - rest) / top[0])
-            print(f"Under the target: sdm.max_steps {steps:,} (of {sdm.max_steps:,}) at this throughput, or a "
-                  f"measured throughput of {top[0] / (args.target - rest):.2f}x the assumed one, or a smaller "
-                  f"network (model_channels, channel_mult)")
-        else:
-            print(f"The other stages take {rest:,.0f} h.")
+        over_target(args.target, stages, hours, sdm)
     print(f"total: {hours_text(total)} GPU-hours ({name}, {assumption})")
     return total
 

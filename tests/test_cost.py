@@ -99,6 +99,13 @@ def test_last_line_and_measured_throughput(cost, tiny_config, tmp_path, capsys):
     assert float(match.group(1).replace(",", "")) == pytest.approx(total, abs=0.5)
     assert "346 bf16 TFLOP/s" in match.group(3)
     assert any(line.startswith("with the paper's sampler (ddpm 1000) on every lung slice") for line in lines)
+    assert not any(line.startswith("above the target") for line in lines)
+
+    # Over the target: the dominant stage is named, and the total is still the last line
+    cost.main(args + ["--target", "1e-9"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(re.match(r"above the target of 1e-09 GPU-hours: .+ takes \d+ %", line) for line in lines)
+    assert lines[-1].startswith("total: ")
 
     # Measured SDM rates replace the assumption for the SDM stages: 6 generators x 40 steps x 8 images at
     # 320 images/s is 6 s; sampling 0.5 s an image over 10 guided steps is 0.05 s an evaluation.
