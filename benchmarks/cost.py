@@ -265,7 +265,7 @@ def sampled_maps(config: dict, cohort: Cohort) -> float:
 
 def network_evaluations(options) -> int:
     """Network passes of one map: `sample_steps` for every sampler (models/sdm/samplers.py: DDPM and DDIM one a
-    respaced step; DPM-Solver++(2M) one a log-SNR time), each with both guidance branches."""
+    respaced step; DPM-Solver++(2M) one a log-SNR time); guidance_branches says how wide each pass is."""
     return options.sample_steps
 
 
