@@ -12,6 +12,9 @@ samplers on those stacks' lesion maps (paired per map, against the last one).
   python benchmarks/sdm.py --config config.yaml --device cuda --image-size 256 --batch-size 16
   python benchmarks/sdm.py --memory                          # estimated peak: the demo and the paper's defaults
   python benchmarks/sdm.py --memory --paper --device cuda    # ... and the measured peak of the paper's defaults
+  echo "{}" > paper.yaml                                     # no sdm keys: the paper's network, batch 32 in 16s
+  python benchmarks/sdm.py --config paper.yaml --device cuda --skip-ddpm --write-throughput sdm_h100.json
+                                                             # measured rates for benchmarks/cost.py --measured
 
 --memory prints the training memory model (nodulesynth.models.sdm.memory: a fake-tensor count of what
 autograd keeps, plus weights, gradients, Adam and EMA) for the demo config and the schema defaults (the
@@ -31,11 +34,11 @@ import numpy as np
 import torch
 import yaml
 
+from nodulesynth.data.slices import resize_maps
 from nodulesynth.models.data import SlicePairs
 from nodulesynth.models.device import pick_device
 from nodulesynth.models.sdm.options import SAMPLERS, SDMOptions
 from nodulesynth.models.sdm.sample import load_sdm, sample_images
-from nodulesynth.models.synthesis import resize_labels
 from nodulesynth.models.sdm.train import Trainer
 from nodulesynth.models.sdm.unet import set_attention
 
@@ -74,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--memory", action="store_true", help="print the estimated (and on CUDA measured) training "
                                                          "peak memory instead of the speed comparison")
     p.add_argument("--paper", action="store_true", help="with --memory on CUDA: measure the schema defaults too")
+    p.add_argument("--write-throughput", metavar="FILE",
+                   help="also write the speed-ON training images/s and DPM-Solver++ sampling s/image, with the "
+                        "options they were measured with, to this JSON file (benchmarks/cost.py --measured)")
     args = p.parse_args(argv)
     if args.model and not args.slices:
         p.error("--model needs --slices")  # before the timings, not after them
@@ -163,7 +169,7 @@ def fidelity_comparison(args, device):
 
     model, diffusion, options = load_sdm(args.model, device)
     _, labels = load_training_pairs(args.slices)
-    labels = resize_labels(labels, options.image_size)
+    labels = resize_maps(labels, options.image_size)
     pick = np.round(np.linspace(0, len(labels) - 1, min(args.fidelity_maps, len(labels)))).astype(int)
     maps = torch.from_numpy(labels[pick].astype(np.int64))
     runs = [(spec.split(":")[0], int(spec.split(":")[1]) if ":" in spec else options.diffusion_steps)
@@ -240,6 +246,20 @@ def memory_report(args, device):
           "(20 bytes a parameter); activations = what autograd keeps for one pass")
 
 
+def write_throughput(path, device, options, train_rate, seconds_per_image, steps, sample_batch):
+    """The measured speed-ON rates with the options they hold for (benchmarks/cost.py --measured checks that its
+    config's network is this one). Sampling: dpmpp_2m, one network evaluation a step, both guidance branches in
+    one pass at options.guidance_scale; any sampler at the same step count costs the same."""
+    import json
+
+    record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+              "options": options.to_dict(), "train_images_per_s": train_rate,
+              "sampling": {"sampler": "dpmpp_2m", "steps": steps, "guidance_scale": options.guidance_scale,
+                           "seconds_per_image": seconds_per_image, "batch": sample_batch}}
+    Path(path).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"throughput written to {path}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -299,6 +319,8 @@ def main(argv=None):
         ddpm_steps = args.ddpm_steps or (fast.diffusion_steps if cuda else min(100, fast.diffusion_steps))
         ddpm, _ = time_sampling(model, diffusion, labels, "ddpm", ddpm_steps, fast.guidance_scale, args.seed)
         print(f"{f'ddpm {ddpm_steps} steps':<34}{ddpm:>12.4f}   ({ddpm / dpm:.1f}x slower than DPM-Solver++)")
+    if args.write_throughput:
+        write_throughput(args.write_throughput, device, fast, on["rate"], dpm, args.dpm_steps, len(labels))
 
     if args.model:
         fidelity_comparison(args, device)
