@@ -337,6 +337,8 @@ def test_arms_must_share_their_folds(tmp_path):
 def test_study_table_bolds_only_what_the_primary_test_supports():
     """Bold is no longer the best mean: only B or C beating A on a primary endpoint with Holm-adjusted p < 0.05."""
     metrics = HEADLINE["detection"]
+    # the threshold-free metrics lead, the study's own columns at the cut follow
+    assert [m for m, _ in metrics][:3] == ["auc", "average_precision", "balanced_accuracy"]
     # C has the best mean everywhere, B the second best
     summary = pd.DataFrame([{"arm": arm, "metric": m, "mean": mean, "sd": 1.0, "text": f"{arm}{m}"}
                             for m, _ in metrics for arm, mean in zip(ARMS, (70.0, 80.0, 85.0))])
@@ -358,7 +360,7 @@ def test_study_table_bolds_only_what_the_primary_test_supports():
     # (significant, but worse than A), nor any exploratory metric (tiny unadjusted p), nor arm A
     assert {key for key, is_best in best.items() if is_best} == {("B", "auc"), ("B", "average_precision"),
                                                                  ("C", "average_precision")}
-    b_cell = table["rows"][1]["cells"][0]  # accuracy: exploratory
+    b_cell = table["rows"][1]["cells"][[m for m, _ in metrics].index("accuracy")]  # accuracy: exploratory
     assert (b_cell["wilcoxon_p"], b_cell["ttest_p"], b_cell["nb_ttest_p"]) == ("0.0625", "<0.001", "0.002")
     assert b_cell["p_holm"] is None
     auc_column = [label for m, label in metrics].index("AUC")
