@@ -197,6 +197,7 @@ def test_synthetic_slices_follow_a_study_size_above_the_generators(cohort):
 
 def test_downstream_commands_take_every_key_of_the_schema_section():
     """`--params` is the whole `downstream:` section (rules' section()): each key the schema allows is read."""
+    from dataclasses import asdict
     from pathlib import Path
 
     import yaml
@@ -206,8 +207,8 @@ def test_downstream_commands_take_every_key_of_the_schema_section():
     schema = yaml.safe_load((Path(__file__).parents[1] / "schemas" / "config.schema.yaml").read_text())
     properties = schema["properties"]["downstream"]["properties"]
     defaults = {key: spec["default"] for key, spec in properties.items()}
-    assert _downstream_params(defaults) == defaults
-    assert _downstream_params({}) == defaults  # the command's own defaults are the schema's
+    assert asdict(_downstream_params(defaults)) == defaults
+    assert asdict(_downstream_params({})) == defaults  # the command's own defaults are the schema's
     with pytest.raises(KeyError, match="downstream.imagesize"):
         _downstream_params({"imagesize": 128})
 

@@ -2,15 +2,21 @@
 
 import pytest
 
+from nodulesynth.data.folds import FoldOptions
+from nodulesynth.data.window import WindowOptions, window_from_config
+from nodulesynth.downstream.datasets import DownstreamOptions
 from nodulesynth.downstream.detection import DetectionOptions
 from nodulesynth.downstream.localization import LocalizationOptions
 from nodulesynth.masks.segment import MaskOptions
 from nodulesynth.models.sdm import SDMOptions
 from nodulesynth.models.spade.options import SPADEOptions
+from nodulesynth.models.synthesis import SynthesisOptions
 
 
 @pytest.mark.parametrize("cls, name", [(SDMOptions, "sdm"), (SPADEOptions, "spade"), (DetectionOptions, "detection"),
-                                       (LocalizationOptions, "localization"), (MaskOptions, "masks")])
+                                       (LocalizationOptions, "localization"), (MaskOptions, "masks"),
+                                       (FoldOptions, "folds"), (SynthesisOptions, "synthesis"),
+                                       (DownstreamOptions, "downstream")])
 def test_unknown_key_names_the_section_and_key(cls, name):
     with pytest.raises(KeyError, match=rf"unknown option {name}\.no_such_key"):
         cls.from_config({"no_such_key": 1})
@@ -32,3 +38,28 @@ def test_a_value_that_cannot_be_read_names_the_key():
         SDMOptions.from_config({"max_steps": "1.5"})
     with pytest.raises(ValueError, match="masks.body_threshold"):
         MaskOptions.from_config({"body_threshold": "high"})
+
+
+@pytest.mark.parametrize("cls, name", [(FoldOptions, "folds"), (SynthesisOptions, "synthesis"),
+                                       (DownstreamOptions, "downstream"), (WindowOptions, "window")])
+def test_the_sections_options_default_to_the_schemas_study(cls, name):
+    """Every section is read by one options class (no dict with its own defaults and wording beside it), and the
+    class's defaults are the schema's, so a command run by hand does what the workflow does."""
+    from dataclasses import fields
+
+    import yaml
+
+    from conftest import REPO
+
+    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())["properties"][name]["properties"]
+    assert {f.name for f in fields(cls)} == set(schema)
+    for f in fields(cls):
+        assert getattr(cls(), f.name) == schema[f.name].get("default"), f.name
+
+
+def test_the_window_is_read_as_every_other_section():
+    assert window_from_config({"min_hu": "-1200", "max_hu": 600}) == (-1200.0, 600.0)
+    with pytest.raises(KeyError, match=r"unknown option window\.width"):
+        window_from_config({"width": 1400})
+    with pytest.raises(ValueError, match="window.min_hu .* must be below"):
+        window_from_config({"min_hu": 400, "max_hu": -1000})

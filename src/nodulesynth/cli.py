@@ -170,15 +170,13 @@ def cmd_manifest(args):
 
 
 def cmd_folds(args):
-    from nodulesynth.data.folds import assign_folds, patient_has_nodule
+    from nodulesynth.data.folds import FoldOptions, assign_folds, patient_has_nodule
     from nodulesynth.io import read_table, write_tsv
 
-    unknown = sorted(set(args.params) - {"k", "seed"})
-    if unknown:
-        raise KeyError(f"unknown config key folds.{unknown[0]}")
+    options = FoldOptions.from_config(args.params)
     manifest = read_table(args.manifest, "manifest")
     has_nodule = patient_has_nodule(args.slices)
-    folds = assign_folds(manifest, k=args.params.get("k", 5), seed=args.params.get("seed", 0), has_nodule=has_nodule)
+    folds = assign_folds(manifest, k=options.k, seed=options.seed, has_nodule=has_nodule)
     write_tsv(folds, args.out)
     for fold, group in folds.groupby("fold"):
         log.info("fold %d: %d patients, %d with nodules", fold, len(group), int(has_nodule[group.patient_id].sum()))
@@ -186,12 +184,9 @@ def cmd_folds(args):
 
 
 def _synthesis(params):
-    unknown = sorted(set(params) - {"mask_source", "max_slices_per_scan", "nodule_maps_per_scan", "seed"})
-    if unknown:
-        raise KeyError(f"unknown config key synthesis.{unknown[0]}")
-    return dict(mask_source=params.get("mask_source", "real"),
-                max_slices_per_scan=params.get("max_slices_per_scan"),
-                nodule_maps_per_scan=params.get("nodule_maps_per_scan"), seed=params.get("seed", 0))
+    from nodulesynth.models.synthesis import SynthesisOptions
+
+    return SynthesisOptions.from_config(params).to_dict()
 
 
 def _record_training_scans(slices, out_dir):
@@ -275,12 +270,9 @@ def cmd_fidelity(args):
 
 
 def _downstream_params(params):
-    defaults = dict(synthetic_ratio=1.0, seed=0, near_duplicate_size=32, near_duplicate_threshold=0.96,
-                    device="auto", threads=1, controls=True, image_size=None)
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        raise KeyError(f"unknown config key downstream.{unknown[0]}")
-    return {**defaults, **params}
+    from nodulesynth.downstream.datasets import DownstreamOptions
+
+    return DownstreamOptions.from_config(params)
 
 
 def cmd_downstream_dataset(args):
@@ -296,7 +288,7 @@ def cmd_downstream_dataset(args):
     dataset = build_arm_dataset(
         args.arm, args.fold, training_scans(manifest, folds, args.fold), evaluation_scans(manifest, folds, args.fold),
         slice_dirs.pop(), synth_dir=args.synth[0] if args.synth else None, image_size=args.image_size,
-        synthetic_ratio=p["synthetic_ratio"], seed=p["seed"])
+        synthetic_ratio=p.synthetic_ratio, seed=p.seed)
     save_dataset(args.out, dataset)
     log.info("dataset arm %s fold %s: %s", args.arm, args.fold, dataset.info)
 
@@ -330,7 +322,7 @@ def cmd_audit(args):
                       args.generators, r"(sdm|spade)/([^/]+)/(?:training_scans\.tsv|model\.pt)$").items()},
                   synth_dirs=_keyed_paths(args.synth, r"(sdm|spade)/([^/]+)/?$"),
                   dataset_paths=_keyed_paths(args.data, rf"({arms})/fold(\d+)\.npz$"),
-                  size=p["near_duplicate_size"], threshold=p["near_duplicate_threshold"], memorisation_out=scores)
+                  size=p.near_duplicate_size, threshold=p.near_duplicate_threshold, memorisation_out=scores)
     write_audit(table, args.out)
     if args.memorisation:
         scores = [frame for frame in scores if len(frame)]

@@ -2,13 +2,28 @@
 which scans each generator and each arm of the downstream study may see. Decided here (and tested
 here), so the Snakefile only asks."""
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from nodulesynth.io import read_table
+from nodulesynth.options import from_section
 
 FOLD_COLUMNS = ["patient_id", "fold"]  # schemas/folds.schema.yaml
+
+
+@dataclass(frozen=True)
+class FoldOptions:
+    """The config's `folds` section."""
+
+    k: int = 5
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, section: dict | None):
+        return from_section(cls, section, "folds")
 
 
 def patient_has_nodule(stack_paths) -> pd.Series:

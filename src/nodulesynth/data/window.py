@@ -5,21 +5,31 @@ detectors' inputs). Thresholds given in HU (masks.lung_threshold_hu) and contras
 go through the same mapping, so a change of the config's `window` moves them all together.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from nodulesynth.options import from_section
 
 DEFAULT_WINDOW = (-1000.0, 400.0)  # config.yaml window.min_hu, window.max_hu
 
 
+@dataclass(frozen=True)
+class WindowOptions:
+    """The config's `window` section: the HU range mapped onto 0..255."""
+
+    min_hu: float = DEFAULT_WINDOW[0]
+    max_hu: float = DEFAULT_WINDOW[1]
+
+    def __post_init__(self):
+        if not self.min_hu < self.max_hu:
+            raise ValueError(f"window.min_hu ({self.min_hu:g}) must be below window.max_hu ({self.max_hu:g})")
+
+
 def window_from_config(cfg: dict | None) -> tuple[float, float]:
     """The config's `window` section -> (min_hu, max_hu); unknown keys and an empty window are errors."""
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - {"min_hu", "max_hu"})
-    if unknown:
-        raise KeyError(f"unknown config key window.{unknown[0]}")
-    min_hu, max_hu = float(cfg.get("min_hu", DEFAULT_WINDOW[0])), float(cfg.get("max_hu", DEFAULT_WINDOW[1]))
-    if not min_hu < max_hu:
-        raise ValueError(f"window.min_hu ({min_hu:g}) must be below window.max_hu ({max_hu:g})")
-    return min_hu, max_hu
+    options = from_section(WindowOptions, cfg, "window")
+    return options.min_hu, options.max_hu
 
 
 def hu_to_level(hu, window=DEFAULT_WINDOW):

@@ -20,6 +20,7 @@ identical in every arm of the fold, so the arms are paired). Both are `SliceSet`
 import json
 import re
 from dataclasses import dataclass, field, fields
+from typing import Optional
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,26 @@ ARMS = {"A": None, "B": "spade", "C": "sdm"}  # the study's arms: arm -> generat
 # harm or null, so N - A <= 0).
 CONTROLS = {"P": "positive", "N": "negative"}
 RELABELLED = "relabelled"  # the `source` of the negative control's added slices
+
+
+@dataclass(frozen=True)
+class DownstreamOptions:
+    """The config's `downstream` section (schemas/config.schema.yaml): the arms' data and the leakage audit."""
+
+    synthetic_ratio: float = 1.0
+    seed: int = 0
+    near_duplicate_size: int = 32
+    near_duplicate_threshold: float = 0.96
+    device: str = "auto"
+    threads: int = 1
+    controls: bool = True
+    image_size: Optional[int] = None
+
+    @classmethod
+    def from_config(cls, section: dict | None):
+        from nodulesynth.options import from_section
+
+        return from_section(cls, section, "downstream")
 
 
 def fold_number(path) -> int:
