@@ -29,7 +29,7 @@ rule all:
         "results/cohort/rejected.tsv",
         "results/folds/folds.tsv",
         qc_montages,
-        expand("results/synth/{generator}/{fold}.fidelity.tsv", generator=["sdm", "spade"], fold=generator_folds()),
+        expand("results/synth/{generator}/{fold}.fidelity.tsv", generator=GENERATORS, fold=generator_folds()),
         "results/audit/leakage.tsv",
         expand(
             "results/downstream/{task}/{arm}/fold{fold}/metrics.json",

@@ -25,7 +25,7 @@ if not _gpu_slots and workflow.local_exec and not os.environ.get("SLURM_JOB_ID")
 if _gpu_slots:
     os.environ[SLOTS_VARIABLE] = str(int(_gpu_slots))
 from nodulesynth.data.folds import evaluation_scans, has_test_patients, read_folds, training_scans
-from nodulesynth.downstream.datasets import ARMS, study_arms, study_image_size
+from nodulesynth.downstream.datasets import ARMS, GENERATORS, TASKS, study_arms, study_image_size
 from nodulesynth.io import read_table
 from nodulesynth.models.sdm.options import SDMOptions
 from nodulesynth.report.pdf import pdf_wanted
@@ -98,7 +98,6 @@ def generator_folds():
     return downstream_folds() + ["holdout"]
 
 
-TASKS = ["detection", "localization"]
 # The arms the DAG trains: A, B, C, and the controls P and N where downstream.controls is on (the default).
 ARM_NAMES = study_arms(controls=config["downstream"].get("controls", True))
 
@@ -121,7 +120,7 @@ def arm_generator_files(wildcards):
 def downstream_image_size():
     """The study's slice size: downstream.image_size, or (null) the generators' size (both must agree)."""
     return study_image_size(config["downstream"].get("image_size"),
-                            {name: config[name]["image_size"] for name in ("sdm", "spade")})
+                            {name: config[name]["image_size"] for name in GENERATORS})
 
 
 # Sampling keys of the `sdm:` section: a change reruns sampling only, not training.

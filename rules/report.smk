@@ -12,7 +12,7 @@ rule report:
         realism=expand("results/downstream/realism/fold{fold}.json", fold=downstream_folds()),
         leakage="results/audit/leakage.tsv",
         # Figure 1: each fold's generators on that fold's test patients' maps, and the folds naming them
-        heldout=expand("results/synth_heldout/{generator}/{fold}", generator=["sdm", "spade"], fold=downstream_folds()),
+        heldout=expand("results/synth_heldout/{generator}/{fold}", generator=GENERATORS, fold=downstream_folds()),
         folds="results/folds/folds.tsv",
         memorisation=expand(
             "results/audit/{arm}/fold{fold}.memorisation.tsv",
@@ -20,10 +20,10 @@ rule report:
             fold=downstream_folds(),
         ),
         fidelity=expand(
-            "results/synth/{generator}/{fold}.fidelity.tsv", generator=["sdm", "spade"], fold=generator_folds()
+            "results/synth/{generator}/{fold}.fidelity.tsv", generator=GENERATORS, fold=generator_folds()
         ),
         losses=expand(
-            "results/generators/{generator}/{fold}/loss.tsv", generator=["sdm", "spade"], fold=generator_folds()
+            "results/generators/{generator}/{fold}/loss.tsv", generator=GENERATORS, fold=generator_folds()
         ),
         manifest="results/cohort/manifest.tsv",
         rejected="results/cohort/rejected.tsv",

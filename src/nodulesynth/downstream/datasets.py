@@ -29,6 +29,8 @@ from nodulesynth.data.slices import resize_slices
 from nodulesynth.io import atomic_path
 from nodulesynth.labels import NODULE
 
+TASKS = ("detection", "localization")  # the downstream study's two tasks (mmpretrain, mmdet)
+GENERATORS = ("sdm", "spade")  # the generators whose slices arms C and B add
 ARMS = {"A": None, "B": "spade", "C": "sdm"}  # the study's arms: arm -> generator whose slices it adds
 # Controls (downstream.controls): arms whose effect on arm A is known, run by the same DAG to prove that the
 # study can measure. P, positive: arm A with half its real nodule patients withheld (less real data: a known

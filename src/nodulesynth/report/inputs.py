@@ -14,22 +14,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nodulesynth.downstream.datasets import ARMS, SliceSet, fold_number, study_arms
+from nodulesynth.downstream.datasets import ARMS, GENERATORS, SliceSet, fold_number, study_arms
 from nodulesynth.data.folds import read_folds
 from nodulesynth.io import read_columns, read_tsv
+from nodulesynth.stats.inputs import PREDICTION_COLUMNS
 
-TASKS = ("detection", "localization")
 SUMMARY_COLUMNS = ("arm", "metric", "mean", "sd", "text")
 TESTS_COLUMNS = ("arm", "baseline", "metric", "n", "mean_diff", "ci_low", "ci_high", "wilcoxon_p", "ttest_p",
                  "nb_ttest_p", "endpoint", "p_holm")
 CONTROLS_COLUMNS = ("task", "metric", "control", "difference", "ci_low", "ci_high", "ci_method", "expected",
                     "detected", "unit")
-PREDICTION_COLUMNS = {
-    "detection": ("scan_id", "patient_id", "slice_index", "source", "label", "score"),
-    "localization": ("scan_id", "patient_id", "slice_index", "x0", "y0", "x1", "y1", "score"),
-}
 SOFTWARE = ("torch", "mmdet", "mmpretrain", "mmengine", "snakemake", "pydicom", "numpy")
-GENERATORS = ("sdm", "spade")
 
 
 # ---------------------------------------------------------------- required: metrics and statistics

@@ -12,10 +12,9 @@ from pathlib import Path
 import pandas as pd
 
 from nodulesynth.downstream.datasets import ARMS as ARM_GENERATORS
-from nodulesynth.downstream.datasets import CONTROLS, fold_number
+from nodulesynth.downstream.datasets import CONTROLS, TASKS, fold_number
 from nodulesynth.io import read_columns
 
-TASKS = ("detection", "localization")
 ARMS = tuple(ARM_GENERATORS)  # the study's arms: A real, B + SPADE, C + SDM (its summary tables show these)
 CONTROL_ARMS = tuple(CONTROLS)  # P positive and N negative control: read too, shown in the controls table only
 PREDICTION_COLUMNS = {
