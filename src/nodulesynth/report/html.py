@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from nodulesynth.downstream.datasets import ARMS, study_arms
+from nodulesynth.downstream.datasets import ARMS, TASKS, study_arms
 from nodulesynth.io import atomic_path, read_table
 from nodulesynth.report import figures, inputs
 
@@ -309,7 +309,7 @@ def report_context(results_dir, config: dict) -> dict:
     n_examples = int(settings.get("examples", 4))
 
     metrics, tables = {}, {}
-    for task in inputs.TASKS:
+    for task in TASKS:
         metrics[task] = inputs.read_metrics(results_dir, task)
         summary, tests = inputs.read_stats(results_dir, task)
         tables[task] = study_table(task, summary, tests, results_dir / "stats" / f"{task}_summary.tsv",
@@ -318,7 +318,7 @@ def report_context(results_dir, config: dict) -> dict:
     labels = {m: label for task in HEADLINE for m, label in HEADLINE[task]}
 
     figs = {f"folds_{task}": _figure(figures.paired_folds, fold_values(metrics[task], task), labels)
-            for task in inputs.TASKS}
+            for task in TASKS}
     grid = inputs.grid_slices(results_dir)
     figs["grid"] = _figure(figures.image_grid, grid) if grid else None
     examples = localization_panels(results_dir, folds, threshold, n_examples)
@@ -351,7 +351,7 @@ def report_context(results_dir, config: dict) -> dict:
     bench = inputs.benchmarks(results_dir)
     return {
         "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "tables": [tables[task] for task in inputs.TASKS],
+        "tables": [tables[task] for task in TASKS],
         "significance": SIGNIFICANCE,
         "controls": controls_rows(controls, results_dir / "stats" / "controls.tsv") if controls is not None else None,
         "control_meaning": CONTROL_MEANING,
