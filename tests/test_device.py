@@ -115,7 +115,7 @@ def test_two_jobs_get_two_gpus_and_a_third_waits_for_one(tmp_path):
     first.wait()
     # In this process: the lowest free slot, and the same slot again for a second ask.
     assert claim_gpu(2, tmp_path, timeout=0) == 0 == claim_gpu(2, tmp_path, timeout=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one slot, got 0"):
         claim_gpu(0, tmp_path)
 
 

@@ -202,7 +202,7 @@ def test_options_from_config():
     assert SDMOptions().model_channels == 256 and SDMOptions().guidance_scale == 1.5
     with pytest.raises(KeyError, match="sdm.no_such_key"):
         SDMOptions.from_config({"no_such_key": 1})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="sdm.noise_schedule must be one of .* got 'quadratic'"):
         SDMOptions.from_config({"noise_schedule": "quadratic"})
     assert SDMOptions.from_config(options.to_dict()) == options
 
@@ -806,5 +806,5 @@ def test_choose_maps():
     lungless[[0, 2, 7]] = np.where(np.isin(labels[[0, 2, 7]], (LEFT_LUNG, RIGHT_LUNG)), BODY, labels[[0, 2, 7]])
     idx, maps = choose_maps(lungless, "transplant", np.random.default_rng(0), shapes, max_slices=3)
     assert idx.tolist() == [3, 5, 6] and len(maps) == 3
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mask_source must be 'real' or 'transplant', got 'imagined'"):
         choose_maps(labels, "imagined", np.random.default_rng(0))

@@ -117,7 +117,7 @@ def test_generator_and_discriminator_shapes(size, ngf, norm):
     # Spectral norm on the generator's block convs and on the discriminator's middle convs.
     assert parametrize.is_parametrized(generator.head_0.conv_0, "weight")
     assert parametrize.is_parametrized(discriminator.discriminators[0].layers[1][0], "weight")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expected a one-hot map"):
         generator(one_hot(torch.randint(0, NUM_CLASSES, (1, size * 2, size * 2))))
 
 
@@ -164,7 +164,7 @@ def test_feature_matching_against_direct_computation():
 def test_vgg_loss_refuses_without_a_weights_file(tmp_path, capsys):
     with pytest.raises(ValueError, match="local VGG19 weights"):
         VGGLoss(None)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"spade.vgg_weights: .*missing\.pth does not exist"):
         VGGLoss(tmp_path / "missing.pth")
     with pytest.warns(UserWarning, match="VGG perceptual loss OFF although spade.lambda_vgg is 10"):
         assert build_vgg_loss(SPADEOptions()) is None
