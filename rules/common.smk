@@ -119,8 +119,9 @@ def arm_generator_files(wildcards):
 
 def downstream_image_size():
     """The study's slice size: downstream.image_size, or (null) the generators' size (both must agree)."""
-    return study_image_size(config["downstream"].get("image_size"),
-                            {name: config[name]["image_size"] for name in GENERATORS})
+    return study_image_size(
+        config["downstream"].get("image_size"), {name: config[name]["image_size"] for name in GENERATORS}
+    )
 
 
 # Sampling keys of the `sdm:` section: a change reruns sampling only, not training.

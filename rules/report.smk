@@ -19,12 +19,8 @@ rule report:
             arm=[arm for arm, generator in ARMS.items() if generator],
             fold=downstream_folds(),
         ),
-        fidelity=expand(
-            "results/synth/{generator}/{fold}.fidelity.tsv", generator=GENERATORS, fold=generator_folds()
-        ),
-        losses=expand(
-            "results/generators/{generator}/{fold}/loss.tsv", generator=GENERATORS, fold=generator_folds()
-        ),
+        fidelity=expand("results/synth/{generator}/{fold}.fidelity.tsv", generator=GENERATORS, fold=generator_folds()),
+        losses=expand("results/generators/{generator}/{fold}/loss.tsv", generator=GENERATORS, fold=generator_folds()),
         manifest="results/cohort/manifest.tsv",
         rejected="results/cohort/rejected.tsv",
     output:
