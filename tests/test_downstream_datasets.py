@@ -202,15 +202,15 @@ def test_downstream_commands_take_every_key_of_the_schema_section():
 
     import yaml
 
-    from nodulesynth.cli import _downstream_params
+    from nodulesynth.downstream.datasets import DownstreamOptions
 
     schema = yaml.safe_load((Path(__file__).parents[1] / "schemas" / "config.schema.yaml").read_text())
     properties = schema["properties"]["downstream"]["properties"]
     defaults = {key: spec["default"] for key, spec in properties.items()}
-    assert asdict(_downstream_params(defaults)) == defaults
-    assert asdict(_downstream_params({})) == defaults  # the command's own defaults are the schema's
+    assert asdict(DownstreamOptions.from_config(defaults)) == defaults
+    assert asdict(DownstreamOptions.from_config({})) == defaults  # the command's own defaults are the schema's
     with pytest.raises(KeyError, match="downstream.imagesize"):
-        _downstream_params({"imagesize": 128})
+        DownstreamOptions.from_config({"imagesize": 128})
 
 
 def test_downstream_dataset_command_takes_the_control_arms():

@@ -269,18 +269,12 @@ def cmd_fidelity(args):
                  ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
 
 
-def _downstream_params(params):
-    from nodulesynth.downstream.datasets import DownstreamOptions
-
-    return DownstreamOptions.from_config(params)
-
-
 def cmd_downstream_dataset(args):
     from nodulesynth.data.folds import evaluation_scans, read_folds, training_scans
-    from nodulesynth.downstream.datasets import build_arm_dataset, save_dataset
+    from nodulesynth.downstream.datasets import DownstreamOptions, build_arm_dataset, save_dataset
     from nodulesynth.io import read_table
 
-    p = _downstream_params(args.params)
+    p = DownstreamOptions.from_config(args.params)
     manifest, folds = read_table(args.manifest, "manifest"), read_folds(args.folds)
     slice_dirs = {str(Path(path).parent) for path in args.slices}
     if len(slice_dirs) > 1:
@@ -310,10 +304,10 @@ def cmd_audit(args):
     import pandas as pd
 
     from nodulesynth.downstream.audit import MEMORISATION_COLUMNS, assert_clean, audit, write_audit
-    from nodulesynth.downstream.datasets import study_arms
+    from nodulesynth.downstream.datasets import DownstreamOptions, study_arms
     from nodulesynth.io import write_tsv
 
-    p = _downstream_params(args.params)
+    p = DownstreamOptions.from_config(args.params)
     arms = "|".join(study_arms(controls=True))
     scores = []
     table = audit(args.folds, args.manifest,
