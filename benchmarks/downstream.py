@@ -74,8 +74,10 @@ def synthetic_dataset(size: int, seed: int = 0):
             image[row, y0:y0 + side, x0:x0 + side] = 220
             label[row, y0:y0 + side, x0:x0 + side] = NODULE
             boxes.append((row, x0, y0, x0 + side, y0 + side))
+        # Each square its own nodule: the per-nodule FROC of the test pass needs every box's id.
         return SliceSet(image, label, np.arange(n) % 2 == 0, np.array(boxes, np.float32).reshape(-1, 5),
-                        np.full(n, scan), np.full(n, f"P{scan}"), np.arange(n, dtype=np.int64), np.full(n, "real"))
+                        np.full(n, scan), np.full(n, f"P{scan}"), np.arange(n, dtype=np.int64), np.full(n, "real"),
+                        box_nodule=np.arange(len(boxes)))
 
     rng = np.random.default_rng(seed)
     return ArmDataset("A", 0, slices(N_TRAIN, rng, "train"), slices(N_TEST, rng, "test"), {})

@@ -120,6 +120,9 @@ def test_mmlab_image_builds_mmcv_against_cuda_torch():
     build = sections["post"][0]
     assert "pin torch" in build and "FORCE_CUDA=1" in build and "--no-build-isolation" in build
     assert "pin mmcv" in build and "-w /opt/wheels" in build
+    # The kernels for every GPU the pinned torch supports (up to 12.0 for torch 2.13), from torch's own list.
+    assert "mmcv_build.arch_list(torch.cuda.get_arch_list())" in build and 'TORCH_CUDA_ARCH_LIST="$archs"' in build
+    assert "scripts/mmcv_build.py /opt/nodulesynth/scripts/mmcv_build.py" in sections["files"][0]
     assert "/opt/wheels /opt/wheels" in sections["files from build"][0]
     assert "--find-links /opt/wheels --only-binary mmcv" in sections["post"][1]
     assert "get_compiling_cuda_version() != 'not available'" in sections["test"][0]
