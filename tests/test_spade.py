@@ -18,6 +18,7 @@ from nodulesynth.models.spade import SPADEOptions, generate, load_spade, sample_
 from nodulesynth.models.spade.losses import (VGGLoss, build_vgg_loss, d_hinge_loss, feature_matching_loss,
                                              g_hinge_loss)
 from nodulesynth.models.spade.networks import MultiscaleDiscriminator, SPADEGenerator, generator_widths
+from nodulesynth.models.spade.train import LOSS_KEYS, SPADETrainer
 
 TINY = dict(image_size=16, ngf=8, ndf=8, spade_hidden=8, batch_size=2)
 
@@ -336,3 +337,21 @@ def test_same_maps_as_the_sdm_sampler(tiny_model, stacks, tmp_path):
             assert p.name == q.name
             assert len(s) > 0 and np.array_equal(s.label, t.label), source
             assert np.array_equal(s.slice_index, t.slice_index) and np.array_equal(s.z, t.z)
+
+
+def test_bf16_step_runs_under_autocast_and_returns_losses_without_a_host_sync():
+    # On the CPU bf16 is off unless forced; forced, the same autocast code a GPU runs trains a step. The losses
+    # come back as 0-d fp32 tensors (not floats): reading them, a host sync on a GPU, is the caller's choice.
+    options = SPADEOptions(**TINY, max_steps=2, seed=1)
+    assert SPADETrainer(options, "cpu").bf16 is False and options.bf16 is True
+    trainer = SPADETrainer(options, "cpu", bf16=True)
+    rng = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 1, 16, 16, generator=rng) * 2 - 1
+    label = torch.randint(0, 6, (2, 16, 16), generator=rng)
+    before = trainer.generator.conv_img.weight.detach().clone()
+    losses = trainer.training_step(image, label)
+    assert set(losses) == set(LOSS_KEYS)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == torch.float32 for v in losses.values())
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert trainer.generator.conv_img.weight.dtype == torch.float32  # weights stay fp32 under autocast
+    assert not torch.equal(before, trainer.generator.conv_img.weight)

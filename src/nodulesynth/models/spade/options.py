@@ -43,11 +43,12 @@ class SPADEOptions:
     ema_warmup: bool = False          # min(decay, (1+n)/(10+n)): for short CPU runs
     checkpoint_every: int = 1000
     log_every: int = 50               # loss-curve row every N steps
+    bf16: bool = True                 # bf16 autocast, CUDA only (the paper trains in fp32)
     seed: int = 0
     sample_batch_size: int = 16
 
     # Keys a restarted run may change and still resume its checkpoint: length and bookkeeping.
-    RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "log_every", "sample_batch_size")
+    RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "log_every", "sample_batch_size", "bf16")
 
     # Keys that define the trained network; a checkpoint with other values cannot be resumed.
     MODEL_KEYS = ("image_size", "ngf", "ndf", "num_upsampling", "spade_hidden", "norm_g", "n_scales",

@@ -7,6 +7,7 @@ checkpoint also records the training data (`load_training_data`): a run on other
 other options, trains afresh.
 """
 
+import contextlib
 import copy
 import sys
 import time
@@ -52,9 +53,11 @@ def build_discriminator(options: SPADEOptions) -> MultiscaleDiscriminator:
 class SPADETrainer:
     """Generator, discriminator, their optimisers (TTUR Adam) and the optional generator EMA."""
 
-    def __init__(self, options: SPADEOptions, device="cpu"):
+    def __init__(self, options: SPADEOptions, device="cpu", bf16: bool | None = None):
+        """bf16: None follows `options.bf16` on CUDA and leaves it off elsewhere (a CPU test may force it on)."""
         self.options = options
         self.device = torch.device(device)
+        self.bf16 = (self.device.type == "cuda" and options.bf16) if bf16 is None else bf16
         self.generator = build_generator(options).to(self.device)
         self.discriminator = build_discriminator(options).to(self.device)
         betas = (options.beta1, options.beta2)
@@ -66,8 +69,16 @@ class SPADETrainer:
         self.ema = EMA(self.generator, options.ema_decay, warmup=options.ema_warmup) if options.ema else None
         self.step = 0
 
+    def autocast(self):
+        # bf16 needs no loss scaling (fp32's range); weights, optimiser states and the losses stay fp32. Off, no
+        # autocast context at all (torch has none for the meta device, on which benchmarks/cost.py counts FLOPs).
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
     def training_step(self, image: torch.Tensor, label: torch.Tensor) -> dict:
-        """One generator update then one discriminator update on a batch; returns the losses."""
+        """One generator update then one discriminator update on a batch; returns the losses as 0-d tensors on
+        the device (reading them is a host sync: the caller does it once per loss-curve row, not per step)."""
         opt = self.options
         self.generator.train()
         self.discriminator.train()
@@ -75,12 +86,14 @@ class SPADETrainer:
 
         # Generator: D is frozen so this backward does not compute (unused) D weight gradients.
         self.discriminator.requires_grad_(False)
-        fake = self.generator(seg)
-        pred_fake, pred_real = self.discriminate(seg, fake, image)
-        g_gan = g_hinge_loss(pred_fake)
-        g_feat = feature_matching_loss(pred_fake, pred_real, opt.lambda_feat)
-        g_vgg = self.vgg(fake, image) * opt.lambda_vgg if self.vgg is not None else torch.zeros((), device=fake.device)
-        g_total = g_gan + g_feat + g_vgg
+        with self.autocast():
+            fake = self.generator(seg)
+            pred_fake, pred_real = self.discriminate(seg, fake, image)
+            g_gan = g_hinge_loss(pred_fake)
+            g_feat = feature_matching_loss(pred_fake, pred_real, opt.lambda_feat)
+            g_vgg = (self.vgg(fake, image) * opt.lambda_vgg if self.vgg is not None
+                     else torch.zeros((), device=fake.device))
+            g_total = (g_gan + g_feat + g_vgg).float()
         self.opt_g.zero_grad(set_to_none=True)
         g_total.backward()
         self.opt_g.step()
@@ -88,8 +101,9 @@ class SPADETrainer:
 
         # Discriminator on the same fake, detached (NVlabs regenerates it with the updated G under
         # no_grad; reusing it, as pix2pixHD does, saves a generator forward pass per step).
-        pred_fake, pred_real = self.discriminate(seg, fake.detach(), image)
-        d_real, d_fake = d_hinge_loss(pred_real, pred_fake)
+        with self.autocast():
+            pred_fake, pred_real = self.discriminate(seg, fake.detach(), image)
+            d_real, d_fake = d_hinge_loss(pred_real, pred_fake)
         self.opt_d.zero_grad(set_to_none=True)
         (d_real + d_fake).backward()
         self.opt_d.step()
@@ -98,7 +112,7 @@ class SPADETrainer:
             self.ema.update(self.generator)
         self.step += 1
         values = dict(g_gan=g_gan, g_feat=g_feat, g_vgg=g_vgg, g_total=g_total, d_real=d_real, d_fake=d_fake)
-        return {k: float(v.detach()) for k, v in values.items()}
+        return {k: v.detach().float() for k, v in values.items()}
 
     def discriminate(self, seg, fake, real):
         """D on fake and real in one batch (one pass, one power iteration); returns (fake, real)."""
@@ -154,7 +168,8 @@ def _say(message: str):
 
 
 class _RunningMean:
-    """Loss means over the steps since the last loss-curve row (kept in the checkpoint)."""
+    """Loss means over the steps since the last loss-curve row (kept in the checkpoint). The sums stay on the
+    device (tensors) until read: one host sync per row instead of six per step."""
 
     def __init__(self):
         self.sums, self.count = {}, 0
@@ -165,9 +180,12 @@ class _RunningMean:
         self.count += 1
 
     def pop(self) -> dict:
-        means = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+        means = {k: float(v) / self.count for k, v in self.sums.items()} if self.count else {}
         self.sums, self.count = {}, 0
         return means
+
+    def state(self) -> dict:
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "count": self.count}
 
 
 def model_state(trainer: SPADETrainer, data: dict | None = None) -> dict:
@@ -225,7 +243,7 @@ def _train(data: SlicePairs, data_record: dict, stacks: int, out_dir: Path, opti
         state = trainer.state_dict()
         state["data"] = data_record
         state["curve"] = [dict(row) for row in curve.rows]
-        state["running"] = {"sums": dict(running.sums), "count": running.count}
+        state["running"] = running.state()
         save_checkpoint(checkpoint_path, state)
         curve.write(loss_path)
 
@@ -244,11 +262,12 @@ def _train(data: SlicePairs, data_record: dict, stacks: int, out_dir: Path, opti
             window_steps += 1
             rate = window_steps * options.batch_size / max(time.perf_counter() - window_start, 1e-9)
             if trainer.step % options.log_every == 0 or trainer.step == options.max_steps:
-                curve.append(trainer.step, **running.pop(), images_per_s=rate)
+                means = running.pop()
+                curve.append(trainer.step, **means, images_per_s=rate)
                 window_start, window_steps = time.perf_counter(), 0
+                bar.set_postfix(g=f"{means['g_total']:.3f}", d=f"{means['d_real'] + means['d_fake']:.3f}",
+                                img_s=f"{rate:.1f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(g=f"{losses['g_total']:.3f}", d=f"{losses['d_real'] + losses['d_fake']:.3f}",
-                            img_s=f"{rate:.1f}", refresh=False)
             if trainer.step % options.checkpoint_every == 0 and trainer.step < options.max_steps:
                 write_checkpoint()
     finally:
