@@ -19,7 +19,6 @@ Every row runs even when one before it failed; a failed row says why in its last
 import argparse
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
