@@ -37,10 +37,10 @@ def resize(images, size=SIZE, interpolation=cv2.INTER_AREA):
     return np.stack([cv2.resize(i, (size, size), interpolation=interpolation) for i in images])
 
 
-def paint(labels, scan_id, start):
-    rng = np.random.default_rng(scan_seed(0, scan_id, start))
-    images = PAINT[labels.numpy()] + rng.normal(0, 6, tuple(labels.shape))
-    return np.clip(images, 0, 255).astype(np.uint8)
+def paint(labels, keys):
+    noise = [np.random.default_rng(scan_seed(0, scan_id, index)).normal(0, 6, labels.shape[1:])
+             for scan_id, index in keys]
+    return np.clip(PAINT[labels.numpy()] + np.stack(noise), 0, 255).astype(np.uint8)
 
 
 def slice_set(stacks, source):

@@ -30,25 +30,30 @@ def write_scans(folder, n_scans=4):
 
 
 class Generator:
-    """A stand-in network: noise seeded per scan and batch (as the samplers are), counting the maps it is given."""
+    """A stand-in network: noise seeded per scan and map (as the samplers are), recording the batches it is given."""
 
     def __init__(self, kill_at_scan=None):
-        self.kill_at_scan, self.calls = kill_at_scan, []
+        self.kill_at_scan, self.batches = kill_at_scan, []
 
-    def __call__(self, labels, scan_id, start):
-        if scan_id == self.kill_at_scan:
-            raise Killed(scan_id)
-        self.calls.append(scan_id)
-        rng = np.random.default_rng(scan_seed(7, scan_id, start))
-        return (labels.numpy() * 40 + rng.integers(0, 30, tuple(labels.shape))).astype(np.uint8)
+    @property
+    def calls(self):
+        return [scan_id for batch in self.batches for scan_id, _ in batch]
+
+    def __call__(self, labels, keys):
+        if any(scan_id == self.kill_at_scan for scan_id, _ in keys):
+            raise Killed(self.kill_at_scan)
+        self.batches.append(list(keys))
+        noise = [np.random.default_rng(scan_seed(7, scan_id, index)).integers(0, 30, labels.shape[1:])
+                 for scan_id, index in keys]
+        return (labels.numpy() * 40 + np.stack(noise)).astype(np.uint8)
 
 
 EXTRA = {"generator": "sdm", "generator_fold": "0", "model_sha256": "ab" * 32, "sampler": "ddpm"}
 
 
-def sample(paths, out_dir, generator, extra=EXTRA):
-    return write_synthetic(plan_maps(paths, SIZE, seed=0, max_slices_per_scan=3), out_dir, SIZE, 4, generator,
-                           extra, "test sampling")
+def sample(paths, out_dir, generator, extra=EXTRA, batch_size=4):
+    return write_synthetic(plan_maps(paths, SIZE, seed=0, max_slices_per_scan=3), out_dir, SIZE, batch_size,
+                           generator, extra, "test sampling")
 
 
 def test_a_killed_sampling_run_resumes_and_equals_an_unbroken_one(tmp_path):
@@ -58,13 +63,14 @@ def test_a_killed_sampling_run_resumes_and_equals_an_unbroken_one(tmp_path):
     out_dir = tmp_path / "synth" / "0"
     with pytest.raises(Killed):
         sample(paths, out_dir, Generator(kill_at_scan="S2"))
-    # Nothing in the output folder (Snakemake would remove it anyway); the two finished stacks are kept beside it.
+    # Nothing in the output folder (Snakemake would remove it anyway); the finished stack is kept beside it. Batches
+    # of 4 run across scans of 3 maps: [S0 S0 S0 S1] [S1 S1 S2 S2] ... - the kill came in the second, so S1 is lost.
     assert not out_dir.exists()
-    assert sorted(p.name for p in staging_dir(out_dir).glob("*.npz")) == ["S0.npz", "S1.npz"]
+    assert sorted(p.name for p in staging_dir(out_dir).glob("*.npz")) == ["S0.npz"]
 
     rerun = Generator()
     written = sample(paths, out_dir, rerun)
-    assert rerun.calls and set(rerun.calls) == {"S2", "S3"}  # S0 and S1 were not sampled again
+    assert rerun.calls and set(rerun.calls) == {"S1", "S2", "S3"}  # S0 was not sampled again
     assert not staging_dir(out_dir).exists()
     assert [p.name for p in written] == [p.name for p in unbroken]
     for mine, theirs in zip(written, unbroken):
@@ -115,3 +121,15 @@ def test_the_studys_defaults_sample_only_the_maps_it_uses_with_a_few_step_sample
                       nodule_maps_per_scan=synthesis["nodule_maps_per_scan"])
     (_, _, indices, maps), = list(plans)
     assert {5, 6, 7, 30} <= set(indices.tolist()) and len(indices) <= 4 + 4  # every nodule map, a few others
+
+
+def test_batches_run_across_scans_and_the_images_do_not_depend_on_the_batch_size(tmp_path):
+    paths = write_scans(tmp_path, n_scans=4)  # 3 maps each: 12 maps
+    by_four, one_by_one = Generator(), Generator()
+    written = sample(paths, tmp_path / "four" / "0", by_four)
+    single = sample(paths, tmp_path / "one" / "0", one_by_one, batch_size=1)
+    assert [len(batch) for batch in by_four.batches] == [4, 4, 4]  # full batches, not [3, 3, 3, 3] per scan
+    assert by_four.batches[0] == [("S0", 0), ("S0", 1), ("S0", 2), ("S1", 0)]
+    assert len(one_by_one.batches) == 12
+    for mine, theirs in zip(written, single):
+        np.testing.assert_array_equal(load_slices(mine).image, load_slices(theirs).image)

@@ -129,11 +129,29 @@ def _written_before(path: Path, extra: dict) -> bool:
     return all(key in recorded and str(recorded[key]) == str(value) for key, value in extra.items())
 
 
-def write_synthetic(plans, out_dir, size, batch_size, synthesise, extra, desc):
-    """Write out_dir/{scan_id}.npz for each plan in the slices layout, one stack at a time; returns the paths.
+@dataclass
+class _PendingStack:
+    """A stack whose maps are queued for sampling: what its file needs, not the full-resolution stack."""
 
-    synthesise(labels long [B,S,S], scan_id, start) -> uint8 [B,S,S]; `extra` is stored with each
-    stack: the `generator_provenance` keys (required) and the sampling settings (mask source, sampler, seed).
+    target: Path
+    scan_id: str
+    patient_id: str
+    z: np.ndarray
+    slice_index: np.ndarray
+    indices: np.ndarray
+    maps: np.ndarray
+    images: np.ndarray
+    left: int
+
+
+def write_synthetic(plans, out_dir, size, batch_size, synthesise, extra, desc):
+    """Write out_dir/{scan_id}.npz for each plan in the slices layout; returns the paths.
+
+    synthesise(labels long [B,S,S], keys) -> uint8 [B,S,S], with keys one (scan_id, map index) per row. Batches
+    run across stacks, so that they are full however few maps each scan has (a LIDC fold: ten-odd maps a scan
+    against a batch of 16); a sample's noise must therefore follow from its key alone, which also makes the
+    images independent of the batch size. `extra` is stored with each stack: the `generator_provenance` keys
+    (required) and the sampling settings (mask source, sampler, seed).
     Resumable: stacks go to `staging_dir(out_dir)` first and into out_dir once every stack is there; a rerun
     after a killed job keeps the stacks it finished (same `extra`) and samples only the rest.
     """
@@ -145,7 +163,26 @@ def write_synthetic(plans, out_dir, size, batch_size, synthesise, extra, desc):
     stacks = len(plans) if hasattr(plans, "__len__") else None
     print(f"{desc}: {stacks if stacks is not None else 'the'} stacks ({extra})", file=sys.stderr)
     bar = progress(None, 0, desc)  # slices; how many is known only once each stack's maps are chosen
-    staged, kept = [], 0
+    staged, kept, pending, queue = [], 0, [], []
+
+    def save(stack: _PendingStack):
+        save_slices(stack.target, SliceStack(
+            image=stack.images, label=stack.maps.astype(np.uint8), z=stack.z, slice_index=stack.slice_index,
+            has_nodule=(stack.maps == NODULE).any((1, 2)), scan_id=stack.scan_id, patient_id=stack.patient_id,
+            extra={"source_index": stack.indices, **extra}))
+
+    def sample_queue():
+        labels = torch.from_numpy(np.stack([stack.maps[row] for stack, row in queue]).astype(np.int64))
+        images = synthesise(labels, [(stack.scan_id, row) for stack, row in queue])
+        for (stack, row), image in zip(queue, images):
+            stack.images[row] = image
+            stack.left -= 1
+        bar.update(len(queue))
+        queue.clear()
+        for stack in [stack for stack in pending if not stack.left]:
+            save(stack)
+            pending.remove(stack)
+
     for done, (stack, scan_id, indices, maps) in enumerate(plans):
         bar.set_postfix(stack=f"{done + 1}/{stacks or '?'}", refresh=False)
         target = staging / f"{scan_id}.npz"
@@ -157,16 +194,20 @@ def write_synthetic(plans, out_dir, size, batch_size, synthesise, extra, desc):
         if _written_before(target, extra):
             kept += 1
             continue
-        images = np.zeros((len(indices), size, size), np.uint8)
-        for start in range(0, len(indices), batch_size):
-            labels = torch.from_numpy(maps[start:start + batch_size].astype(np.int64))
-            images[start:start + len(labels)] = synthesise(labels, scan_id, start)
-            bar.update(len(labels))
-        save_slices(target, SliceStack(
-            image=images, label=maps.astype(np.uint8), z=np.asarray(stack.z)[indices],
-            slice_index=np.asarray(stack.slice_index)[indices], has_nodule=(maps == NODULE).any((1, 2)),
-            scan_id=stack.scan_id or scan_id, patient_id=stack.patient_id,
-            extra={"source_index": indices, **extra}))
+        current = _PendingStack(
+            target, stack.scan_id or scan_id, stack.patient_id, np.asarray(stack.z)[indices],
+            np.asarray(stack.slice_index)[indices], np.asarray(indices), maps,
+            np.zeros((len(indices), size, size), np.uint8), len(indices))
+        if not current.left:  # no map to sample: an empty stack
+            save(current)
+            continue
+        pending.append(current)
+        for row in range(len(indices)):
+            queue.append((current, row))
+            if len(queue) == batch_size:
+                sample_queue()
+    if queue:
+        sample_queue()
     bar.close()
     if kept:
         print(f"{desc}: kept {kept} stacks an earlier, interrupted run wrote", file=sys.stderr)

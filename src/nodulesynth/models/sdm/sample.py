@@ -32,12 +32,12 @@ def load_sdm(model_path, device="auto", channels_last: bool | None = None):
 
 @torch.no_grad()
 def sample_images(model: SDMUNet, diffusion: GaussianDiffusion, labels: torch.Tensor, sampler: str = "ddpm",
-                  steps: int = 1000, guidance_scale: float = 1.5, generator: torch.Generator = None,
+                  steps: int = 1000, guidance_scale: float = 1.5, generator=None,
                   eta: float = 0.0, bf16: bool | None = None, channels_last: bool | None = None) -> np.ndarray:
     """Label maps long [B,S,S] -> synthetic slices uint8 [B,S,S].
 
-    Noise comes from `generator` (a CPU generator gives the same images on any device up to float
-    rounding). bf16 autocast and channels-last inputs: None follows the model's options on CUDA and
+    Noise comes from `generator`, one for the batch or one per map (samplers.randn; a CPU generator gives
+    the same images on any device up to float rounding). bf16 autocast and channels-last inputs: None follows the model's options on CUDA and
     leaves them off elsewhere; True or False decides on any device.
     """
     options = model.options
@@ -65,8 +65,9 @@ def sample_images(model: SDMUNet, diffusion: GaussianDiffusion, labels: torch.Te
     return to_uint8(x0[:, 0])
 
 
-def batch_generator(seed: int, scan_id: str, start: int) -> torch.Generator:
-    state = scan_seed(seed, scan_id, start).generate_state(2, np.uint32)
+def sample_generator(seed: int, scan_id: str, index: int) -> torch.Generator:
+    """The noise of one map (`index` into the scan's chosen maps), whatever batch it is sampled in."""
+    state = scan_seed(seed, scan_id, index).generate_state(2, np.uint32)
     return torch.Generator().manual_seed((int(state[0]) << 31 | int(state[1]) >> 1) & 0x7FFFFFFFFFFFFFFF)
 
 
@@ -92,9 +93,9 @@ def sample_sdm(model_path, slice_paths, out_dir, sampler=None, steps=None, guida
     plans = plan_maps([Path(p) for p in slice_paths], options.image_size, seed, mask_source,
                       max_slices_per_scan, shape_paths, nodule_maps_per_scan)
 
-    def synthesise(labels, scan_id, start):
+    def synthesise(labels, keys):
         return sample_images(model, diffusion, labels, sampler, steps, guidance_scale,
-                             batch_generator(seed, scan_id, start), eta=eta)
+                             [sample_generator(seed, scan_id, index) for scan_id, index in keys], eta=eta)
 
     extra = {**generator_provenance("sdm", fold, model_path), "mask_source": mask_source, "sampler": sampler,
              "steps": steps, "guidance_scale": guidance_scale, "seed": seed}

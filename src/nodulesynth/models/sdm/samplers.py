@@ -1,22 +1,33 @@
 """Samplers as small pure functions (in the spirit of k-diffusion).
 
 A sampler takes `model_fn(x, t_model) -> network output [B, C or 2C, H, W]` (float32), the full
-`GaussianDiffusion`, the starting noise x_T, a step count and a torch.Generator (all randomness
-comes from it: same generator state, same images), and returns x_0 in [-1, 1].
+`GaussianDiffusion`, the starting noise x_T, a step count and the `Noise` (a torch.Generator, or one
+per sample; all randomness comes from it: same generator state, same images), and returns x_0 in [-1, 1].
 `guided_model` turns the network and a one-hot map into such a model_fn with classifier-free
 guidance.
 """
+
+from typing import Sequence, Union
 
 import numpy as np
 import torch
 
 from nodulesynth.models.sdm.diffusion import GaussianDiffusion, split_output
 
+# One generator for the whole batch, or one per sample (the sampling rules': noise independent of the batch).
+Noise = Union[torch.Generator, Sequence[torch.Generator]]
 
-def randn(shape, generator: torch.Generator, device) -> torch.Tensor:
+
+def randn(shape, generator: Noise, device) -> torch.Tensor:
     """Normal noise drawn on the generator's device, then moved: a CPU generator gives the same
-    numbers whatever device the model runs on."""
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    numbers whatever device the model runs on. `generator`: one torch.Generator for the batch, or a
+    sequence of them, one per sample (row i drawn from generator i), so that a sample's noise does not
+    depend on the batch it is sampled in."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
 
 
 def guided_model(model, cond: torch.Tensor, guidance_scale: float = 1.0, channels: int = 1, null=None):
@@ -46,7 +57,7 @@ def _steps(x: torch.Tensor, i: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_ddpm(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int,
-                generator: torch.Generator, clip_denoised: bool = True) -> torch.Tensor:
+                generator: Noise, clip_denoised: bool = True) -> torch.Tensor:
     """Ancestral sampling on a respaced schedule: x_{t-1} ~ N(mu_theta, Sigma_theta), with the
     learned variance interpolating the RESPACED beta and posterior variance."""
     spaced = diffusion.respaced(steps)
@@ -63,7 +74,7 @@ def sample_ddpm(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: 
 
 @torch.no_grad()
 def sample_ddim(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int,
-                generator: torch.Generator, eta: float = 0.0, clip_denoised: bool = True) -> torch.Tensor:
+                generator: Noise, eta: float = 0.0, clip_denoised: bool = True) -> torch.Tensor:
     """DDIM (Song et al. 2021) on a respaced schedule; eta = 0 is deterministic, eta = 1 ~ DDPM."""
     spaced = diffusion.respaced(steps)
     channels = x.shape[1]
@@ -141,7 +152,7 @@ def _dpmpp_2m(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: in
 
 @torch.no_grad()
 def sample_dpmpp_2m(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int,
-                    generator: torch.Generator = None, clip_denoised: bool = True) -> torch.Tensor:
+                    generator: Noise = None, clip_denoised: bool = True) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, alg. 2): second-order multistep ODE solver in data (x0)
     prediction.
 
@@ -156,7 +167,7 @@ def sample_dpmpp_2m(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, ste
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int,
-                        generator: torch.Generator, clip_denoised: bool = True) -> torch.Tensor:
+                        generator: Noise, clip_denoised: bool = True) -> torch.Tensor:
     """SDE-DPM-Solver++(2M): the same multistep solver on the reverse SDE, fresh noise at every step
     (from `generator`). Like ancestral DDPM, the noise corrects errors of an imperfect network that
     an ODE solver carries to the end, at the ODE solver's step count."""
@@ -168,7 +179,7 @@ SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2
 
 
 def sample(sampler: str, model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int,
-           generator: torch.Generator, eta: float = 0.0) -> torch.Tensor:
+           generator: Noise, eta: float = 0.0) -> torch.Tensor:
     """Dispatch by name ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"); eta applies to DDIM."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; one of {sorted(SAMPLERS)}")

@@ -60,5 +60,5 @@ def sample_spade(model_path, slice_paths, out_dir, seed=0, mask_source="real", m
                       max_slices_per_scan, shape_paths, nodule_maps_per_scan)
     extra = {**generator_provenance("spade", fold, model_path), "mask_source": mask_source, "seed": seed}
     return write_synthetic(plans, out_dir, options.image_size, int(batch_size or options.sample_batch_size),
-                           lambda labels, scan_id, start: generate(generator, labels), extra,
+                           lambda labels, keys: generate(generator, labels), extra,
                            f"spade sample on {next(generator.parameters()).device}")
