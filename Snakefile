@@ -12,6 +12,10 @@ configfile: "config.yaml"
 validate(config, "schemas/config.schema.yaml")
 
 
+# The method, as the workflow page of `snakemake --report` (README.md keeps the user's page).
+report: "rules/captions/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/cohort.smk"
 include: "rules/folds.smk"

@@ -63,3 +63,23 @@ def test_the_window_is_read_as_every_other_section():
         window_from_config({"width": 1400})
     with pytest.raises(ValueError, match="window.min_hu .* must be below"):
         window_from_config({"min_hu": 400, "max_hu": -1000})
+
+
+def test_config_reference_page_is_generated_from_the_schema_and_the_demo_config():
+    """schemas/README.md (the config keys the README points to) is what scripts/config_reference.py makes of the
+    schema and config.yaml now: a key added, a default or a description changed without regenerating it fails."""
+    import yaml
+
+    from conftest import REPO, load_script
+
+    reference = load_script("config_reference")
+    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
+    demo = yaml.safe_load((REPO / "config.yaml").read_text())
+    page = reference.render(schema, demo)
+    assert (REPO / "schemas" / "README.md").read_text() == page, (
+        "schemas/README.md is out of date: python scripts/config_reference.py > schemas/README.md")
+    # Every leaf key of the schema has its row, with the demo's value beside the default where they differ.
+    assert "| `sdm.image_size` | `256` | `64` |" in page
+    assert "| `folds.k` | `5` |  |" in page
+    assert page.count("\n| `") == sum(len(list(reference.rows(spec.get("properties", {}), f"{name}.", {})))
+                                      for name, spec in schema["properties"].items())
