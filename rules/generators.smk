@@ -28,15 +28,17 @@ rule train_sdm:
         config["containers"]["generators"]
     threads: config["generators"]["threads"]
     resources:
-        gpu=1,
+        # sdm.gpus GPUs of one node: torchrun runs a process on each (params.launch), nothing for one GPU.
+        gpu=config["sdm"]["gpus"],
         mem_mb=16000,
         runtime=24 * 60,
     params:
         sdm=sdm_training_params(),
+        launch=sdm_launcher(),
         out_dir=subpath(output.model, parent=True),
         device=config["generators"]["device"],
     shell:
-        "nodulesynth train-sdm --slices {input} --params {params.sdm:q} --out-dir {params.out_dir} "
+        "{params.launch} nodulesynth train-sdm --slices {input} --params {params.sdm:q} --out-dir {params.out_dir} "
         "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
