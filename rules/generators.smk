@@ -2,7 +2,8 @@
 # ("holdout": on all patients; its losses and mask fidelity are reported), then sampled on the same lesion
 # maps. Each fold's generators also sample its test patients' maps (sample_*_heldout): held-out fidelity and
 # the report's Figure 1.
-# GPU jobs: `gpu=1` asks SLURM for a GPU; without one they run on the CPU.
+# GPU jobs: `gpu=1` asks SLURM for a GPU; without one they run on the CPU. train_sdm asks for sdm.gpus GPUs of one
+# node and runs a process on each (torchrun, nodulesynth.models.distributed).
 
 
 rule train_sdm:

@@ -108,7 +108,7 @@ class Trainer:
         for the whole batch first, so the step does not depend on its cut into passes or processes (with
         dropout, its masks are drawn per pass and process)."""
         o = self.options
-        seed_everything_for_step(o.seed, self.step)  # dropout draws from the global RNG
+        seed_everything_for_step(o.seed, self.step, self.ranks.rank)  # dropout draws from the global RNG
         x0, label, t, noise, keep = draw_batch(self.data, o, self.step, self.ranks)
         self.model.train()
         for group in self.optimizer.param_groups:  # the stage's rate, also right after a resume
