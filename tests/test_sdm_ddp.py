@@ -39,10 +39,13 @@ def run_rule_command(paths, out_dir, options: SDMOptions, threads=2):
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "nodulesynth").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m nodulesynth.cli "$@"\n')
     (bin_dir / "nodulesynth").chmod(0o755)
-    environ = {**os.environ, "OMP_NUM_THREADS": "1",
+    scratch = Path(out_dir).parent / "scratch"  # $TMPDIR: where rank 0 stages the slices for all processes
+    scratch.mkdir(exist_ok=True)
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch),
                "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])}
     proc = subprocess.run(command, shell=True, capture_output=True, text=True, env=environ, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not any(scratch.glob("nodulesynth-training-*"))  # the staged copy is removed at the end
     return proc.stderr
 
 
