@@ -27,6 +27,7 @@ if _gpu_slots:
 from nodulesynth.data.folds import evaluation_scans, has_test_patients, read_folds, training_scans
 from nodulesynth.downstream.datasets import ARMS, GENERATORS, TASKS, study_arms, study_image_size
 from nodulesynth.io import read_table
+from nodulesynth.models.distributed import launcher
 from nodulesynth.models.sdm.options import SDMOptions
 from nodulesynth.report.pdf import pdf_wanted
 from snakemake.logging import logger
@@ -130,6 +131,12 @@ SDM_SAMPLING_KEYS = SDMOptions.SAMPLING_KEYS
 
 def sdm_training_params():
     return json.dumps({k: v for k, v in config["sdm"].items() if k not in SDM_SAMPLING_KEYS}, sort_keys=True)
+
+
+def sdm_launcher():
+    """The prefix that runs train-sdm on sdm.gpus GPUs (torchrun; "" for one). The sdm section is read here first,
+    so that a batch_size that does not split over the GPUs stops the run before any job starts, naming the key."""
+    return launcher(SDMOptions.from_config(config["sdm"]).gpus)
 
 
 def sdm_sampling_params():

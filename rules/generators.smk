@@ -2,7 +2,8 @@
 # ("holdout": on all patients; its losses and mask fidelity are reported), then sampled on the same lesion
 # maps. Each fold's generators also sample its test patients' maps (sample_*_heldout): held-out fidelity and
 # the report's Figure 1.
-# GPU jobs: `gpu=1` asks SLURM for a GPU; without one they run on the CPU.
+# GPU jobs: `gpu=1` asks SLURM for a GPU; without one they run on the CPU. train_sdm asks for sdm.gpus GPUs of one
+# node and runs a process on each (torchrun, nodulesynth.models.distributed).
 
 
 rule train_sdm:
@@ -28,15 +29,17 @@ rule train_sdm:
         config["containers"]["generators"]
     threads: config["generators"]["threads"]
     resources:
-        gpu=1,
+        # sdm.gpus GPUs of one node: torchrun runs a process on each (params.launch), nothing for one GPU.
+        gpu=config["sdm"]["gpus"],
         mem_mb=16000,
         runtime=24 * 60,
     params:
         sdm=sdm_training_params(),
+        launch=sdm_launcher(),
         out_dir=subpath(output.model, parent=True),
         device=config["generators"]["device"],
     shell:
-        "nodulesynth train-sdm --slices {input} --params {params.sdm:q} --out-dir {params.out_dir} "
+        "{params.launch} nodulesynth train-sdm --slices {input} --params {params.sdm:q} --out-dir {params.out_dir} "
         "--device {params.device} --threads {threads} > {log} 2>&1"
 
 

@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from nodulesynth.models.sdm.options import SDMOptions
 
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 CONF_TEMPLATE = Path(__file__).parent / "slurm" / "slurm.conf"
@@ -85,9 +86,11 @@ def gpu_rules():
     for path in sorted((REPO / "rules").glob("*.smk")):
         blocks = re.split(r"^(?:rule|checkpoint) (\w+):\s*$", path.read_text(), flags=re.M)
         for name, body in zip(blocks[1::2], blocks[2::2]):
-            gpu = re.search(r"^\s+gpu\s*=\s*(\d+)", body, flags=re.M)
-            if gpu and int(gpu.group(1)) > 0:
-                found[name] = int(gpu.group(1))
+            # train_sdm asks for config sdm.gpus (schema default 1): counted at its default here.
+            gpu = re.search(r"^\s+gpu\s*=\s*(\d+|config\[\"sdm\"\]\[\"gpus\"\])", body, flags=re.M)
+            count = gpu and (int(gpu.group(1)) if gpu.group(1).isdigit() else SDMOptions().gpus)
+            if count:
+                found[name] = count
     return found
 
 

@@ -283,7 +283,7 @@ def test_the_rules_read_the_sdm_sampling_keys_from_the_package_without_torch():
     import sys
 
     code = ("import sys; import nodulesynth.models.sdm.options, nodulesynth.data.folds, nodulesynth.downstream.datasets, "
-            "nodulesynth.report.pdf; assert 'torch' not in sys.modules, 'torch imported'; "
+            "nodulesynth.report.pdf, nodulesynth.models.distributed; assert 'torch' not in sys.modules, 'torch imported'; "
             "from nodulesynth.models.sdm import SDMOptions, train_sdm; print(SDMOptions.SAMPLING_KEYS, callable(train_sdm))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

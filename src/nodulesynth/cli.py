@@ -211,12 +211,18 @@ def _torch_threads(args):
 
 
 def cmd_train_sdm(args):
+    from nodulesynth.models.distributed import Ranks
+
+    # Under torchrun (sdm.gpus > 1) this runs once per GPU: the job's threads are shared among its processes.
+    ranks = Ranks.from_environ()
+    args.threads = max(1, args.threads // ranks.size)
     _torch_threads(args)
     from nodulesynth.models.sdm import SDMOptions
     from nodulesynth.models.sdm.train import train_sdm
 
     train_sdm(args.slices, args.out_dir, SDMOptions.from_config(args.params), device=args.device)
-    _record_training_scans(args.slices, args.out_dir)
+    if ranks.main:
+        _record_training_scans(args.slices, args.out_dir)
 
 
 def cmd_sample_sdm(args):

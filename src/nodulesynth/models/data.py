@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import mmap
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from nodulesynth.data.slices import load_slices, resize_slices
 from nodulesynth.labels import NUM_CLASSES
+from nodulesynth.models import distributed
 
 # Mapped pages a batch touched stay resident (as page cache they are reclaimable, but they count as
 # the job's RSS): after this many bytes read they are dropped from the mapping, so RSS stays bounded.
@@ -125,6 +127,12 @@ def load_training_data(paths, image_size: int, scratch) -> tuple:
     patient_id, status, slices, sha256), and `sha256` of that list. A checkpoint keeps it and is
     resumed only by a run on the same data (`checkpoints.resume_refusal`).
     """
+    files, record = stage_training_data(paths, image_size, scratch)
+    return map_training_data(files, image_size), record
+
+
+def stage_training_data(paths, image_size: int, scratch) -> tuple:
+    """The staging half of `load_training_data`: -> (the (image, label) .npy files in order, record)."""
     paths, size, scratch = list(paths), int(image_size), Path(scratch)
     staged = []
     for k, path in enumerate(paths):
@@ -140,19 +148,40 @@ def load_training_data(paths, image_size: int, scratch) -> tuple:
         del stack  # before the next one is read
         staged.append((entry, files))
     staged.sort(key=lambda pair: (pair[0]["scan_id"], pair[0]["sha256"]))
-    parts = [tuple(np.load(f, mmap_mode="r") for f in files) for _, files in staged if files]
-    if not parts:
+    files = [files for _, files in staged if files]
+    if not files:
         raise ValueError(f"no usable slices in {len(paths)} stacks")
     entries = [entry for entry, _ in staged]
     record = {"sha256": hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest(), "stacks": entries}
-    return SlicePairs.from_parts(parts, size), record
+    return files, record
+
+
+def map_training_data(files, image_size: int) -> SlicePairs:
+    """The staged files memory-mapped read-only, as one SlicePairs."""
+    return SlicePairs.from_parts([tuple(np.load(f, mmap_mode="r") for f in pair) for pair in files], image_size)
 
 
 @contextlib.contextmanager
-def training_data(paths, image_size: int, scratch=None):
-    """`load_training_data` into a temporary folder under `scratch` (default $TMPDIR), removed afterwards."""
-    with tempfile.TemporaryDirectory(prefix="nodulesynth-training-", dir=scratch) as folder:
-        yield load_training_data(paths, image_size, folder)
+def training_data(paths, image_size: int, scratch=None, ranks=None):
+    """`load_training_data` into a temporary folder under `scratch` (default $TMPDIR), removed afterwards.
+
+    With `ranks` (nodulesynth.models.distributed.Ranks) of several processes on one node, rank 0 stages the data
+    once and every process maps the same files: one copy on the node's disk, not one per GPU.
+    """
+    if ranks is None or ranks.size == 1:
+        with tempfile.TemporaryDirectory(prefix="nodulesynth-training-", dir=scratch) as folder:
+            yield load_training_data(paths, image_size, folder)
+        return
+    folder = tempfile.mkdtemp(prefix="nodulesynth-training-", dir=scratch) if ranks.main else None
+    try:
+        # A failure in rank 0 stops the others too: torchrun ends all processes when one fails.
+        staged = stage_training_data(paths, image_size, folder) if ranks.main else None
+        files, record = distributed.broadcast(staged)
+        yield map_training_data(files, image_size), record
+        distributed.barrier()  # every process is done with the files before they are removed
+    finally:
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def data_summary(record: dict) -> dict:

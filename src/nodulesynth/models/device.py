@@ -8,6 +8,8 @@
   exclusive lock on one slot file (the lowest free one) for its lifetime; the kernel drops the lock when the
   process ends, killed or not, so no stale slot outlives its job. Under SLURM each job sees only its own GPUs
   already (SLURM sets CUDA_VISIBLE_DEVICES), and no slot is claimed.
+  A job with N GPUs (SDM's `sdm.gpus`) runs N processes (torchrun), and each is one of the above: locally each
+  claims its own slot, so the job holds N; under SLURM process LOCAL_RANK takes the job's GPU of that index.
 """
 
 import fcntl
@@ -187,6 +189,9 @@ def job_device(requested: str = "auto", environ=None, timeout: float | None = No
         return str(device)
     if any(environ.get(name) for name in SLURM_GPU_VARIABLES + ("SLURM_JOB_ID", "SLURM_STEP_ID")):
         # SLURM gives a job its own GPUs (and may number them from 0 in every job): slots would only collide.
+        # Of a job's several processes (torchrun's WORLD_SIZE), each takes the GPU of its LOCAL_RANK.
+        if int(environ.get("WORLD_SIZE") or 1) > 1:
+            return str(pick_device(f"cuda:{int(environ.get('LOCAL_RANK') or 0)}", environ))
         return "cuda"
     slots = int(environ.get(SLOTS_VARIABLE) or 0) or torch.cuda.device_count()
     slot = claim_gpu(slots, timeout=timeout)

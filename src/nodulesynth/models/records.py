@@ -48,11 +48,12 @@ class LossCurve:
         return curve
 
 
-def progress(total: int, initial: int = 0, desc: str = ""):
-    """A tqdm bar that also shows in Snakemake logs (not a tty): then refreshed every 5 s."""
+def progress(total: int, initial: int = 0, desc: str = "", disable: bool = False):
+    """A tqdm bar that also shows in Snakemake logs (not a tty): then refreshed every 5 s. `disable`: no bar (all
+    processes but one of a run on several GPUs)."""
     tty = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, mininterval=0.5 if tty else 5.0,
-                dynamic_ncols=tty, ascii=not tty, file=sys.stderr)
+                dynamic_ncols=tty, ascii=not tty, file=sys.stderr, disable=disable)
 
 
 def write_options_file(path, content: dict):

@@ -16,6 +16,7 @@ def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
     return generator
 
 
-def seed_everything_for_step(seed: int, step: int):
-    """Seed the global RNGs from (seed, step) too, for dropout and any op drawing globally."""
-    torch.manual_seed(int(step_generator(seed, step).initial_seed()) ^ 0x5DEECE66D)
+def seed_everything_for_step(seed: int, step: int, rank: int = 0):
+    """Seed the global RNGs from (seed, step) too, for dropout and any op drawing globally; each process of a run
+    on several GPUs (`rank`) draws its own masks for its own samples (rank 0 those of a one-process run)."""
+    torch.manual_seed((int(step_generator(seed, step).initial_seed()) ^ 0x5DEECE66D) + int(rank))

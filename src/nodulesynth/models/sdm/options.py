@@ -49,6 +49,9 @@ class SDMOptions:
     # None: the whole batch in one pass. 16 with grad_checkpoint fits the paper's network at 256 px on
     # an 80 GB GPU (`python benchmarks/sdm.py --memory`, nodulesynth.models.sdm.memory).
     micro_batch_size: int | None = 16
+    # GPUs of one node that train together (torchrun, DistributedDataParallel): each takes batch_size / gpus
+    # samples of every step, so the step is the same as on one GPU; micro_batch_size then cuts each GPU's share.
+    gpus: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float | None = None      # max gradient norm; None: no clipping (the official code clips nothing)
@@ -99,6 +102,12 @@ class SDMOptions:
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"sdm.micro_batch_size must be at least 1 or null (the whole batch), "
                              f"got {self.micro_batch_size}")
+        if self.gpus < 1:
+            raise ValueError(f"sdm.gpus must be at least 1, got {self.gpus}")
+        if self.batch_size % self.gpus:
+            raise ValueError(f"sdm.batch_size {self.batch_size} is not divisible by sdm.gpus {self.gpus}: each GPU "
+                             f"takes an equal share of every step's batch (choose a batch_size that is a multiple "
+                             f"of gpus)")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"sdm.grad_clip must be positive or null (no clipping), got {self.grad_clip}")
         if not 0 <= self.finetune_steps <= self.max_steps:
@@ -121,10 +130,17 @@ class SDMOptions:
         return replace(self, **changes)
 
     @property
+    def gpu_batch_size(self) -> int:
+        """The samples of each step that one GPU (one process) takes."""
+        return self.batch_size // self.gpus
+
+    @property
     def micro_batches(self) -> list:
-        """The sizes of one step's forward/backward passes: batch_size cut into micro_batch_size pieces."""
-        size = min(self.micro_batch_size or self.batch_size, self.batch_size)
-        return [min(size, self.batch_size - start) for start in range(0, self.batch_size, size)]
+        """The sizes of one GPU's forward/backward passes of a step: its share of the batch (all of it on one
+        GPU) cut into micro_batch_size pieces."""
+        share = self.gpu_batch_size
+        size = min(self.micro_batch_size or share, share)
+        return [min(size, share - start) for start in range(0, share, size)]
 
     @property
     def finetune_start(self) -> int:
@@ -144,9 +160,10 @@ class SDMOptions:
     # Keys used only when sampling: the workflow's sample rule gets them, the training rule does not.
     SAMPLING_KEYS = ("sampler", "sample_steps", "guidance_scale", "ddim_eta", "sample_batch_size")
     # Keys a restarted run may change and still resume its checkpoint: length, bookkeeping, sampling, and
-    # how a step's memory is spent (micro-batches, recomputation), which leaves its gradient unchanged.
+    # how a step's memory is spent (micro-batches, recomputation) and over how many GPUs, which leaves its
+    # gradient unchanged.
     RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "log_every", "micro_batch_size",
-                         "grad_checkpoint") + SAMPLING_KEYS
+                         "grad_checkpoint", "gpus") + SAMPLING_KEYS
 
     # Keys that define the trained network and its diffusion; a checkpoint with other values cannot resume.
     MODEL_KEYS = ("image_size", "in_channels", "num_classes", "model_channels", "channel_mult",
