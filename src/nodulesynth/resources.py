@@ -116,9 +116,9 @@ def _mb(nbytes: float, base_mb: float, attempt: int = 1) -> int:
 
 
 def _minutes(seconds: float, attempt: int = 1, start: float = 0.0) -> int:
-    """Minutes of `seconds` with RUNTIME_HEADROOM, doubled for each retry, at least MIN_MINUTES."""
-    doubling = 2 ** (max(int(attempt), 1) - 1)
-    return int(max(math.ceil((start + RUNTIME_HEADROOM * seconds / 60) * doubling), MIN_MINUTES * doubling))
+    """Minutes of `seconds` with RUNTIME_HEADROOM (at least MIN_MINUTES), doubled for each retry."""
+    first = max(math.ceil(start + RUNTIME_HEADROOM * seconds / 60), MIN_MINUTES)
+    return int(first * 2 ** (max(int(attempt), 1) - 1))
 
 
 # --------------------------------------------------------------------------------------------- data jobs
