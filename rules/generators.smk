@@ -22,6 +22,7 @@ rule train_sdm:
         "results/logs/train_sdm/{fold}.log",
     benchmark:
         "results/benchmarks/train_sdm/{fold}.tsv"
+    retries: 2
     conda:
         "../envs/generators.yaml"
     container:
@@ -30,7 +31,11 @@ rule train_sdm:
     resources:
         gpu=1,
         mem_mb=16000,
-        runtime=24 * 60,
+        runtime=lambda wildcards, threads, attempt: sizing.train_sdm_runtime(
+            config["sdm"], config["generators"]["device"], threads, attempt
+        ),
+        # the training slices staged as uint8 memory maps under $TMPDIR (--tmp on SLURM)
+        disk_mb=lambda wildcards, input: sizing.staging_disk_mb(input, config["sdm"]["image_size"]),
     params:
         sdm=sdm_training_params(),
         out_dir=subpath(output.model, parent=True),
@@ -50,6 +55,7 @@ rule sample_sdm:
         "results/logs/sample_sdm/{fold}.log",
     benchmark:
         "results/benchmarks/sample_sdm/{fold}.tsv"
+    retries: 2
     conda:
         "../envs/generators.yaml"
     container:
@@ -58,7 +64,9 @@ rule sample_sdm:
     resources:
         gpu=1,
         mem_mb=16000,
-        runtime=12 * 60,
+        runtime=lambda wildcards, input, threads, attempt: sizing.sample_sdm_runtime(
+            config["sdm"], config["synthesis"], input.stacks, config["generators"]["device"], threads, attempt
+        ),
     params:
         sampling=sdm_sampling_params(),
         synthesis=section("synthesis"),
@@ -87,6 +95,7 @@ rule train_spade:
         "results/logs/train_spade/{fold}.log",
     benchmark:
         "results/benchmarks/train_spade/{fold}.tsv"
+    retries: 2
     conda:
         "../envs/generators.yaml"
     container:
@@ -95,7 +104,10 @@ rule train_spade:
     resources:
         gpu=1,
         mem_mb=16000,
-        runtime=24 * 60,
+        runtime=lambda wildcards, threads, attempt: sizing.train_spade_runtime(
+            config["spade"], config["generators"]["device"], threads, attempt
+        ),
+        disk_mb=lambda wildcards, input: sizing.staging_disk_mb(input, config["spade"]["image_size"]),
     params:
         spade=section("spade"),
         out_dir=subpath(output.model, parent=True),
@@ -115,6 +127,7 @@ rule sample_spade:
         "results/logs/sample_spade/{fold}.log",
     benchmark:
         "results/benchmarks/sample_spade/{fold}.tsv"
+    retries: 2
     conda:
         "../envs/generators.yaml"
     container:
@@ -123,7 +136,9 @@ rule sample_spade:
     resources:
         gpu=1,
         mem_mb=16000,
-        runtime=6 * 60,
+        runtime=lambda wildcards, input, threads, attempt: sizing.sample_spade_runtime(
+            config["spade"], config["synthesis"], input.stacks, config["generators"]["device"], threads, attempt
+        ),
     params:
         synthesis=section("synthesis"),
         device=config["generators"]["device"],

@@ -18,7 +18,7 @@ from nodulesynth.downstream.datasets import ArmDataset, SliceSet, save_dataset
 from nodulesynth.labels import NODULE
 
 # Today's fixed values (rules/*.smk before sizing): what a LIDC-IDRI run must exceed.
-FIXED_MB = {"downstream_dataset": 4000, "audit": 8000, "realism": 8000, "detect": 16000}
+FIXED_MB = {"downstream_dataset": 4000, "audit": 8000, "realism": 8000, "detect": 16000, "report": 4000}
 LIDC_SLICES = 125_000          # lung slices of LIDC-IDRI's 1,018 scans
 LIDC_SCANS = 1018
 
@@ -118,7 +118,8 @@ def test_at_lidc_scale_every_estimate_exceeds_the_fixed_values(tmp_path):
     estimates = {"downstream_dataset": resources.downstream_dataset_mem_mb(stacks, [], 256),
                  "audit": resources.audit_mem_mb(data[0], [], 32),
                  "realism": resources.datasets_mem_mb(data),
-                 "detect": resources.datasets_mem_mb(data[:1])}
+                 "detect": resources.datasets_mem_mb(data[:1]),
+                 "report": resources.report_mem_mb(data)}
     for rule, fixed in FIXED_MB.items():
         assert estimates[rule] > fixed, (rule, estimates[rule])
     # concatenation doubles the peak: 2 x 16 GB and more

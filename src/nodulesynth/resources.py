@@ -181,6 +181,15 @@ def datasets_mem_mb(paths, attempt: int = 1) -> int:
     return _mb(datasets_bytes(paths), TORCH_MB, attempt)
 
 
+def report_mem_mb(datasets, attempt: int = 1) -> int:
+    """report (report/inputs.py read_test_set): one fold's test split at a time, and the figures drawn from it."""
+    largest = 0
+    for path in [datasets] if isinstance(datasets, (str, Path)) else datasets:
+        counts = dataset_slices(path)
+        largest = max(largest, counts["test"] * slice_bytes(counts["size"]))
+    return _mb(2 * largest, 2 * PYTHON_MB, attempt)
+
+
 # ---------------------------------------------------------------------------------------------- generators
 
 def staging_disk_mb(stacks, image_size: int) -> int:
