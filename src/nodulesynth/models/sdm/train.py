@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from nodulesynth.models.checkpoints import load_checkpoint, resume_refusal, save_checkpoint
-from nodulesynth.models.data import SlicePairs, data_summary, one_hot, training_data
+from nodulesynth.models.data import Prefetched, SlicePairs, data_summary, one_hot, training_data
 from nodulesynth.models.device import pick_device
 from nodulesynth.models.ema import EMA
 from nodulesynth.models.records import LossCurve, progress, write_options_file
@@ -62,13 +62,15 @@ class Trainer:
     """
 
     def __init__(self, data: SlicePairs, options: SDMOptions, device="auto", bf16: bool | None = None,
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, batches=None):
         self.options = options
         self.device = pick_device(device)
         self.cuda = self.device.type == "cuda"
         self.bf16 = (self.cuda and options.bf16) if bf16 is None else bf16
         self.channels_last = (self.cuda and options.channels_last) if channels_last is None else channels_last
         self.data = data
+        # each step's batch: draw_batch, or a Prefetched one that loader threads draw ahead (the same batches)
+        self.batches = batches or Prefetched(lambda step: draw_batch(data, options, step))
         self.model = build_model(options, self.device, self.channels_last)
         self.diffusion = GaussianDiffusion.from_options(options)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
@@ -84,7 +86,7 @@ class Trainer:
         depend on its cut into passes (with dropout, its masks are drawn per pass)."""
         o = self.options
         seed_everything_for_step(o.seed, self.step)  # dropout draws from the global RNG
-        x0, label, t, noise, keep = draw_batch(self.data, o, self.step)
+        x0, label, t, noise, keep = self.batches(self.step)
         self.model.train()
         for group in self.optimizer.param_groups:  # the stage's rate, also right after a resume
             group["lr"] = o.lr_at(self.step)
@@ -159,7 +161,8 @@ def resume_refusal_sdm(state: dict, options: SDMOptions, data: dict) -> str | No
     return None
 
 
-def train_sdm(slice_paths, out_dir, options: SDMOptions, device="auto", max_steps_this_run=None, scratch=None) -> Path:
+def train_sdm(slice_paths, out_dir, options: SDMOptions, device="auto", max_steps_this_run=None, scratch=None,
+              workers: int = 0) -> Path:
     """Train on the given slice stacks (and on nothing else); resume from out_dir/checkpoint.pt.
 
     The checkpoint is resumed only when it was trained on exactly these stacks (content digests)
@@ -169,16 +172,19 @@ def train_sdm(slice_paths, out_dir, options: SDMOptions, device="auto", max_step
     out_dir/model.pt (EMA weights, options and the training-data record). `max_steps_this_run`
     stops early (as a kill would, but after a checkpoint). Returns model.pt when training is
     complete, else checkpoint.pt. The slices are staged as uint8 memory-mapped files in a temporary
-    folder under `scratch` (default $TMPDIR), removed at the end.
+    folder under `scratch` (default $TMPDIR), removed at the end; `workers` loader threads draw the batches ahead.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with training_data(slice_paths, options.image_size, scratch) as (data, data_record):
-        return _train(data, data_record, out_dir, options, device, max_steps_this_run)
+        # the loader threads end before the staged data they read is removed
+        with Prefetched(lambda step: draw_batch(data, options, step), workers) as batches:
+            return _train(data, data_record, out_dir, options, device, max_steps_this_run, batches)
 
 
-def _train(data: SlicePairs, data_record: dict, out_dir: Path, options: SDMOptions, device, max_steps_this_run):
-    trainer = Trainer(data, options, device)
+def _train(data: SlicePairs, data_record: dict, out_dir: Path, options: SDMOptions, device, max_steps_this_run,
+           batches=None):
+    trainer = Trainer(data, options, device, batches=batches)
     curve = LossCurve()
     checkpoint_path = out_dir / CHECKPOINT
     state = load_checkpoint(checkpoint_path, map_location=trainer.device) if checkpoint_path.exists() else None
