@@ -35,6 +35,9 @@ READ_BYTES_PER_S = 100e6
 # against the test images' views, about 1.2 s per million train x test pairs on one core (benchmarks/
 # near_duplicates.py); BLAS threads divide it.
 AUDIT_SECONDS_PER_PAIR = 1.2e-6
+# mmengine's own time per training iteration beside the FLOPs (hooks, logging, the optimiser's kernel launches,
+# a batch of 2-8 slices that keeps the GPU far below its throughput): 0.1 s is an assumption on the safe side.
+ITERATION_SECONDS = 0.1
 
 
 # ------------------------------------------------------------------------------------------------- the inputs
@@ -223,14 +226,15 @@ def sampled_maps(stacks, synthesis: dict) -> int:
 # ------------------------------------------------------------------------------------------- GPU runtimes
 
 def gpu_runtime(flops: float, precision: str, device: str, threads: int, attempt: int = 1,
-                read_bytes: float = 0.0) -> int:
+                read_bytes: float = 0.0, iterations: int = 0) -> int:
     """Minutes for a GPU job of `flops` (nodulesynth.cost): at the assumed H100 throughput, or where `device` is
-    `cpu` at CPU_TFLOPS_PER_THREAD x threads; plus GPU_START_MINUTES and reading `read_bytes` of input."""
+    `cpu` at CPU_TFLOPS_PER_THREAD x threads; plus GPU_START_MINUTES, reading `read_bytes` of input and
+    ITERATION_SECONDS for each of mmengine's `iterations`."""
     from nodulesynth.cost import achieved_rates, cpu_rates, job_seconds
 
     rates = cpu_rates(threads) if str(device) == "cpu" else achieved_rates()
-    return _minutes(job_seconds(flops, precision, rates) + read_bytes / READ_BYTES_PER_S, attempt,
-                    start=GPU_START_MINUTES)
+    seconds = job_seconds(flops, precision, rates) + read_bytes / READ_BYTES_PER_S + iterations * ITERATION_SECONDS
+    return _minutes(seconds, attempt, start=GPU_START_MINUTES)
 
 
 def train_sdm_runtime(sdm: dict, device: str, threads: int, attempt: int = 1) -> int:
@@ -273,8 +277,10 @@ def detect_runtime(detection: dict, data, device: str, threads: int, attempt: in
     counts = dataset_slices(data)
     if not counts["size"]:
         return gpu_runtime(0, "bf16", device, threads, attempt)  # not written yet (a dry run): the floor
-    flops = detection_job_flops(DetectionOptions.from_config(detection), counts["size"], counts["test"])
-    return gpu_runtime(flops, "bf16", device, threads, attempt, read_bytes=datasets_bytes(data))
+    options = DetectionOptions.from_config(detection)
+    flops = detection_job_flops(options, counts["size"], counts["test"])
+    return gpu_runtime(flops, "bf16", device, threads, attempt, read_bytes=datasets_bytes(data),
+                       iterations=options.epochs * options.iters_per_epoch)
 
 
 def localize_runtime(localization: dict, data, device: str, threads: int, attempt: int = 1) -> int:
@@ -285,8 +291,10 @@ def localize_runtime(localization: dict, data, device: str, threads: int, attemp
     counts = dataset_slices(data)
     if not counts["size"]:
         return gpu_runtime(0, "bf16", device, threads, attempt)
-    flops = localization_job_flops(LocalizationOptions.from_config(localization), counts["size"], counts["test"])
-    return gpu_runtime(flops, "bf16", device, threads, attempt, read_bytes=2 * datasets_bytes(data))
+    options = LocalizationOptions.from_config(localization)
+    flops = localization_job_flops(options, counts["size"], counts["test"])
+    return gpu_runtime(flops, "bf16", device, threads, attempt, read_bytes=2 * datasets_bytes(data),
+                       iterations=options.total_iters)
 
 
 def realism_runtime(detection: dict, datasets, device: str, threads: int, attempt: int = 1) -> int:
