@@ -4,12 +4,10 @@
   python benchmarks/cost.py --config my.yaml --scans 300 --slices 37000
   python benchmarks/cost.py --measured sdm_h100.json         # SDM stages from benchmarks/sdm.py --write-throughput
 
-FLOPs are counted on the real networks, built by the package from the config: the SDM U-Net and SPADE's
-generator and discriminator on the meta device (no memory, no data), SE-ResNet-101 and Faster R-CNN built by
-mmpretrain/mmdet from the study's own configs (`detection_config`, `build_config`), moved to the meta device, and
-run through `torch.utils.flop_counter.FlopCounterMode` (2 FLOPs a multiply-add; convolutions and matmuls only,
-which is nearly all of these networks' work). Time is FLOPs / an achieved throughput: an assumption stated as an
-option (--achieved-tflops), or, for the SDM stages, images/s measured on a GPU by benchmarks/sdm.py.
+FLOPs are counted on the real networks, built by the package from the config (nodulesynth.cost, whose per-job
+estimates also size the GPU rules' runtimes: nodulesynth.resources). Time is FLOPs / an achieved throughput: an
+assumption stated as an option (--achieved-tflops), or, for the SDM stages, images/s measured on a GPU by
+benchmarks/sdm.py.
 
 Stages (what the workflow runs, counted from the same options the rules pass):
   train SDM / SPADE     k fold generators + the holdout generator, max_steps x batch_size images each
@@ -30,14 +28,17 @@ import argparse
 import json
 import math
 import sys
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
-from torch.utils.flop_counter import FlopCounterMode
+
+# The counts and the per-job estimates are the package's (nodulesynth.cost), which the rules' runtimes use too.
+from nodulesynth.cost import (DEVICES, achieved_rates, detection_job_flops, guidance_branches,
+                              localization_job_flops, network_evaluations, realism_job_flops, sample_sdm_flops,
+                              sample_spade_flops, sdm_flops, sdm_precision, spade_precision, train_sdm_flops,
+                              train_spade_flops)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "schemas" / "config.schema.yaml"
@@ -48,14 +49,6 @@ LIDC_SCANS = 1018
 LIDC_SLICES = 125_000
 LIDC_NODULE_FRACTION = 0.05
 
-# Dense (no sparsity) peak tensor-core throughput, TFLOP/s, from NVIDIA's data sheets: H100 SXM 989 bf16/fp16 and
-# 494.5 TF32; the H200 has the H100 SXM's compute (more, faster memory); A100 SXM 312 and 156.
-DEVICES = {"h100": ("H100 SXM", 989.0, 494.5), "h200": ("H200", 989.0, 494.5), "a100": ("A100 SXM", 312.0, 156.0)}
-# Achieved fraction of that peak for these convolutional U-Nets and ResNets trained at batch 8-32 on one GPU:
-# model-FLOP utilisation of 30-40 % is what well-fed convolutional training reaches in bf16 (attention and
-# GroupNorm are memory-bound, small late layers starve the tensor cores); 35 % is an assumption, not a
-# measurement: --measured replaces it for the SDM stages.
-DEFAULT_UTILISATION = 0.35
 TARGET_HOURS = 150.0
 
 
@@ -75,141 +68,6 @@ def study_config(path=None) -> dict:
             raise ValueError(f"{path}: not a YAML mapping of config sections")
     validate(config, str(SCHEMA))
     return config
-
-
-# ------------------------------------------------------------------------------------------------------------
-# FLOPs of the real networks
-
-
-def cached(count):
-    """Each network is counted once for the same options (the paper-sampler variant and tests reuse the downstream
-    counts); keyed by repr, as DetectionOptions is not hashable."""
-    results = {}
-
-    def wrapper(*args):
-        key = repr(args)
-        if key not in results:
-            results[key] = count(*args)
-        return results[key]
-
-    wrapper.__doc__ = count.__doc__
-    return wrapper
-
-
-def counted(fn) -> int:
-    """FLOPs of what `fn()` runs (FlopCounterMode: matmuls and convolutions, forward and backward)."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-@cached
-def sdm_flops(options) -> dict:
-    """Per image: `forward` (one network evaluation) and `train` (forward, backward and, with grad_checkpoint,
-    the residual blocks' recomputation), counted on the meta device."""
-    from nodulesynth.models.sdm.unet import SDMUNet
-
-    with torch.device("meta"):
-        model = SDMUNet(options)
-    size = options.image_size
-    x = torch.zeros(1, options.in_channels, size, size, device="meta")
-    t = torch.zeros(1, device="meta")
-    cond = torch.zeros(1, options.num_classes, size, size, device="meta")
-
-    def forward():
-        with torch.no_grad():
-            model.eval()(x, t, cond)
-
-    def train():
-        model.train()(x, t, cond).sum().backward()  # the loss itself is elementwise: no FLOPs worth counting
-
-    return {"forward": counted(forward), "train": counted(train)}
-
-
-@cached
-def spade_flops(options) -> dict:
-    """Per image: `train` (one SPADETrainer.training_step: G step and D step, D on fake and real) and `forward`
-    (the generator alone, as sampling runs it), counted on the meta device."""
-    from nodulesynth.labels import NUM_CLASSES
-    from nodulesynth.models.spade.train import SPADETrainer
-
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "VGG loss off": the count says whether it runs
-        trainer = SPADETrainer(options, device="meta")
-    size = options.image_size
-    image = torch.zeros(1, 1, size, size, device="meta")
-    label = torch.zeros(1, size, size, dtype=torch.long, device="meta")
-
-    def train():
-        trainer.training_step(image, label)  # its losses stay tensors (no host read), so meta ones do
-
-    def forward():
-        with torch.no_grad():
-            trainer.generator.eval()(torch.zeros(1, NUM_CLASSES, size, size, device="meta"))
-
-    return {"train": counted(train), "forward": counted(forward)}
-
-
-@cached
-def detection_flops(options, image_size: int) -> dict:
-    """SE-ResNet-101 as run_detection builds it (mmpretrain, `detection_config`): forward FLOPs of one training
-    unit (a slice, or a patch) and of one test slice (its tiles, for patch input)."""
-    from mmengine.registry import DefaultScope
-    from mmpretrain.registry import MODELS
-
-    from nodulesynth.downstream.detection import detection_config, tile_origins
-
-    with tempfile.TemporaryDirectory() as work_dir:
-        cfg = detection_config(options, work_dir, "cpu", 0.0, 1.0, "cost")
-    model_cfg = cfg.model.copy()
-    model_cfg.setdefault("data_preprocessor", cfg.data_preprocessor)
-    # Built on the CPU (mmpretrain's ResNet reads a tensor's value while building), then moved to meta.
-    with DefaultScope.overwrite_default_scope("mmpretrain"):
-        model = MODELS.build(model_cfg).to("meta").eval()
-
-    def forward_at(size):
-        x = torch.zeros(1, 1, size, size, device="meta")
-        with torch.no_grad():
-            return counted(lambda: model(x, mode="tensor"))
-
-    whole = forward_at(image_size)
-    if options.input == "slice":
-        return {"unit": whole, "test_slice": whole, "feature_slice": whole}
-    patch = forward_at(options.patch_size)
-    tiles = len(tile_origins(image_size, options.patch_size, options.tile_stride)) ** 2
-    # realism's detection_features pools the features of whole slices, whatever the training input
-    return {"unit": patch, "test_slice": tiles * patch, "feature_slice": whole}
-
-
-@cached
-def localization_flops(options, image_size: int) -> dict:
-    """Faster R-CNN X101-32x4d FPN as run_localization builds it (mmdet, `build_config`), forward FLOPs per slice:
-    `train` with roi_samples RoIs, `test` with test_proposals. mmcv's RoIAlign and NMS have no meta kernels, so
-    backbone, neck and RPN head are counted on the meta device and the RoI head is added by hand: per RoI, its
-    fully connected layers (2 x in x out FLOPs each, read off the built head); RoIAlign's bilinear sampling
-    (7 x 7 x 256 x 4 points a RoI) is a rounding error beside the first FC's 12544 x 1024."""
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
-    from mmengine.registry import DefaultScope
-
-    from nodulesynth.downstream.localization import build_config
-
-    register_all_modules(init_default_scope=False)
-    with tempfile.TemporaryDirectory() as data_root:
-        cfg = build_config(options, image_size, data_root, data_root, "cpu")
-    with DefaultScope.overwrite_default_scope("mmdet"):  # its data preprocessor is registered in mmdet's scope
-        model = MODELS.build(cfg.model).to("meta").eval()
-    x = torch.zeros(1, 3, image_size, image_size, device="meta")  # mmdet loads the slices as 3-channel images
-
-    def dense():
-        with torch.no_grad():
-            model.rpn_head(model.extract_feat(x))
-
-    per_roi = sum(2 * m.in_features * m.out_features for m in model.roi_head.bbox_head.modules()
-                  if isinstance(m, torch.nn.Linear))
-    base = counted(dense)
-    return {"dense": base, "per_roi": per_roi, "train": base + options.roi_samples * per_roi,
-            "test": base + options.test_proposals * per_roi}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -257,18 +115,6 @@ def sampled_maps(config: dict, cohort: Cohort) -> float:
     return cohort.scans * maps_per_scan(config["synthesis"], cohort)
 
 
-def network_evaluations(options) -> int:
-    """Network passes of one map: `sample_steps` for every sampler (models/sdm/samplers.py: DDPM and DDIM one a
-    respaced step; DPM-Solver++(2M) one a log-SNR time); guidance_branches says how wide each pass is."""
-    return options.sample_steps
-
-
-def guidance_branches(options) -> int:
-    """guided_model: scale 1 is the conditional pass alone; otherwise [x; x] with [map; null] in ONE pass of
-    twice the batch, i.e. twice the FLOPs of one branch."""
-    return 1 if float(options.guidance_scale) == 1.0 else 2
-
-
 @dataclass
 class Stage:
     name: str
@@ -301,37 +147,30 @@ def study_stages(config: dict, cohort: Cohort, sdm_options=None) -> list[Stage]:
     maps = sampled_maps(config, cohort)
     test_slices = cohort.slices / k  # a fold's test patients' slices
 
-    sdm_f, spade_f = sdm_flops(sdm), spade_flops(spade)
-    det_f, loc_f = detection_flops(detection, size), localization_flops(localization, size)
-    # Training ~ 3 forward passes (forward, then backward's two products: gradients of inputs and of weights).
-    det_train = 3 * det_f["unit"] * detection.epochs * detection.iters_per_epoch * detection.batch_size
-    loc_train = 3 * loc_f["train"] * localization.total_iters * localization.batch_size
+    sdm_f = sdm_flops(sdm)
     # Realism per fold: the fold's real slices (training and test) and both generators' samples of its training
     # scans ((k-1)/k of each generator's maps), through the classifier once; realism reads subsets of these.
     realism_slices = k * (cohort.slices + 2 * maps * (k - 1) / k)
-    sdm_precision = "bf16" if sdm.bf16 else "tf32"
-    # SPADE's sampling and the realism features run in fp32 (SPADE trains in bf16 unless spade.bf16 is false), whose convolutions cuDNN runs on TF32 tensor cores (PyTorch's
+    # SPADE's sampling and the realism features run in fp32, whose convolutions cuDNN runs on TF32 tensor cores (PyTorch's
     # default); detection and localization train under AMP (mmlab.optim_wrapper: fp16, the bf16 rate).
     return [
-        Stage("train SDM", generators, generators * sdm.max_steps * sdm.batch_size * sdm_f["train"], sdm_precision,
+        Stage("train SDM", generators, generators * train_sdm_flops(sdm), sdm_precision(sdm),
               note=f"{sdm.max_steps} steps x {sdm.batch_size}, {sdm_f['train'] / sdm_f['forward']:.2f} forwards "
                    f"an image (grad_checkpoint {sdm.grad_checkpoint})"),
-        Stage("sample SDM", generators, generators * maps * network_evaluations(sdm) * guidance_branches(sdm)
-              * sdm_f["forward"], sdm_precision,
+        Stage("sample SDM", generators, generators * sample_sdm_flops(sdm, maps), sdm_precision(sdm),
               note=f"{maps:,.0f} maps x {sdm.sample_steps} steps ({sdm.sampler}) x {guidance_branches(sdm)} "
                    f"guidance branches"),
-        Stage("train SPADE", generators, generators * spade.max_steps * spade.batch_size * spade_f["train"],
-              "bf16" if spade.bf16 else "tf32",
-              note=f"{spade.max_steps} steps x {spade.batch_size}, G and D steps; {'bf16' if spade.bf16 else 'fp32'}"),
-        Stage("sample SPADE", generators, generators * maps * spade_f["forward"], "tf32",
+        Stage("train SPADE", generators, generators * train_spade_flops(spade), spade_precision(spade),
+              note=f"{spade.max_steps} steps x {spade.batch_size}, G and D steps; {spade_precision(spade)}"),
+        Stage("sample SPADE", generators, generators * sample_spade_flops(spade, maps), "tf32",
               note=f"{maps:,.0f} maps, one generator pass"),
-        Stage("detection", trainings, trainings * (det_train + test_slices * det_f["test_slice"]), "bf16",
+        Stage("detection", trainings, trainings * detection_job_flops(detection, size, test_slices), "bf16",
               note=f"{detection.epochs} x {detection.iters_per_epoch} it x {detection.batch_size} "
                    f"({detection.input}), AMP; + {test_slices:,.0f} test slices"),
-        Stage("localization", trainings, trainings * (loc_train + test_slices * loc_f["test"]), "bf16",
+        Stage("localization", trainings, trainings * localization_job_flops(localization, size, test_slices), "bf16",
               note=f"{localization.epochs} x {localization.iters_per_epoch} it x {localization.batch_size}, "
                    f"{localization.roi_samples} RoIs, AMP; + test"),
-        Stage("realism", k, realism_slices * det_f["feature_slice"], "tf32",
+        Stage("realism", k, realism_job_flops(detection, size, realism_slices), "tf32",
               note=f"{realism_slices / k:,.0f} slices a fold (upper bound)"),
     ]
 
@@ -434,11 +273,12 @@ def main(argv=None):
     config = study_config(args.config)
     cohort = Cohort(args.scans, args.slices, args.nodule_fraction)
     name, bf16_peak, tf32_peak = DEVICES[args.device]
-    achieved = args.achieved_tflops if args.achieved_tflops is not None else DEFAULT_UTILISATION * bf16_peak
-    if achieved <= 0 or achieved > bf16_peak:
-        raise SystemExit(f"--achieved-tflops {achieved} is not in (0, {bf16_peak}] ({name}'s dense bf16 peak)")
+    try:
+        rates = achieved_rates(args.device, args.achieved_tflops)
+    except ValueError as error:
+        raise SystemExit(f"--achieved-tflops: {error}") from None
+    achieved = rates["bf16"] / 1e12
     utilisation = achieved / bf16_peak
-    rates = {"bf16": achieved * 1e12, "tf32": utilisation * tf32_peak * 1e12}
     assumption = (f"{achieved:.0f} bf16 TFLOP/s achieved = {100 * utilisation:.0f} % of {bf16_peak:g}, TF32 at "
                   f"{utilisation * tf32_peak:.0f}")
 

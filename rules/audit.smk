@@ -20,16 +20,21 @@ rule audit:
         "results/logs/audit/{arm}_{fold}.log",
     benchmark:
         "results/benchmarks/audit/{arm}_{fold}.tsv"
+    retries: 1
     conda:
         "../envs/data.yaml"
     container:
         config["containers"]["data"]
     # The near-duplicate scores are float32 matrix products (BLAS, threaded): about 1.2 s per million train x
-    # test pairs on one core (18 views of each test image), some 2 core-hours for a study fold of 160k x 40k.
+    # test pairs on one core (18 views of each test image); runtime and memory follow the dataset's counts.
     threads: 4
     resources:
-        mem_mb=8000,
-        runtime=6 * 60,
+        mem_mb=lambda wildcards, input, attempt: sizing.audit_mem_mb(
+            input.data, input.synth, config["downstream"]["near_duplicate_size"], attempt
+        ),
+        runtime=lambda wildcards, input, threads, attempt: sizing.audit_runtime(
+            input.data, input.synth, threads, attempt
+        ),
     params:
         downstream=section("downstream"),
     shell:

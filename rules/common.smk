@@ -30,6 +30,9 @@ from nodulesynth.io import read_table
 from nodulesynth.models.distributed import launcher
 from nodulesynth.models.sdm.options import SDMOptions
 from nodulesynth.report.pdf import pdf_wanted
+
+# Each job's mem_mb, runtime and disk_mb, sized from its inputs and the config (tested there).
+from nodulesynth import resources as sizing
 from snakemake.logging import logger
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 

@@ -15,14 +15,17 @@ rule downstream_dataset:
         "results/logs/downstream_dataset/{arm}_{fold}.log",
     benchmark:
         "results/benchmarks/downstream_dataset/{arm}_{fold}.tsv"
+    retries: 1
     conda:
         "../envs/data.yaml"
     container:
         config["containers"]["data"]
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=lambda wildcards, input, attempt: sizing.downstream_dataset_mem_mb(
+            input.slices, input.synth, downstream_image_size(), attempt
+        ),
+        runtime=lambda wildcards, input, attempt: sizing.downstream_dataset_runtime(input.slices, input.synth, attempt),
     params:
         downstream=section("downstream"),
         image_size=downstream_image_size(),
@@ -45,6 +48,7 @@ rule detect:
         "results/logs/detect/{arm}_{fold}.log",
     benchmark:
         "results/benchmarks/detect/{arm}_{fold}.tsv"
+    retries: 2
     conda:
         "../envs/mmlab.yaml"
     container:
@@ -52,8 +56,10 @@ rule detect:
     threads: config["downstream"]["threads"]
     resources:
         gpu=1,
-        mem_mb=16000,
-        runtime=12 * 60,
+        mem_mb=lambda wildcards, input, attempt: sizing.datasets_mem_mb(input.data, attempt),
+        runtime=lambda wildcards, input, threads, attempt: sizing.detect_runtime(
+            config["detection"], input.data, config["downstream"]["device"], threads, attempt
+        ),
     params:
         detection=section("detection"),
         device=config["downstream"]["device"],
@@ -76,6 +82,7 @@ rule localize:
         "results/logs/localize/{arm}_{fold}.log",
     benchmark:
         "results/benchmarks/localize/{arm}_{fold}.tsv"
+    retries: 2
     conda:
         "../envs/mmlab.yaml"
     container:
@@ -83,8 +90,10 @@ rule localize:
     threads: config["downstream"]["threads"]
     resources:
         gpu=1,
-        mem_mb=16000,
-        runtime=12 * 60,
+        mem_mb=lambda wildcards, input, attempt: sizing.datasets_mem_mb(input.data, attempt),
+        runtime=lambda wildcards, input, threads, attempt: sizing.localize_runtime(
+            config["localization"], input.data, config["downstream"]["device"], threads, attempt
+        ),
     params:
         localization=section("localization"),
         device=config["downstream"]["device"],
@@ -104,6 +113,7 @@ rule realism:
         "results/logs/realism/{fold}.log",
     benchmark:
         "results/benchmarks/realism/{fold}.tsv"
+    retries: 2
     conda:
         "../envs/mmlab.yaml"
     container:
@@ -111,8 +121,10 @@ rule realism:
     threads: config["downstream"]["threads"]
     resources:
         gpu=1,
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=lambda wildcards, input, attempt: sizing.datasets_mem_mb(input.data, attempt),
+        runtime=lambda wildcards, input, threads, attempt: sizing.realism_runtime(
+            config["detection"], input.data, config["downstream"]["device"], threads, attempt
+        ),
     params:
         detection=section("detection"),
         device=config["downstream"]["device"],

@@ -23,6 +23,7 @@ rule train_sdm:
         "results/logs/train_sdm/{fold}.log",
     benchmark:
         "results/benchmarks/train_sdm/{fold}.tsv"
+    retries: 2
     conda:
         "../envs/generators.yaml"
     container:
@@ -32,7 +33,11 @@ rule train_sdm:
         # sdm.gpus GPUs of one node: torchrun runs a process on each (params.launch), nothing for one GPU.
         gpu=config["sdm"]["gpus"],
         mem_mb=16000,
-        runtime=24 * 60,
+        runtime=lambda wildcards, threads, attempt: sizing.train_sdm_runtime(
+            config["sdm"], config["generators"]["device"], threads, attempt
+        ),
+        # the training slices staged as uint8 memory maps under $TMPDIR (--tmp on SLURM)
+        disk_mb=lambda wildcards, input: sizing.staging_disk_mb(input, config["sdm"]["image_size"]),
     params:
         sdm=sdm_training_params(),
         launch=sdm_launcher(),
@@ -53,6 +58,7 @@ rule sample_sdm:
         "results/logs/sample_sdm/{fold}.log",
     benchmark:
         "results/benchmarks/sample_sdm/{fold}.tsv"
+    retries: 2
     conda:
         "../envs/generators.yaml"
     container:
@@ -61,7 +67,9 @@ rule sample_sdm:
     resources:
         gpu=1,
         mem_mb=16000,
-        runtime=12 * 60,
+        runtime=lambda wildcards, input, threads, attempt: sizing.sample_sdm_runtime(
+            config["sdm"], config["synthesis"], input.stacks, config["generators"]["device"], threads, attempt
+        ),
     params:
         sampling=sdm_sampling_params(),
         synthesis=section("synthesis"),
@@ -90,6 +98,7 @@ rule train_spade:
         "results/logs/train_spade/{fold}.log",
     benchmark:
         "results/benchmarks/train_spade/{fold}.tsv"
+    retries: 2
     conda:
         "../envs/generators.yaml"
     container:
@@ -98,7 +107,10 @@ rule train_spade:
     resources:
         gpu=1,
         mem_mb=16000,
-        runtime=24 * 60,
+        runtime=lambda wildcards, threads, attempt: sizing.train_spade_runtime(
+            config["spade"], config["generators"]["device"], threads, attempt
+        ),
+        disk_mb=lambda wildcards, input: sizing.staging_disk_mb(input, config["spade"]["image_size"]),
     params:
         spade=section("spade"),
         out_dir=subpath(output.model, parent=True),
@@ -118,6 +130,7 @@ rule sample_spade:
         "results/logs/sample_spade/{fold}.log",
     benchmark:
         "results/benchmarks/sample_spade/{fold}.tsv"
+    retries: 2
     conda:
         "../envs/generators.yaml"
     container:
@@ -126,7 +139,9 @@ rule sample_spade:
     resources:
         gpu=1,
         mem_mb=16000,
-        runtime=6 * 60,
+        runtime=lambda wildcards, input, threads, attempt: sizing.sample_spade_runtime(
+            config["spade"], config["synthesis"], input.stacks, config["generators"]["device"], threads, attempt
+        ),
     params:
         synthesis=section("synthesis"),
         device=config["generators"]["device"],

@@ -35,7 +35,7 @@ rule report:
         config["containers"]["report"]
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=lambda wildcards, input, attempt: sizing.report_mem_mb(input.data, attempt),
         runtime=20,
     params:
         config=json.dumps(config, sort_keys=True),

@@ -40,12 +40,13 @@ def by_name(stages):
 
 
 def test_roi_head_and_training_counts_match_hand_counts(cost):
+    from nodulesynth.cost import localization_flops
     from nodulesynth.downstream.localization import LocalizationOptions
     from nodulesynth.models.sdm.options import SDMOptions
 
     # Faster R-CNN's Shared2FCBBoxHead: 256x7x7 -> 1024 -> 1024, then 2 classes (nodule, background) and 4 box
     # deltas; 2 FLOPs a multiply-add.
-    loc = cost.localization_flops(LocalizationOptions(), 64)
+    loc = localization_flops(LocalizationOptions(), 64)
     assert loc["per_roi"] == 2 * (256 * 7 * 7 * 1024 + 1024 * 1024 + 1024 * 2 + 1024 * 4)
     assert loc["train"] == loc["dense"] + 512 * loc["per_roi"]
 

@@ -15,7 +15,7 @@ from scipy import ndimage, stats
 from nodulesynth.data.slices import SliceStack, load_slices, save_slices
 from nodulesynth.labels import BODY, LEFT_LUNG, NODULE, RIGHT_LUNG, TRACHEA
 from nodulesynth.models.checkpoints import load_checkpoint, save_checkpoint
-from nodulesynth.models.data import SlicePairs, load_training_data, one_hot, training_data
+from nodulesynth.models.data import Prefetched, SlicePairs, load_training_data, loader_workers, one_hot, training_data
 from nodulesynth.models.ema import EMA
 from nodulesynth.models.records import LossCurve
 from nodulesynth.models.sdm import SDMOptions, load_sdm, sample_images, sample_sdm, train_sdm
@@ -503,6 +503,38 @@ def test_resume_equals_unbroken_training(tmp_path):
     # A different seed trains differently (the comparison above can fail).
     other = train_sdm(paths, tmp_path / "c", options.replace(seed=1), device="cpu")
     assert not all(torch.equal(a["model"][k], _state(other)["model"][k]) for k in a["model"])
+
+
+def test_loader_threads_draw_the_same_batches_ahead(tmp_path):
+    """Prefetched: steps drawn ahead on threads are the steps drawn in place, in order and after a jump (a resume)."""
+    (tmp_path / "staged").mkdir()
+    data, _ = load_training_data(write_stacks(tmp_path / "slices"), 16, tmp_path / "staged")
+    options = tiny()
+    draws = []
+
+    def draw(step):
+        draws.append(step)
+        return draw_batch(data, options, step)
+
+    with Prefetched(draw, workers=3) as batches:
+        for step in [0, 1, 2, 7, 8, 3]:
+            ahead, in_place = batches(step), draw_batch(data, options, step)
+            assert all(torch.equal(a, b) for a, b in zip(ahead, in_place)), step
+    assert set(draws) >= {0, 1, 2, 3, 4, 7, 8, 9}  # drawn ahead of being asked for
+    assert loader_workers(1) == 0 and loader_workers(8) == 7  # the demo's one thread loads in the loop itself
+
+
+def test_loader_threads_train_the_same_model(tmp_path):
+    paths = write_stacks(tmp_path / "slices")
+    options = tiny(max_steps=4, checkpoint_every=2)
+    alone = train_sdm(paths, tmp_path / "a", options, device="cpu")
+    out = tmp_path / "b"
+    train_sdm(paths, out, options, device="cpu", max_steps_this_run=3, workers=2)  # stops at 3, resumes from 2
+    threaded = train_sdm(paths, out, options, device="cpu", workers=2)
+    a, b = _state(alone), _state(threaded)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    la, lb = LossCurve.load(tmp_path / "a" / "loss.tsv"), LossCurve.load(out / "loss.tsv")
+    assert [r["loss"] for r in la.rows] == [r["loss"] for r in lb.rows]
 
 
 def test_changed_options_train_from_scratch_instead_of_resuming(tmp_path):

@@ -199,6 +199,14 @@ def test_vgg_loss_loads_a_local_file(tmp_path):
 
 # ---------------------------------------------------------------- training and resume
 
+def test_loader_threads_train_the_same_model(stacks, tmp_path):
+    options = SPADEOptions(**TINY, max_steps=3, checkpoint_every=2, log_every=1, seed=3)
+    a = load_checkpoint(train_spade(stacks, tmp_path / "alone", options, device="cpu"))
+    b = load_checkpoint(train_spade(stacks, tmp_path / "threaded", options, device="cpu", workers=2))
+    for key in a["generator"]:
+        assert torch.equal(a["generator"][key], b["generator"][key]), key
+
+
 @pytest.mark.parametrize("ema", [False, True])
 def test_resume_equals_unbroken_training(stacks, tmp_path, ema):
     options = SPADEOptions(**TINY, max_steps=6, checkpoint_every=2, log_every=1, ema=ema, ema_decay=0.9, seed=3)

@@ -9,6 +9,7 @@ import json
 import linecache
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 log = logging.getLogger("nodulesynth")
@@ -210,6 +211,13 @@ def _torch_threads(args):
     torch.set_num_threads(args.threads)
 
 
+def _loader_workers(args) -> int:
+    """The job's data-loader workers: its threads but one (nodulesynth.models.data.loader_workers)."""
+    from nodulesynth.models.data import loader_workers
+
+    return loader_workers(args.threads)
+
+
 def cmd_train_sdm(args):
     from nodulesynth.models.distributed import Ranks
 
@@ -220,7 +228,8 @@ def cmd_train_sdm(args):
     from nodulesynth.models.sdm import SDMOptions
     from nodulesynth.models.sdm.train import train_sdm
 
-    train_sdm(args.slices, args.out_dir, SDMOptions.from_config(args.params), device=args.device)
+    train_sdm(args.slices, args.out_dir, SDMOptions.from_config(args.params), device=args.device,
+              workers=_loader_workers(args))
     if ranks.main:
         _record_training_scans(args.slices, args.out_dir)
 
@@ -245,7 +254,8 @@ def cmd_train_spade(args):
     from nodulesynth.models.spade import SPADEOptions
     from nodulesynth.models.spade.train import train_spade
 
-    train_spade(args.slices, args.out_dir, SPADEOptions.from_config(args.params), device=args.device)
+    train_spade(args.slices, args.out_dir, SPADEOptions.from_config(args.params), device=args.device,
+                workers=_loader_workers(args))
     _record_training_scans(args.slices, args.out_dir)
 
 
@@ -364,8 +374,8 @@ def cmd_detect(args):
     from nodulesynth.downstream.detection import DetectionOptions, run_detection
 
     dataset = load_dataset(args.data)
-    metrics, predictions = run_detection(dataset, DetectionOptions.from_config(args.params), args.work_dir,
-                                         device=args.device)
+    options = replace(DetectionOptions.from_config(args.params), num_workers=_loader_workers(args))
+    metrics, predictions = run_detection(dataset, options, args.work_dir, device=args.device)
     _write_downstream(args.work_dir, metrics, predictions, dataset)
 
 
@@ -375,8 +385,8 @@ def cmd_localize(args):
     from nodulesynth.downstream.localization import LocalizationOptions, run_localization
 
     dataset = load_dataset(args.data)
-    metrics, predictions = run_localization(dataset, LocalizationOptions.from_config(args.params), args.work_dir,
-                                            device=args.device)
+    options = replace(LocalizationOptions.from_config(args.params), num_workers=_loader_workers(args))
+    metrics, predictions = run_localization(dataset, options, args.work_dir, device=args.device)
     _write_downstream(args.work_dir, metrics, predictions, dataset)
 
 
@@ -492,7 +502,8 @@ def build_parser():
         p.add_argument("--params", type=_json, default={}, help="the config's model section as JSON")
         p.add_argument("--out-dir", required=True, help="model.pt, loss.tsv and the resumable checkpoint.pt")
         p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
-        p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+        p.add_argument("--threads", type=int, default=1, help="the job's CPUs: torch's threads, and all but one of "
+                                                              "them data-loader threads")
         p.set_defaults(func=func)
 
     for name, func, helptext in (("sample-sdm", cmd_sample_sdm, "synthesise slices from lesion maps with the SDM"),
@@ -561,7 +572,8 @@ def build_parser():
         p.add_argument("--params", type=_json, default={}, help="the config's detection/localization section")
         p.add_argument("--work-dir", required=True, help="metrics.json, predictions.tsv, model.pth, loss.tsv")
         p.add_argument("--device", default="auto")
-        p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+        p.add_argument("--threads", type=int, default=1, help="the job's CPUs: torch's threads, and all but one of "
+                                                              "them data-loader workers")
         p.set_defaults(func=func)
 
     p = sub.add_parser("realism", help="class-matched Frechet distances in the arm-A classifier's feature space")

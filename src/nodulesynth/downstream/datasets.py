@@ -50,7 +50,7 @@ class DownstreamOptions:
     near_duplicate_size: int = 32
     near_duplicate_threshold: float = 0.96
     device: str = "auto"
-    threads: int = 1
+    threads: int = 8  # CPUs of a GPU job (detect, localize, realism): all but one load data
     controls: bool = True
     image_size: Optional[int] = None
 

@@ -61,7 +61,7 @@ class DetectionOptions:
     # Training draws: "balanced" (half with a nodule, in every arm: see mmlab.BalancedSampler), or "shuffle"
     # (a plain shuffle, as the study did: its class prior moves with the synthetic positives an arm adds).
     sampler: str = "balanced"
-    num_workers: int = 0
+    num_workers: int = 0  # set by the job from its threads (cli: all but one), not a config key
     seed: int = 0
 
     @classmethod

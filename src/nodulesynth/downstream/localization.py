@@ -78,7 +78,7 @@ class LocalizationOptions:
     roi_samples: int = 512
     score_threshold: float = 0.05           # test: boxes scoring below are dropped (mmdet's default)
     max_per_img: int = 100                  # test: boxes kept per slice
-    num_workers: int = 0
+    num_workers: int = 0  # set by the job from its threads (cli: all but one), not a config key
     log_interval: int = 50                  # mmengine log line every N iterations (its log under work_dir)
     seed: int = 0
 

@@ -11,6 +11,7 @@ import json
 import mmap
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,54 @@ def data_summary(record: dict) -> dict:
     stacks = record["stacks"]
     return {"sha256": record["sha256"], "stacks": len(stacks),
             "slices": sum(s["slices"] for s in stacks if s["status"] == "ok")}
+
+
+def loader_workers(threads: int) -> int:
+    """Data-loader workers of a job given `threads` CPUs (the rule's `threads:`): all but the one that drives the
+    GPU. One thread (the demo's) loads in the training loop itself, as before."""
+    return max(int(threads) - 1, 0)
+
+
+class Prefetched:
+    """`draw(step)` for steps in order, the next `workers` steps drawn ahead on worker threads while the GPU runs
+    the current one (gathering a batch from the memory maps and drawing its noise release the GIL).
+
+    The generators' batches are functions of (seed, step) alone, so a batch drawn ahead is the batch drawn in
+    place: the run is the same with any number of workers. A step other than the next (a resume) drops what was
+    drawn ahead. Threads rather than torch's DataLoader processes: the batches index one memory-mapped set that
+    every thread shares, and the steps need no sampler or collation. `workers` 0 draws in the caller's thread.
+    """
+
+    def __init__(self, draw, workers: int = 0):
+        self.draw, self.workers = draw, max(int(workers), 0)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nodulesynth-loader") if self.workers else None
+        self._ahead = {}  # step -> future
+
+    def __call__(self, step: int):
+        if self._pool is None:
+            return self.draw(step)
+        future = self._ahead.pop(step, None)
+        if future is None:  # not the next step: what was drawn ahead is of no use
+            self._drop()
+            future = self._pool.submit(self.draw, step)
+        for ahead in range(step + 1, step + 1 + self.workers):
+            if ahead not in self._ahead:
+                self._ahead[ahead] = self._pool.submit(self.draw, ahead)
+        return future.result()
+
+    def _drop(self):
+        for future in self._ahead.values():
+            future.cancel()
+        self._ahead.clear()
+
+    def close(self):
+        if self._pool is not None:
+            self._drop()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -24,7 +24,7 @@ import torch
 
 from nodulesynth.models import distributed
 from nodulesynth.models.checkpoints import load_checkpoint, resume_refusal, save_checkpoint
-from nodulesynth.models.data import SlicePairs, data_summary, one_hot, training_data
+from nodulesynth.models.data import Prefetched, SlicePairs, data_summary, one_hot, training_data
 from nodulesynth.models.device import pick_device
 from nodulesynth.models.distributed import Ranks
 from nodulesynth.models.ema import EMA
@@ -79,7 +79,7 @@ class Trainer:
     """
 
     def __init__(self, data: SlicePairs, options: SDMOptions, device="auto", bf16: bool | None = None,
-                 channels_last: bool | None = None, ranks: Ranks = Ranks()):
+                 channels_last: bool | None = None, ranks: Ranks = Ranks(), batches=None):
         distributed.require_processes(options.gpus, ranks, "sdm.gpus")
         self.options = options
         self.ranks = ranks
@@ -88,6 +88,8 @@ class Trainer:
         self.bf16 = (self.cuda and options.bf16) if bf16 is None else bf16
         self.channels_last = (self.cuda and options.channels_last) if channels_last is None else channels_last
         self.data = data
+        # each step's batch: draw_batch, or a Prefetched one that loader threads draw ahead (the same batches)
+        self.batches = batches or Prefetched(lambda step: draw_batch(data, options, step, ranks))
         self.model = build_model(options, self.device, self.channels_last)
         self.network = self.model
         if ranks.size > 1:
@@ -109,7 +111,7 @@ class Trainer:
         dropout, its masks are drawn per pass and process)."""
         o = self.options
         seed_everything_for_step(o.seed, self.step, self.ranks.rank)  # dropout draws from the global RNG
-        x0, label, t, noise, keep = draw_batch(self.data, o, self.step, self.ranks)
+        x0, label, t, noise, keep = self.batches(self.step)
         self.model.train()
         for group in self.optimizer.param_groups:  # the stage's rate, also right after a resume
             group["lr"] = o.lr_at(self.step)
@@ -188,7 +190,8 @@ def resume_refusal_sdm(state: dict, options: SDMOptions, data: dict) -> str | No
     return None
 
 
-def train_sdm(slice_paths, out_dir, options: SDMOptions, device="auto", max_steps_this_run=None, scratch=None) -> Path:
+def train_sdm(slice_paths, out_dir, options: SDMOptions, device="auto", max_steps_this_run=None, scratch=None,
+              workers: int = 0) -> Path:
     """Train on the given slice stacks (and on nothing else); resume from out_dir/checkpoint.pt.
 
     The checkpoint is resumed only when it was trained on exactly these stacks (content digests)
@@ -198,7 +201,7 @@ def train_sdm(slice_paths, out_dir, options: SDMOptions, device="auto", max_step
     out_dir/model.pt (EMA weights, options and the training-data record). `max_steps_this_run`
     stops early (as a kill would, but after a checkpoint). Returns model.pt when training is
     complete, else checkpoint.pt. The slices are staged as uint8 memory-mapped files in a temporary
-    folder under `scratch` (default $TMPDIR), removed at the end.
+    folder under `scratch` (default $TMPDIR), removed at the end; `workers` loader threads draw the batches ahead.
 
     Under torchrun (`sdm.gpus` processes, `distributed.launcher`) each process calls this: rank 0 stages the
     data for all and writes the files; every process trains its share of each batch on its own GPU
@@ -212,12 +215,14 @@ def train_sdm(slice_paths, out_dir, options: SDMOptions, device="auto", max_step
     rank_device = distributed.rank_device(pick_device(device), ranks)
     with distributed.process_group(rank_device, ranks), \
             training_data(slice_paths, options.image_size, scratch, ranks) as (data, data_record):
-        return _train(data, data_record, out_dir, options, rank_device, max_steps_this_run, ranks)
+        # the loader threads end before the staged data they read is removed
+        with Prefetched(lambda step: draw_batch(data, options, step, ranks), workers) as batches:
+            return _train(data, data_record, out_dir, options, rank_device, max_steps_this_run, ranks, batches)
 
 
 def _train(data: SlicePairs, data_record: dict, out_dir: Path, options: SDMOptions, device, max_steps_this_run,
-           ranks: Ranks = Ranks()):
-    trainer = Trainer(data, options, device, ranks=ranks)
+           ranks: Ranks = Ranks(), batches=None):
+    trainer = Trainer(data, options, device, ranks=ranks, batches=batches)
     main = ranks.main  # the one process that prints and writes
 
     def say(message):

@@ -17,7 +17,7 @@ import torch
 
 from nodulesynth.labels import NUM_CLASSES
 from nodulesynth.models.checkpoints import load_checkpoint, resume_refusal, save_checkpoint
-from nodulesynth.models.data import SlicePairs, data_summary, one_hot, training_data
+from nodulesynth.models.data import Prefetched, SlicePairs, data_summary, one_hot, training_data
 from nodulesynth.models.device import pick_device
 from nodulesynth.models.ema import EMA
 from nodulesynth.models.records import LossCurve, progress, write_options_file
@@ -197,7 +197,7 @@ def model_state(trainer: SPADETrainer, data: dict | None = None) -> dict:
 
 
 def train_spade(slice_paths, out_dir, options: SPADEOptions, device="auto", max_steps_this_run=None,
-                scratch=None) -> Path:
+                scratch=None, workers: int = 0) -> Path:
     """Train on the slices of the given stacks; return `out_dir/model.pt`.
 
     Resumes from `out_dir/checkpoint.pt` when it was trained on exactly these stacks (content
@@ -205,17 +205,26 @@ def train_spade(slice_paths, out_dir, options: SPADEOptions, device="auto", max_
     options.yaml (options, perceptual loss on or off, training-data digest) beside the model.
     `max_steps_this_run` stops after that many steps WITHOUT a final checkpoint, as a kill would (for
     tests); the return value is then the checkpoint path, since no model has been written. The slices
-    are staged as uint8 memory-mapped files in a temporary folder under `scratch` (default $TMPDIR).
+    are staged as uint8 memory-mapped files in a temporary folder under `scratch` (default $TMPDIR); `workers`
+    loader threads draw the batches ahead.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     slice_paths, device = [Path(p) for p in slice_paths], pick_device(device)
-    with training_data(slice_paths, options.image_size, scratch) as (data, data_record):
-        return _train(data, data_record, len(slice_paths), out_dir, options, device, max_steps_this_run)
+    with training_data(slice_paths, options.image_size, scratch) as (data, data_record), \
+            Prefetched(lambda step: draw_batch(data, options, step), workers) as batches:
+        return _train(data, data_record, len(slice_paths), out_dir, options, device, max_steps_this_run, batches)
+
+
+def draw_batch(data: SlicePairs, options: SPADEOptions, step: int):
+    """The only randomness of a step: its batch (with replacement), from (seed, step) alone."""
+    indices = torch.randint(len(data), (options.batch_size,), generator=step_generator(options.seed, step))
+    return data.batch(indices)
 
 
 def _train(data: SlicePairs, data_record: dict, stacks: int, out_dir: Path, options: SPADEOptions, device,
-           max_steps_this_run) -> Path:
+           max_steps_this_run, batches=None) -> Path:
+    batches = batches or Prefetched(lambda step: draw_batch(data, options, step))
     checkpoint_path, model_path, loss_path = out_dir / CHECKPOINT_NAME, out_dir / MODEL_NAME, out_dir / LOSS_NAME
     trainer = SPADETrainer(options, device)
     curve, running = LossCurve(), _RunningMean()
@@ -252,11 +261,7 @@ def _train(data: SlicePairs, data_record: dict, stacks: int, out_dir: Path, opti
     window_start, window_steps = time.perf_counter(), 0
     try:
         while trainer.step < end:
-            step = trainer.step
-            # The only randomness of a step: its batch (with replacement), from (seed, step) alone.
-            generator = step_generator(options.seed, step)
-            indices = torch.randint(len(data), (options.batch_size,), generator=generator)
-            image, label = data.batch(indices)
+            image, label = batches(trainer.step)
             losses = trainer.training_step(image.to(device, non_blocking=True), label.to(device, non_blocking=True))
             running.add(losses)
             window_steps += 1
