@@ -16,6 +16,7 @@ from nodulesynth.data.dicom_index import (NON_IMAGE, OTHER_IMAGE, SCAN_KINDS, ac
                                           dicomdir_missing, group_series, list_files, parse_reconstruction,
                                           read_headers)
 from nodulesynth.data.slices import load_slice_info
+from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path, read_tsv
 
 # files: a list of the series' files (one path a line; empty: every file of dicom_dir, as for LIDC-IDRI).
@@ -155,7 +156,7 @@ def discover_dicom(root, patient_id="PatientID", reconstruction="thinnest", anno
     (see PATIENT_ID_SOURCES) is not ingested: `rejected` has a row per reason (one per unreadable file); a
     folder of unreadable files that holds no scan series gets one row."""
     if patient_id not in PATIENT_ID_SOURCES:
-        raise KeyError(f"cohort.patient_id must be one of {', '.join(PATIENT_ID_SOURCES)}, not {patient_id!r}")
+        raise InputError(f"cohort.patient_id must be one of {', '.join(PATIENT_ID_SOURCES)}, not {patient_id!r}")
     parse_reconstruction(reconstruction)
     root = Path(root)
     if not root.is_dir():
@@ -195,9 +196,9 @@ def discover_dicom(root, patient_id="PatientID", reconstruction="thinnest", anno
         if len(rejected_frame):
             first = rejected_frame.iloc[0]
             folders = len({os.path.dirname(p) for p in listing.files})
-            raise ValueError(f"cohort.dicom_root {root}: none of {folders} series folders is usable "
+            raise InputError(f"cohort.dicom_root {root}: none of {folders} series folders is usable "
                              f"(first, {first.scan_id}: {first.reason})")
-        raise ValueError(f"cohort.dicom_root {root}: no axial CT series among {len(series)} series "
+        raise InputError(f"cohort.dicom_root {root}: no axial CT series among {len(series)} series "
                          f"({', '.join(f'{n} {k}' for k, n in sorted(counts['skipped'].items())) or 'none readable'})")
     scans = assign_scan_ids(pd.DataFrame([
         dict(patient_id=patients[uid], series_uid=uid, dicom_dir=os.path.commonpath(s.folders))
@@ -295,7 +296,7 @@ def manifest(scans: pd.DataFrame, slice_files, cohort_rejections: pd.DataFrame |
     rows, rejected = [], []
     for scan in scans.itertuples():
         if scan.scan_id not in by_id:
-            raise KeyError(f"no slice stack for scan {scan.scan_id}")
+            raise InputError(f"no slice stack for scan {scan.scan_id}")
         info = load_slice_info(by_id[scan.scan_id])
         spacing = info["extra"].get("spacing")
         rows.append(dict(scan_id=scan.scan_id, patient_id=scan.patient_id, series_uid=scan.series_uid,
@@ -316,7 +317,7 @@ def concat_dropped(paths) -> pd.DataFrame:
         table = read_tsv(path)
         missing = [c for c in DROPPED_COLUMNS if c not in table.columns]
         if missing:
-            raise KeyError(f"{path}: missing column(s) {', '.join(missing)}")
+            raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
         tables.append(table[DROPPED_COLUMNS])
     if not any(len(t) for t in tables):
         return pd.DataFrame(columns=DROPPED_COLUMNS)

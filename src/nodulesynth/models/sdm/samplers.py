@@ -10,6 +10,7 @@ guidance.
 import numpy as np
 import torch
 
+from nodulesynth.errors import InputError
 from nodulesynth.models.sdm.diffusion import GaussianDiffusion, split_output
 
 
@@ -171,7 +172,7 @@ def sample(sampler: str, model_fn, diffusion: GaussianDiffusion, x: torch.Tensor
            generator: torch.Generator, eta: float = 0.0) -> torch.Tensor:
     """Dispatch by name ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"); eta applies to DDIM."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; one of {sorted(SAMPLERS)}")
+        raise InputError(f"unknown sampler {sampler!r}; one of {sorted(SAMPLERS)}")
     if sampler == "ddim":
         return sample_ddim(model_fn, diffusion, x, steps, generator, eta=eta)
     return SAMPLERS[sampler](model_fn, diffusion, x, steps, generator)
