@@ -262,10 +262,24 @@ def third_party_imports(roots):
 
 
 def command_imports(command):
-    """Modules imported by `nodulesynth COMMAND`: its cli function and the cli helpers it calls."""
-    tree = ast.parse((REPO / "src" / "nodulesynth" / "cli.py").read_text())
-    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
-    todo, seen, names = ["cmd_" + command.replace("-", "_")], set(), set()
+    """Modules imported by `nodulesynth COMMAND`: the top level of the entry point and of every command module
+    (nodulesynth.cli imports them all), then its handler and the helpers it calls (of its module or of the
+    commands package)."""
+    commands = REPO / "src" / "nodulesynth" / "commands"
+    handler, names, shared, functions = "cmd_" + command.replace("-", "_"), set(), {}, {}
+    for path in [REPO / "src" / "nodulesynth" / "cli.py", *sorted(commands.glob("*.py"))]:
+        tree = ast.parse(path.read_text())
+        names |= imported_names(tree.body, "nodulesynth.commands")
+        module_functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+        if path.name == "__init__.py":
+            shared = module_functions
+        elif handler in module_functions:
+            functions = module_functions
+    assert handler in functions, f"no {handler} in {commands}"
+    functions = {**shared, **functions}
+    # the command modules are counted by their top level and the functions the handler calls, not as a whole
+    names = {n for n in names if n != "nodulesynth.commands" and not n.startswith("nodulesynth.commands.")}
+    todo, seen = [handler], set()
     while todo:
         function = todo.pop()
         if function in seen:
@@ -275,7 +289,6 @@ def command_imports(command):
         names |= imported_names(nodes, "nodulesynth")
         todo += [n.func.id for n in nodes if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
                  and n.func.id in functions]
-    names |= imported_names(tree.body, "nodulesynth")
     return names
 
 
