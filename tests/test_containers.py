@@ -263,14 +263,17 @@ def third_party_imports(roots):
 
 def command_imports(command):
     """Modules imported by `nodulesynth COMMAND`: the top level of the entry point and of every command module
-    (nodulesynth.cli imports them all), then its handler and the helpers it calls (of its module or of the
-    commands package)."""
+    (nodulesynth.cli imports them all), every command's parser (all are built), then its handler and the helpers
+    it calls (of its module or of the commands package)."""
     commands = REPO / "src" / "nodulesynth" / "commands"
     handler, names, shared, functions = "cmd_" + command.replace("-", "_"), set(), {}, {}
     for path in [REPO / "src" / "nodulesynth" / "cli.py", *sorted(commands.glob("*.py"))]:
         tree = ast.parse(path.read_text())
         names |= imported_names(tree.body, "nodulesynth.commands")
         module_functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+        for name, function in module_functions.items():  # every command's parser is built, whichever runs
+            if name.endswith(("_parser", "_parsers")):
+                names |= imported_names(ast.walk(function), "nodulesynth")
         if path.name == "__init__.py":
             shared = module_functions
         elif handler in module_functions:
