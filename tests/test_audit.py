@@ -13,7 +13,7 @@ import yaml
 
 from conftest import REPO
 
-from nodulesynth.cli import _record_training_scans
+from nodulesynth.commands.generators import record_training_scans
 from nodulesynth.data.slices import load_slices, save_slices
 from nodulesynth.downstream.audit import (LeakageError, assert_clean, audit, best_matches, image_features,
                                           view_features, write_audit)
@@ -81,7 +81,7 @@ def honest(demo_processed, tmp_path_factory):
         for fold in [str(k) for k in range(K)] + ["holdout"]:
             train = [paths[p] for p, f in zip(folds.patient_id, folds.fold) if str(f) != fold]
             generators[model, fold] = root / "generators" / model / fold
-            _record_training_scans(train, generators[model, fold])
+            record_training_scans(train, generators[model, fold])
             # the painter's stand-in for a model file: its bytes differ per generator, as trained models' do
             (generators[model, fold] / "model.pt").write_bytes(f"paint {model} {fold}".encode())
             synth[model, fold] = root / "synth" / model / fold
@@ -198,7 +198,7 @@ def test_generator_trained_on_a_test_patient_fails(honest, tmp_path):
     folds = honest["folds"]
     leaked = folds.patient_id[folds.fold == 2].iloc[-1]
     generator = copy_dir(honest["generators"]["spade", "2"], tmp_path / "spade_2")
-    _record_training_scans(list(honest["paths"].values()), generator)  # every patient, test ones included
+    record_training_scans(list(honest["paths"].values()), generator)  # every patient, test ones included
 
     failed = failures(run_audit(honest, generator_dirs={**honest["generators"], ("spade", "2"): generator}))
     assert list(failed) == ["generator_training (spade, fold 2)"]

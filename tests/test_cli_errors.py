@@ -1,14 +1,16 @@
-"""The command line's errors: expected input errors (a missing file, a KeyError or ValueError raised by
-nodulesynth to report bad input) give one clear log line and exit status 1; the same types raised
-anywhere else are surprises and keep their traceback."""
+"""The command line's errors: expected input errors (a missing file, nodulesynth.errors.InputError raised by
+nodulesynth to report bad input) give one clear log line and exit status 1; any other error is a surprise and
+keeps its traceback."""
 
 import logging
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from conftest import REPO
 from nodulesynth.cli import main
 
 
@@ -28,6 +30,24 @@ def test_our_key_error_is_one_line(tmp_path, caplog):
     [record] = errors(caplog)
     assert str(path) in record.getMessage() and "'z'" in record.getMessage()
     assert record.exc_info is None and "\n" not in record.getMessage()
+
+
+def test_a_bad_config_value_is_one_line_naming_the_key(tmp_path, caplog):
+    assert main(["cohort", "--params", '{"source": "pacs"}', "--scans", str(tmp_path / "scans.tsv"),
+                 "--annotations", str(tmp_path / "a.csv"), "--cohort-rejected", str(tmp_path / "r.tsv")]) == 1
+    [record] = errors(caplog)
+    assert record.getMessage() == "cohort.source must be demo, lidc or dicom, not 'pacs'" and record.exc_info is None
+    assert not (tmp_path / "scans.tsv").exists()
+
+
+def test_nodulesynth_raises_input_error_for_bad_input():
+    """A KeyError or ValueError that nodulesynth raised itself would reach the user as a traceback: bad input is
+    an InputError (a KeyError and a ValueError too, for callers that catch those)."""
+    package = REPO / "src" / "nodulesynth"
+    plain = [f"{path.relative_to(package)}:{number}" for path in sorted(package.rglob("*.py"))
+             for number, line in enumerate(path.read_text().splitlines(), 1)
+             if re.search(r"\braise (KeyError|ValueError)\(", line)]
+    assert not plain, f"raise InputError (nodulesynth.errors) instead at {', '.join(plain)}"
 
 
 def test_a_missing_file_is_one_line(tmp_path, caplog):

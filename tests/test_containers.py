@@ -71,7 +71,8 @@ def test_every_rule_runs_in_its_step_groups_image_and_env():
         container = directive(block, "container", r'config\["containers"\]\["(\w+)"\]')
         conda = directive(block, "conda", r'"\.\./envs/(\w+)\.yaml"')
         assert (container, conda) == (expected[rule],) * 2, f"rule {rule}: container {container}, conda {conda}"
-        gpu = re.search(r"^        gpu=1,$", block, re.M) is not None
+        # train_sdm asks for sdm.gpus GPUs, every other GPU rule for one
+        gpu = re.search(r'^        gpu=(1|config\["sdm"\]\["gpus"\]),$', block, re.M) is not None
         assert gpu == (rule in GPU_RULES), f"rule {rule}: gpu=1 {'declared' if gpu else 'missing'}"
 
 
@@ -265,10 +266,27 @@ def third_party_imports(roots):
 
 
 def command_imports(command):
-    """Modules imported by `nodulesynth COMMAND`: its cli function and the cli helpers it calls."""
-    tree = ast.parse((REPO / "src" / "nodulesynth" / "cli.py").read_text())
-    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
-    todo, seen, names = ["cmd_" + command.replace("-", "_")], set(), set()
+    """Modules imported by `nodulesynth COMMAND`: the top level of the entry point and of every command module
+    (nodulesynth.cli imports them all), every command's parser (all are built), then its handler and the helpers
+    it calls (of its module or of the commands package)."""
+    commands = REPO / "src" / "nodulesynth" / "commands"
+    handler, names, shared, functions = "cmd_" + command.replace("-", "_"), set(), {}, {}
+    for path in [REPO / "src" / "nodulesynth" / "cli.py", *sorted(commands.glob("*.py"))]:
+        tree = ast.parse(path.read_text())
+        names |= imported_names(tree.body, "nodulesynth.commands")
+        module_functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+        for name, function in module_functions.items():  # every command's parser is built, whichever runs
+            if name.endswith(("_parser", "_parsers")):
+                names |= imported_names(ast.walk(function), "nodulesynth")
+        if path.name == "__init__.py":
+            shared = module_functions
+        elif handler in module_functions:
+            functions = module_functions
+    assert handler in functions, f"no {handler} in {commands}"
+    functions = {**shared, **functions}
+    # the command modules are counted by their top level and the functions the handler calls, not as a whole
+    names = {n for n in names if n != "nodulesynth.commands" and not n.startswith("nodulesynth.commands.")}
+    todo, seen = [handler], set()
     while todo:
         function = todo.pop()
         if function in seen:
@@ -278,7 +296,6 @@ def command_imports(command):
         names |= imported_names(nodes, "nodulesynth")
         todo += [n.func.id for n in nodes if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
                  and n.func.id in functions]
-    names |= imported_names(tree.body, "nodulesynth")
     return names
 
 
@@ -288,7 +305,7 @@ def test_each_step_group_holds_what_its_rules_import():
     for group, rules in RULES.items():
         closure = dependency_closure(lockreq.GROUPS[group]) | {"nodulesynth"}
         for rule in rules:
-            command = re.search(r'"nodulesynth ([a-z-]+) ', blocks[rule]).group(1)
+            command = re.search(r'"(?:\{params\.launch\} )?nodulesynth ([a-z-]+) ', blocks[rule]).group(1)
             names = command_imports(command)
             ours = {n for n in names if n.split(".")[0] == "nodulesynth"}
             theirs = {n.split(".")[0] for n in names - ours} - set(sys.stdlib_module_names)

@@ -2,30 +2,13 @@
 threshold-free detection metrics beside the study's."""
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from nodulesynth.data.slices import SliceStack, save_slices
+from conftest import write_boxed_stack
 from nodulesynth.downstream.datasets import (RELABELLED, SliceSet, build_arm_dataset, relabelled_slices,
                                              study_arms, withhold_nodule_patients)
 from nodulesynth.downstream.metrics import detection_metrics
-from nodulesynth.labels import BODY, LEFT_LUNG, NODULE
-
-
-def write_patient(folder, patient, n, nodule_rows, seed):
-    """A 64-px stack of n slices, a nodule square on `nodule_rows`, and its box table."""
-    rng = np.random.default_rng(seed)
-    image = rng.integers(0, 255, (n, 64, 64), dtype=np.uint8)
-    label = np.full((n, 64, 64), BODY, np.uint8)
-    label[:, 10:40, 10:40] = LEFT_LUNG
-    rows = []
-    for r in nodule_rows:
-        label[r, 20:24, 30:36] = NODULE
-        rows.append(dict(slice_index=r, nodule=1, x0=30, y0=20, x1=36, y1=24))
-    save_slices(folder / f"{patient}.npz", SliceStack(image, label, np.arange(n, dtype=float), np.arange(n),
-                                                      (label == NODULE).any((1, 2)), patient, patient))
-    pd.DataFrame(rows, columns=["slice_index", "nodule", "x0", "y0", "x1", "y1"]).to_csv(
-        folder / f"{patient}.nodules.tsv", sep="\t", index=False)
+from nodulesynth.labels import NODULE
 
 
 @pytest.fixture
@@ -33,7 +16,7 @@ def cohort(tmp_path):
     """Four training patients with nodules, two without, one test patient."""
     for i, (patient, rows) in enumerate([("N1", (1, 2)), ("N2", (0,)), ("N3", (3, 4)), ("N4", (2,)),
                                          ("F1", ()), ("F2", ()), ("T1", (1,))]):
-        write_patient(tmp_path, patient, 6, rows, seed=i)
+        write_boxed_stack(tmp_path, patient, patient, 6, 64, rows, seed=i)
     return tmp_path, ["N1", "N2", "N3", "N4", "F1", "F2"], ["T1"]
 
 

@@ -5,39 +5,23 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nodulesynth.data.slices import SliceStack, save_slices
+from conftest import write_boxed_stack
+from nodulesynth.data.slices import SliceStack
 from nodulesynth.downstream.datasets import (SliceSet, build_arm_dataset, component_boxes, load_dataset,
                                              real_slices, save_dataset, synthetic_slices)
-from nodulesynth.labels import BODY, LEFT_LUNG, NODULE
-
-
-def write_stack(folder, scan, patient, n, size, nodule_rows=(), seed=0, boxes=True):
-    """A stack of n slices (size x size) with a 4x6-pixel nodule square on `nodule_rows`, and its box table."""
-    rng = np.random.default_rng(seed)
-    image = rng.integers(0, 255, (n, size, size), dtype=np.uint8)
-    label = np.full((n, size, size), BODY, np.uint8)
-    label[:, size // 4: size // 2, size // 4: size // 2] = LEFT_LUNG
-    rows = []
-    for r in nodule_rows:
-        label[r, 20:24, 30:36] = NODULE
-        rows.append(dict(slice_index=100 + r, nodule=1, x0=30, y0=20, x1=36, y1=24))
-    save_slices(folder / f"{scan}.npz", SliceStack(image, label, np.arange(n, dtype=float), 100 + np.arange(n),
-                                                   (label == NODULE).any((1, 2)), scan, patient))
-    if boxes:
-        pd.DataFrame(rows, columns=["slice_index", "nodule", "x0", "y0", "x1", "y1"]).to_csv(
-            folder / f"{scan}.nodules.tsv", sep="\t", index=False)
+from nodulesynth.labels import LEFT_LUNG, NODULE
 
 
 @pytest.fixture
 def cohort(tmp_path):
     real, synth = tmp_path / "slices", tmp_path / "synth"
     real.mkdir(), synth.mkdir()
-    write_stack(real, "P1", "P1", 6, 128, nodule_rows=(1, 2, 3))
-    write_stack(real, "P2", "P2", 5, 128, nodule_rows=(4,), seed=1)
-    write_stack(real, "P3", "P3", 4, 128, nodule_rows=(0,), seed=2)  # the test patient
+    write_boxed_stack(real, "P1", "P1", 6, 128, nodule_rows=(1, 2, 3), first_index=100)
+    write_boxed_stack(real, "P2", "P2", 5, 128, nodule_rows=(4,), seed=1, first_index=100)
+    write_boxed_stack(real, "P3", "P3", 4, 128, nodule_rows=(0,), seed=2, first_index=100)  # the test patient
     # The generator's samples of the training scans, at 64 px: 2 + 1 nodule maps.
-    write_stack(synth, "P1", "P1", 3, 64, nodule_rows=(0, 2), seed=3, boxes=False)
-    write_stack(synth, "P2", "P2", 2, 64, nodule_rows=(1,), seed=4, boxes=False)
+    write_boxed_stack(synth, "P1", "P1", 3, 64, nodule_rows=(0, 2), seed=3, first_index=100, boxes=False)
+    write_boxed_stack(synth, "P2", "P2", 2, 64, nodule_rows=(1,), seed=4, first_index=100, boxes=False)
     return real, synth
 
 

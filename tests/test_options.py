@@ -2,6 +2,7 @@
 
 import pytest
 
+from nodulesynth.data.cohort import CohortOptions, NoduleOptions
 from nodulesynth.data.folds import FoldOptions
 from nodulesynth.data.window import WindowOptions, window_from_config
 from nodulesynth.downstream.datasets import DownstreamOptions
@@ -16,7 +17,8 @@ from nodulesynth.models.synthesis import SynthesisOptions
 @pytest.mark.parametrize("cls, name", [(SDMOptions, "sdm"), (SPADEOptions, "spade"), (DetectionOptions, "detection"),
                                        (LocalizationOptions, "localization"), (MaskOptions, "masks"),
                                        (FoldOptions, "folds"), (SynthesisOptions, "synthesis"),
-                                       (DownstreamOptions, "downstream")])
+                                       (DownstreamOptions, "downstream"), (CohortOptions, "cohort"),
+                                       (NoduleOptions, "nodules")])
 def test_unknown_key_names_the_section_and_key(cls, name):
     with pytest.raises(KeyError, match=rf"unknown option {name}\.no_such_key"):
         cls.from_config({"no_such_key": 1})
@@ -41,7 +43,8 @@ def test_a_value_that_cannot_be_read_names_the_key():
 
 
 @pytest.mark.parametrize("cls, name", [(FoldOptions, "folds"), (SynthesisOptions, "synthesis"),
-                                       (DownstreamOptions, "downstream"), (WindowOptions, "window")])
+                                       (DownstreamOptions, "downstream"), (WindowOptions, "window"),
+                                       (CohortOptions, "cohort"), (NoduleOptions, "nodules")])
 def test_the_sections_options_default_to_the_schemas_study(cls, name):
     """Every section is read by one options class (no dict with its own defaults and wording beside it), and the
     class's defaults are the schema's, so a command run by hand does what the workflow does."""
@@ -83,3 +86,21 @@ def test_config_reference_page_is_generated_from_the_schema_and_the_demo_config(
     assert "| `folds.k` | `5` |  |" in page
     assert page.count("\n| `") == sum(len(list(reference.rows(spec.get("properties", {}), f"{name}.", {})))
                                       for name, spec in schema["properties"].items())
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("source", "pacs", "cohort.source must be demo, lidc or dicom, not 'pacs'"),
+    ("patient_id", "PatientName", "cohort.patient_id must be one of PatientID, StudyInstanceUID, folder"),
+    ("tilted", "skip", "cohort.tilted must be one of reject, resample, not 'skip'"),
+    ("variable_spacing", "fill", "cohort.variable_spacing must be one of reject, resample, not 'fill'")])
+def test_a_cohort_choice_outside_the_schemas_names_the_key(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        CohortOptions.from_config({key: value})
+
+
+def test_the_cohort_section_as_the_rules_pass_it():
+    cohort = CohortOptions.from_config({"source": "dicom", "dicom_root": "/data/ct", "annotations": "a.csv",
+                                        "lidc_root": None, "demo": {"n_scans": 4}, "tilted": "resample"})
+    assert (cohort.source, cohort.dicom_root, cohort.lidc_root, cohort.demo, cohort.tilted) == (
+        "dicom", "/data/ct", None, {"n_scans": 4}, "resample")
+    assert NoduleOptions.from_config({"min_readers": "2", "min_diameter_mm": 4}) == NoduleOptions(2, 4.0)

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 import yaml
 from scipy import ndimage, stats
 
-from nodulesynth.data.slices import SliceStack, load_slices, save_slices
-from nodulesynth.labels import BODY, LEFT_LUNG, NODULE, RIGHT_LUNG, TRACHEA
+from conftest import chest_image, chest_map, write_chest_stacks
+from nodulesynth.data.slices import load_slices, save_slices
+from nodulesynth.labels import BODY, LEFT_LUNG, NODULE, RIGHT_LUNG
 from nodulesynth.models.checkpoints import load_checkpoint, save_checkpoint
 from nodulesynth.models.data import Prefetched, SlicePairs, load_training_data, loader_workers, one_hot, training_data
 from nodulesynth.models.ema import EMA
@@ -28,14 +29,7 @@ from nodulesynth.models.seeding import step_generator
 from nodulesynth.models.synthesis import plan_maps
 from nodulesynth.models.transplant import choose_maps, nodule_shapes, transplant_nodule
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run fastest on one thread, and much faster than on two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: fastest on one thread
 
 TINY = dict(image_size=16, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
             num_head_channels=8, spade_hidden=16, diffusion_steps=40, batch_size=4, sample_steps=5,
@@ -54,43 +48,6 @@ def randomize(model, seed=0, scale=0.2):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * scale)
     return model.eval()
-
-
-def disk(size, cy, cx, ry, rx):
-    yy, xx = np.mgrid[:size, :size]
-    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-
-
-def synthetic_map(size=32, nodule=None):
-    """A chest-like label map: body, two lungs, trachea, and optionally a nodule (cy, cx, r)."""
-    s = size
-    label = np.zeros((s, s), np.uint8)
-    label[disk(s, s * 0.5, s * 0.5, s * 0.4, s * 0.45)] = BODY
-    label[disk(s, s * 0.5, s * 0.3, s * 0.27, s * 0.17)] = RIGHT_LUNG  # patient's right on image left
-    label[disk(s, s * 0.5, s * 0.7, s * 0.27, s * 0.17)] = LEFT_LUNG
-    label[disk(s, s * 0.3, s * 0.5, s * 0.05, s * 0.05)] = TRACHEA
-    if nodule is not None:
-        label[disk(s, *nodule[:2], nodule[2], nodule[2])] = NODULE
-    return label
-
-
-def synthetic_image(label, rng):
-    values = np.array([0, 40, 40, 10, 160, 200], np.float32)  # background, lungs, trachea, body, nodule
-    return np.clip(values[label] + rng.normal(0, 8, label.shape), 0, 255).astype(np.uint8)
-
-
-def write_stacks(directory, count=2, slices=6, size=32, seed=0):
-    rng = np.random.default_rng(seed)
-    paths = []
-    for k in range(count):
-        labels = np.stack([synthetic_map(size, (size * 0.5, size * 0.3, 2 + (i % 2)) if i % 3 == 0 else None)
-                           for i in range(slices)])
-        images = np.stack([synthetic_image(lb, rng) for lb in labels])
-        path = directory / f"scan{k}.npz"
-        save_slices(path, SliceStack(images, labels, np.arange(slices) * 2.5, np.arange(slices),
-                                     (labels == NODULE).any((1, 2)), f"scan{k}", f"P{k}"))
-        paths.append(path)
-    return paths
 
 
 # --- common utilities --------------------------------------------------------------------------
@@ -121,8 +78,8 @@ def test_ema_update_and_copy(tmp_path):
 
 def test_slice_pairs_and_one_hot():
     rng = np.random.default_rng(0)
-    labels = np.stack([synthetic_map(32) for _ in range(3)])
-    images = np.stack([synthetic_image(lb, rng) for lb in labels])
+    labels = np.stack([chest_map(32) for _ in range(3)])
+    images = np.stack([chest_image(lb, rng) for lb in labels])
     images[0, 0, 0], images[0, 0, 1] = 0, 255
     pairs = SlicePairs(images, labels, 16)
     assert len(pairs) == 3 and [a.dtype for a in pairs.arrays()] == [np.uint8, np.uint8]
@@ -143,7 +100,7 @@ def test_training_data_is_uint8_memory_mapped_and_read_one_stack_at_a_time(tmp_p
     """The training set must not be held in memory (as float32 images and int64 labels it took 786 KB a
     256-px slice, and a real fold did not fit its 16 GB): it is staged as uint8 memory-mapped files, one
     per stack, and each batch is converted when drawn, to exactly what the whole-set conversion gave."""
-    paths = write_stacks(tmp_path / "slices", count=3, slices=5, size=32)
+    paths = write_chest_stacks(tmp_path / "slices", count=3, n=5, size=32)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     data, record = load_training_data(paths[::-1], 16, scratch)
@@ -170,7 +127,7 @@ def test_training_data_is_uint8_memory_mapped_and_read_one_stack_at_a_time(tmp_p
 def test_sampling_plans_hold_one_stack_at_a_time(tmp_path):
     """Sampling plans used to load every stack at full resolution at once: now each stack is read when
     its plan is reached and released before the next one is read."""
-    paths = write_stacks(tmp_path / "slices", count=4, slices=3)
+    paths = write_chest_stacks(tmp_path / "slices", count=4, n=3)
     plans = plan_maps(paths, 32, seed=0, mask_source="transplant", max_slices_per_scan=2)
     assert len(plans) == 4
     alive = []
@@ -406,7 +363,7 @@ def test_samplers_deterministic_and_finite(sampler):
     model = randomize(SDMUNet(options), scale=0.05)
     model.options = options
     diffusion = GaussianDiffusion.from_options(options)
-    labels = torch.from_numpy(np.stack([synthetic_map(16), synthetic_map(16, (8, 5, 2))]).astype(np.int64))
+    labels = torch.from_numpy(np.stack([chest_map(16), chest_map(16, (8, 5, 2))]).astype(np.int64))
     run = lambda seed: sample_images(model, diffusion, labels, sampler, 6, 1.5,  # noqa: E731
                                      torch.Generator().manual_seed(seed))
     a, b, c = run(0), run(0), run(1)
@@ -478,7 +435,7 @@ def _state(path):
 
 
 def test_resume_equals_unbroken_training(tmp_path):
-    paths = write_stacks(tmp_path / "slices")
+    paths = write_chest_stacks(tmp_path / "slices")
     options = tiny(max_steps=6, checkpoint_every=3, dropout=0.1, drop_rate=0.3)
 
     unbroken = train_sdm(paths, tmp_path / "a", options, device="cpu")
@@ -508,7 +465,7 @@ def test_resume_equals_unbroken_training(tmp_path):
 def test_loader_threads_draw_the_same_batches_ahead(tmp_path):
     """Prefetched: steps drawn ahead on threads are the steps drawn in place, in order and after a jump (a resume)."""
     (tmp_path / "staged").mkdir()
-    data, _ = load_training_data(write_stacks(tmp_path / "slices"), 16, tmp_path / "staged")
+    data, _ = load_training_data(write_chest_stacks(tmp_path / "slices"), 16, tmp_path / "staged")
     options = tiny()
     draws = []
 
@@ -525,7 +482,7 @@ def test_loader_threads_draw_the_same_batches_ahead(tmp_path):
 
 
 def test_loader_threads_train_the_same_model(tmp_path):
-    paths = write_stacks(tmp_path / "slices")
+    paths = write_chest_stacks(tmp_path / "slices")
     options = tiny(max_steps=4, checkpoint_every=2)
     alone = train_sdm(paths, tmp_path / "a", options, device="cpu")
     out = tmp_path / "b"
@@ -540,7 +497,7 @@ def test_loader_threads_train_the_same_model(tmp_path):
 def test_changed_options_train_from_scratch_instead_of_resuming(tmp_path):
     """A rerun after a config change (Snakemake reruns on a changed param) must not resume the old
     checkpoint: it trains afresh and ends as an unbroken run with the new options would."""
-    paths = write_stacks(tmp_path / "slices", count=1)
+    paths = write_chest_stacks(tmp_path / "slices", count=1)
     train_sdm(paths, tmp_path / "m", tiny(max_steps=2), device="cpu")  # a finished run, checkpoint at step 2
     for change in ({"model_channels": 8}, {"lr": 3e-4}):
         new = tiny(max_steps=2, **change)
@@ -556,8 +513,8 @@ def test_checkpoint_is_bound_to_its_training_data(tmp_path, capsys):
     """Trained on stack A, rerun on stack B with the same options: the run must train afresh on B (the
     old checkpoint of A, resumed at its last step, used to be written out unchanged as B's model)."""
     options = tiny(max_steps=3)
-    stack_a = write_stacks(tmp_path / "a", count=1, seed=0)
-    stack_b = write_stacks(tmp_path / "b", count=1, seed=1)  # same scan id, other slices
+    stack_a = write_chest_stacks(tmp_path / "a", count=1, seed=0)
+    stack_b = write_chest_stacks(tmp_path / "b", count=1, seed=1)  # same scan id, other slices
     out = tmp_path / "model"
     model_a = _state(train_sdm(stack_a, out, options, device="cpu"))
     capsys.readouterr()
@@ -573,7 +530,7 @@ def test_checkpoint_is_bound_to_its_training_data(tmp_path, capsys):
     assert written["training_data"]["sha256"] == model_b["data"]["sha256"] and written["options"]["max_steps"] == 3
 
     # The same content rewritten elsewhere, the paths in another order: the same data, resumed.
-    two = write_stacks(tmp_path / "two", count=2)
+    two = write_chest_stacks(tmp_path / "two", count=2)
     train_sdm(two, tmp_path / "m2", options, device="cpu", max_steps_this_run=2)
     copies = [tmp_path / "copy" / p.name for p in two]
     for source, copy in zip(two, copies):
@@ -587,8 +544,8 @@ def test_two_stage_recipe_drops_maps_only_in_the_second_stage():
     """The official recipe: stage 1 trains on every map, stage 2 (the last finetune_steps) drops maps at
     drop_rate with finetune_lr; finetune_steps 0 is the demo's single stage, dropping from step 0."""
     rng = np.random.default_rng(0)
-    labels = np.stack([synthetic_map(32) for _ in range(4)])
-    data = SlicePairs(np.stack([synthetic_image(lb, rng) for lb in labels]), labels, 16)
+    labels = np.stack([chest_map(32) for _ in range(4)])
+    data = SlicePairs(np.stack([chest_image(lb, rng) for lb in labels]), labels, 16)
     options = tiny(max_steps=10, finetune_steps=4, drop_rate=0.5, batch_size=16, lr=1e-3, finetune_lr=1e-5)
     kept = [draw_batch(data, options, step)[4] for step in range(options.max_steps)]
     assert all(bool((keep == 1).all()) for keep in kept[:6])  # stage 1: no map dropped
@@ -617,7 +574,7 @@ def test_two_stage_recipe_drops_maps_only_in_the_second_stage():
 
 def test_resume_across_a_moved_fine_tuning_start(tmp_path, capsys):
     """A longer run moves the start of fine-tuning: a checkpoint past it is not resumed, one before it is."""
-    paths = write_stacks(tmp_path / "slices", count=1)
+    paths = write_chest_stacks(tmp_path / "slices", count=1)
     options = tiny(max_steps=4, finetune_steps=2)
     train_sdm(paths, tmp_path / "m", options, device="cpu", max_steps_this_run=3)  # step 3, in stage 2
     capsys.readouterr()
@@ -629,7 +586,7 @@ def test_resume_across_a_moved_fine_tuning_start(tmp_path, capsys):
 
 
 def test_train_then_sample_files(tmp_path):
-    paths = write_stacks(tmp_path / "slices")
+    paths = write_chest_stacks(tmp_path / "slices")
     model_path = train_sdm(paths, tmp_path / "model", tiny(max_steps=3), device="cpu")
     loss = (tmp_path / "model" / "loss.tsv").read_text().splitlines()
     assert loss[0].split("\t") == ["step", "loss", "mse", "vb", "images_per_s"] and len(loss) == 4
@@ -672,8 +629,8 @@ def test_speed_features_train_and_match_fp32(device):
     network's output stays close to the plain fp32 one with the same weights, and sampling with the
     features matches fp32 sampling up to bf16 rounding."""
     rng = np.random.default_rng(0)
-    labels = np.stack([synthetic_map(32, (16, 10, 2)) for _ in range(4)])
-    data = SlicePairs(np.stack([synthetic_image(lb, rng) for lb in labels]), labels, 16)
+    labels = np.stack([chest_map(32, (16, 10, 2)) for _ in range(4)])
+    data = SlicePairs(np.stack([chest_image(lb, rng) for lb in labels]), labels, 16)
     trainer = Trainer(data, tiny(), device, bf16=True, channels_last=True)
     assert trainer.bf16 and trainer.channels_last
     conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
@@ -698,7 +655,7 @@ def test_speed_features_train_and_match_fp32(device):
     assert torch.allclose(fast.float(), plain, atol=0.05 * plain.abs().max().item())
 
     set_attention(model, "sdpa")
-    maps = torch.from_numpy(np.stack([synthetic_map(16)] * 2).astype(np.int64))
+    maps = torch.from_numpy(np.stack([chest_map(16)] * 2).astype(np.int64))
     images = {on: sample_images(model, trainer.diffusion, maps, "dpmpp_2m", 4, 1.5, torch.Generator().manual_seed(0),
                                 bf16=on, channels_last=on) for on in (True, False)}
     assert images[True].shape == (2, 16, 16)
@@ -712,8 +669,8 @@ def test_speed_features_train_and_match_fp32(device):
 
 def _small_data(count=8, size=32):
     rng = np.random.default_rng(0)
-    labels = np.stack([synthetic_map(size, (size // 2, size // 3, 2) if i % 2 else None) for i in range(count)])
-    return SlicePairs(np.stack([synthetic_image(lb, rng) for lb in labels]), labels, 16)
+    labels = np.stack([chest_map(size, (size // 2, size // 3, 2) if i % 2 else None) for i in range(count)])
+    return SlicePairs(np.stack([chest_image(lb, rng) for lb in labels]), labels, 16)
 
 
 @pytest.mark.parametrize("micro", [2, 3])
@@ -759,7 +716,7 @@ def test_gradient_checkpointing_keeps_gradients_and_saves_less():
 
 def test_resume_after_changing_micro_batches_or_checkpointing(tmp_path):
     """How a step spends memory may change between a kill and its restart: the checkpoint is resumed."""
-    paths = write_stacks(tmp_path / "slices", count=1)
+    paths = write_chest_stacks(tmp_path / "slices", count=1)
     train_sdm(paths, tmp_path / "m", tiny(max_steps=3, micro_batch_size=2), device="cpu", max_steps_this_run=2)
     resumed = train_sdm(paths, tmp_path / "m", tiny(max_steps=3, micro_batch_size=None, grad_checkpoint=False),
                         device="cpu", max_steps_this_run=0)
@@ -812,10 +769,10 @@ def test_memory_model_counts_what_autograd_keeps_on_a_real_pass():
 
 
 def test_transplant_places_nodule_inside_one_lung():
-    source = synthetic_map(64, (32, 19, 3))
+    source = chest_map(64, (32, 19, 3))
     shapes = nodule_shapes(source)
     assert len(shapes) == 1 and shapes[0].sum() == (source == NODULE).sum()
-    free = synthetic_map(64)
+    free = chest_map(64)
     for seed in range(20):
         out = transplant_nodule(free, shapes, np.random.default_rng(seed))
         nodule = out == NODULE
@@ -834,7 +791,7 @@ def test_transplant_places_nodule_inside_one_lung():
 
 
 def test_choose_maps():
-    labels = np.stack([synthetic_map(32, (16, 10, 2) if i in (1, 4) else None) for i in range(8)])
+    labels = np.stack([chest_map(32, (16, 10, 2) if i in (1, 4) else None) for i in range(8)])
     idx, maps = choose_maps(labels, "real", np.random.default_rng(0), max_slices=3)
     assert idx.tolist() == [0, 4, 7] and np.array_equal(maps, labels[idx])
     shapes = nodule_shapes(labels)

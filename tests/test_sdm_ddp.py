@@ -16,7 +16,8 @@ from nodulesynth.models.distributed import Ranks, launcher
 from nodulesynth.models.records import LossCurve
 from nodulesynth.models.sdm import SDMOptions, load_sdm, train_sdm
 from nodulesynth.models.sdm.train import build_model
-from test_sdm import TINY, write_stacks
+from conftest import write_chest_stacks
+from test_sdm import TINY
 
 # A step of 4 samples: one process takes all four in passes of one; each of two takes two, also in passes of one
 # (so DDP's no_sync runs on the first pass). Gradient checkpointing and the guidance drop on, as in a real run.
@@ -61,7 +62,7 @@ def test_two_processes_train_as_one_and_resume(tmp_path):
     the weights and their EMA to 2e-6 absolute (measured: 2e-7), where six AdamW steps at lr 1e-3 moved them by
     up to 2e-3 (asserted: more than 1e-4, so that the comparison could fail).
     """
-    paths = write_stacks(tmp_path / "slices", count=2, slices=4)
+    paths = write_chest_stacks(tmp_path / "slices", count=2, n=4)
     one = train_sdm(paths, tmp_path / "one", OPTIONS.replace(max_steps=6), device="cpu")
 
     two = OPTIONS.replace(gpus=2)
@@ -115,6 +116,6 @@ def test_one_gpu_is_the_plain_command_and_a_wrong_process_count_is_refused(tmp_p
     ranks = Ranks.from_environ({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"})
     assert not ranks.main and ranks.shard(8) == slice(4, 8)
     # One process with sdm.gpus 2 (the launcher forgotten) would wait for ever for the second: it stops, saying how.
-    paths = write_stacks(tmp_path / "slices", count=1, slices=2)
+    paths = write_chest_stacks(tmp_path / "slices", count=1, n=2)
     with pytest.raises(ValueError, match="sdm.gpus is 2 but 1 process.*torchrun --standalone --nproc-per-node 2"):
         train_sdm(paths, tmp_path / "m", OPTIONS.replace(gpus=2, max_steps=1), device="cpu")

@@ -28,15 +28,6 @@ DEMO = SDMOptions(image_size=64, model_channels=16, channel_mult=(1, 2, 2), num_
                   grad_checkpoint=False)  # the demo recipe (config.yaml)
 
 
-@pytest.fixture
-def one_thread():
-    # On a shared 2-core machine one thread is several times faster than two for a network this small.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_sdm_learns_mask_fidelity(demo_slice_paths, tmp_path, one_thread):
     from nodulesynth.masks.fidelity import mask_fidelity

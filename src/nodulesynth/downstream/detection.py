@@ -31,6 +31,7 @@ from mmpretrain.registry import DATASETS
 from nodulesynth.downstream import mmlab
 from nodulesynth.downstream.datasets import ArmDataset, SliceSet
 from nodulesynth.downstream.metrics import detection_metrics
+from nodulesynth.errors import InputError
 from nodulesynth.labels import LEFT_LUNG, NODULE, RIGHT_LUNG
 from nodulesynth.options import from_section
 
@@ -72,7 +73,7 @@ class DetectionOptions:
 
     def validate(self):
         def bad(key, why):
-            raise ValueError(f"detection.{key} = {getattr(self, key)!r}: {why}")
+            raise InputError(f"detection.{key} = {getattr(self, key)!r}: {why}")
 
         for key in ("epochs", "iters_per_epoch", "batch_size", "patch_size"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
@@ -126,7 +127,7 @@ def unit_centres(slices: SliceSet, seed) -> np.ndarray:
                 continue
             ys, xs = np.nonzero(label == NODULE)
             if not len(ys):
-                raise ValueError(f"slice {row} ({slices.scan_id[row]}, index {slices.slice_index[row]}) "
+                raise InputError(f"slice {row} ({slices.scan_id[row]}, index {slices.slice_index[row]}) "
                                  "has a nodule but neither a box nor nodule pixels")
             centres[row] = int(round(xs.mean())), int(round(ys.mean()))
             continue
@@ -216,7 +217,7 @@ class NoduleSliceDataset(BaseDataset):
 
     def load_data_list(self):
         if self.memory_key not in _IN_MEMORY:
-            raise KeyError(f"no in-memory detection data under {self.memory_key!r} (build it through run_detection)")
+            raise InputError(f"no in-memory detection data under {self.memory_key!r} (build it through run_detection)")
         images, labels = _IN_MEMORY[self.memory_key]
         return [dict(img=image, gt_label=int(label), img_shape=image.shape, ori_shape=image.shape, sample_idx=i)
                 for i, (image, label) in enumerate(zip(images, labels))]
@@ -283,7 +284,7 @@ def _initial_checkpoint(load_from, work_dir) -> str:
     raw = torch.load(load_from, map_location="cpu", weights_only=False)
     state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict):
-        raise ValueError(f"detection.load_from = {load_from}: not a checkpoint with a state_dict")
+        raise InputError(f"detection.load_from = {load_from}: not a checkpoint with a state_dict")
     path = Path(work_dir) / "init_checkpoint.pth"
     torch.save({"state_dict": fold_rgb_stem(state), "meta": {"source": str(load_from)}}, path)
     return str(path)
@@ -306,7 +307,7 @@ def run_detection(dataset: ArmDataset, options: DetectionOptions, work_dir, devi
     work_dir.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
         if not len(getattr(dataset, split)):
-            raise ValueError(f"arm {dataset.arm} fold {dataset.fold}: no {split} slices")
+            raise InputError(f"arm {dataset.arm} fold {dataset.fold}: no {split} slices")
     train_images, train_labels = unit_images(dataset.train, options, seed=[options.seed, 0])
     test_labels = np.asarray(dataset.test.has_nodule, bool).astype(np.int64)  # for the metrics only
 
@@ -375,7 +376,7 @@ def load_classifier(checkpoint, device="auto"):
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
     text = saved.get("meta", {}).get("cfg") if isinstance(saved, dict) else None
     if not text or "state_dict" not in saved:
-        raise ValueError(f"{checkpoint}: not a run_detection checkpoint (no config in its meta, or no state_dict)")
+        raise InputError(f"{checkpoint}: not a run_detection checkpoint (no config in its meta, or no state_dict)")
     cfg = Config.fromstring(text, ".py")
     model_cfg = cfg.model.copy()
     model_cfg.setdefault("data_preprocessor", cfg.data_preprocessor)
@@ -389,7 +390,7 @@ def detection_features(model_or_checkpoint, options: DetectionOptions, images: n
     a loaded classifier (load_classifier, to reuse it for several sets), a checkpoint or its work dir."""
     images = np.asarray(images)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 [N,S,S], got {images.dtype} {images.shape}")
+        raise InputError(f"images must be uint8 [N,S,S], got {images.dtype} {images.shape}")
     if not len(images):
         return np.zeros((0, FEATURE_DIM), np.float32)
     model = model_or_checkpoint

@@ -28,6 +28,7 @@ from mmengine.hooks import Hook
 
 from nodulesynth.downstream import mmlab
 from nodulesynth.downstream.datasets import ArmDataset, SliceSet
+from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path
 from nodulesynth.models.device import DeviceError
 from nodulesynth.options import coerce, from_section
@@ -109,30 +110,30 @@ class LocalizationOptions:
         for key in ("epochs", "iters_per_epoch", "batch_size", "max_per_img", "log_interval", "test_proposals",
                     "roi_samples"):
             if getattr(self, key) < 1:
-                raise ValueError(f"localization.{key} must be positive, got {getattr(self, key)}")
+                raise InputError(f"localization.{key} must be positive, got {getattr(self, key)}")
         for key in ("warmup_iters", "num_workers", "weight_decay", "momentum"):
             if getattr(self, key) < 0:
-                raise ValueError(f"localization.{key} must be >= 0, got {getattr(self, key)}")
+                raise InputError(f"localization.{key} must be >= 0, got {getattr(self, key)}")
         if self.warmup_iters >= self.total_iters:
-            raise ValueError(f"localization.warmup_iters ({self.warmup_iters}) must be less than epochs x "
+            raise InputError(f"localization.warmup_iters ({self.warmup_iters}) must be less than epochs x "
                              f"iters_per_epoch ({self.total_iters})")
         if self.sampler not in mmlab.SAMPLERS:
-            raise ValueError(f"localization.sampler must be one of {mmlab.SAMPLERS}, got {self.sampler!r}")
+            raise InputError(f"localization.sampler must be one of {mmlab.SAMPLERS}, got {self.sampler!r}")
         if self.sampler == "balanced" and not self.include_negatives:
-            raise ValueError("localization.sampler = balanced draws slices without a nodule too: it needs "
+            raise InputError("localization.sampler = balanced draws slices without a nodule too: it needs "
                              "localization.include_negatives = true (or sampler = shuffle)")
         if self.norm not in ("bn", "gn"):
-            raise ValueError(f"localization.norm must be 'bn' or 'gn', got {self.norm!r}")
+            raise InputError(f"localization.norm must be 'bn' or 'gn', got {self.norm!r}")
         if not self.lr > 0:
-            raise ValueError(f"localization.lr must be positive, got {self.lr}")
+            raise InputError(f"localization.lr must be positive, got {self.lr}")
         if not 0 < self.lr_end_factor <= 1:
-            raise ValueError(f"localization.lr_end_factor must be in (0, 1], got {self.lr_end_factor}")
+            raise InputError(f"localization.lr_end_factor must be in (0, 1], got {self.lr_end_factor}")
         if not self.anchor_scales or min(self.anchor_scales) <= 0:
-            raise ValueError(f"localization.anchor_scales must be positive numbers, got {list(self.anchor_scales)}")
+            raise InputError(f"localization.anchor_scales must be positive numbers, got {list(self.anchor_scales)}")
         if not 0 <= self.score_threshold < 1:
-            raise ValueError(f"localization.score_threshold must be in [0, 1), got {self.score_threshold}")
+            raise InputError(f"localization.score_threshold must be in [0, 1), got {self.score_threshold}")
         if self.clip_grad is not None and not self.clip_grad > 0:
-            raise ValueError(f"localization.clip_grad must be positive or null, got {self.clip_grad}")
+            raise InputError(f"localization.clip_grad must be positive or null, got {self.clip_grad}")
 
 
 # ---------------------------------------------------------------- mmcv's CUDA ops
@@ -262,7 +263,7 @@ def coco_dict(slices: SliceSet) -> dict:
     annotations = []
     for k, (row, x0, y0, x1, y1) in enumerate(np.asarray(slices.boxes, float)):
         if not 0 <= row < len(slices):
-            raise ValueError(f"box {k} refers to row {int(row)} of a set of {len(slices)} slices")
+            raise InputError(f"box {k} refers to row {int(row)} of a set of {len(slices)} slices")
         w, h = x1 - x0, y1 - y0
         annotations.append({"id": k + 1, "image_id": int(row) + 1, "category_id": 1,
                             "bbox": [float(x0), float(y0), float(w), float(h)], "area": float(w * h), "iscrowd": 0})
@@ -347,17 +348,17 @@ def run_localization(dataset: ArmDataset, options: LocalizationOptions, work_dir
     check_mmcv_ops(device)
     train, test = dataset.train, dataset.test
     if len(train) == 0 or len(test) == 0:
-        raise ValueError(f"arm {dataset.arm} fold {dataset.fold}: {len(train)} training and {len(test)} test "
+        raise InputError(f"arm {dataset.arm} fold {dataset.fold}: {len(train)} training and {len(test)} test "
                          "slices; localization needs both")
     if train.size != test.size:
-        raise ValueError(f"arm {dataset.arm} fold {dataset.fold}: training slices are {train.size} px, test "
+        raise InputError(f"arm {dataset.arm} fold {dataset.fold}: training slices are {train.size} px, test "
                          f"slices {test.size} px")
     if options.load_from is not None and not Path(options.load_from).is_file():
         raise FileNotFoundError(f"localization.load_from: no checkpoint file {options.load_from}")
     positives = positive_rows(train)
     if not len(positives) or not len(test.boxes):
         split = "training" if not len(positives) else "test"
-        raise ValueError(f"arm {dataset.arm} fold {dataset.fold}: no {split} slice has a nodule box "
+        raise InputError(f"arm {dataset.arm} fold {dataset.fold}: no {split} slice has a nodule box "
                          "(the folds are stratified so that every fold holds nodules)")
     trained = train if options.include_negatives else train.subset(positives)
 

@@ -8,6 +8,8 @@ import numpy as np
 from scipy import linalg
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
+from nodulesynth.errors import InputError
+
 FROC_FPS_PER_SCAN = (0.125, 0.25, 0.5, 1, 2, 4, 8)  # LUNA16's operating points
 
 
@@ -28,13 +30,13 @@ def detection_metrics(labels, scores, threshold=0.5) -> dict:
     labels = np.asarray(labels).astype(int).ravel()
     scores = np.asarray(scores, dtype=float).ravel()
     if labels.shape != scores.shape:
-        raise ValueError(f"labels and scores differ in length: {labels.size} vs {scores.size}")
+        raise InputError(f"labels and scores differ in length: {labels.size} vs {scores.size}")
     if labels.size == 0:
-        raise ValueError("labels is empty: no slices to score")
+        raise InputError("labels is empty: no slices to score")
     if not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"labels must be 0 or 1, got {sorted(set(labels.tolist()))}")
+        raise InputError(f"labels must be 0 or 1, got {sorted(set(labels.tolist()))}")
     if not np.isfinite(scores).all():
-        raise ValueError("scores contain NaN or infinite values")
+        raise InputError("scores contain NaN or infinite values")
     predicted = (scores >= threshold).astype(int)
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(labels, predicted, labels=[0, 1]).ravel())
     precision = _ratio(tp, tp + fp)
@@ -63,7 +65,7 @@ def _as_gt(gt_boxes) -> list:
     rows = []
     for i, row in enumerate(gt_boxes):
         if len(row) != 5:
-            raise ValueError(f"gt_boxes[{i}] must be (image_id, x0, y0, x1, y1), got {tuple(row)!r}")
+            raise InputError(f"gt_boxes[{i}] must be (image_id, x0, y0, x1, y1), got {tuple(row)!r}")
         rows.append((row[0], *_checked_box(row[1:], f"gt_boxes[{i}]")))
     return rows
 
@@ -72,10 +74,10 @@ def _as_pred(pred_boxes) -> list:
     rows = []
     for i, row in enumerate(pred_boxes):
         if len(row) != 6:
-            raise ValueError(f"pred_boxes[{i}] must be (image_id, x0, y0, x1, y1, score), got {tuple(row)!r}")
+            raise InputError(f"pred_boxes[{i}] must be (image_id, x0, y0, x1, y1, score), got {tuple(row)!r}")
         score = float(row[5])
         if not np.isfinite(score):
-            raise ValueError(f"pred_boxes[{i}] has a non-finite score {row[5]!r}")
+            raise InputError(f"pred_boxes[{i}] has a non-finite score {row[5]!r}")
         rows.append((row[0], *_checked_box(row[1:5], f"pred_boxes[{i}]"), score))
     return rows
 
@@ -83,14 +85,14 @@ def _as_pred(pred_boxes) -> list:
 def _checked_box(coords, where) -> tuple:
     x0, y0, x1, y1 = (float(v) for v in coords)
     if not np.isfinite([x0, y0, x1, y1]).all() or x1 <= x0 or y1 <= y0:
-        raise ValueError(f"{where}: box (x0, y0, x1, y1) = {(x0, y0, x1, y1)} must be finite with x1 > x0, y1 > y0")
+        raise InputError(f"{where}: box (x0, y0, x1, y1) = {(x0, y0, x1, y1)} must be finite with x1 > x0, y1 > y0")
     return x0, y0, x1, y1
 
 
 def _check_known(rows, known, name):
     for i, row in enumerate(rows):
         if row[0] not in known:
-            raise ValueError(f"{name}[{i}] refers to image_id {row[0]!r}, which is not among the evaluated images")
+            raise InputError(f"{name}[{i}] refers to image_id {row[0]!r}, which is not among the evaluated images")
 
 
 # ---------------------------------------------------------------- FROC
@@ -117,13 +119,13 @@ def _as_slice_boxes(rows, name, width, with_score=False) -> list:
         if len(row) != width + 4 + with_score:
             layout = ("scan, slice_index, " + ("nodule, " if width == 3 else "") + "x0, y0, x1, y1"
                       + (", score" if with_score else ""))
-            raise ValueError(f"{name}[{i}] must be ({layout}), got {row!r}")
+            raise InputError(f"{name}[{i}] must be ({layout}), got {row!r}")
         key = (str(row[0]), int(row[1]), *row[2:width])
         box = _checked_box(row[width:width + 4], f"{name}[{i}]")
         if with_score:
             score = float(row[-1])
             if not np.isfinite(score):
-                raise ValueError(f"{name}[{i}] has a non-finite score {row[-1]!r}")
+                raise InputError(f"{name}[{i}] has a non-finite score {row[-1]!r}")
             out.append((*key, *box, score))
         else:
             out.append((*key, *box))
@@ -201,18 +203,18 @@ def froc_curve(gt_boxes, pred_boxes, scans, excluded=()):
     nothing is a false positive, as in LUNA16's evaluation script."""
     scans = {str(s) for s in scans}
     if not scans:
-        raise ValueError("scans is empty: no scans to evaluate")
+        raise InputError("scans is empty: no scans to evaluate")
     gt = _as_slice_boxes(gt_boxes, "gt_boxes", 3)
     ignored = _as_slice_boxes(excluded, "excluded", 2)
     candidates = merge_candidates(pred_boxes)
     for name, rows in (("gt_boxes", gt), ("excluded", ignored), ("pred_boxes", candidates)):
         for i, row in enumerate(rows):
             if row[0] not in scans:
-                raise ValueError(f"{name}[{i}] lies on scan {row[0]!r}, which is not among the evaluated scans")
+                raise InputError(f"{name}[{i}] lies on scan {row[0]!r}, which is not among the evaluated scans")
 
     nodules = sorted({(scan, int(nodule)) for scan, _, nodule, *_ in gt})
     if any(n < 0 for _, n in nodules):
-        raise ValueError("gt_boxes: a nodule id is negative (unknown); the per-nodule FROC needs every nodule's id")
+        raise InputError("gt_boxes: a nodule id is negative (unknown); the per-nodule FROC needs every nodule's id")
     targets, findings = {}, {}
     for scan, slice_index, nodule, *box in gt:
         targets.setdefault(scan, {}).setdefault(slice_index, []).append(((scan, int(nodule)), box))
@@ -271,7 +273,7 @@ def slice_froc_curve(gt_boxes, pred_boxes, image_scan):
     from (0, 0) above the top score. gt_boxes: (image_id, x0, y0, x1, y1); pred_boxes: (image_id, x0, y0, x1,
     y1, score); image_scan maps every evaluated image_id to its scan."""
     if not image_scan:
-        raise ValueError("image_scan is empty: no images to evaluate")
+        raise InputError("image_scan is empty: no images to evaluate")
     gt, pred = _as_gt(gt_boxes), _as_pred(pred_boxes)
     _check_known(gt, image_scan, "gt_boxes")
     _check_known(pred, image_scan, "pred_boxes")
@@ -315,9 +317,9 @@ def frechet_distance(features_a, features_b, eps=1e-6) -> float:
     b = np.asarray(features_b, dtype=np.float64)
     for name, x in (("features_a", a), ("features_b", b)):
         if x.ndim != 2 or x.shape[0] < 2:
-            raise ValueError(f"{name} must be [N, D] with N >= 2 to fit a Gaussian, got shape {x.shape}")
+            raise InputError(f"{name} must be [N, D] with N >= 2 to fit a Gaussian, got shape {x.shape}")
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature widths differ: features_a has {a.shape[1]}, features_b has {b.shape[1]}")
+        raise InputError(f"feature widths differ: features_a has {a.shape[1]}, features_b has {b.shape[1]}")
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     diff = mu_a - mu_b
     if min(len(a), len(b)) <= a.shape[1]:

@@ -31,6 +31,7 @@ from mmengine.registry import DATA_SAMPLERS, HOOKS
 from mmengine.runner import Runner
 from torch.utils.data import Sampler
 
+from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path
 from nodulesynth.models.device import pick_device
 
@@ -63,12 +64,12 @@ class BalancedSampler(Sampler):
         from mmengine.dist import get_dist_info, sync_random_seed
 
         if not 0.0 < positive_fraction < 1.0:
-            raise ValueError(f"positive_fraction must lie in (0, 1), got {positive_fraction}")
+            raise InputError(f"positive_fraction must lie in (0, 1), got {positive_fraction}")
         self.dataset = dataset  # mmdet's aspect-ratio batch sampler reads it
         labels = np.array([is_positive(dataset.get_data_info(i)) for i in range(len(dataset))], bool)
         self.positive, self.negative = np.flatnonzero(labels), np.flatnonzero(~labels)
         if not len(self.positive) or not len(self.negative):
-            raise ValueError(f"a balanced sampler needs slices with and without a nodule; the training set has "
+            raise InputError(f"a balanced sampler needs slices with and without a nodule; the training set has "
                              f"{len(self.positive)} with and {len(self.negative)} without")
         self.positive_fraction = float(positive_fraction)
         self.seed = sync_random_seed() if seed is None else int(seed)
@@ -108,7 +109,7 @@ def image_stats(images, chunk: int = 1024) -> tuple[float, float]:
         total_sq += float(np.square(part).sum())
     count = float(np.prod(np.shape(images)))
     if not count:
-        raise ValueError("image_stats: no pixels")
+        raise InputError("image_stats: no pixels")
     mean = total / count
     return mean, float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
 
@@ -116,7 +117,7 @@ def image_stats(images, chunk: int = 1024) -> tuple[float, float]:
 def train_sampler(kind: str, seed: int) -> dict:
     """The training dataloader's sampler config for `kind` (detection/localization.sampler)."""
     if kind not in SAMPLERS:
-        raise ValueError(f"sampler {kind!r}: expected one of {', '.join(SAMPLERS)}")
+        raise InputError(f"sampler {kind!r}: expected one of {', '.join(SAMPLERS)}")
     if kind == "balanced":
         return dict(type=BALANCED_SAMPLER, seed=seed)
     return dict(type="InfiniteSampler", shuffle=True, seed=seed)

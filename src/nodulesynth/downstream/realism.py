@@ -19,6 +19,7 @@ import numpy as np
 
 from nodulesynth.downstream.detection import detection_features, load_classifier
 from nodulesynth.downstream.metrics import frechet_distance
+from nodulesynth.errors import InputError
 
 log = logging.getLogger("nodulesynth")
 
@@ -31,7 +32,7 @@ def _sets_by_source(datasets) -> tuple:
     """(real test SliceSet, real training SliceSet, {source: that source's training slices}) of one fold."""
     folds = {d.fold for d in datasets}
     if len(folds) != 1:
-        raise ValueError(f"realism takes the datasets of one fold, got folds {sorted(folds)}")
+        raise InputError(f"realism takes the datasets of one fold, got folds {sorted(folds)}")
     # Arm A's real training slices (every arm but the positive control holds the same ones).
     reference = next((d for d in datasets if d.arm == "A"), datasets[0])
     real = reference.train.subset(np.flatnonzero(np.asarray(reference.train.source) == "real"))
@@ -92,5 +93,5 @@ def realism_distances(model_path, options, datasets, device="auto", seed=None) -
             slices, rows = pools[key]
             result[f"fd_{name}_{key}"] = frechet_distance(reference, features_of(slices, rows[draws[key]]))
     if not result:
-        raise ValueError(f"fold {fold}: no synthetic slices in the datasets of arms {[d.arm for d in datasets]}")
+        raise InputError(f"fold {fold}: no synthetic slices in the datasets of arms {[d.arm for d in datasets]}")
     return result

@@ -19,6 +19,7 @@ from sklearn.cluster import KMeans
 from nodulesynth.data.slices import load_slice_info, load_slices
 from nodulesynth import labels as L
 from nodulesynth.data.window import DEFAULT_WINDOW, hu_per_level
+from nodulesynth.errors import InputError
 from nodulesynth.masks.segment import MaskOptions, segment_slice
 
 CLASSES = (L.LEFT_LUNG, L.RIGHT_LUNG, L.TRACHEA, L.BODY)
@@ -37,7 +38,7 @@ def field_of_view(path, info: dict | None = None) -> tuple:
     inside the npz, so the images are not decompressed (a fold's stacks hold tens of thousands of slices)."""
     info = info or load_slice_info(path)
     if "spacing" not in info["extra"]:
-        raise KeyError(f"{path}: no 'spacing' array (a slice stack of the masks step has one)")
+        raise InputError(f"{path}: no 'spacing' array (a slice stack of the masks step has one)")
     spacing = np.asarray(info["extra"]["spacing"], float)
     with zipfile.ZipFile(path) as archive, archive.open("image.npy") as fh:
         version = np.lib.format.read_magic(fh)
@@ -106,14 +107,14 @@ def synthetic_fidelity(synth_dirs: dict, source_paths, opts: MaskOptions | None 
     tables = []
     for split, folder in synth_dirs.items():
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+            raise InputError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
         before = len(tables)
         for path in sorted(Path(folder).glob("*.npz")):
             stack = load_slices(path)
             if stack.status != "ok" or not len(stack):
                 continue
             if stack.scan_id not in fovs:
-                raise KeyError(f"{path}: its source stack (scan {stack.scan_id}) is not among the given slice stacks")
+                raise InputError(f"{path}: its source stack (scan {stack.scan_id}) is not among the given slice stacks")
             table = fidelity_table(stack.image, stack.label, pixel_mm(fovs[stack.scan_id], stack.image.shape),
                                    opts, window)
             table.insert(0, "slice_index", stack.slice_index)
@@ -121,7 +122,7 @@ def synthetic_fidelity(synth_dirs: dict, source_paths, opts: MaskOptions | None 
             table.insert(0, "split", split)
             tables.append(table)
         if len(tables) == before:
-            raise ValueError(f"no synthetic slices under {folder} ({split})")
+            raise InputError(f"no synthetic slices under {folder} ({split})")
     if not tables:
-        raise ValueError("no synthetic folders given")
+        raise InputError("no synthetic folders given")
     return pd.concat(tables, ignore_index=True)

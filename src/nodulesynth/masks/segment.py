@@ -13,6 +13,7 @@ from sklearn.cluster import KMeans
 
 from nodulesynth import labels as L
 from nodulesynth.data.window import DEFAULT_WINDOW, hu_to_level
+from nodulesynth.errors import InputError
 from nodulesynth.options import from_section
 
 
@@ -156,7 +157,7 @@ def segment_volume(image, spacing, columns_toward_left=True, opts: MaskOptions |
     volumes = np.bincount(lab.ravel())[1:] * voxel_ml
     if n == 0 or volumes.max() < opts.min_lung_volume_ml:
         largest = 0.0 if n == 0 else volumes.max()
-        raise ValueError(f"no lung found (largest air region {largest:.0f} ml, "
+        raise InputError(f"no lung found (largest air region {largest:.0f} ml, "
                          f"masks.min_lung_volume_ml is {opts.min_lung_volume_ml:g})")
     # The lungs: the largest air region and any other of at least a fifth of its size (the other
     # lung when they do not touch); bowel gas and the oesophagus are far smaller.

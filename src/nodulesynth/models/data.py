@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from nodulesynth.data.slices import load_slices, resize_slices
+from nodulesynth.errors import InputError
 from nodulesynth.labels import NUM_CLASSES
 from nodulesynth.models import distributed
 
@@ -39,7 +40,7 @@ class SlicePairs:
     def __init__(self, images, labels, image_size: int):
         size = int(image_size)
         if np.shape(images) != np.shape(labels) or np.ndim(images) != 3:
-            raise ValueError(f"images {np.shape(images)} and labels {np.shape(labels)} must be equal [N,H,W]")
+            raise InputError(f"images {np.shape(images)} and labels {np.shape(labels)} must be equal [N,H,W]")
         parts = [resize_slices(images, labels, size)]
         self._set_parts(parts, size)
 
@@ -50,7 +51,7 @@ class SlicePairs:
         for images, labels in parts:
             if images.shape != labels.shape or images.shape[1:] != (size, size) or \
                     images.dtype != np.uint8 or labels.dtype != np.uint8:
-                raise ValueError(f"part {images.dtype} {images.shape} / {labels.dtype} {labels.shape} is not a "
+                raise InputError(f"part {images.dtype} {images.shape} / {labels.dtype} {labels.shape} is not a "
                                  f"pair of uint8 [n,{size},{size}] arrays")
         pairs = cls.__new__(cls)
         pairs._set_parts(list(parts), size)
@@ -151,7 +152,7 @@ def stage_training_data(paths, image_size: int, scratch) -> tuple:
     staged.sort(key=lambda pair: (pair[0]["scan_id"], pair[0]["sha256"]))
     files = [files for _, files in staged if files]
     if not files:
-        raise ValueError(f"no usable slices in {len(paths)} stacks")
+        raise InputError(f"no usable slices in {len(paths)} stacks")
     entries = [entry for entry, _ in staged]
     record = {"sha256": hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest(), "stacks": entries}
     return files, record

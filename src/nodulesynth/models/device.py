@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from nodulesynth.errors import InputError
+from nodulesynth.errors import DeviceError
+
 # torch is imported where it is used: the Snakefile reads `local_gpu_count` from here without it.
 
 SLOTS_VARIABLE = "NODULESYNTH_GPU_SLOTS"      # GPUs of this machine the run shares (rules/common.smk sets it)
@@ -31,10 +34,6 @@ SLURM_GPU_VARIABLES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS", "SLURM
 DRIVER_HELP = ("see the README, 'GPU drivers': the lock's torch needs an NVIDIA driver that supports its CUDA "
                "(or lock a CUDA 12 build)")
 _held = {}  # lock file path -> its open file, locked for the life of the process
-
-
-class DeviceError(RuntimeError):
-    """A job cannot have the device it needs; the message says why and what to do."""
 
 
 def visible_devices(environ=None) -> list | None:
@@ -139,7 +138,7 @@ def claim_gpu(n_slots: int, directory=None, timeout: float | None = None, names=
     (None: for ever), then raises DeviceError naming the lock folder.
     """
     if n_slots < 1:
-        raise ValueError(f"claim_gpu needs at least one slot, got {n_slots}")
+        raise InputError(f"claim_gpu needs at least one slot, got {n_slots}")
     if names is None:
         visible = visible_devices() or [str(i) for i in range(n_slots)]
         names = [visible[i] if i < len(visible) else str(i) for i in range(n_slots)]

@@ -14,6 +14,8 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+from nodulesynth.errors import InputError
+
 LAUNCH = "torchrun --standalone --nproc-per-node {n} --no-python"
 
 
@@ -21,7 +23,7 @@ def launcher(gpus: int) -> str:
     """The prefix that runs a `nodulesynth` command as `gpus` processes ("" for one: the command as it is)."""
     gpus = int(gpus)
     if gpus < 1:
-        raise ValueError(f"gpus must be at least 1, got {gpus}")
+        raise InputError(f"gpus must be at least 1, got {gpus}")
     return LAUNCH.format(n=gpus) if gpus > 1 else ""
 
 
@@ -38,7 +40,7 @@ class Ranks:
         ranks = cls(int(environ.get("RANK", 0)), int(environ.get("LOCAL_RANK", 0)),
                     int(environ.get("WORLD_SIZE", 1)))
         if not 0 <= ranks.rank < ranks.size:
-            raise ValueError(f"RANK {ranks.rank} is not below WORLD_SIZE {ranks.size}")
+            raise InputError(f"RANK {ranks.rank} is not below WORLD_SIZE {ranks.size}")
         return ranks
 
     @property
@@ -67,7 +69,7 @@ def rank_device(device, ranks: Ranks):
 def require_processes(gpus: int, ranks: Ranks, key: str):
     """Refuse a run whose process count is not the configured number of GPUs (`key`), saying how to start it."""
     if ranks.size != gpus:
-        raise ValueError(f"{key} is {gpus} but {ranks.size} process(es) run: start {gpus} with "
+        raise InputError(f"{key} is {gpus} but {ranks.size} process(es) run: start {gpus} with "
                          f"`{launcher(gpus) or '(no launcher: one process)'} nodulesynth ...`")
 
 

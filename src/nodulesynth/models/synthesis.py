@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from nodulesynth.data.slices import PROVENANCE, SliceStack, load_slice_info, load_slices, resize_maps, save_slices
+from nodulesynth.errors import InputError
 from nodulesynth.io import file_sha256
 from nodulesynth.labels import NODULE
 from nodulesynth.models.records import progress
@@ -85,7 +86,7 @@ def plan_maps(slice_paths, size, seed, mask_source="real", max_slices_per_scan=N
     nodule shaped like one of the real nodules of `shape_paths` (default: the given stacks).
     """
     if mask_source not in ("real", "transplant"):
-        raise ValueError(f"mask_source must be 'real' or 'transplant', got {mask_source!r}")
+        raise InputError(f"mask_source must be 'real' or 'transplant', got {mask_source!r}")
     slice_paths = list(slice_paths)
     shapes = None
     if mask_source == "transplant":
@@ -96,7 +97,7 @@ def plan_maps(slice_paths, size, seed, mask_source="real", max_slices_per_scan=N
                 shapes.extend(nodule_shapes(resize_maps(stack.label, size)))
             del stack
         if not shapes:
-            raise ValueError("mask_source 'transplant': no nodules in the stacks to draw shapes from")
+            raise InputError("mask_source 'transplant': no nodules in the stacks to draw shapes from")
     return MapPlans(slice_paths, size, seed, mask_source, max_slices_per_scan, shapes, nodule_maps_per_scan)
 
 
@@ -105,7 +106,7 @@ def generator_provenance(generator: str, fold, model_path) -> dict:
     its model file. The leakage audit checks them against results/generators/{generator}/{fold}/model.pt, so
     that a stack of another fold's or the holdout generator copied into a fold's folder is caught."""
     if fold is None or not str(fold):
-        raise ValueError(f"{model_path}: sampling needs the generator's fold (0..k-1 or holdout)")
+        raise InputError(f"{model_path}: sampling needs the generator's fold (0..k-1 or holdout)")
     return {"generator": str(generator), "generator_fold": str(fold), "model_sha256": file_sha256(model_path)}
 
 
@@ -157,7 +158,7 @@ def write_synthetic(plans, out_dir, size, batch_size, synthesise, extra, desc):
     """
     missing = [key for key in PROVENANCE if key not in extra]
     if missing:
-        raise ValueError(f"{desc}: synthetic stacks must record {', '.join(missing)} (see generator_provenance)")
+        raise InputError(f"{desc}: synthetic stacks must record {', '.join(missing)} (see generator_provenance)")
     out_dir, staging = Path(out_dir), staging_dir(out_dir)
     staging.mkdir(parents=True, exist_ok=True)
     stacks = len(plans) if hasattr(plans, "__len__") else None

@@ -10,6 +10,7 @@ get the same maps.
 import numpy as np
 from scipy import ndimage
 
+from nodulesynth.errors import InputError
 from nodulesynth.labels import LEFT_LUNG, NODULE, RIGHT_LUNG
 
 RING = np.ones((3, 3), bool)  # 8-connected: the ring also covers diagonal neighbours
@@ -46,7 +47,7 @@ def transplant_nodule(label: np.ndarray, shapes: list, rng: np.random.Generator,
     """`label` with one nodule added inside a lung, or None when no drawn shape fits anywhere."""
     label = np.asarray(label)
     if not shapes:
-        raise ValueError("no nodule shapes to transplant")
+        raise InputError("no nodule shapes to transplant")
     for _ in range(max_tries):
         shape = np.rot90(shapes[rng.integers(len(shapes))], int(rng.integers(4)))
         if rng.random() < 0.5:
@@ -86,7 +87,7 @@ def choose_maps(labels: np.ndarray, mask_source: str, rng: np.random.Generator, 
             indices = np.union1d(indices, _evenly(with_nodule, nodule_maps)).astype(np.int64)
         return indices, labels[indices]
     if mask_source != "transplant":
-        raise ValueError(f"mask_source must be 'real' or 'transplant', got {mask_source!r}")
+        raise InputError(f"mask_source must be 'real' or 'transplant', got {mask_source!r}")
     remaining = [i for i in range(len(labels)) if is_nodule_free(labels[i])]
     made = {}
     while remaining and (max_slices is None or len(made) < max_slices):

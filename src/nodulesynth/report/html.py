@@ -16,6 +16,7 @@ import pandas as pd
 import yaml
 
 from nodulesynth.downstream.datasets import ARMS, TASKS, study_arms
+from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path, read_table
 from nodulesynth.report import figures, inputs
 
@@ -84,7 +85,7 @@ def _one_row(table, path, arm, metric, baseline=None):
         hit = hit[hit["baseline"] == baseline]
     if len(hit) != 1:
         against = f" against {baseline}" if baseline is not None else ""
-        raise KeyError(f"{path}: expected one row for arm {arm}{against}, metric {metric}; found {len(hit)}")
+        raise InputError(f"{path}: expected one row for arm {arm}{against}, metric {metric}; found {len(hit)}")
     return hit.iloc[0]
 
 
@@ -144,7 +145,7 @@ def controls_rows(controls: pd.DataFrame, path="controls.tsv") -> list[dict]:
     for row in controls.itertuples(index=False):
         detected = str(row.detected).strip().lower()
         if detected not in ("true", "false"):
-            raise ValueError(f"{path}: detected must be True or False, got {row.detected!r}")
+            raise InputError(f"{path}: detected must be True or False, got {row.detected!r}")
         unit = f" {row.unit}" if isinstance(row.unit, str) and row.unit else ""
         rows.append({"control": row.control, "task": row.task, "metric": labels.get(row.metric, row.metric),
                      "expected": row.expected,
@@ -190,7 +191,7 @@ def _pred_rows(predictions, test, path):
     for p in predictions.itertuples(index=False):
         key = (str(p.scan_id), int(p.slice_index))
         if key not in row_of:
-            raise ValueError(f"{path}: prediction for scan {key[0]} slice {key[1]}, "
+            raise InputError(f"{path}: prediction for scan {key[0]} slice {key[1]}, "
                              "which is not in the fold's test set")
         rows.append((row_of[key], float(p.x0), float(p.y0), float(p.x1), float(p.y1), float(p.score)))
     return rows

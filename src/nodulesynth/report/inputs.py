@@ -16,6 +16,7 @@ import pandas as pd
 
 from nodulesynth.downstream.datasets import ARMS, GENERATORS, SliceSet, fold_number, study_arms
 from nodulesynth.data.folds import read_folds
+from nodulesynth.errors import InputError
 from nodulesynth.io import read_columns, read_tsv
 from nodulesynth.stats.inputs import PREDICTION_COLUMNS
 
@@ -34,9 +35,9 @@ def _metrics_rows(path, arm) -> list[tuple]:
     try:
         metrics = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise InputError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(metrics, dict):
-        raise ValueError(f"{path}: expected one flat JSON object")
+        raise InputError(f"{path}: expected one flat JSON object")
     return [(arm, fold_number(path.parent), metric, float(value)) for metric, value in metrics.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)]
 
@@ -58,7 +59,7 @@ def read_metrics(results_dir, task) -> pd.DataFrame:
     reference = folds_by_arm["A"]
     for arm, folds in folds_by_arm.items():
         if folds != reference:
-            raise ValueError(f"{Path(results_dir) / 'downstream' / task}: arm {arm} has folds {folds}, "
+            raise InputError(f"{Path(results_dir) / 'downstream' / task}: arm {arm} has folds {folds}, "
                              f"arm A has {reference}: the arms must be paired fold by fold")
     return pd.DataFrame(rows, columns=["arm", "fold", "metric", "value"])
 
@@ -109,7 +110,7 @@ def read_test_set(results_dir, fold, arm="A"):
     with np.load(path, allow_pickle=False) as data:
         missing = [f"test_{f.name}" for f in fields(SliceSet) if f"test_{f.name}" not in data.files]
         if missing:
-            raise KeyError(f"{path}: missing arrays {missing}")
+            raise InputError(f"{path}: missing arrays {missing}")
         return SliceSet(**{f.name: data[f"test_{f.name}"] for f in fields(SliceSet)})
 
 
@@ -159,7 +160,7 @@ def read_realism(results_dir):
         required = ["n_nodule", "fd_nodule_real_train"] + [f"fd_nodule_{g}" for g in GENERATORS]
         missing = [k for k in required if k not in values]
         if missing:
-            raise KeyError(f"{path}: missing key(s) {missing}")
+            raise InputError(f"{path}: missing key(s) {missing}")
         row = {"fold": fold_number(path)}
         for name in (c for c in REALISM_CLASSES if f"n_{c}" in values):
             words = name.replace("_", "-")
@@ -221,11 +222,12 @@ def grid_slices(results_dir):
             if min(len(sdm), len(spade), len(real)) == 0:
                 continue
             if fold_of_patient is not None and fold_of_patient.get(str(real.patient_id)) != int(fold):
-                raise ValueError(f"{sdm_path}: patient {real.patient_id} is not a test patient of fold {fold} in "
+                raise InputError(f"{sdm_path}: patient {real.patient_id} is not a test patient of fold {fold} in "
                                  f"{folds_tsv} (fold {fold_of_patient.get(str(real.patient_id))}): stale results?")
             for stack, path in ((sdm, sdm_path), (spade, spade_path)):
                 if "source_index" not in stack.extra:
-                    raise KeyError(f"{path}: missing array 'source_index' (the row of the real stack behind each map)")
+                    raise InputError(f"{path}: missing array 'source_index' "
+                                     "(the row of the real stack behind each map)")
             sdm_row = {int(s): i for i, s in enumerate(sdm.extra["source_index"])}
             spade_row = {int(s): i for i, s in enumerate(spade.extra["source_index"])}
             common = sorted(set(sdm_row) & set(spade_row))
@@ -340,7 +342,7 @@ def benchmarks(results_dir):
     for path in sorted(root.rglob("*.tsv")):
         table = read_tsv(path)
         if "s" not in table.columns:
-            raise KeyError(f"{path}: missing column 's' (not a Snakemake benchmark file?)")
+            raise InputError(f"{path}: missing column 's' (not a Snakemake benchmark file?)")
         seconds = pd.to_numeric(table["s"], errors="coerce")
         relative = path.relative_to(root)
         rows.append({"rule": relative.parts[0] if len(relative.parts) > 1 else "",

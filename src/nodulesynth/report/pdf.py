@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome", "headless_shell")
@@ -49,7 +50,7 @@ def pdf_wanted(setting="auto", chromium=None, in_containers=False) -> tuple[bool
     `False`: the user asked for that executable.
     """
     if not (setting == "auto" or isinstance(setting, bool)):
-        raise ValueError(f"report.pdf = {setting!r}: expected one of auto, true, false")
+        raise InputError(f"report.pdf = {setting!r}: expected one of auto, true, false")
     if setting is False:
         return False, None
     if in_containers and not chromium:

@@ -13,6 +13,7 @@ import pandas as pd
 
 from nodulesynth.downstream.datasets import ARMS as ARM_GENERATORS
 from nodulesynth.downstream.datasets import CONTROLS, TASKS, fold_number
+from nodulesynth.errors import InputError
 from nodulesynth.io import read_columns
 
 ARMS = tuple(ARM_GENERATORS)  # the study's arms: A real, B + SPADE, C + SDM (its summary tables show these)
@@ -40,14 +41,14 @@ def parse_result_path(path, filename: str = "metrics.json") -> tuple[str, str, i
     parts = path.parts
     layout = f".../{{task}}/{{arm}}/fold{{k}}/{filename}"
     if len(parts) < 4 or parts[-1] != filename:
-        raise ValueError(f"{path}: not a downstream result file (expected {layout})")
+        raise InputError(f"{path}: not a downstream result file (expected {layout})")
     task, arm, fold_dir = parts[-4], parts[-3], parts[-2]
     try:
         fold = fold_number(fold_dir)
     except ValueError:
         fold = None
     if task not in TASKS or arm not in ARMS + CONTROL_ARMS or fold is None:
-        raise ValueError(f"{path}: unknown layout (expected {layout} with task in {TASKS}, arm in "
+        raise InputError(f"{path}: unknown layout (expected {layout} with task in {TASKS}, arm in "
                          f"{ARMS + CONTROL_ARMS}); "
                          f"got task={task!r}, arm={arm!r}, fold directory={fold_dir!r}")
     return task, arm, fold
@@ -56,7 +57,7 @@ def parse_result_path(path, filename: str = "metrics.json") -> tuple[str, str, i
 def _check_unique(keys: dict, key, path):
     if key in keys:
         task, arm, fold = key
-        raise ValueError(f"{path}: duplicated {task} arm {arm} fold {fold} (already read from {keys[key]})")
+        raise InputError(f"{path}: duplicated {task} arm {arm} fold {fold} (already read from {keys[key]})")
     keys[key] = path
 
 
@@ -64,13 +65,13 @@ def _read_metrics_file(path) -> dict:
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        raise InputError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"{path}: expected a non-empty flat JSON object metric -> number")
+        raise InputError(f"{path}: expected a non-empty flat JSON object metric -> number")
     for key, value in data.items():
         # bool is an int in Python; a true/false is not a metric value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{path}: metric {key!r} is not a number ({value!r}); metrics.json must be flat")
+            raise InputError(f"{path}: metric {key!r} is not a number ({value!r}); metrics.json must be flat")
     return data
 
 
@@ -86,7 +87,7 @@ def load_metrics(paths) -> pd.DataFrame:
         for metric, value in _read_metrics_file(path).items():
             rows.append((*key, metric, float(value)))
     if not rows:
-        raise ValueError("load_metrics: no metrics.json files given")
+        raise InputError("load_metrics: no metrics.json files given")
     frame = pd.DataFrame(rows, columns=["task", "arm", "fold", "metric", "value"])
     return frame.sort_values(["task", "arm", "fold", "metric"], ignore_index=True)
 
@@ -100,10 +101,10 @@ def load_predictions(paths) -> pd.DataFrame:
         frame = read_columns(path, PREDICTION_COLUMNS[key[0]])
         frames.append(frame.assign(task=key[0], arm=key[1], fold=key[2]))
     if not frames:
-        raise ValueError("load_predictions: no predictions.tsv files given")
+        raise InputError("load_predictions: no predictions.tsv files given")
     tasks = {f["task"].iat[0] for f in frames if len(f)}
     if len(tasks) > 1:
-        raise ValueError(f"load_predictions: files of several tasks {sorted(tasks)}; load one task at a time")
+        raise InputError(f"load_predictions: files of several tasks {sorted(tasks)}; load one task at a time")
     out = pd.concat(frames, ignore_index=True)
     return out[["task", "arm", "fold", *[c for c in out.columns if c not in ("task", "arm", "fold")]]]
 
@@ -116,27 +117,27 @@ def metric_values(metrics: pd.DataFrame, task: str, metric: str, scale: float = 
     """
     missing = {"task", "arm", "fold", "metric", "value"} - set(metrics.columns)
     if missing:
-        raise ValueError(f"metrics table lacks column(s) {sorted(missing)}; build it with load_metrics")
+        raise InputError(f"metrics table lacks column(s) {sorted(missing)}; build it with load_metrics")
     rows = metrics[(metrics["task"] == task) & (metrics["metric"] == metric)][["arm", "fold", "value"]]
     if rows.empty:
-        raise ValueError(f"no values of metric {metric!r} for task {task!r}")
+        raise InputError(f"no values of metric {metric!r} for task {task!r}")
     dup = rows[rows.duplicated(["arm", "fold"], keep=False)]
     if not dup.empty:
         arm, fold = dup.iloc[0][["arm", "fold"]]
         count = int(((dup["arm"] == arm) & (dup["fold"] == fold)).sum())
-        raise ValueError(f"{task} {metric}: arm {arm} fold {fold} appears {count} times; "
+        raise InputError(f"{task} {metric}: arm {arm} fold {fold} appears {count} times; "
                          "each fold must be counted once")
     # a metric absent from one fold's file while that fold is otherwise present is a broken file, not a smaller n
     task_folds = metrics.loc[metrics["task"] == task, ["arm", "fold"]].drop_duplicates()
     lacking = task_folds.merge(rows[["arm", "fold"]], how="left", indicator=True).query("_merge == 'left_only'")
     if not lacking.empty:
         arm, fold = lacking.iloc[0][["arm", "fold"]]
-        raise ValueError(f"{task}: arm {arm} fold {fold} has no {metric!r} although its other metrics are there")
+        raise InputError(f"{task}: arm {arm} fold {fold} has no {metric!r} although its other metrics are there")
     rows = rows.astype({"fold": int, "value": float})
     if is_proportion(metric):
         bad = rows[(rows["value"] < 0) | (rows["value"] > 1)]
         if not bad.empty:
             arm, fold, value = bad.iloc[0]
-            raise ValueError(f"{task} {metric}: arm {arm} fold {fold} has {value}, outside 0..1 for a proportion")
+            raise InputError(f"{task} {metric}: arm {arm} fold {fold} has {value}, outside 0..1 for a proportion")
         rows["value"] = rows["value"] * scale
     return rows.sort_values(["arm", "fold"], ignore_index=True)

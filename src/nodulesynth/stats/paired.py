@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from nodulesynth.errors import InputError
 from nodulesynth.stats.inputs import is_proportion, metric_values
 
 # Differences are rounded before ranking so that floating-point noise does not split ties (scipy's own advice).
@@ -49,7 +50,7 @@ def min_wilcoxon_p(n: int) -> float:
     Computed by scipy on n distinct positive differences, not typed in: 0.0625 for n = 5.
     """
     if n < 1:
-        raise ValueError(f"min_wilcoxon_p: n must be at least 1, got {n}")
+        raise InputError(f"min_wilcoxon_p: n must be at least 1, got {n}")
     return float(stats.wilcoxon(np.arange(1.0, n + 1.0), alternative="two-sided", method="exact").pvalue)
 
 
@@ -94,7 +95,7 @@ def corrected_ttest(differences, test_train_ratio: float) -> float:
     if d.size < 2 or np.ptp(d) == 0:
         return float("nan")
     if not np.isfinite(test_train_ratio) or test_train_ratio < 0:
-        raise ValueError(f"corrected_ttest: n_test/n_train must be a finite ratio >= 0, got {test_train_ratio}")
+        raise InputError(f"corrected_ttest: n_test/n_train must be a finite ratio >= 0, got {test_train_ratio}")
     t = d.mean() / np.sqrt((1.0 / d.size + test_train_ratio) * d.var(ddof=1))
     return float(2 * stats.t.sf(abs(t), d.size - 1))
 
@@ -111,7 +112,7 @@ def overlap_ratio(metrics: pd.DataFrame, task: str, arm: str, folds) -> tuple[fl
     if has_counts and counts[[TEST_COUNT, train]].notna().all(axis=None):
         if (counts[train] <= 0).any():
             fold = counts.index[(counts[train] <= 0).argmax()]
-            raise ValueError(f"{task}: arm {arm} fold {fold} has {train} = {counts.loc[fold, train]}; "
+            raise InputError(f"{task}: arm {arm} fold {fold} has {train} = {counts.loc[fold, train]}; "
                              "a fold needs training slices")
         return float((counts[TEST_COUNT] / counts[train]).mean()), f"{TEST_COUNT}/{train}"
     return (1.0 / (k - 1) if k > 1 else float("nan")), "1/(k-1)"
@@ -142,17 +143,17 @@ def paired_values(metrics: pd.DataFrame, task: str, metric: str, arm: str, basel
     values = metric_values(metrics, task, metric, scale)  # refuses duplicated (arm, fold)
     for name in (baseline, arm):
         if not (values["arm"] == name).any():
-            raise ValueError(f"{task} {metric}: arm {name} has no folds; cannot pair it")
+            raise InputError(f"{task} {metric}: arm {name} has no folds; cannot pair it")
     base = values[values["arm"] == baseline].set_index("fold")["value"]
     other = values[values["arm"] == arm].set_index("fold")["value"]
     for fold in sorted(set(base.index) ^ set(other.index)):
         has, lacks = (baseline, arm) if fold in base.index else (arm, baseline)
-        raise ValueError(f"{task} {metric}: fold {fold} is in arm {has} but missing from arm {lacks}; "
+        raise InputError(f"{task} {metric}: fold {fold} is in arm {has} but missing from arm {lacks}; "
                          "unpaired folds cannot be compared")
     for name, series in ((baseline, base), (arm, other)):
         for fold, value in series.items():
             if not np.isfinite(value):
-                raise ValueError(f"{task} {metric}: arm {name} fold {fold} is {value}; "
+                raise InputError(f"{task} {metric}: arm {name} fold {fold} is {value}; "
                                  "a missing value cannot be paired")
     return pd.DataFrame({"fold": base.index, "baseline": base.values, "arm": other.loc[base.index].values})
 
@@ -272,13 +273,13 @@ def _sorted_fold(frame: pd.DataFrame, arm, fold) -> pd.DataFrame:
     keys = ["patient_id", *PAIR_KEYS]
     missing = [c for c in (*keys, "label", "score") if c not in frame.columns]
     if missing:
-        raise ValueError(f"arm {arm} fold {fold}: predictions lack column(s) {missing}")
+        raise InputError(f"arm {arm} fold {fold}: predictions lack column(s) {missing}")
     if frame[keys].isna().any(axis=None):
-        raise ValueError(f"arm {arm} fold {fold}: predictions with an empty patient_id, scan_id or slice_index")
+        raise InputError(f"arm {arm} fold {fold}: predictions with an empty patient_id, scan_id or slice_index")
     twice = frame[frame.duplicated(list(PAIR_KEYS), keep=False)]
     if not twice.empty:
         scan, index = twice.iloc[0][list(PAIR_KEYS)]
-        raise ValueError(f"arm {arm} fold {fold}: slice {index} of scan {scan} has several predictions; "
+        raise InputError(f"arm {arm} fold {fold}: slice {index} of scan {scan} has several predictions; "
                          "the bootstrap takes one score per test slice")
     return frame.astype({"patient_id": str, "scan_id": str}).sort_values(keys, kind="stable", ignore_index=True)
 
@@ -300,11 +301,11 @@ def _prepare_fold(frames: dict, fold, unit: str):
                 ours = set(zip(rows["scan_id"], rows["slice_index"]))
                 theirs = set(zip(ref_rows["scan_id"], ref_rows["slice_index"]))
                 only = sorted(ours ^ theirs)[:3] or "the same slices under other patients"
-                raise ValueError(f"fold {fold}: the test slices of arms {reference} and {arm} differ (e.g. {only}); "
+                raise InputError(f"fold {fold}: the test slices of arms {reference} and {arm} differ (e.g. {only}); "
                                  "they must be paired")
             for column in ("patient_id", "label"):
                 if not (rows[column].to_numpy() == ref_rows[column].to_numpy()).all():
-                    raise ValueError(f"fold {fold}: arms {reference} and {arm} disagree on a slice's {column}")
+                    raise InputError(f"fold {fold}: arms {reference} and {arm} disagree on a slice's {column}")
         scores[arm] = rows["score"].to_numpy(dtype=float)
     labels = ref_rows["label"].to_numpy().astype(int)
     codes = ref_rows.groupby(list(BOOTSTRAP_UNITS[unit]), sort=False).ngroup().to_numpy()  # contiguous: sorted
@@ -329,19 +330,19 @@ def bootstrap_comparisons(predictions: pd.DataFrame, evaluate, comparisons, n_bo
     mean over folds, proportions in percentage points (`scale`).
     """
     if n_boot < 1:
-        raise ValueError(f"bootstrap: n_boot must be at least 1, got {n_boot}")
+        raise InputError(f"bootstrap: n_boot must be at least 1, got {n_boot}")
     if unit not in BOOTSTRAP_UNITS:
-        raise ValueError(f"bootstrap: unit must be one of {sorted(BOOTSTRAP_UNITS)}, got {unit!r}")
+        raise InputError(f"bootstrap: unit must be one of {sorted(BOOTSTRAP_UNITS)}, got {unit!r}")
     arms = list(dict.fromkeys(arm for pair in comparisons for arm in pair))
     folds = {}
     for arm in arms:
         rows = predictions[predictions["arm"] == arm]
         if rows.empty:
-            raise ValueError(f"bootstrap: no predictions of arm {arm}")
+            raise InputError(f"bootstrap: no predictions of arm {arm}")
         folds[arm] = sorted(set(rows["fold"]))
     for arm in arms[1:]:
         if folds[arm] != folds[arms[0]]:
-            raise ValueError(f"bootstrap: arm {arm} has folds {folds[arm]}, arm {arms[0]} {folds[arms[0]]}; "
+            raise InputError(f"bootstrap: arm {arm} has folds {folds[arm]}, arm {arms[0]} {folds[arms[0]]}; "
                              "the arms must be paired fold by fold")
     prepared = [(fold, *_prepare_fold({arm: predictions[(predictions["arm"] == arm) & (predictions["fold"] == fold)]
                                        for arm in arms}, fold, unit)) for fold in folds[arms[0]]]
@@ -352,7 +353,7 @@ def bootstrap_comparisons(predictions: pd.DataFrame, evaluate, comparisons, n_bo
         for arm, metrics in values.items():
             bad = [m for m, v in metrics.items() if not np.isfinite(v)]
             if bad:
-                raise ValueError(f"bootstrap: {bad[0]} of arm {arm} fold {fold} is undefined on a resample of "
+                raise InputError(f"bootstrap: {bad[0]} of arm {arm} fold {fold} is undefined on a resample of "
                                  f"{len(chosen)} slices with {int(labels[chosen].sum())} positive")
         return values
 
@@ -388,7 +389,7 @@ def bootstrap_difference(pred_a: pd.DataFrame, pred_b: pd.DataFrame, metric_fn, 
     by bootstrap_comparisons (both frames need `fold`, which load_predictions adds); no scaling."""
     for name, frame in (("pred_a", pred_a), ("pred_b", pred_b)):
         if "fold" not in frame.columns:
-            raise ValueError(f"{name} lacks a 'fold' column (load_predictions adds it)")
+            raise InputError(f"{name} lacks a 'fold' column (load_predictions adds it)")
     both = pd.concat([pred_a.assign(arm="a"), pred_b.assign(arm="b")], ignore_index=True)
     row = bootstrap_comparisons(both, lambda labels, scores: {"value": metric_fn(labels, scores)}, [("a", "b")],
                                 n_boot, seed, level, unit, scale=1).iloc[0]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path, write_tsv
 from nodulesynth.options import from_section
 from nodulesynth.stats.inputs import ARMS, TASKS, is_proportion, load_metrics, load_predictions, metric_values
@@ -62,18 +63,18 @@ class StatsOptions:
 
     def validate(self):
         if self.n_boot < 0:
-            raise ValueError(f"stats.n_boot must be >= 0, got {self.n_boot}")
+            raise InputError(f"stats.n_boot must be >= 0, got {self.n_boot}")
         if not isinstance(self.primary, dict):
-            raise ValueError(f"stats.primary must map a task to a list of metrics, got {self.primary!r}")
+            raise InputError(f"stats.primary must map a task to a list of metrics, got {self.primary!r}")
         for task, metrics in self.primary.items():
             if task not in TASK_METRICS:
-                raise KeyError(f"stats.primary: unknown task {task!r} (known: {', '.join(TASK_METRICS)})")
+                raise InputError(f"stats.primary: unknown task {task!r} (known: {', '.join(TASK_METRICS)})")
             if isinstance(metrics, str) or not isinstance(metrics, (list, tuple)):
-                raise ValueError(f"stats.primary.{task} must be a list of metrics, got {metrics!r}")
+                raise InputError(f"stats.primary.{task} must be a list of metrics, got {metrics!r}")
             for metric in metrics:
                 if metric not in TASK_METRICS[task]:
-                    raise KeyError(f"stats.primary.{task}: unknown metric {metric!r} "
-                                   f"(known: {', '.join(TASK_METRICS[task])})")
+                    raise InputError(f"stats.primary.{task}: unknown metric {metric!r} "
+                                     f"(known: {', '.join(TASK_METRICS[task])})")
 
 
 def format_mean_sd(mean: float, sd: float, decimals: int = 2) -> str:

@@ -12,6 +12,8 @@ import math
 import numpy as np
 import torch
 
+from nodulesynth.errors import InputError
+
 # --- schedules ---------------------------------------------------------------------------------
 
 
@@ -34,13 +36,13 @@ def named_betas(name: str, steps: int) -> np.ndarray:
         return linear_betas(steps)
     if name == "cosine":
         return cosine_betas(steps)
-    raise ValueError(f"unknown noise schedule {name!r} (linear or cosine)")
+    raise InputError(f"unknown noise schedule {name!r} (linear or cosine)")
 
 
 def spaced_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
     """`steps` evenly spread indices of the full schedule, first (0) and last (T-1) included."""
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"cannot respace {num_timesteps} steps to {steps}")
+        raise InputError(f"cannot respace {num_timesteps} steps to {steps}")
     if steps == 1:
         return np.array([num_timesteps - 1])
     stride = (num_timesteps - 1) / (steps - 1)
@@ -89,7 +91,7 @@ class GaussianDiffusion:
     def __init__(self, betas, timestep_map=None):
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or (betas <= 0).any() or (betas > 1).any():
-            raise ValueError("betas must be a 1-D array in (0, 1]")
+            raise InputError("betas must be a 1-D array in (0, 1]")
         self.betas = betas
         self.num_timesteps = len(betas)
         self.timestep_map = np.arange(self.num_timesteps) if timestep_map is None else np.asarray(timestep_map)

@@ -15,6 +15,7 @@ channel_mult [1, 2], num_res_blocks 1, attention_resolutions [32], spade_hidden 
 
 from dataclasses import asdict, dataclass, replace
 
+from nodulesynth.errors import InputError
 from nodulesynth.options import from_section
 
 SCHEDULES = ("linear", "cosine")
@@ -91,32 +92,32 @@ class SDMOptions:
                 value = (value,)
             object.__setattr__(self, name, tuple(value))
         if self.noise_schedule not in SCHEDULES:
-            raise ValueError(f"sdm.noise_schedule must be one of {SCHEDULES}, got {self.noise_schedule!r}")
+            raise InputError(f"sdm.noise_schedule must be one of {SCHEDULES}, got {self.noise_schedule!r}")
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"sdm.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+            raise InputError(f"sdm.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.attention not in ATTENTION:
-            raise ValueError(f"sdm.attention must be one of {ATTENTION}, got {self.attention!r}")
+            raise InputError(f"sdm.attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.image_size % 2 ** (len(self.channel_mult) - 1):
-            raise ValueError(f"sdm.image_size {self.image_size} is not divisible by "
+            raise InputError(f"sdm.image_size {self.image_size} is not divisible by "
                              f"2**{len(self.channel_mult) - 1} (len(channel_mult) - 1 downsamplings)")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"sdm.micro_batch_size must be at least 1 or null (the whole batch), "
+            raise InputError(f"sdm.micro_batch_size must be at least 1 or null (the whole batch), "
                              f"got {self.micro_batch_size}")
         if self.gpus < 1:
-            raise ValueError(f"sdm.gpus must be at least 1, got {self.gpus}")
+            raise InputError(f"sdm.gpus must be at least 1, got {self.gpus}")
         if self.batch_size % self.gpus:
-            raise ValueError(f"sdm.batch_size {self.batch_size} is not divisible by sdm.gpus {self.gpus}: each GPU "
+            raise InputError(f"sdm.batch_size {self.batch_size} is not divisible by sdm.gpus {self.gpus}: each GPU "
                              f"takes an equal share of every step's batch (choose a batch_size that is a multiple "
                              f"of gpus)")
         if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"sdm.grad_clip must be positive or null (no clipping), got {self.grad_clip}")
+            raise InputError(f"sdm.grad_clip must be positive or null (no clipping), got {self.grad_clip}")
         if not 0 <= self.finetune_steps <= self.max_steps:
-            raise ValueError(f"sdm.finetune_steps must be in [0, sdm.max_steps = {self.max_steps}], "
+            raise InputError(f"sdm.finetune_steps must be in [0, sdm.max_steps = {self.max_steps}], "
                              f"got {self.finetune_steps}")
         if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"sdm.drop_rate must be in [0, 1), got {self.drop_rate}")
+            raise InputError(f"sdm.drop_rate must be in [0, 1), got {self.drop_rate}")
         if self.sample_steps < 1 or self.sample_steps > self.diffusion_steps:
-            raise ValueError(f"sdm.sample_steps must be in [1, {self.diffusion_steps}], got {self.sample_steps}")
+            raise InputError(f"sdm.sample_steps must be in [1, {self.diffusion_steps}], got {self.sample_steps}")
 
     @classmethod
     def from_config(cls, config: dict | None) -> "SDMOptions":

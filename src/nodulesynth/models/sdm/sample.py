@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nodulesynth.errors import InputError
 from nodulesynth.models.checkpoints import load_checkpoint
 from nodulesynth.models.data import one_hot
 from nodulesynth.models.device import pick_device
@@ -45,7 +46,7 @@ def sample_images(model: SDMUNet, diffusion: GaussianDiffusion, labels: torch.Te
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
     if labels.ndim != 3:
-        raise ValueError(f"labels must be [B,S,S], got {tuple(labels.shape)}")
+        raise InputError(f"labels must be [B,S,S], got {tuple(labels.shape)}")
     cond = one_hot(labels, options.num_classes)
     cuda = device.type == "cuda"
     channels_last = (cuda and options.channels_last) if channels_last is None else channels_last

@@ -12,6 +12,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
+from nodulesynth.errors import InputError
 from nodulesynth.models.sdm.diffusion import GaussianDiffusion, split_output
 
 # One generator for the whole batch, or one per sample (the sampling rules': noise independent of the batch).
@@ -26,7 +27,7 @@ def randn(shape, generator: Noise, device) -> torch.Tensor:
     if isinstance(generator, torch.Generator):
         return torch.randn(shape, generator=generator, device=generator.device).to(device)
     if len(generator) != shape[0]:
-        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        raise InputError(f"{len(generator)} generators for a batch of {shape[0]}")
     return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
 
 
@@ -182,7 +183,7 @@ def sample(sampler: str, model_fn, diffusion: GaussianDiffusion, x: torch.Tensor
            generator: Noise, eta: float = 0.0) -> torch.Tensor:
     """Dispatch by name ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"); eta applies to DDIM."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; one of {sorted(SAMPLERS)}")
+        raise InputError(f"unknown sampler {sampler!r}; one of {sorted(SAMPLERS)}")
     if sampler == "ddim":
         return sample_ddim(model_fn, diffusion, x, steps, generator, eta=eta)
     return SAMPLERS[sampler](model_fn, diffusion, x, steps, generator)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from nodulesynth.errors import InputError
 from nodulesynth.models import distributed
 from nodulesynth.models.checkpoints import load_checkpoint, resume_refusal, save_checkpoint
 from nodulesynth.models.data import Prefetched, SlicePairs, data_summary, one_hot, training_data
@@ -155,11 +156,11 @@ class Trainer:
 
     def load_state_dict(self, state):
         if state.get("format") != FORMAT:
-            raise ValueError(f"not an SDM checkpoint (format {state.get('format')!r})")
+            raise InputError(f"not an SDM checkpoint (format {state.get('format')!r})")
         saved = SDMOptions.from_config(state["options"])
         changed = [k for k in SDMOptions.MODEL_KEYS if getattr(saved, k) != getattr(self.options, k)]
         if changed:
-            raise ValueError(f"checkpoint was trained with other sdm.{', sdm.'.join(changed)}: "
+            raise InputError(f"checkpoint was trained with other sdm.{', sdm.'.join(changed)}: "
                              "delete it to start over")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nodulesynth.errors import InputError
 from nodulesynth.models.sdm.options import SDMOptions
 
 
@@ -145,7 +146,7 @@ class AttentionBlock(Block):
         super().__init__()
         self.heads = max(1, channels // head_channels) if head_channels > 0 else 1
         if channels % self.heads:
-            raise ValueError(f"attention: {channels} channels not divisible into {self.heads} heads")
+            raise InputError(f"attention: {channels} channels not divisible into {self.heads} heads")
         self.impl = impl
         self.norm = group_norm(channels, groups)
         self.qkv = nn.Linear(channels, 3 * channels)

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nodulesynth.errors import InputError
+
 
 def d_hinge_loss(pred_real, pred_fake):
     """Discriminator hinge loss: mean over scales of E[relu(1 - D(real))] + E[relu(1 + D(fake))]."""
@@ -56,7 +58,7 @@ class VGGLoss(nn.Module):
     def __init__(self, weights_path):
         super().__init__()
         if not weights_path:
-            raise ValueError("the VGG perceptual loss needs a local VGG19 weights file (spade.vgg_weights); "
+            raise InputError("the VGG perceptual loss needs a local VGG19 weights file (spade.vgg_weights); "
                              "none can be downloaded here and random weights are refused")
         weights_path = Path(weights_path)
         if not weights_path.is_file():

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from nodulesynth.errors import InputError
 from nodulesynth.labels import NUM_CLASSES
 
 from .options import SPADEOptions
@@ -45,7 +46,7 @@ class SPADE(nn.Module):
         elif norm == "batch":
             self.param_free_norm = nn.BatchNorm2d(norm_nc, affine=False)
         else:
-            raise ValueError(f"unknown parameter-free norm {norm!r}")
+            raise InputError(f"unknown parameter-free norm {norm!r}")
         pad = kernel // 2
         self.mlp_shared = nn.Sequential(conv(label_nc, hidden, kernel, padding=pad), nn.ReLU())
         self.mlp_gamma = conv(hidden, norm_nc, kernel, padding=pad)
@@ -118,7 +119,7 @@ class SPADEGenerator(nn.Module):
 
     def forward(self, seg):
         if seg.shape[1] != self.label_nc or seg.shape[-1] != self.image_size or seg.shape[-2] != self.image_size:
-            raise ValueError(f"expected a one-hot map [B,{self.label_nc},{self.image_size},{self.image_size}], "
+            raise InputError(f"expected a one-hot map [B,{self.label_nc},{self.image_size},{self.image_size}], "
                              f"got {list(seg.shape)}")
         x = self.fc(F.interpolate(seg, size=(self.start_size, self.start_size), mode="nearest"))
         x = self.head_0(x, seg)

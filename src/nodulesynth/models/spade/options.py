@@ -8,6 +8,7 @@ PatchGAN, hinge loss, feature matching and VGG weights 10, TTUR Adam 1e-4/4e-4 w
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
+from nodulesynth.errors import InputError
 from nodulesynth.options import from_section
 
 # The paper's generator starts from a small map and upsamples by 2 five times for 256 px (8x8
@@ -83,17 +84,17 @@ class SPADEOptions:
 
     def validate(self):
         if self.image_size < 8:
-            raise ValueError(f"spade.image_size must be at least 8, got {self.image_size}")
+            raise InputError(f"spade.image_size must be at least 8, got {self.image_size}")
         up = self.upsampling
         if up < 1 or self.image_size % 2 ** up:
-            raise ValueError(f"spade.image_size {self.image_size} is not divisible by 2**num_upsampling ({up})")
+            raise InputError(f"spade.image_size {self.image_size} is not divisible by 2**num_upsampling ({up})")
         if self.norm_g not in NORMS:
-            raise ValueError(f"spade.norm_g must be one of {NORMS}, got {self.norm_g!r}")
+            raise InputError(f"spade.norm_g must be one of {NORMS}, got {self.norm_g!r}")
         for key in ("ngf", "ndf", "spade_hidden", "n_scales", "n_layers_d", "batch_size", "checkpoint_every",
                     "log_every", "sample_batch_size"):
             if getattr(self, key) < 1:
-                raise ValueError(f"spade.{key} must be positive, got {getattr(self, key)}")
+                raise InputError(f"spade.{key} must be positive, got {getattr(self, key)}")
         if self.max_steps < 0:
-            raise ValueError(f"spade.max_steps must be >= 0, got {self.max_steps}")
+            raise InputError(f"spade.max_steps must be >= 0, got {self.max_steps}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"spade.ema_decay must be in [0, 1), got {self.ema_decay}")
+            raise InputError(f"spade.ema_decay must be in [0, 1), got {self.ema_decay}")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nodulesynth.errors import InputError
 from nodulesynth.labels import NUM_CLASSES
 from nodulesynth.models.checkpoints import load_checkpoint
 from nodulesynth.models.data import one_hot
@@ -25,7 +26,7 @@ def load_spade(model_path, device="auto"):
     device = pick_device(device)
     state = load_checkpoint(model_path, map_location="cpu")
     if state.get("format") != FORMAT:
-        raise ValueError(f"{model_path}: not a SPADE model (format {state.get('format')!r})")
+        raise InputError(f"{model_path}: not a SPADE model (format {state.get('format')!r})")
     options = SPADEOptions.from_config(state["options"])
     generator = SPADEGenerator(options)
     generator.load_state_dict(state["generator"])
@@ -39,7 +40,7 @@ def generate(generator: SPADEGenerator, labels) -> np.ndarray:
     device = next(generator.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
     if labels.ndim != 3:
-        raise ValueError(f"labels must be [B,S,S], got {tuple(labels.shape)}")
+        raise InputError(f"labels must be [B,S,S], got {tuple(labels.shape)}")
     return to_uint8(generator(one_hot(labels, NUM_CLASSES))[:, 0])
 
 

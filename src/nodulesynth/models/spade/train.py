@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from nodulesynth.errors import InputError
 from nodulesynth.labels import NUM_CLASSES
 from nodulesynth.models.checkpoints import load_checkpoint, resume_refusal, save_checkpoint
 from nodulesynth.models.data import Prefetched, SlicePairs, data_summary, one_hot, training_data
@@ -139,11 +140,11 @@ class SPADETrainer:
 
     def load_state_dict(self, state: dict):
         if state.get("format") != FORMAT:
-            raise ValueError(f"not a SPADE checkpoint (format {state.get('format')!r})")
+            raise InputError(f"not a SPADE checkpoint (format {state.get('format')!r})")
         saved = state["options"]
         changed = [k for k in SPADEOptions.MODEL_KEYS if saved.get(k) != getattr(self.options, k)]
         if changed:
-            raise ValueError(f"checkpoint was trained with other network options ({', '.join(changed)}): "
+            raise InputError(f"checkpoint was trained with other network options ({', '.join(changed)}): "
                              "delete it to start over")
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
