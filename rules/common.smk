@@ -25,6 +25,7 @@ if not _gpu_slots and workflow.local_exec and not os.environ.get("SLURM_JOB_ID")
 if _gpu_slots:
     os.environ[SLOTS_VARIABLE] = str(int(_gpu_slots))
 from nodulesynth.data.folds import evaluation_scans, has_test_patients, read_folds, training_scans
+from nodulesynth.commands.downstream import TASK_COMMANDS
 from nodulesynth.downstream.datasets import ARMS, GENERATORS, TASKS, study_arms, study_image_size
 from nodulesynth.io import read_table
 from nodulesynth.models.distributed import launcher
@@ -144,6 +145,30 @@ def sdm_launcher():
 
 def sdm_sampling_params():
     return json.dumps({k: v for k, v in config["sdm"].items() if k in SDM_SAMPLING_KEYS}, sort_keys=True)
+
+
+# What the generator rules (wildcard generator) take from each generator's section. The SDM's sampling keys
+# are read by sampling only, so that a new guidance scale resamples without retraining; SPADE samples with its
+# model's own options.
+def generator_training_params(wildcards):
+    return sdm_training_params() if wildcards.generator == "sdm" else section("spade")
+
+
+def generator_sampling_args(wildcards):
+    return f"--params {shlex.quote(sdm_sampling_params())}" if wildcards.generator == "sdm" else ""
+
+
+# Read when the workflow is parsed: a batch_size that does not split over sdm.gpus stops it before any job.
+SDM_LAUNCHER = sdm_launcher()
+
+
+def generator_launcher(wildcards):
+    """torchrun for an SDM trained on several GPUs (sdm.gpus); nothing otherwise."""
+    return SDM_LAUNCHER if wildcards.generator == "sdm" else ""
+
+
+def generator_gpus(wildcards):
+    return config["sdm"]["gpus"] if wildcards.generator == "sdm" else 1
 
 
 def report_targets():

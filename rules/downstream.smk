@@ -35,19 +35,21 @@ rule downstream_dataset:
         "--params {params.downstream:q} --out {output} > {log} 2>&1"
 
 
-rule detect:
+rule downstream_model:
+    # Both tasks, one rule (wildcard task): detection (`nodulesynth detect`, mmpretrain SE-ResNet-101) and
+    # localization (`nodulesynth localize`, mmdet Faster R-CNN) take the same inputs and write the same files.
     input:
         data="results/downstream/data/{arm}/fold{fold}.npz",
         audit="results/audit/{arm}/fold{fold}.tsv",
     output:
-        metrics="results/downstream/detection/{arm}/fold{fold}/metrics.json",
-        predictions="results/downstream/detection/{arm}/fold{fold}/predictions.tsv",
-        model="results/downstream/detection/{arm}/fold{fold}/model.pth",
-        loss="results/downstream/detection/{arm}/fold{fold}/loss.tsv",
+        metrics="results/downstream/{task}/{arm}/fold{fold}/metrics.json",
+        predictions="results/downstream/{task}/{arm}/fold{fold}/predictions.tsv",
+        model="results/downstream/{task}/{arm}/fold{fold}/model.pth",
+        loss="results/downstream/{task}/{arm}/fold{fold}/loss.tsv",
     log:
-        "results/logs/detect/{arm}_{fold}.log",
+        "results/logs/downstream_model/{task}/{arm}_{fold}.log",
     benchmark:
-        "results/benchmarks/detect/{arm}_{fold}.tsv"
+        "results/benchmarks/downstream_model/{task}/{arm}_{fold}.tsv"
     retries: 2
     conda:
         "../envs/mmlab.yaml"
@@ -57,49 +59,16 @@ rule detect:
     resources:
         gpu=1,
         mem_mb=lambda wildcards, input, attempt: sizing.datasets_mem_mb(input.data, attempt),
-        runtime=lambda wildcards, input, threads, attempt: sizing.detect_runtime(
-            config["detection"], input.data, config["downstream"]["device"], threads, attempt
+        runtime=lambda wildcards, input, threads, attempt: sizing.task_runtime(
+            wildcards.task, config[wildcards.task], input.data, config["downstream"]["device"], threads, attempt
         ),
     params:
-        detection=section("detection"),
+        command=lambda wildcards: TASK_COMMANDS[wildcards.task],
+        options=lambda wildcards: section(wildcards.task),
         device=config["downstream"]["device"],
         work_dir=subpath(output.metrics, parent=True),
     shell:
-        "nodulesynth detect --data {input.data} --params {params.detection:q} --work-dir {params.work_dir} "
-        "--device {params.device} --threads {threads} > {log} 2>&1"
-
-
-rule localize:
-    input:
-        data="results/downstream/data/{arm}/fold{fold}.npz",
-        audit="results/audit/{arm}/fold{fold}.tsv",
-    output:
-        metrics="results/downstream/localization/{arm}/fold{fold}/metrics.json",
-        predictions="results/downstream/localization/{arm}/fold{fold}/predictions.tsv",
-        model="results/downstream/localization/{arm}/fold{fold}/model.pth",
-        loss="results/downstream/localization/{arm}/fold{fold}/loss.tsv",
-    log:
-        "results/logs/localize/{arm}_{fold}.log",
-    benchmark:
-        "results/benchmarks/localize/{arm}_{fold}.tsv"
-    retries: 2
-    conda:
-        "../envs/mmlab.yaml"
-    container:
-        config["containers"]["mmlab"]
-    threads: config["downstream"]["threads"]
-    resources:
-        gpu=1,
-        mem_mb=lambda wildcards, input, attempt: sizing.datasets_mem_mb(input.data, attempt),
-        runtime=lambda wildcards, input, threads, attempt: sizing.localize_runtime(
-            config["localization"], input.data, config["downstream"]["device"], threads, attempt
-        ),
-    params:
-        localization=section("localization"),
-        device=config["downstream"]["device"],
-        work_dir=subpath(output.metrics, parent=True),
-    shell:
-        "nodulesynth localize --data {input.data} --params {params.localization:q} --work-dir {params.work_dir} "
+        "nodulesynth {params.command} --data {input.data} --params {params.options:q} --work-dir {params.work_dir} "
         "--device {params.device} --threads {threads} > {log} 2>&1"
 
 

@@ -1,28 +1,28 @@
 # Generators: one SDM and one SPADE per fold, trained on that fold's training patients only
 # ("holdout": on all patients; its losses and mask fidelity are reported), then sampled on the same lesion
-# maps. Each fold's generators also sample its test patients' maps (sample_*_heldout): held-out fidelity and
-# the report's Figure 1.
-# GPU jobs: `gpu=1` asks SLURM for a GPU; without one they run on the CPU. train_sdm asks for sdm.gpus GPUs of one
-# node and runs a process on each (torchrun, nodulesynth.models.distributed).
+# maps. Each fold's generators also sample its test patients' maps (sample_generator_heldout): held-out fidelity
+# and the report's Figure 1. One rule per step for both generators (wildcard generator: sdm, spade).
+# GPU jobs: `gpu=1` asks SLURM for a GPU; without one they run on the CPU. The SDM's training asks for sdm.gpus
+# GPUs of one node and runs a process on each (torchrun, nodulesynth.models.distributed).
 
 
-rule train_sdm:
+rule train_generator:
     input:
         training_stacks,
     output:
-        model="results/generators/sdm/{fold}/model.pt",
-        scans="results/generators/sdm/{fold}/training_scans.tsv",
+        model="results/generators/{generator}/{fold}/model.pt",
+        scans="results/generators/{generator}/{fold}/training_scans.tsv",
         loss=report(
-            "results/generators/sdm/{fold}/loss.tsv",
+            "results/generators/{generator}/{fold}/loss.tsv",
             category="Generators",
-            subcategory="SDM",
-            labels={"generator": "sdm", "fold": "{fold}"},
+            subcategory="{generator}",
+            labels={"generator": "{generator}", "fold": "{fold}"},
             caption="captions/generator_loss.rst",
         ),
     log:
-        "results/logs/train_sdm/{fold}.log",
+        "results/logs/train_generator/{generator}/{fold}.log",
     benchmark:
-        "results/benchmarks/train_sdm/{fold}.tsv"
+        "results/benchmarks/train_generator/{generator}/{fold}.tsv"
     retries: 2
     conda:
         "../envs/generators.yaml"
@@ -30,34 +30,34 @@ rule train_sdm:
         config["containers"]["generators"]
     threads: config["generators"]["threads"]
     resources:
-        # sdm.gpus GPUs of one node: torchrun runs a process on each (params.launch), nothing for one GPU.
-        gpu=config["sdm"]["gpus"],
+        # the SDM on sdm.gpus GPUs of one node: torchrun runs a process on each (params.launch)
+        gpu=generator_gpus,
         mem_mb=16000,
-        runtime=lambda wildcards, threads, attempt: sizing.train_sdm_runtime(
-            config["sdm"], config["generators"]["device"], threads, attempt
+        runtime=lambda wildcards, threads, attempt: sizing.train_generator_runtime(
+            wildcards.generator, config, config["generators"]["device"], threads, attempt
         ),
         # the training slices staged as uint8 memory maps under $TMPDIR (--tmp on SLURM)
-        disk_mb=lambda wildcards, input: sizing.staging_disk_mb(input, config["sdm"]["image_size"]),
+        disk_mb=lambda wildcards, input: sizing.staging_disk_mb(input, config[wildcards.generator]["image_size"]),
     params:
-        sdm=sdm_training_params(),
-        launch=sdm_launcher(),
+        options=generator_training_params,
+        launch=generator_launcher,
         out_dir=subpath(output.model, parent=True),
         device=config["generators"]["device"],
     shell:
-        "{params.launch} nodulesynth train-sdm --slices {input} --params {params.sdm:q} --out-dir {params.out_dir} "
-        "--device {params.device} --threads {threads} > {log} 2>&1"
+        "{params.launch} nodulesynth train-{wildcards.generator} --slices {input} --params {params.options:q} "
+        "--out-dir {params.out_dir} --device {params.device} --threads {threads} > {log} 2>&1"
 
 
-rule sample_sdm:
+rule sample_generator:
     input:
-        model="results/generators/sdm/{fold}/model.pt",
+        model="results/generators/{generator}/{fold}/model.pt",
         stacks=training_stacks,
     output:
-        directory("results/synth/sdm/{fold}"),
+        directory("results/synth/{generator}/{fold}"),
     log:
-        "results/logs/sample_sdm/{fold}.log",
+        "results/logs/sample_generator/{generator}/{fold}.log",
     benchmark:
-        "results/benchmarks/sample_sdm/{fold}.tsv"
+        "results/benchmarks/sample_generator/{generator}/{fold}.tsv"
     retries: 2
     conda:
         "../envs/generators.yaml"
@@ -67,117 +67,32 @@ rule sample_sdm:
     resources:
         gpu=1,
         mem_mb=16000,
-        runtime=lambda wildcards, input, threads, attempt: sizing.sample_sdm_runtime(
-            config["sdm"], config["synthesis"], input.stacks, config["generators"]["device"], threads, attempt
+        runtime=lambda wildcards, input, threads, attempt: sizing.sample_generator_runtime(
+            wildcards.generator, config, input.stacks, config["generators"]["device"], threads, attempt
         ),
     params:
-        sampling=sdm_sampling_params(),
+        sampling=generator_sampling_args,
         synthesis=section("synthesis"),
         device=config["generators"]["device"],
     shell:
-        "nodulesynth sample-sdm --model {input.model} --fold {wildcards.fold} --slices {input.stacks} "
-        "--params {params.sampling:q} "
-        "--synthesis {params.synthesis:q} --out-dir {output} "
-        "--device {params.device} --threads {threads} > {log} 2>&1"
-
-
-rule train_spade:
-    input:
-        training_stacks,
-    output:
-        model="results/generators/spade/{fold}/model.pt",
-        scans="results/generators/spade/{fold}/training_scans.tsv",
-        loss=report(
-            "results/generators/spade/{fold}/loss.tsv",
-            category="Generators",
-            subcategory="SPADE",
-            labels={"generator": "spade", "fold": "{fold}"},
-            caption="captions/generator_loss.rst",
-        ),
-    log:
-        "results/logs/train_spade/{fold}.log",
-    benchmark:
-        "results/benchmarks/train_spade/{fold}.tsv"
-    retries: 2
-    conda:
-        "../envs/generators.yaml"
-    container:
-        config["containers"]["generators"]
-    threads: config["generators"]["threads"]
-    resources:
-        gpu=1,
-        mem_mb=16000,
-        runtime=lambda wildcards, threads, attempt: sizing.train_spade_runtime(
-            config["spade"], config["generators"]["device"], threads, attempt
-        ),
-        disk_mb=lambda wildcards, input: sizing.staging_disk_mb(input, config["spade"]["image_size"]),
-    params:
-        spade=section("spade"),
-        out_dir=subpath(output.model, parent=True),
-        device=config["generators"]["device"],
-    shell:
-        "nodulesynth train-spade --slices {input} --params {params.spade:q} --out-dir {params.out_dir} "
-        "--device {params.device} --threads {threads} > {log} 2>&1"
-
-
-rule sample_spade:
-    input:
-        model="results/generators/spade/{fold}/model.pt",
-        stacks=training_stacks,
-    output:
-        directory("results/synth/spade/{fold}"),
-    log:
-        "results/logs/sample_spade/{fold}.log",
-    benchmark:
-        "results/benchmarks/sample_spade/{fold}.tsv"
-    retries: 2
-    conda:
-        "../envs/generators.yaml"
-    container:
-        config["containers"]["generators"]
-    threads: config["generators"]["threads"]
-    resources:
-        gpu=1,
-        mem_mb=16000,
-        runtime=lambda wildcards, input, threads, attempt: sizing.sample_spade_runtime(
-            config["spade"], config["synthesis"], input.stacks, config["generators"]["device"], threads, attempt
-        ),
-    params:
-        synthesis=section("synthesis"),
-        device=config["generators"]["device"],
-    shell:
-        "nodulesynth sample-spade --model {input.model} --fold {wildcards.fold} --slices {input.stacks} "
-        "--synthesis {params.synthesis:q} --out-dir {output} "
+        "nodulesynth sample-{wildcards.generator} --model {input.model} --fold {wildcards.fold} "
+        "--slices {input.stacks} {params.sampling} --synthesis {params.synthesis:q} --out-dir {output} "
         "--device {params.device} --threads {threads} > {log} 2>&1"
 
 
 # The fold's generators on its test patients' maps: evaluation only (held-out mask fidelity, the report's
 # Figure 1). Written outside results/synth/, which the downstream arms draw on, so nothing sampled here
 # reaches a training set.
-use rule sample_sdm as sample_sdm_heldout with:
+use rule sample_generator as sample_generator_heldout with:
     input:
-        model="results/generators/sdm/{fold}/model.pt",
+        model="results/generators/{generator}/{fold}/model.pt",
         stacks=heldout_stacks,
     output:
-        directory("results/synth_heldout/sdm/{fold}"),
+        directory("results/synth_heldout/{generator}/{fold}"),
     log:
-        "results/logs/sample_sdm_heldout/{fold}.log",
+        "results/logs/sample_generator_heldout/{generator}/{fold}.log",
     benchmark:
-        "results/benchmarks/sample_sdm_heldout/{fold}.tsv"
-    wildcard_constraints:
-        fold=r"\d+",
-
-
-use rule sample_spade as sample_spade_heldout with:
-    input:
-        model="results/generators/spade/{fold}/model.pt",
-        stacks=heldout_stacks,
-    output:
-        directory("results/synth_heldout/spade/{fold}"),
-    log:
-        "results/logs/sample_spade_heldout/{fold}.log",
-    benchmark:
-        "results/benchmarks/sample_spade_heldout/{fold}.tsv"
+        "results/benchmarks/sample_generator_heldout/{generator}/{fold}.tsv"
     wildcard_constraints:
         fold=r"\d+",
 

@@ -25,13 +25,11 @@ STANDINS = REPO / "tests" / "standins"
 RULES = {
     "data": ["cohort", "ingest", "masks", "qc", "manifest", "folds", "fidelity", "downstream_dataset", "audit",
              "leakage"],
-    "generators": ["train_sdm", "sample_sdm", "sample_sdm_heldout", "train_spade", "sample_spade",
-                   "sample_spade_heldout"],
-    "mmlab": ["detect", "localize", "realism"],
+    "generators": ["train_generator", "sample_generator", "sample_generator_heldout"],
+    "mmlab": ["downstream_model", "realism"],
     "report": ["stats", "report", "report_pdf"],
 }
-GPU_RULES = {"train_sdm", "sample_sdm", "sample_sdm_heldout", "train_spade", "sample_spade", "sample_spade_heldout",
-             "detect", "localize", "realism"}
+GPU_RULES = {"train_generator", "sample_generator", "sample_generator_heldout", "downstream_model", "realism"}
 
 
 lockreq = load_script("lock_requirements")
@@ -71,8 +69,8 @@ def test_every_rule_runs_in_its_step_groups_image_and_env():
         container = directive(block, "container", r'config\["containers"\]\["(\w+)"\]')
         conda = directive(block, "conda", r'"\.\./envs/(\w+)\.yaml"')
         assert (container, conda) == (expected[rule],) * 2, f"rule {rule}: container {container}, conda {conda}"
-        # train_sdm asks for sdm.gpus GPUs, every other GPU rule for one
-        gpu = re.search(r'^        gpu=(1|config\["sdm"\]\["gpus"\]),$', block, re.M) is not None
+        # train_generator asks for sdm.gpus GPUs for the SDM (generator_gpus), every other GPU rule for one
+        gpu = re.search(r'^        gpu=(1|generator_gpus),$', block, re.M) is not None
         assert gpu == (rule in GPU_RULES), f"rule {rule}: gpu=1 {'declared' if gpu else 'missing'}"
 
 
@@ -305,13 +303,26 @@ def test_each_step_group_holds_what_its_rules_import():
     for group, rules in RULES.items():
         closure = dependency_closure(lockreq.GROUPS[group]) | {"nodulesynth"}
         for rule in rules:
-            command = re.search(r'"(?:\{params\.launch\} )?nodulesynth ([a-z-]+) ', blocks[rule]).group(1)
-            names = command_imports(command)
-            ours = {n for n in names if n.split(".")[0] == "nodulesynth"}
-            theirs = {n.split(".")[0] for n in names - ours} - set(sys.stdlib_module_names)
-            needed = theirs | third_party_imports(ours)
-            dists = {lockreq.normalize(d) for top in needed for d in distributions.get(top, [top])}
-            assert not dists - closure, f"rule {rule} ({group} image) imports {sorted(dists - closure)}"
+            for command in rule_commands(blocks[rule]):
+                names = command_imports(command)
+                ours = {n for n in names if n.split(".")[0] == "nodulesynth"}
+                theirs = {n.split(".")[0] for n in names - ours} - set(sys.stdlib_module_names)
+                needed = theirs | third_party_imports(ours)
+                dists = {lockreq.normalize(d) for top in needed for d in distributions.get(top, [top])}
+                assert not dists - closure, f"rule {rule} ({group} image) imports {sorted(dists - closure)}"
+
+
+def rule_commands(block) -> list:
+    """The `nodulesynth` commands a rule's shell runs: each value of its wildcard where the command names one."""
+    from nodulesynth.commands.downstream import TASK_COMMANDS
+    from nodulesynth.downstream.datasets import GENERATORS
+
+    command = re.search(r'nodulesynth ([a-z{}._-]+) ', block).group(1)
+    if "{wildcards.generator}" in command:
+        return [command.replace("{wildcards.generator}", generator) for generator in GENERATORS]
+    if command == "{params.command}":  # downstream_model: params.command is TASK_COMMANDS[task]
+        return list(TASK_COMMANDS.values())
+    return [command]
 
 
 # --- Snakemake's apptainer command lines ----------------------------------------------------------------------
@@ -343,7 +354,8 @@ def exec_calls(log):
 
 
 def test_use_singularity_runs_each_rule_in_its_groups_image(tmp_path, monkeypatch):
-    """The first rules of the demo and one GPU rule (train_sdm, 2 steps), through `--use-singularity`."""
+    """The first rules of the demo and one GPU rule (train_generator for the SDM, 2 steps), through
+    `--use-singularity`."""
     images = tmp_path / "images"
     images.mkdir()
     for group in ("data", "mmlab", "report"):

@@ -228,11 +228,13 @@ def test_a_changed_value_reruns_only_what_uses_it(demo_run, tmp_path):
     config["sdm"]["guidance_scale"] = 2.0  # a sampling value: sampling reruns, training does not
     qc.write_text(yaml.safe_dump(config))
     # ... and what uses the SDM's slices: arm C's data, audit, models and the realism table; not arm A or B.
-    assert dry_run_jobs(work, qc) == {"sample_sdm", "sample_sdm_heldout", "fidelity", "downstream_dataset", "audit",
-                                      "leakage", "detect", "localize", "realism", "stats", "report", "all"}
+    assert dry_run_jobs(work, qc) == {"sample_generator", "sample_generator_heldout", "fidelity", "downstream_dataset",
+                                      "audit", "leakage", "downstream_model", "realism", "stats", "report", "all"}
     dry = run_bare(work, "--configfile", str(qc), "-n")
-    arms = set(re.findall(r"wildcards: arm=([ABCPN])", dry.stdout + dry.stderr))
+    arms = set(re.findall(r"wildcards: [^\n]*\barm=([ABCPN])", dry.stdout + dry.stderr))
     assert arms == {"C"}, arms
+    generators = set(re.findall(r"wildcards: [^\n]*\bgenerator=(\w+)", dry.stdout + dry.stderr))
+    assert generators == {"sdm"}, generators  # SPADE's samples are not redrawn
 
     masks = small_config(tmp_path, min_lung_area_mm2=150)
     jobs = dry_run_jobs(work, masks)
@@ -244,7 +246,7 @@ def test_a_changed_value_reruns_only_what_uses_it(demo_run, tmp_path):
     config["window"]["max_hu"] = 500
     qc.write_text(yaml.safe_dump(config))
     jobs = dry_run_jobs(work, qc)
-    assert {"ingest", "masks", "manifest", "folds", "train_sdm", "train_spade", "sample_sdm", "detect", "localize", "stats",
+    assert {"ingest", "masks", "manifest", "folds", "train_generator", "sample_generator", "downstream_model", "stats",
             "report"} <= jobs
     assert "cohort" not in jobs
 
@@ -338,7 +340,7 @@ def test_a_job_killed_midway_reruns_cleanly(demo_run, tmp_path):
     assert 8 <= killed_at < 40
 
     run_bare(work, *target)
-    log = (work / "results/logs/train_sdm/0.log").read_text()
+    log = (work / "results/logs/train_generator/sdm/0.log").read_text()
     assert re.search(rf"resumed from \S*checkpoint.pt at step {killed_at}\b", log), log[-2000:]
     assert torch.load(out / "model.pt", map_location="cpu", weights_only=False)["step"] == 40
     loss = pd.read_csv(out / "loss.tsv", sep="\t")

@@ -275,6 +275,23 @@ def sample_spade_runtime(spade: dict, synthesis: dict, stacks, device: str, thre
     return gpu_runtime(flops, "tf32", device, threads, attempt)
 
 
+
+def train_generator_runtime(generator: str, config: dict, device: str, threads: int, attempt: int = 1) -> int:
+    """The rule train_generator's runtime: train_sdm_runtime or train_spade_runtime from the generator's section."""
+    runtimes = {"sdm": train_sdm_runtime, "spade": train_spade_runtime}
+    if generator not in runtimes:
+        raise InputError(f"generator {generator!r}: expected one of {', '.join(runtimes)}")
+    return runtimes[generator](config.get(generator, {}), device, threads, attempt)
+
+
+def sample_generator_runtime(generator: str, config: dict, stacks, device: str, threads: int, attempt: int = 1) -> int:
+    """The rule sample_generator's runtime: sample_sdm_runtime or sample_spade_runtime."""
+    runtimes = {"sdm": sample_sdm_runtime, "spade": sample_spade_runtime}
+    if generator not in runtimes:
+        raise InputError(f"generator {generator!r}: expected one of {', '.join(runtimes)}")
+    return runtimes[generator](config.get(generator, {}), config.get("synthesis", {}), stacks, device, threads,
+                               attempt)
+
 def detect_runtime(detection: dict, data, device: str, threads: int, attempt: int = 1) -> int:
     """detect: the schedule (AMP: the bf16 rate) and the dataset's test slices; reading the dataset."""
     from nodulesynth.cost import detection_job_flops
@@ -301,6 +318,15 @@ def localize_runtime(localization: dict, data, device: str, threads: int, attemp
     flops = localization_job_flops(options, counts["size"], counts["test"])
     return gpu_runtime(flops, "bf16", device, threads, attempt, read_bytes=2 * datasets_bytes(data),
                        iterations=options.total_iters)
+
+
+
+def task_runtime(task: str, section: dict, data, device: str, threads: int, attempt: int = 1) -> int:
+    """The rule downstream_model's runtime for `task` (detection or localization) from its config section."""
+    runtimes = {"detection": detect_runtime, "localization": localize_runtime}
+    if task not in runtimes:
+        raise InputError(f"downstream task {task!r}: expected one of {', '.join(runtimes)}")
+    return runtimes[task](section, data, device, threads, attempt)
 
 
 def realism_runtime(detection: dict, datasets, device: str, threads: int, attempt: int = 1) -> int:

@@ -10,6 +10,9 @@ from nodulesynth.errors import InputError
 
 log = logging.getLogger("nodulesynth")
 
+# The command that trains and tests each downstream task (downstream.datasets.TASKS; the rule downstream_model).
+TASK_COMMANDS = {"detection": "detect", "localization": "localize"}
+
 
 def cmd_downstream_dataset(args):
     from nodulesynth.data.folds import evaluation_scans, read_folds, training_scans
@@ -78,8 +81,10 @@ def cmd_localize(args):
 
 
 def task_parsers(sub):
-    for name, func, helptext in (("detect", cmd_detect, "train and test the nodule classifier (mmpretrain)"),
-                                 ("localize", cmd_localize, "train and test the nodule localizer (mmdet)")):
+    for name, func, helptext in ((TASK_COMMANDS["detection"], cmd_detect,
+                                  "train and test the nodule classifier (mmpretrain)"),
+                                 (TASK_COMMANDS["localization"], cmd_localize,
+                                  "train and test the nodule localizer (mmdet)")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--data", required=True, help="results/downstream/data/{arm}/fold{k}.npz")
         p.add_argument("--params", type=json_section, default={}, help="the config's detection/localization section")
