@@ -1,11 +1,14 @@
 """Options dataclasses from config sections: one reading of a section for every stage's options.
 
-`from_section(cls, section, name)` turns a config section (a dict from YAML or the rules' JSON params) into
+A stage's options are a dataclass deriving from `SectionOptions`, naming its section in `SECTION` (as NVlabs/SPADE
+keeps an options class beside each model); `Options.from_config(section)` reads it, validation is the
+dataclass's `__post_init__`. `from_section(cls, section, name)` turns a config section (a dict from YAML or the rules' JSON params) into
 keyword arguments of the dataclass `cls`: a key that is not one of its fields is an error naming
 `name.key`, and each value is coerced to the field's annotated type, because PyYAML reads "1e-4" as a string
 (it wants "1.0e-4") and JSON has no tuples.
 """
 
+import dataclasses
 import types
 import typing
 from dataclasses import fields
@@ -22,6 +25,24 @@ def from_section(cls, section, name: str):
         if key not in known:
             raise InputError(f"unknown option {name}.{key} (known: {', '.join(sorted(known))})")
     return cls(**{key: coerce(value, hints[key], f"{name}.{key}") for key, value in section.items()})
+
+
+class SectionOptions:
+    """Mixin of a config section's options dataclass: `SECTION = "name"` in the subclass (no annotation: not a
+    field), then `from_config`, `to_dict` and `replace` for every stage alike."""
+
+    SECTION = ""
+
+    @classmethod
+    def from_config(cls, section: dict | None = None):
+        """Options from the config section (a dict, or None for the defaults); an unknown key is an error."""
+        return from_section(cls, section, cls.SECTION)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
 
 
 def coerce(value, hint, where: str):

@@ -59,24 +59,25 @@ def _write_downstream(work_dir, metrics, predictions, dataset):
 
 
 def cmd_detect(args):
-    torch_threads(args)
-    from nodulesynth.downstream.datasets import load_dataset
     from nodulesynth.downstream.detection import DetectionOptions, run_detection
 
-    dataset = load_dataset(args.data)
-    options = replace(DetectionOptions.from_config(args.params), num_workers=loader_workers(args))
-    metrics, predictions = run_detection(dataset, options, args.work_dir, device=args.device)
-    _write_downstream(args.work_dir, metrics, predictions, dataset)
+    _train_and_test(args, DetectionOptions, run_detection)
 
 
 def cmd_localize(args):
-    torch_threads(args)
-    from nodulesynth.downstream.datasets import load_dataset
     from nodulesynth.downstream.localization import LocalizationOptions, run_localization
 
+    _train_and_test(args, LocalizationOptions, run_localization)
+
+
+def _train_and_test(args, options_class, run):
+    """A task's model trained and tested on an arm's dataset: metrics.json, predictions.tsv and the model."""
+    torch_threads(args)
+    from nodulesynth.downstream.datasets import load_dataset
+
     dataset = load_dataset(args.data)
-    options = replace(LocalizationOptions.from_config(args.params), num_workers=loader_workers(args))
-    metrics, predictions = run_localization(dataset, options, args.work_dir, device=args.device)
+    options = replace(options_class.from_config(args.params), num_workers=loader_workers(args))
+    metrics, predictions = run(dataset, options, args.work_dir, device=args.device)
     _write_downstream(args.work_dir, metrics, predictions, dataset)
 
 

@@ -19,7 +19,7 @@ from nodulesynth.data.dicom_series import TILTED_POLICIES, VARIABLE_SPACING_POLI
 from nodulesynth.data.slices import load_slice_info
 from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path, read_tsv
-from nodulesynth.options import from_section
+from nodulesynth.options import SectionOptions
 
 # files: a list of the series' files (one path a line; empty: every file of dicom_dir, as for LIDC-IDRI).
 SCAN_COLUMNS = ["scan_id", "patient_id", "series_uid", "dicom_dir", "files"]
@@ -36,10 +36,12 @@ SOURCES = ("demo", "lidc", "dicom")
 
 
 @dataclass(frozen=True)
-class CohortOptions:
+class CohortOptions(SectionOptions):
     """The config's `cohort` section (schemas/config.schema.yaml): where the scans come from and how they are read.
 
     `demo` holds write_demo_cohort's keyword arguments (n_scans, image_size, ...); unset ones take its defaults."""
+
+    SECTION = "cohort"
 
     source: str = "demo"
     demo: dict = field(default_factory=dict)
@@ -50,10 +52,6 @@ class CohortOptions:
     reconstruction: str = "thinnest"
     tilted: str = "reject"
     variable_spacing: str = "reject"
-
-    @classmethod
-    def from_config(cls, section: dict | None):
-        return from_section(cls, section, "cohort")
 
     def __post_init__(self):
         if self.patient_id not in PATIENT_ID_SOURCES:
@@ -69,15 +67,13 @@ class CohortOptions:
 
 
 @dataclass(frozen=True)
-class NoduleOptions:
+class NoduleOptions(SectionOptions):
     """The config's `nodules` section: which annotated findings count as nodules (LUNA16's rule by default)."""
+
+    SECTION = "nodules"
 
     min_readers: int = 3
     min_diameter_mm: float = 3.0
-
-    @classmethod
-    def from_config(cls, section: dict | None):
-        return from_section(cls, section, "nodules")
 
 
 def _safe_id(text):

@@ -10,21 +10,19 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from nodulesynth.errors import InputError
 from nodulesynth.io import read_table
-from nodulesynth.options import from_section
+from nodulesynth.options import SectionOptions
 
 FOLD_COLUMNS = ["patient_id", "fold"]  # schemas/folds.schema.yaml
 
 
 @dataclass(frozen=True)
-class FoldOptions:
+class FoldOptions(SectionOptions):
     """The config's `folds` section."""
+
+    SECTION = "folds"
 
     k: int = 5
     seed: int = 0
-
-    @classmethod
-    def from_config(cls, section: dict | None):
-        return from_section(cls, section, "folds")
 
 
 def patient_has_nodule(stack_paths) -> pd.Series:

@@ -10,14 +10,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from nodulesynth.errors import InputError
-from nodulesynth.options import from_section
+from nodulesynth.options import SectionOptions
 
 DEFAULT_WINDOW = (-1000.0, 400.0)  # config.yaml window.min_hu, window.max_hu
 
 
 @dataclass(frozen=True)
-class WindowOptions:
+class WindowOptions(SectionOptions):
     """The config's `window` section: the HU range mapped onto 0..255."""
+
+    SECTION = "window"
 
     min_hu: float = DEFAULT_WINDOW[0]
     max_hu: float = DEFAULT_WINDOW[1]
@@ -29,7 +31,7 @@ class WindowOptions:
 
 def window_from_config(cfg: dict | None) -> tuple[float, float]:
     """The config's `window` section -> (min_hu, max_hu); unknown keys and an empty window are errors."""
-    options = from_section(WindowOptions, cfg, "window")
+    options = WindowOptions.from_config(cfg)
     return options.min_hu, options.max_hu
 
 

@@ -14,11 +14,15 @@ from sklearn.cluster import KMeans
 from nodulesynth import labels as L
 from nodulesynth.data.window import DEFAULT_WINDOW, hu_to_level
 from nodulesynth.errors import InputError
-from nodulesynth.options import from_section
+from nodulesynth.options import SectionOptions
 
 
 @dataclass
-class MaskOptions:
+class MaskOptions(SectionOptions):
+    """The config's `masks` section: the lesion maps' segmentation settings."""
+
+    SECTION = "masks"
+
     body_threshold: int = 127          # windowed value; the study's body threshold
     lung_threshold_hu: float = -400    # air-like voxels inside the body
     min_lung_volume_ml: float = 100.0  # a scan with no air region this large has no lung
@@ -26,10 +30,6 @@ class MaskOptions:
     trachea_min_area_mm2: float = 20.0
     trachea_max_area_mm2: float = 800.0
     trachea_search_fraction: float = 0.35  # the trachea is sought in this top fraction of slices
-
-    @classmethod
-    def from_config(cls, cfg: dict | None):
-        return from_section(cls, cfg, "masks")
 
 
 def body_mask_2d(image, threshold=127):

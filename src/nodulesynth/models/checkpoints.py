@@ -2,6 +2,7 @@
 
 import torch
 
+from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path
 
 
@@ -52,3 +53,14 @@ def resume_refusal(state: dict, options: dict, data: dict, resumable=(), section
     if changed:
         return "it was trained with other " + ", ".join(f"{section}.{key}" for key in changed)
     return data_change(state.get("data"), data)
+
+
+def check_network(state: dict, fmt: str, options, what: str):
+    """A checkpoint `state` of format `fmt` whose network (options.MODEL_KEYS) is the one `options` build: else an
+    InputError naming the keys that differ. `what` names the model in the message ("an SDM", "a SPADE")."""
+    if state.get("format") != fmt:
+        raise InputError(f"not {what} checkpoint (format {state.get('format')!r})")
+    saved = type(options).from_config(state["options"])
+    changed = [f"{options.SECTION}.{key}" for key in options.MODEL_KEYS if getattr(saved, key) != getattr(options, key)]
+    if changed:
+        raise InputError(f"checkpoint was trained with other {', '.join(changed)}: delete it to start over")

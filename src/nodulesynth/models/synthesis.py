@@ -7,7 +7,7 @@ import shutil
 import sys
 import zipfile
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -20,24 +20,19 @@ from nodulesynth.io import file_sha256
 from nodulesynth.labels import NODULE
 from nodulesynth.models.records import progress
 from nodulesynth.models.transplant import choose_maps, nodule_shapes
-from nodulesynth.options import from_section
+from nodulesynth.options import SectionOptions
 
 
 @dataclass(frozen=True)
-class SynthesisOptions:
+class SynthesisOptions(SectionOptions):
     """The config's `synthesis` section: which maps both generators synthesise (schemas/config.schema.yaml)."""
+
+    SECTION = "synthesis"
 
     mask_source: str = "real"
     max_slices_per_scan: Optional[int] = 4
     nodule_maps_per_scan: Optional[int] = None
     seed: int = 0
-
-    @classmethod
-    def from_config(cls, section: dict | None):
-        return from_section(cls, section, "synthesis")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path, write_tsv
-from nodulesynth.options import from_section
+from nodulesynth.options import SectionOptions
 from nodulesynth.stats.inputs import ARMS, TASKS, is_proportion, load_metrics, load_predictions, metric_values
 from nodulesynth.stats.paired import (bootstrap_comparisons, detection_evaluator, five_fold_caveat, holm,
                                       paired_tests, paired_values, t_interval)
@@ -46,8 +46,10 @@ ADJUSTED_P = "nb_ttest_p"
 
 
 @dataclass
-class StatsOptions:
+class StatsOptions(SectionOptions):
     """The `stats` config section (defaults: the study's)."""
+
+    SECTION = "stats"
 
     n_boot: int = 2000  # patient-bootstrap resamples (0 skips the bootstrap)
     seed: int = 0
@@ -55,13 +57,7 @@ class StatsOptions:
     # is exploratory
     primary: dict = field(default_factory=lambda: {"detection": ["auc"], "localization": ["cpm"]})
 
-    @classmethod
-    def from_config(cls, section: dict | None):
-        options = from_section(cls, section, "stats")
-        options.validate()
-        return options
-
-    def validate(self):
+    def __post_init__(self):
         if self.n_boot < 0:
             raise InputError(f"stats.n_boot must be >= 0, got {self.n_boot}")
         if not isinstance(self.primary, dict):

@@ -13,10 +13,10 @@ A CPU demo overrides the size keys from the config (e.g. image_size 64, model_ch
 channel_mult [1, 2], num_res_blocks 1, attention_resolutions [32], spade_hidden 32).
 """
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 from nodulesynth.errors import InputError
-from nodulesynth.options import from_section
+from nodulesynth.options import SectionOptions
 
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")  # models/sdm/samplers.py
@@ -24,7 +24,9 @@ ATTENTION = ("sdpa", "plain")
 
 
 @dataclass(frozen=True)
-class SDMOptions:
+class SDMOptions(SectionOptions):
+
+    SECTION = "sdm"
     # --- network ---
     image_size: int = 256
     in_channels: int = 1                # one CT channel
@@ -118,17 +120,6 @@ class SDMOptions:
             raise InputError(f"sdm.drop_rate must be in [0, 1), got {self.drop_rate}")
         if self.sample_steps < 1 or self.sample_steps > self.diffusion_steps:
             raise InputError(f"sdm.sample_steps must be in [1, {self.diffusion_steps}], got {self.sample_steps}")
-
-    @classmethod
-    def from_config(cls, config: dict | None) -> "SDMOptions":
-        """Options from the `sdm:` section of the config; an unknown key is a KeyError naming it."""
-        return from_section(cls, config, "sdm")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def replace(self, **changes) -> "SDMOptions":
-        return replace(self, **changes)
 
     @property
     def gpu_batch_size(self) -> int:

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import torch
 
-from nodulesynth.errors import InputError
 from nodulesynth.models import distributed
-from nodulesynth.models.checkpoints import load_checkpoint, resume_refusal, save_checkpoint
+from nodulesynth.models.checkpoints import check_network, load_checkpoint, resume_refusal, save_checkpoint
 from nodulesynth.models.data import Prefetched, SlicePairs, data_summary, one_hot, training_data
 from nodulesynth.models.device import pick_device
 from nodulesynth.models.distributed import Ranks
@@ -155,13 +154,7 @@ class Trainer:
                 "ema": self.ema.state_dict()}
 
     def load_state_dict(self, state):
-        if state.get("format") != FORMAT:
-            raise InputError(f"not an SDM checkpoint (format {state.get('format')!r})")
-        saved = SDMOptions.from_config(state["options"])
-        changed = [k for k in SDMOptions.MODEL_KEYS if getattr(saved, k) != getattr(self.options, k)]
-        if changed:
-            raise InputError(f"checkpoint was trained with other sdm.{', sdm.'.join(changed)}: "
-                             "delete it to start over")
+        check_network(state, FORMAT, self.options, "an SDM")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])

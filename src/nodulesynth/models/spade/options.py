@@ -5,11 +5,11 @@ PatchGAN, hinge loss, feature matching and VGG weights 10, TTUR Adam 1e-4/4e-4 w
 0/0.9). The CPU demo overrides width, size and steps in its config.
 """
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 from nodulesynth.errors import InputError
-from nodulesynth.options import from_section
+from nodulesynth.options import SectionOptions
 
 # The paper's generator starts from a small map and upsamples by 2 five times for 256 px (8x8
 # start); a derived upsampling count keeps that 8-pixel start at any power-of-two size.
@@ -18,7 +18,9 @@ NORMS = ("instance", "batch")
 
 
 @dataclass(frozen=True)
-class SPADEOptions:
+class SPADEOptions(SectionOptions):
+
+    SECTION = "spade"
     image_size: int = 256             # training/sampling resolution (slices are resized to it)
     ngf: int = 64                     # generator width of the last block (the first has up to 16 x ngf)
     ndf: int = 64                     # discriminator width of the first layer
@@ -57,17 +59,6 @@ class SPADEOptions:
 
     def __post_init__(self):
         self.validate()
-
-    @classmethod
-    def from_config(cls, config: Optional[dict] = None) -> "SPADEOptions":
-        """Options from the `spade:` config section; an unknown key is an error, not ignored."""
-        return from_section(cls, config, "spade")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def replace(self, **changes) -> "SPADEOptions":
-        return replace(self, **changes)
 
     @property
     def upsampling(self) -> int:

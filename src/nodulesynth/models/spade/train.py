@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from nodulesynth.errors import InputError
 from nodulesynth.labels import NUM_CLASSES
-from nodulesynth.models.checkpoints import load_checkpoint, resume_refusal, save_checkpoint
+from nodulesynth.models.checkpoints import check_network, load_checkpoint, resume_refusal, save_checkpoint
 from nodulesynth.models.data import Prefetched, SlicePairs, data_summary, one_hot, training_data
 from nodulesynth.models.device import pick_device
 from nodulesynth.models.ema import EMA
@@ -139,13 +138,7 @@ class SPADETrainer:
         }
 
     def load_state_dict(self, state: dict):
-        if state.get("format") != FORMAT:
-            raise InputError(f"not a SPADE checkpoint (format {state.get('format')!r})")
-        saved = state["options"]
-        changed = [k for k in SPADEOptions.MODEL_KEYS if saved.get(k) != getattr(self.options, k)]
-        if changed:
-            raise InputError(f"checkpoint was trained with other network options ({', '.join(changed)}): "
-                             "delete it to start over")
+        check_network(state, FORMAT, self.options, "a SPADE")
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
         self.opt_g.load_state_dict(state["opt_g"])
