@@ -228,14 +228,12 @@ def test_synthetic_slices_not_from_the_folds_generator_fail(honest):
     assert "made by sdm fold 0, not sdm fold 1" in failed["synthetic_generator (sdm, fold 1)"]
 
 
-def test_holdout_samples_copied_into_a_fold_fail(honest, tmp_path):
-    # A real (untrained, tiny) SPADE as the holdout generator, sampled by sample_spade on the maps of fold 0's
+def test_holdout_samples_copied_into_a_fold_fail(honest, tmp_path, one_thread):
+    # A real (untrained, tiny) SPADE as the holdout generator, sampled by nodulesynth.models.spade.sample_spade on the maps of fold 0's
     # training patients, its stacks put in fold 0's SPADE folder in place of that fold's own and arm B's
     # dataset rebuilt from them: patients, sources and the dataset's images all agree, only the record of
     # the generator that made the stacks tells that the holdout generator (trained on fold 0's test
     # patients too) made them.
-    import torch
-
     from nodulesynth.io import file_sha256
     from nodulesynth.models.checkpoints import save_checkpoint
     from nodulesynth.models.spade import SPADEOptions, sample_spade
@@ -247,7 +245,6 @@ def test_holdout_samples_copied_into_a_fold_fail(honest, tmp_path):
     save_checkpoint(holdout / "model.pt", {"format": FORMAT, "step": 0, "options": options.to_dict(),
                                            "generator": build_generator(options).state_dict()})
     train = [honest["paths"][p] for p in folds.patient_id[folds.fold != 0]]
-    torch.set_num_threads(1)
     holdout_synth = tmp_path / "synth_spade_holdout"
     sampled = sample_spade(holdout / "model.pt", train, holdout_synth, fold="holdout", seed=1,
                            max_slices_per_scan=SYNTH_PER_SCAN, device="cpu")

@@ -56,8 +56,7 @@ def tiny_options(**changes) -> DetectionOptions:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    torch.set_num_threads(1)
+def trained(tmp_path_factory, one_thread):
     dataset = ArmDataset("A", 0, synthetic_slices(8, 8, seed=1), synthetic_slices(3, 3, seed=2), info={})
     work = tmp_path_factory.mktemp("detection")
     metrics, predictions = run_detection(dataset, tiny_options(), work, device="cpu")
@@ -191,11 +190,10 @@ def without_labels(slices: SliceSet) -> SliceSet:
                     np.zeros((0, 5), np.float32), slices.scan_id, slices.patient_id, slices.slice_index, slices.source)
 
 
-def test_patch_mode_from_local_checkpoint(trained, tmp_path):
+def test_patch_mode_from_local_checkpoint(trained, tmp_path, one_thread):
     """Patch input end to end, starting from the trained model (`load_from`); lr 0 keeps its weights. A test
     slice's score is the highest of its tiles', and the same with its labels removed: test patches are placed
     without them."""
-    torch.set_num_threads(1)
     _, work, _, _ = trained
     dataset = ArmDataset("B", 1, synthetic_slices(3, 3, seed=3), synthetic_slices(2, 2, seed=4), info={})
     options = tiny_options(input="patch", patch_size=32, epochs=1, iters_per_epoch=2, batch_size=4, lr=0.0,

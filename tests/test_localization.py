@@ -88,8 +88,7 @@ def test_coco_json_has_the_slices_boxes_as_mmdet_reads_them(tmp_path):
     assert [inst["bbox"] for inst in info["instances"]] == [[x0, y0, x1, y1]]
 
 
-def test_tiny_training_loss_falls_and_metrics_are_complete(tmp_path):
-    torch.set_num_threads(1)
+def test_tiny_training_loss_falls_and_metrics_are_complete(tmp_path, one_thread):
     train = SliceSet.concatenate([square_slices(6, 2, seed=2, scans=["T1", "T2"])])
     test = square_slices(3, 1, seed=3, scans=["E1", "E2"])
     dataset = ArmDataset("A", 0, train, test, {})

@@ -5,7 +5,6 @@ slices, mostly nodule-free, puts the very same set far above it. A tiny classifi
 
 import numpy as np
 import pytest
-import torch
 
 from nodulesynth.downstream.datasets import ArmDataset, SliceSet
 from nodulesynth.downstream.detection import detection_features, run_detection
@@ -38,11 +37,10 @@ def as_source(slices: SliceSet, source: str, patient_prefix: str) -> SliceSet:
 
 
 @pytest.fixture(scope="module")
-def fold(tmp_path_factory):
+def fold(tmp_path_factory, one_thread):
     """One fold's arms: test slices 20 % nodule slices (as the real fold's are mostly nodule-free); arm A's real
     training slices alike; arm C adds "SDM" slices that are real nodule slices of other patients (a perfect
     generator), arm B "SPADE" slices that are the same kind of slices with inverted grey values (a poor one)."""
-    torch.set_num_threads(1)
     test = large_nodule_slices(12, 48, seed=2)
     real = large_nodule_slices(14, 50, seed=1)
     perfect = as_source(large_nodule_slices(24, 0, seed=3), "sdm", "c")
