@@ -57,9 +57,7 @@ def on_slurm():
 
 def slurm_partition_file():
     """The plugin's partition file: profiles/slurm's `slurm-partition-config`, or $SNAKEMAKE_SLURM_PARTITIONS."""
-    path = getattr(workflow.executor_settings, "partition_config", None) or os.environ.get(
-        "SNAKEMAKE_SLURM_PARTITIONS"
-    )
+    path = getattr(workflow.executor_settings, "partition_config", None) or os.environ.get("SNAKEMAKE_SLURM_PARTITIONS")
     return Path(path) if path else None
 
 
@@ -104,16 +102,14 @@ def node_scratch_request(smk_rule):
     def slurm_extra(wildcards, input, attempt):
         if not on_slurm() or smk_rule.group is not None:
             return None
-        resources = smk_rule.expand_resources(
-            dict(wildcards.items()), input, attempt, skip_evaluation={"slurm_extra"}
-        )
+        resources = smk_rule.expand_resources(dict(wildcards.items()), input, attempt, skip_evaluation={"slurm_extra"})
         disk_mb = resources.get("disk_mb")
         return f"--tmp={disk_mb}" if isinstance(disk_mb, int) else None
 
     return slurm_extra
 
 
-for _rule in workflow.rules:
+for declared in workflow.rules:
     # A rule given its own slurm_extra (a rule, or the profile's set-resources) keeps it as it is.
-    if "slurm_extra" not in _rule.resources:
-        _rule.resources["slurm_extra"] = node_scratch_request(_rule)
+    if "slurm_extra" not in declared.resources:
+        declared.resources["slurm_extra"] = node_scratch_request(declared)

@@ -393,18 +393,23 @@ def minutes(limit):
 
 
 def sbatch_calls(log):
-    """The sbatch command lines the plugin ran, from its debug log (--verbose): SLURM job comment -> words."""
-    calls = {}
-    for line in re.findall(r"sbatch call: (sbatch .*)$", log, flags=re.M):
-        words = shlex.split(line)
-        calls[words[words.index("--comment") + 1]] = words
-    return calls
+    """The sbatch command lines the plugin ran, from its debug log (--verbose), as lists of words."""
+    return [shlex.split(line) for line in re.findall(r"sbatch call: (sbatch .*)$", log, flags=re.M)]
+
+
+def option(words, name):
+    """The value of `name VALUE` or `name=VALUE` among `words`, or None."""
+    for i, word in enumerate(words):
+        if word == name:
+            return words[i + 1]
+        if word.startswith(name + "="):
+            return word.split("=", 1)[1]
+    return None
 
 
 def apptainer_args(words):
     """The `--apptainer-args` that a submitted job's Snakemake is given (base64, as Snakemake passes them)."""
-    wrapped = shlex.split(next(w.split("=", 1)[1] for w in words if w.startswith("--wrap=")))
-    value = wrapped[wrapped.index("--apptainer-args") + 1]
+    value = option(shlex.split(option(words, "--wrap")), "--apptainer-args")
     assert value.startswith("base64//"), value
     return base64.b64decode(value[len("base64//"):]).decode()
 
@@ -455,12 +460,160 @@ def test_placeholder_partitions_stop_the_run_before_any_submission(cluster, tmp_
     assert submissions(cluster) == before, "a job was submitted"
 
 
-def test_debug_dump(slurm_run):
-    print(slurm_run.submitted)
+def test_containers_bind_the_data_folders_that_lie_outside_the_working_directory(tmp_path):
+    """Without SLURM too: a folder outside is bound at its path, a link inside that leads out at its target, a
+    folder inside is not (Snakemake binds the working directory); read-only, each once."""
+    from nodulesynth.data.demo import write_demo_cohort
+
+    data, work = tmp_path / "data", tmp_path / "work"
+    write_demo_cohort(data / "export", n_scans=1, image_size=32)
+    (data / "tables").mkdir()
+    shutil.move(data / "export" / "annotations.csv", data / "tables" / "annotations.csv")
+    (data / "data.sif").write_text("placeholder image\n")
+    (work / "inside").mkdir(parents=True)
+    (work / "linked").symlink_to(data / "export")
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["cohort"].update(source="dicom", dicom_root="linked/dicom", lidc_root="inside",
+                            annotations=str(data / "tables" / "annotations.csv"))
+    config["containers"]["data"] = str(data / "data.sif")
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    log = tmp_path / "apptainer.log"
+    env = dict(os.environ, PATH=f"{STANDINS}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               APPTAINER_STANDIN_LOG=str(log))
+    checked(snakemake(work, "results/cohort/scans.tsv", "--configfile", str(work / "config.yaml"),
+                      "--use-singularity", env=env))
+    [argv] = [record["argv"][1:] for record in map(json.loads, log.read_text().splitlines())
+              if record["argv"][1] == "exec"]
+    # Snakemake binds its source cache itself.
+    binds = [value for name, value in zip(argv, argv[1:]) if name == "--bind" and value.startswith(str(tmp_path))]
+    real = os.path.realpath
+    assert binds == [f"{real(data / 'export' / 'dicom')}:{real(data / 'export' / 'dicom')}:ro",
+                     f"{real(data / 'tables')}:{data / 'tables'}:ro"], binds
+    assert len(pd.read_csv(work / "results/cohort/scans.tsv", sep="\t")) == 1  # the cohort was read through them
+
+
+PER_SCAN_RULES = ("ingest", "masks", "qc")
+
+
+def test_profile_sends_lidc_per_scan_rules_in_a_few_dozen_submissions():
+    """The shipped arithmetic (profiles/slurm, README): LIDC-IDRI's 1,018 scans in groups of group-components."""
+    profile = load_profile()
+    text = (REPO / "rules" / "cohort.smk").read_text()
+    for rule in PER_SCAN_RULES:
+        body = re.search(rf"^rule {rule}:\n((?:[ \t]+.*\n|\n)+)", text, flags=re.M).group(1)
+        assert re.search(r'^    group:\n        "scan"$', body, flags=re.M), f"rule {rule} is not in the group scan"
+        assert profile["set-resources"][rule]["scan_jobs"] == 1
+    assert math.ceil(1018 / profile["group-components"]["scan"]) == 26  # against 3 x 1,018 = 3,054 ungrouped
+    # scan_jobs bounds each group's request, not the run: a local scope.
+    assert profile["set-resource-scopes"]["scan_jobs"] == "local" and profile["resources"]["scan_jobs"] > 1
+
+
+def group_request(rules, scans, at_once):
+    """What one group submission asks for, by profiles/slurm's arithmetic: `at_once` chains side by side (CPUs
+    and memory of the largest step, times at_once), ceil(scans / at_once) rounds of the three steps' runtimes."""
+    return {"cpus": at_once * max(int(r["threads"]) for r in rules.values()),
+            "mem_mb": at_once * max(int(r["mem_mb"]) for r in rules.values()),
+            "runtime": math.ceil(scans / at_once) * sum(int(r["runtime"]) for r in rules.values())}
+
+
+def test_per_scan_rules_went_out_in_a_few_grouped_submissions(slurm_run):
+    printed = submitted_jobs(slurm_run.log)
+    # The local run's jobs (ingest, masks and qc one by one: a local run ignores groups), and the GPU rule.
+    local = submitted_jobs(slurm_run.local_log)
+    assert set(printed) == set(local) | {("folds", ()), ("train_sdm", ("holdout",))}, sorted(printed)
+    assert "Group job" not in slurm_run.local_log and "Group job scan" in slurm_run.log
+    assert not re.search(r"^local(rule|checkpoint) ", slurm_run.log, flags=re.M), "a job ran outside SLURM"
+
+    per_group, at_once = TEST_PROFILE["group-components"]["scan"], TEST_PROFILE["resources"]["scan_jobs"]
+    calls = sbatch_calls(slurm_run.log)
+    assert len(calls) == len(slurm_run.submitted) == len(slurm_run.jobs)  # nothing else was submitted
+    groups = [words for words in calls if "/group_scan_" in option(words, "--output")]
+    singles = [words for words in calls if words not in groups]
+    # 12 scans x 3 steps in ceil(12 / 4) = 3 submissions; cohort, manifest, folds, train_sdm one each.
+    assert len(groups) == math.ceil(N_SCANS / per_group) and len(singles) == 4
+
+    rules = {rule: printed[rule, (slurm_run.scans[0],)] for rule in PER_SCAN_RULES}
+    request = group_request(rules, per_group, at_once)
+    ran = []
+    for words in groups:
+        assert option(words, "--cpus-per-task") == str(request["cpus"]), words
+        assert option(words, "--mem") == str(request["mem_mb"]) and option(words, "-t") == str(request["runtime"])
+        assert option(words, "--tmp") is None  # grouped jobs ask for no node scratch (rules/cluster.smk)
+        inner = shlex.split(option(words, "--wrap"))
+        targets = inner[inner.index("--target-jobs") + 1:]
+        ran += [tuple(t.replace("scan=", "").split(":")) for t in targets[:next(
+            i for i, t in enumerate(targets) if t.startswith("--"))]]
+    assert sorted(ran) == sorted((rule, scan) for rule in PER_SCAN_RULES for scan in slurm_run.scans)
+
+    # What slurmctld made of them.
+    cpu = {name for name, limits in cluster_partitions().items() if not limits.get("max_gpu")}
     for job in slurm_run.jobs:
-        print(job)
-    for c, w in slurm_run.calls.items():
-        print(c, w[:-1], apptainer_args(w))
-    print(slurm_run.apptainer_log.read_text()[:3000])
-    print(submitted_jobs(slurm_run.log))
-    assert False
+        assert job["JobState"] == "COMPLETED", (job["Comment"], job["JobState"], job.get("Reason"))
+        assert Path(job["StdOut"]).is_file() and Path(job["StdOut"]).is_relative_to(
+            slurm_run.work / ".snakemake" / "slurm_logs")
+    group_jobs = [job for job in slurm_run.jobs if "/group_scan_" in job["StdOut"]]
+    assert len(group_jobs) == len(groups)
+    for job in group_jobs:
+        assert job["Partition"] in cpu and int(job["NumCPUs"]) == request["cpus"], job
+        assert megabytes(job["MinMemoryNode"]) == request["mem_mb"], job["MinMemoryNode"]
+        assert minutes(job["TimeLimit"]) == request["runtime"], job["TimeLimit"]
+
+
+def test_ungrouped_jobs_asked_for_their_rules_resources_and_scratch(slurm_run):
+    """cohort, manifest, folds and the GPU rule train_sdm: mem_mb, runtime, threads (--cpus-per-task: a GPU
+    rule's loader threads), disk_mb (--tmp), gpu (--gpus and a GPU partition), each as the rule declares."""
+    printed = submitted_jobs(slurm_run.log)
+    partitions = cluster_partitions()
+    by_comment = {job["Comment"]: job for job in slurm_run.jobs}
+    calls = {option(words, "--comment"): words for words in sbatch_calls(slurm_run.log)}
+    for rule, values in [("cohort", ()), ("manifest", ()), ("folds", ()), ("train_sdm", ("holdout",))]:
+        resources = printed[rule, values]
+        comment = f"rule_{rule}" + (f"_wildcards_{'_'.join(values)}" if values else "")
+        words, job = calls[comment], by_comment[comment]
+        assert option(words, "--cpus-per-task") == resources["threads"] == job["NumCPUs"], (comment, words)
+        assert option(words, "--tmp") == resources["disk_mb"], (comment, words)
+        assert megabytes(job["MinTmpDiskNode"]) == int(resources["disk_mb"]), (comment, job["MinTmpDiskNode"])
+        assert megabytes(job["MinMemoryNode"]) == int(resources["mem_mb"]), (comment, job["MinMemoryNode"])
+        assert minutes(job["TimeLimit"]) == float(resources["runtime"]), (comment, job["TimeLimit"])
+        gpu = int(resources.get("gpu", 0))
+        assert (option(words, "--gpus") == str(gpu)) if gpu else option(words, "--gpus") is None, (comment, words)
+        assert bool(partitions[job["Partition"]].get("max_gpu")) == bool(gpu), (comment, job["Partition"])
+    assert int(printed["train_sdm", ("holdout",)]["threads"]) == 2  # generators.threads of the test config
+
+
+def test_containers_were_given_the_data_folders(slurm_run):
+    """The DICOM folder and the annotations' folder lie outside the working directory: every submitted job's
+    apptainer arguments bind them (read-only, at the paths the config gives), and so did every container."""
+    cohort = slurm_run.config["cohort"]
+    folders = [cohort["dicom_root"], str(Path(cohort["annotations"]).parent)]
+    binds = [f"{os.path.realpath(folder)}:{folder}:ro" for folder in folders]
+    calls = sbatch_calls(slurm_run.log)
+    for words in calls:
+        args = shlex.split(apptainer_args(words))
+        assert "--nv" in args, args
+        for bind in binds:
+            assert args.count(bind) == 1 and args[args.index(bind) - 1] == "--bind", (bind, args)
+    execs = [record["argv"][1:] for record in map(json.loads, slurm_run.apptainer_log.read_text().splitlines())
+             if record["argv"][1] == "exec"]
+    # One container per job: cohort, 3 steps per scan, manifest, folds, train_sdm; each given both folders
+    # once (the jobs' Snakemake parses the workflow again and must not bind twice).
+    assert len(execs) == 1 + 3 * N_SCANS + 3
+    for argv in execs:
+        for bind in binds:
+            assert argv.count(bind) == 1 and argv[argv.index(bind) - 1] == "--bind", (bind, argv)
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_slurm_outputs_equal_a_local_run(slurm_run):
+    local, work, scans = slurm_run.local, slurm_run.work, slurm_run.scans
+    outputs = [f"results/slices/{scan}.{ext}" for scan in scans
+               for ext in ("npz", "nodules.tsv", "dropped.tsv", "excluded.tsv")]
+    outputs += [f"results/qc/{scan}.png" for scan in scans]
+    outputs += [f"results/cohort/{table}.tsv" for table in ("scans", "manifest", "rejected", "dropped_nodules")]
+    different = [path for path in outputs if digest(local / path) != digest(work / path)]
+    assert not different, different
+    with np.load(work / f"results/slices/{scans[0]}.npz") as data:
+        assert data["image"].shape[1:] == (64, 64) and data["label"].max() == 5  # a real stack, nodule included
