@@ -1,6 +1,6 @@
 # The data half of the DAG: the cohort, one ingestion and one lesion-map job per scan, the manifest.
-# ingest, masks and qc form the group `scan`: a cluster executor submits a scan's three jobs (and, with
-# profiles/slurm's group-components, many scans') as one job; a local run ignores groups.
+# ingest, masks and qc of a scan share a group (scan_group, rules/common.smk): a cluster executor submits
+# each group, `group-components: scan=N` scans' three steps, as one job; a local run ignores groups.
 
 
 checkpoint cohort:
@@ -45,7 +45,7 @@ rule ingest:
     benchmark:
         "results/benchmarks/ingest/{scan}.tsv"
     group:
-        "scan"
+        scan_group
     conda:
         "../envs/data.yaml"
     container:
@@ -75,7 +75,7 @@ rule masks:
     benchmark:
         "results/benchmarks/masks/{scan}.tsv"
     group:
-        "scan"
+        scan_group
     conda:
         "../envs/data.yaml"
     container:
@@ -109,7 +109,7 @@ rule qc:
     benchmark:
         "results/benchmarks/qc/{scan}.tsv"
     group:
-        "scan"
+        scan_group
     conda:
         "../envs/data.yaml"
     container:

@@ -1,5 +1,6 @@
 # Shared helpers of the rules: the cohort's scan ids (known once the `cohort` checkpoint has run),
 # the per-step-group container image, and config sections as JSON for `params:`.
+import functools
 import json
 import os
 import shlex
@@ -49,6 +50,24 @@ def section(name):
 def scan_ids():
     scans = checkpoints.cohort.get().output.scans
     return read_table(scans, "scans").scan_id.astype(str).tolist()
+
+
+@functools.lru_cache(maxsize=4)
+def _scan_positions(path, mtime_ns):
+    """scan id -> its row in the cohort's scans table (read once per version of the table)."""
+    return {scan: i for i, scan in enumerate(read_table(path, "scans").scan_id.astype(str))}
+
+
+def scan_group(wildcards):
+    """The cluster submission of a scan's ingest, masks and qc: `scan<k>`, the k-th run of N scans in the
+    cohort's order, N from `group-components: scan=N` (profiles/slurm; 1 without it). Named here rather than left
+    to Snakemake's group-components merging, which in Snakemake 9.27 merges its merged groups again each time
+    the DAG is updated (GroupJobFactory hands back the merged objects), so 12 scans in groups of 4 went out as
+    one job of 12 in some runs and as three of 4 in others: a LIDC run could become one job of 1,018 scans."""
+    per_group = max(1, int(workflow.group_settings.group_components.get("scan", 1)))
+    scans = checkpoints.cohort.get().output.scans
+    position = _scan_positions(scans, os.stat(scans).st_mtime_ns).get(wildcards.scan, 0)
+    return f"scan{position // per_group}"
 
 
 def slice_stacks(wildcards=None):

@@ -501,7 +501,7 @@ def test_profile_sends_lidc_per_scan_rules_in_a_few_dozen_submissions():
     text = (REPO / "rules" / "cohort.smk").read_text()
     for rule in PER_SCAN_RULES:
         body = re.search(rf"^rule {rule}:\n((?:[ \t]+.*\n|\n)+)", text, flags=re.M).group(1)
-        assert re.search(r'^    group:\n        "scan"$', body, flags=re.M), f"rule {rule} is not in the group scan"
+        assert re.search(r"^    group:\n        scan_group$", body, flags=re.M), f"rule {rule} is not grouped by scan"
         assert profile["set-resources"][rule]["scan_jobs"] == 1
     assert math.ceil(1018 / profile["group-components"]["scan"]) == 26  # against 3 x 1,018 = 3,054 ungrouped
     # scan_jobs bounds each group's request, not the run: a local scope.
@@ -521,29 +521,34 @@ def test_per_scan_rules_went_out_in_a_few_grouped_submissions(slurm_run):
     # The local run's jobs (ingest, masks and qc one by one: a local run ignores groups), and the GPU rule.
     local = submitted_jobs(slurm_run.local_log)
     assert set(printed) == set(local) | {("folds", ()), ("train_sdm", ("holdout",))}, sorted(printed)
-    assert "Group job" not in slurm_run.local_log and "Group job scan" in slurm_run.log
+    assert "Group job" not in slurm_run.local_log and "Group job scan0" in slurm_run.log
     assert not re.search(r"^local(rule|checkpoint) ", slurm_run.log, flags=re.M), "a job ran outside SLURM"
 
     per_group, at_once = TEST_PROFILE["group-components"]["scan"], TEST_PROFILE["resources"]["scan_jobs"]
     calls = sbatch_calls(slurm_run.log)
     assert len(calls) == len(slurm_run.submitted) == len(slurm_run.jobs)  # nothing else was submitted
-    groups = [words for words in calls if "/group_scan_" in option(words, "--output")]
+    groups = [words for words in calls if "/group_scan" in option(words, "--output")]
     singles = [words for words in calls if words not in groups]
     # 12 scans x 3 steps in ceil(12 / 4) = 3 submissions; cohort, manifest, folds, train_sdm one each.
     assert len(groups) == math.ceil(N_SCANS / per_group) and len(singles) == 4
 
     rules = {rule: printed[rule, (slurm_run.scans[0],)] for rule in PER_SCAN_RULES}
     request = group_request(rules, per_group, at_once)
-    ran = []
+    ran, blocks = [], []
     for words in groups:
         assert option(words, "--cpus-per-task") == str(request["cpus"]), words
         assert option(words, "--mem") == str(request["mem_mb"]) and option(words, "-t") == str(request["runtime"])
         assert option(words, "--tmp") is None  # grouped jobs ask for no node scratch (rules/cluster.smk)
         inner = shlex.split(option(words, "--wrap"))
         targets = inner[inner.index("--target-jobs") + 1:]
-        ran += [tuple(t.replace("scan=", "").split(":")) for t in targets[:next(
+        jobs = [tuple(t.replace("scan=", "").split(":")) for t in targets[:next(
             i for i, t in enumerate(targets) if t.startswith("--"))]]
+        ran += jobs
+        blocks.append(sorted({scan for _, scan in jobs}))
     assert sorted(ran) == sorted((rule, scan) for rule in PER_SCAN_RULES for scan in slurm_run.scans)
+    # Each group is a run of consecutive scans of the cohort's table (scan_group, rules/common.smk).
+    scans = slurm_run.scans
+    assert sorted(blocks) == sorted(sorted(scans[i:i + per_group]) for i in range(0, len(scans), per_group))
 
     # What slurmctld made of them.
     cpu = {name for name, limits in cluster_partitions().items() if not limits.get("max_gpu")}
@@ -551,7 +556,7 @@ def test_per_scan_rules_went_out_in_a_few_grouped_submissions(slurm_run):
         assert job["JobState"] == "COMPLETED", (job["Comment"], job["JobState"], job.get("Reason"))
         assert Path(job["StdOut"]).is_file() and Path(job["StdOut"]).is_relative_to(
             slurm_run.work / ".snakemake" / "slurm_logs")
-    group_jobs = [job for job in slurm_run.jobs if "/group_scan_" in job["StdOut"]]
+    group_jobs = [job for job in slurm_run.jobs if "/group_scan" in job["StdOut"]]
     assert len(group_jobs) == len(groups)
     for job in group_jobs:
         assert job["Partition"] in cpu and int(job["NumCPUs"]) == request["cpus"], job
