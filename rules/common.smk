@@ -59,15 +59,20 @@ def _scan_positions(path, mtime_ns):
 
 
 def scan_group(wildcards):
-    """The cluster submission of a scan's ingest, masks and qc: `scan<k>`, the k-th run of N scans in the
-    cohort's order, N from `group-components: scan=N` (profiles/slurm; 1 without it). Named here rather than left
-    to Snakemake's group-components merging, which in Snakemake 9.27 merges its merged groups again each time
-    the DAG is updated (GroupJobFactory hands back the merged objects), so 12 scans in groups of 4 went out as
-    one job of 12 in some runs and as three of 4 in others: a LIDC run could become one job of 1,018 scans."""
+    """The cluster submission of a scan's ingest, masks and qc: group `scan<k>`, the k-th run of N scans in the
+    cohort's order, N from `group-components: scan=N` (profiles/slurm; 1 without it).
+
+    Not one group `scan` left to group-components alone: Snakemake 9.27 merges its merged groups again on every
+    pass of DAG postprocessing (GroupJobFactory hands back the merged objects), so 12 scans in groups of 4 went
+    out as one job of 12 in one run and as three of 4 in another: a LIDC run could become one job of 1,018
+    scans. Registered as instances of `scan` (as Snakemake does for a group named with wildcards), each
+    `scan<k>` is merged by group-components from its own N scans only, however often that runs."""
     per_group = max(1, int(workflow.group_settings.group_components.get("scan", 1)))
     scans = checkpoints.cohort.get().output.scans
     position = _scan_positions(scans, os.stat(scans).st_mtime_ns).get(wildcards.scan, 0)
-    return f"scan{position // per_group}"
+    group = f"scan{position // per_group}"
+    workflow.parent_groupids[group] = "scan"
+    return group
 
 
 def slice_stacks(wildcards=None):
