@@ -43,3 +43,7 @@ rule all:
         ),
         expand("results/downstream/realism/fold{fold}.json", fold=downstream_folds()),
         report_targets(),
+
+
+# Last: it reads every rule above (containers' data binds, SLURM partitions and node scratch).
+include: "rules/cluster.smk"

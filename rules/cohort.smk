@@ -1,4 +1,6 @@
 # The data half of the DAG: the cohort, one ingestion and one lesion-map job per scan, the manifest.
+# ingest, masks and qc of a scan share a group (scan_group, rules/common.smk): a cluster executor submits
+# each group, `group-components: scan=N` scans' three steps, as one job; a local run ignores groups.
 
 
 checkpoint cohort:
@@ -42,6 +44,8 @@ rule ingest:
         "results/logs/ingest/{scan}.log",
     benchmark:
         "results/benchmarks/ingest/{scan}.tsv"
+    group:
+        scan_group
     conda:
         "../envs/data.yaml"
     container:
@@ -70,6 +74,8 @@ rule masks:
         "results/logs/masks/{scan}.log",
     benchmark:
         "results/benchmarks/masks/{scan}.tsv"
+    group:
+        scan_group
     conda:
         "../envs/data.yaml"
     container:
@@ -102,6 +108,8 @@ rule qc:
         "results/logs/qc/{scan}.log",
     benchmark:
         "results/benchmarks/qc/{scan}.tsv"
+    group:
+        scan_group
     conda:
         "../envs/data.yaml"
     container:

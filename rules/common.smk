@@ -1,5 +1,6 @@
 # Shared helpers of the rules: the cohort's scan ids (known once the `cohort` checkpoint has run),
 # the per-step-group container image, and config sections as JSON for `params:`.
+import functools
 import json
 import os
 import shlex
@@ -54,6 +55,29 @@ def section(name):
 def scan_ids():
     scans = checkpoints.cohort.get().output.scans
     return read_table(scans, "scans").scan_id.astype(str).tolist()
+
+
+@functools.lru_cache(maxsize=4)
+def _scan_positions(path, mtime_ns):
+    """scan id -> its row in the cohort's scans table (read once per version of the table)."""
+    return {scan: i for i, scan in enumerate(read_table(path, "scans").scan_id.astype(str))}
+
+
+def scan_group(wildcards):
+    """The cluster submission of a scan's ingest, masks and qc: group `scan<k>`, the k-th run of N scans in the
+    cohort's order, N from `group-components: scan=N` (profiles/slurm; 1 without it).
+
+    Not one group `scan` left to group-components alone: Snakemake 9.27 merges its merged groups again on every
+    pass of DAG postprocessing (GroupJobFactory hands back the merged objects), so 12 scans in groups of 4 went
+    out as one job of 12 in one run and as three of 4 in another: a LIDC run could become one job of 1,018
+    scans. Registered as instances of `scan` (as Snakemake does for a group named with wildcards), each
+    `scan<k>` is merged by group-components from its own N scans only, however often that runs."""
+    per_group = max(1, int(workflow.group_settings.group_components.get("scan", 1)))
+    scans = checkpoints.cohort.get().output.scans
+    position = _scan_positions(scans, os.stat(scans).st_mtime_ns).get(wildcards.scan, 0)
+    group = f"scan{position // per_group}"
+    workflow.parent_groupids[group] = "scan"
+    return group
 
 
 def slice_stacks(wildcards=None):

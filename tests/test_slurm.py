@@ -1,13 +1,20 @@
-"""SLURM, tested for real: a one-node cluster on localhost (Debian's `slurm-wlm` and `munge`) runs the demo
-DAG's data rules (cohort, ingest, masks, qc, manifest) through `--executor slurm` with profiles/slurm.
+"""SLURM, tested for real: a one-node cluster on localhost (Debian's `slurm-wlm` and `munge`) runs the data
+rules (cohort, ingest, masks, qc, manifest) of a 12-scan DICOM cohort through `--executor slurm` with
+profiles/slurm and `--use-singularity` (the recording stand-in `apptainer`, tests/standins/apptainer).
 
 The test starts munged, slurmctld and slurmd itself, with their own key, sockets, ports, state and logs in one
 temporary folder (SLURM_CONF points there; no system configuration is written), and stops each by its PID.
-It checks that every job went through sbatch with its rule's resources and the partition the profile chose
-from them, and that the outputs equal a local run's. Skipped, saying why, where SLURM is not installed.
+It checks that the per-scan rules went out as a few grouped submissions and every other job as its own, each
+with its resources, `--tmp` and the partition the profile chose; that the containers were given the data
+folders; that placeholder partition names stop a run before anything is submitted; and that the outputs
+equal a local run's. Skipped, saying why, where SLURM is not installed.
 """
 
+import base64
 import getpass
+import hashlib
+import json
+import math
 import os
 import re
 import shlex
@@ -34,11 +41,12 @@ from nodulesynth.models.sdm.options import SDMOptions
 
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 CONF_TEMPLATE = Path(__file__).parent / "slurm" / "slurm.conf"
+STANDINS = Path(__file__).parent / "standins"
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("munge", "sbatch", "srun", "squeue", "scontrol", "sinfo", "scancel")
 # What only this test cluster needs, on top of profiles/slurm. There is no accounting database (slurmdbd),
 # so `sacct` knows no jobs and the plugin's default sacct polling would wait forever: poll squeue instead
-# (MinJobAge=300 keeps finished jobs visible to it). No account to charge. Short waits: a local disk.
+# (MinJobAge keeps finished jobs visible to it). No account to charge. Short waits: a local disk.
 TEST_PROFILE = {
     "slurm-status-command": "squeue",
     # Plugin 2.8.0 defines but does not read this flag: with no account given it asks sacct for one, which
@@ -48,8 +56,16 @@ TEST_PROFILE = {
     "slurm-keep-successful-logs": True,
     "latency-wait": 5,
     "jobs": 4,
+    # 12 scans in groups of 4 (3 submissions, the LIDC profile's 40 would make one), 2 at once on this
+    # 2-CPU node.
+    "group-components": {"scan": 4},
+    "resources": {"scan_jobs": 2},
 }
-RUN_TIMEOUT_S = 420  # a hung status poll fails the test instead of hanging CI
+# The test cluster's partitions: profiles/slurm/partitions.yaml's placeholders (cpu, gpu) renamed, as a user
+# puts their cluster's names there; the placeholders themselves must stop a run (test_placeholder_partitions_...).
+TEST_PARTITION_PREFIX = "nstest-"
+N_SCANS = 12
+RUN_TIMEOUT_S = 900  # a hung status poll fails the test instead of hanging CI
 
 
 def missing_slurm():
@@ -86,8 +102,8 @@ def gpu_rules():
     for path in sorted((REPO / "rules").glob("*.smk")):
         blocks = re.split(r"^(?:rule|checkpoint) (\w+):\s*$", path.read_text(), flags=re.M)
         for name, body in zip(blocks[1::2], blocks[2::2]):
-            # train_sdm asks for config sdm.gpus (schema default 1): counted at its default here.
-            gpu = re.search(r"^\s+gpu\s*=\s*(\d+|config\[\"sdm\"\]\[\"gpus\"\])", body, flags=re.M)
+            # train_generator asks for sdm.gpus for the SDM (generator_gpus; schema default 1): counted at 1 here.
+            gpu = re.search(r"^\s+gpu\s*=\s*(\d+|generator_gpus)", body, flags=re.M)
             count = gpu and (int(gpu.group(1)) if gpu.group(1).isdigit() else SDMOptions().gpus)
             if count:
                 found[name] = count
@@ -99,7 +115,7 @@ def test_profile_chooses_partitions_from_the_rules_resources():
     assert profile["executor"] == "slurm"
     partitions = profile_partitions(profile)
     gpu = gpu_rules()
-    assert {"train_sdm", "sample_sdm", "train_spade", "sample_spade", "detect", "localize"} <= set(gpu)
+    assert {"train_generator", "sample_generator", "sample_generator_heldout", "downstream_model"} <= set(gpu)
     # The plugin sends a GPU rule only to a partition with max_gpu, and prefers one without for the others.
     assert any(limits.get("max_gpu", 0) >= max(gpu.values()) for limits in partitions.values()), partitions
     assert any(not limits.get("max_gpu") for limits in partitions.values()), partitions
@@ -149,10 +165,18 @@ def node_hardware():
     return {k: fields[k] for k in keys}
 
 
+def cluster_partitions():
+    """profiles/slurm's partitions under the test cluster's names: name -> limits."""
+    return {TEST_PARTITION_PREFIX + name: limits for name, limits in profile_partitions(load_profile()).items()}
+
+
 def write_cluster_config(root, partitions):
     """slurm.conf (from tests/slurm/slurm.conf), gres.conf and an empty plugstack.conf in `root`."""
     host = socket.gethostname().split(".")[0]
     hardware = node_hardware()
+    # Node-local scratch for `--tmp` requests: what the file system holding TmpFS (/tmp) has, as slurmd
+    # measures it (a node configured with more is drained); slurmd -C does not report it.
+    hardware["TmpDisk"] = shutil.disk_usage("/tmp").total // 2**20
     lines = [f"PartitionName={name} Nodes={host} MaxTime=INFINITE State=UP" + (" Default=YES" if i == 0 else "")
              for i, name in enumerate(partitions)]
     conf = string.Template(CONF_TEMPLATE.read_text()).substitute(
@@ -259,7 +283,7 @@ def cluster():
         for sub in ("state", "spool", "log"):
             (root / sub).mkdir()
         env["PATH"] = f"{write_srun_passthrough(root)}{os.pathsep}{env['PATH']}"
-        partitions = profile_partitions(load_profile())  # CPU partitions first: the first is the default
+        partitions = cluster_partitions()  # CPU partitions first: the first is the default
         host, _ = write_cluster_config(root, sorted(partitions, key=lambda p: bool(partitions[p].get("max_gpu"))))
         start_cluster(cluster, host)
         yield cluster
@@ -291,29 +315,52 @@ def checked(proc):
     return proc
 
 
-def two_scan_config(path):
-    """The demo config with two small scans."""
+def cohort_config(path, data):
+    """The demo config on a 12-scan DICOM cohort written to `data`, outside every working directory (so the
+    containers must be given it), its annotations in a folder of their own; the data rules' image is a
+    placeholder file (the stand-in apptainer only checks that it exists)."""
+    from nodulesynth.data.demo import write_demo_cohort
+
+    write_demo_cohort(data / "export", n_scans=N_SCANS, image_size=64)
+    (data / "tables").mkdir()
+    shutil.move(data / "export" / "annotations.csv", data / "tables" / "annotations.csv")
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    config["cohort"]["demo"].update(n_scans=2, image_size=96)
+    config["cohort"].update(source="dicom", dicom_root=str(data / "export" / "dicom"),
+                            annotations=str(data / "tables" / "annotations.csv"))
     config["folds"]["k"] = 2
+    # The GPU rule the SLURM run adds: 2 steps on the CPU (SLURM's GPU here is /dev/null), 2 loader threads.
+    config["generators"].update(device="cpu", threads=2)
+    config["sdm"].update(max_steps=2, checkpoint_every=2, log_every=2)
+    for group in ("data", "generators"):
+        config["containers"][group] = str(data / f"{group}.sif")
+        (data / f"{group}.sif").write_text("placeholder image\n")
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def write_test_profile(folder):
-    """profiles/slurm with the settings only the test cluster needs (TEST_PROFILE)."""
+def write_test_profile(folder, partitions=True):
+    """profiles/slurm with the settings only the test cluster needs (TEST_PROFILE) and, unless `partitions` is
+    False, the test cluster's partition names in its partitions.yaml."""
     shutil.copytree(PROFILE.parent, folder)
     profile = load_profile()
     profile.update(TEST_PROFILE)
     (folder / "config.yaml").write_text(yaml.safe_dump(profile))
+    if partitions:
+        (folder / profile["slurm-partition-config"]).write_text(yaml.safe_dump({"partitions": cluster_partitions()}))
     return folder
+
+
+def submissions(cluster):
+    """The job ids slurmctld logged a batch submission for, in order."""
+    return re.findall(r"_slurm_rpc_submit_batch_job: JobId=(\d+)", (cluster.root / "log" / "slurmctld.log").read_text())
 
 
 def submitted_jobs(log):
     """Snakemake's own record of the jobs it ran: (rule, wildcard values) -> resources as printed."""
     jobs = {}
-    for block in re.split(r"\n\s*\n", log):
-        head = re.search(r"^(?:local)?(?:rule|checkpoint) (\w+):\s*$", block, flags=re.M)
+    # One block per job, from its `rule NAME:` line (indented within a group job's record) to the next.
+    for block in re.split(r"(?=^\s*(?:local)?(?:rule|checkpoint) \w+:\s*$)", log, flags=re.M):
+        head = re.search(r"^\s*(?:local)?(?:rule|checkpoint) (\w+):\s*$", block, flags=re.M)
         res = re.search(r"^\s+resources: (.*)$", block, flags=re.M)
         if not (head and res):
             continue
@@ -327,7 +374,7 @@ def submitted_jobs(log):
 
 
 def slurm_jobs(cluster):
-    """slurmctld's record of every job it was given (kept MinJobAge=300 s after it ends)."""
+    """slurmctld's record of every job it was given (kept MinJobAge s after it ends)."""
     out = cluster.run("scontrol", "show", "job", "-o").stdout
     jobs = []
     for line in out.splitlines():
@@ -348,72 +395,233 @@ def minutes(limit):
     return (int(days or 0) * 24 + h) * 60 + m + s / 60
 
 
+def sbatch_calls(log):
+    """The sbatch command lines the plugin ran, from its debug log (--verbose), as lists of words."""
+    return [shlex.split(line) for line in re.findall(r"sbatch call: (sbatch .*)$", log, flags=re.M)]
+
+
+def option(words, name):
+    """The value of `name VALUE` or `name=VALUE` among `words`, or None."""
+    for i, word in enumerate(words):
+        if word == name:
+            return words[i + 1]
+        if word.startswith(name + "="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def apptainer_args(words):
+    """The `--apptainer-args` that a submitted job's Snakemake is given (base64, as Snakemake passes them)."""
+    value = option(shlex.split(option(words, "--wrap")), "--apptainer-args")
+    assert value.startswith("base64//"), value
+    return base64.b64decode(value[len("base64//"):]).decode()
+
+
 @pytest.fixture(scope="module")
 def slurm_run(cluster, tmp_path_factory):
-    """The slice run locally, then through SLURM in a fresh folder."""
+    """The cohort's data rules run locally, then through SLURM in containers in a fresh folder, with one GPU
+    rule (train_generator: the holdout SDM, 2 steps on the CPU) after them."""
+    config = cohort_config(tmp_path_factory.mktemp("config") / "config.yaml", tmp_path_factory.mktemp("data"))
     local = tmp_path_factory.mktemp("local")
-    config = two_scan_config(local / "config.yaml")
     first = checked(snakemake(local, "results/cohort/manifest.tsv", "--configfile", str(config)))
     scans = pd.read_csv(local / "results/cohort/scans.tsv", sep="\t", dtype=str).scan_id.tolist()
+    assert len(scans) == N_SCANS
     targets = ["results/cohort/manifest.tsv"] + [f"results/qc/{scan}.png" for scan in scans]
     second = checked(snakemake(local, *targets, "--configfile", str(config)))
     local_log = "\n\n".join(p.stdout + p.stderr for p in (first, second))
 
     work = tmp_path_factory.mktemp("slurm")
     profile = write_test_profile(work / "test-profile")
-    proc = checked(snakemake(work, *targets, "--executor", "slurm", "--workflow-profile", str(profile),
-                             "--configfile", str(config), env=cluster.env))
-    return SimpleNamespace(local=local, work=work, local_log=local_log, log=proc.stdout + proc.stderr, scans=scans)
+    apptainer_log = work / "apptainer.log"
+    env = dict(cluster.env, PATH=f"{STANDINS}{os.pathsep}{cluster.env['PATH']}",
+               APPTAINER_STANDIN_LOG=str(apptainer_log))
+    before = set(submissions(cluster))
+    proc = checked(snakemake(work, *targets, "results/generators/sdm/holdout/model.pt", "--executor", "slurm",
+                             "--workflow-profile", str(profile), "--configfile", str(config), "--use-singularity",
+                             "--verbose", env=env))
+    submitted = [job for job in submissions(cluster) if job not in before]
+    jobs = [job for job in slurm_jobs(cluster) if job["JobId"] in submitted]
+    log = proc.stdout + proc.stderr
+    return SimpleNamespace(local=local, work=work, local_log=local_log, log=log, scans=scans,
+                           config=yaml.safe_load(config.read_text()), submitted=submitted, jobs=jobs,
+                           calls=sbatch_calls(log), apptainer_log=apptainer_log)
 
 
-def test_every_job_went_through_sbatch_with_its_rules_resources(cluster, slurm_run):
-    work, log = slurm_run.work, slurm_run.log
-    expected = submitted_jobs(log)
-    # The same jobs as the local run, the slice asked for: cohort, and ingest, masks and qc per scan.
-    assert set(expected) == set(submitted_jobs(slurm_run.local_log)), sorted(expected)
-    rules = [rule for rule, _ in expected]
-    assert rules.count("cohort") == 1 and all(rules.count(r) == len(slurm_run.scans) for r in ("ingest", "masks", "qc"))
-    assert not re.search(r"^local(rule|checkpoint) ", log, flags=re.M), "a job ran outside SLURM"
+def test_placeholder_partitions_stop_the_run_before_any_submission(cluster, tmp_path):
+    """profiles/slurm/partitions.yaml as shipped names partitions (cpu, gpu) this cluster does not have."""
+    profile = write_test_profile(tmp_path / "test-profile", partitions=False)
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    before = submissions(cluster)
+    proc = snakemake(tmp_path, "results/cohort/scans.tsv", "--executor", "slurm", "--workflow-profile", str(profile),
+                     "--configfile", str(tmp_path / "config.yaml"), env=cluster.env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    placeholders = ", ".join(profile_partitions(load_profile()))
+    assert f"{profile / 'partitions.yaml'} names partition(s) {placeholders} that this cluster does not have" in out, \
+        out[-3000:]
+    assert submissions(cluster) == before, "a job was submitted"
 
-    # The plugin names each job by its rule and wildcards in the SLURM comment.
-    by_comment = {job["Comment"]: job for job in slurm_jobs(cluster)}
-    assert len(by_comment) == len(expected), sorted(by_comment)
-    partitions = profile_partitions(load_profile())
-    cpu_partitions = {name for name, limits in partitions.items() if not limits.get("max_gpu")}
-    for (rule, values), resources in expected.items():
+
+def test_containers_bind_the_data_folders_that_lie_outside_the_working_directory(tmp_path):
+    """Without SLURM too: a folder outside is bound at its path, a link inside that leads out at its target, a
+    folder inside is not (Snakemake binds the working directory); read-only, each once."""
+    from nodulesynth.data.demo import write_demo_cohort
+
+    data, work = tmp_path / "data", tmp_path / "work"
+    write_demo_cohort(data / "export", n_scans=1, image_size=32)
+    (data / "tables").mkdir()
+    shutil.move(data / "export" / "annotations.csv", data / "tables" / "annotations.csv")
+    (data / "data.sif").write_text("placeholder image\n")
+    (work / "inside").mkdir(parents=True)
+    (work / "linked").symlink_to(data / "export")
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["cohort"].update(source="dicom", dicom_root="linked/dicom", lidc_root="inside",
+                            annotations=str(data / "tables" / "annotations.csv"))
+    config["containers"]["data"] = str(data / "data.sif")
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    log = tmp_path / "apptainer.log"
+    env = dict(os.environ, PATH=f"{STANDINS}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               APPTAINER_STANDIN_LOG=str(log))
+    checked(snakemake(work, "results/cohort/scans.tsv", "--configfile", str(work / "config.yaml"),
+                      "--use-singularity", env=env))
+    [argv] = [record["argv"][1:] for record in map(json.loads, log.read_text().splitlines())
+              if record["argv"][1] == "exec"]
+    # Snakemake binds its source cache itself.
+    binds = [value for name, value in zip(argv, argv[1:]) if name == "--bind" and value.startswith(str(tmp_path))]
+    real = os.path.realpath
+    assert binds == [f"{real(data / 'export' / 'dicom')}:{real(data / 'export' / 'dicom')}:ro",
+                     f"{real(data / 'tables')}:{data / 'tables'}:ro"], binds
+    assert len(pd.read_csv(work / "results/cohort/scans.tsv", sep="\t")) == 1  # the cohort was read through them
+
+
+PER_SCAN_RULES = ("ingest", "masks", "qc")
+
+
+def test_profile_sends_lidc_per_scan_rules_in_a_few_dozen_submissions():
+    """The shipped arithmetic (profiles/slurm, README): LIDC-IDRI's 1,018 scans in groups of group-components."""
+    profile = load_profile()
+    text = (REPO / "rules" / "cohort.smk").read_text()
+    for rule in PER_SCAN_RULES:
+        body = re.search(rf"^rule {rule}:\n((?:[ \t]+.*\n|\n)+)", text, flags=re.M).group(1)
+        assert re.search(r"^    group:\n        scan_group$", body, flags=re.M), f"rule {rule} is not grouped by scan"
+        assert profile["set-resources"][rule]["scan_jobs"] == 1
+    assert math.ceil(1018 / profile["group-components"]["scan"]) == 26  # against 3 x 1,018 = 3,054 ungrouped
+    # scan_jobs bounds each group's request, not the run: a local scope.
+    assert profile["set-resource-scopes"]["scan_jobs"] == "local" and profile["resources"]["scan_jobs"] > 1
+
+
+def group_request(rules, scans, at_once):
+    """What one group submission asks for, by profiles/slurm's arithmetic: `at_once` chains side by side (CPUs
+    and memory of the largest step, times at_once), ceil(scans / at_once) rounds of the three steps' runtimes."""
+    return {"cpus": at_once * max(int(r["threads"]) for r in rules.values()),
+            "mem_mb": at_once * max(int(r["mem_mb"]) for r in rules.values()),
+            "runtime": math.ceil(scans / at_once) * sum(int(r["runtime"]) for r in rules.values())}
+
+
+def test_per_scan_rules_went_out_in_a_few_grouped_submissions(slurm_run):
+    printed = submitted_jobs(slurm_run.log)
+    # The local run's jobs (ingest, masks and qc one by one: a local run ignores groups), and the GPU rule.
+    local = submitted_jobs(slurm_run.local_log)
+    assert set(printed) == set(local) | {("folds", ()), ("train_generator", ("sdm", "holdout"))}, sorted(printed)
+    assert "Group job" not in slurm_run.local_log and "Group job scan0" in slurm_run.log
+    assert not re.search(r"^local(rule|checkpoint) ", slurm_run.log, flags=re.M), "a job ran outside SLURM"
+
+    per_group, at_once = TEST_PROFILE["group-components"]["scan"], TEST_PROFILE["resources"]["scan_jobs"]
+    calls = sbatch_calls(slurm_run.log)
+    assert len(calls) == len(slurm_run.submitted) == len(slurm_run.jobs)  # nothing else was submitted
+    groups = [words for words in calls if "/group_scan" in option(words, "--output")]
+    singles = [words for words in calls if words not in groups]
+    # 12 scans x 3 steps in ceil(12 / 4) = 3 submissions; cohort, manifest, folds, train_generator one each.
+    assert len(groups) == math.ceil(N_SCANS / per_group) and len(singles) == 4
+
+    rules = {rule: printed[rule, (slurm_run.scans[0],)] for rule in PER_SCAN_RULES}
+    request = group_request(rules, per_group, at_once)
+    ran, blocks = [], []
+    for words in groups:
+        assert option(words, "--cpus-per-task") == str(request["cpus"]), words
+        assert option(words, "--mem") == str(request["mem_mb"]) and option(words, "-t") == str(request["runtime"])
+        assert option(words, "--tmp") is None  # grouped jobs ask for no node scratch (rules/cluster.smk)
+        inner = shlex.split(option(words, "--wrap"))
+        targets = inner[inner.index("--target-jobs") + 1:]
+        jobs = [tuple(t.replace("scan=", "").split(":")) for t in targets[:next(
+            i for i, t in enumerate(targets) if t.startswith("--"))]]
+        ran += jobs
+        blocks.append(sorted({scan for _, scan in jobs}))
+    assert sorted(ran) == sorted((rule, scan) for rule in PER_SCAN_RULES for scan in slurm_run.scans)
+    # Each group is a run of consecutive scans of the cohort's table (scan_group, rules/common.smk).
+    scans = slurm_run.scans
+    assert sorted(blocks) == sorted(sorted(scans[i:i + per_group]) for i in range(0, len(scans), per_group))
+
+    # What slurmctld made of them.
+    cpu = {name for name, limits in cluster_partitions().items() if not limits.get("max_gpu")}
+    for job in slurm_run.jobs:
+        assert job["JobState"] == "COMPLETED", (job["Comment"], job["JobState"], job.get("Reason"))
+        assert Path(job["StdOut"]).is_file() and Path(job["StdOut"]).is_relative_to(
+            slurm_run.work / ".snakemake" / "slurm_logs")
+    group_jobs = [job for job in slurm_run.jobs if "/group_scan" in job["StdOut"]]
+    assert len(group_jobs) == len(groups)
+    for job in group_jobs:
+        assert job["Partition"] in cpu and int(job["NumCPUs"]) == request["cpus"], job
+        assert megabytes(job["MinMemoryNode"]) == request["mem_mb"], job["MinMemoryNode"]
+        assert minutes(job["TimeLimit"]) == request["runtime"], job["TimeLimit"]
+
+
+def test_ungrouped_jobs_asked_for_their_rules_resources_and_scratch(slurm_run):
+    """cohort, manifest, folds and the GPU rule train_generator (the SDM): mem_mb, runtime, threads (--cpus-per-task: a GPU
+    rule's loader threads), disk_mb (--tmp), gpu (--gpus and a GPU partition), each as the rule declares."""
+    printed = submitted_jobs(slurm_run.log)
+    partitions = cluster_partitions()
+    by_comment = {job["Comment"]: job for job in slurm_run.jobs}
+    calls = {option(words, "--comment"): words for words in sbatch_calls(slurm_run.log)}
+    for rule, values in [("cohort", ()), ("manifest", ()), ("folds", ()), ("train_generator", ("sdm", "holdout"))]:
+        resources = printed[rule, values]
         comment = f"rule_{rule}" + (f"_wildcards_{'_'.join(values)}" if values else "")
-        job = by_comment[comment]
-        assert job["JobState"] == "COMPLETED", (comment, job["JobState"], job.get("Reason"))
-        assert job["Partition"] in cpu_partitions, (comment, job["Partition"])
+        words, job = calls[comment], by_comment[comment]
+        assert option(words, "--cpus-per-task") == resources["threads"] == job["NumCPUs"], (comment, words)
+        assert option(words, "--tmp") == resources["disk_mb"], (comment, words)
+        assert megabytes(job["MinTmpDiskNode"]) == int(resources["disk_mb"]), (comment, job["MinTmpDiskNode"])
         assert megabytes(job["MinMemoryNode"]) == int(resources["mem_mb"]), (comment, job["MinMemoryNode"])
         assert minutes(job["TimeLimit"]) == float(resources["runtime"]), (comment, job["TimeLimit"])
-        assert job["NumCPUs"] == resources["threads"], (comment, job["NumCPUs"])
-        assert Path(job["StdOut"]).is_file(), f"no SLURM log for {comment}: {job['StdOut']}"
-        assert Path(job["StdOut"]).is_relative_to(work / ".snakemake" / "slurm_logs")
-
-    # slurmctld logged one sbatch submission per job, and nothing else was submitted.
-    ctld_log = (cluster.root / "log" / "slurmctld.log").read_text()
-    submissions = re.findall(r"_slurm_rpc_submit_batch_job: JobId=(\d+)", ctld_log)
-    assert sorted(submissions, key=int) == sorted((job["JobId"] for job in by_comment.values()), key=int)
+        gpu = int(resources.get("gpu", 0))
+        assert (option(words, "--gpus") == str(gpu)) if gpu else option(words, "--gpus") is None, (comment, words)
+        assert bool(partitions[job["Partition"]].get("max_gpu")) == bool(gpu), (comment, job["Partition"])
+    assert int(printed["train_generator", ("sdm", "holdout")]["threads"]) == 2  # generators.threads of the test config
 
 
-def assert_same_stack(a, b):
-    with np.load(a) as x, np.load(b) as y:
-        assert sorted(x.files) == sorted(y.files), (a, x.files, y.files)
-        for key in x.files:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=f"{b.name}: {key}")
+def test_containers_were_given_the_data_folders(slurm_run):
+    """The DICOM folder and the annotations' folder lie outside the working directory: every submitted job's
+    apptainer arguments bind them (read-only, at the paths the config gives), and so did every container."""
+    cohort = slurm_run.config["cohort"]
+    folders = [cohort["dicom_root"], str(Path(cohort["annotations"]).parent)]
+    binds = [f"{os.path.realpath(folder)}:{folder}:ro" for folder in folders]
+    calls = sbatch_calls(slurm_run.log)
+    for words in calls:
+        args = shlex.split(apptainer_args(words))
+        assert "--nv" in args, args
+        for bind in binds:
+            assert args.count(bind) == 1 and args[args.index(bind) - 1] == "--bind", (bind, args)
+    execs = [record["argv"][1:] for record in map(json.loads, slurm_run.apptainer_log.read_text().splitlines())
+             if record["argv"][1] == "exec"]
+    # One container per job: cohort, 3 steps per scan, manifest, folds, train_generator; each given both folders
+    # once (the jobs' Snakemake parses the workflow again and must not bind twice).
+    assert len(execs) == 1 + 3 * N_SCANS + 3
+    for argv in execs:
+        for bind in binds:
+            assert argv.count(bind) == 1 and argv[argv.index(bind) - 1] == "--bind", (bind, argv)
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def test_slurm_outputs_equal_a_local_run(slurm_run):
     local, work, scans = slurm_run.local, slurm_run.work, slurm_run.scans
-    for scan in scans:
-        assert_same_stack(local / f"results/slices/{scan}.npz", work / f"results/slices/{scan}.npz")
-        for table in (f"results/slices/{scan}.nodules.tsv", f"results/slices/{scan}.dropped.tsv"):
-            pd.testing.assert_frame_equal(pd.read_csv(local / table, sep="\t"), pd.read_csv(work / table, sep="\t"))
-        png = f"results/qc/{scan}.png"
-        np.testing.assert_array_equal(cv2.imread(str(local / png)), cv2.imread(str(work / png)), err_msg=png)
-    for table in ("scans.tsv", "manifest.tsv", "rejected.tsv", "dropped_nodules.tsv"):
-        path = f"results/cohort/{table}"
-        pd.testing.assert_frame_equal(pd.read_csv(local / path, sep="\t"), pd.read_csv(work / path, sep="\t"))
+    outputs = [f"results/slices/{scan}.{ext}" for scan in scans
+               for ext in ("npz", "nodules.tsv", "dropped.tsv", "excluded.tsv")]
+    outputs += [f"results/qc/{scan}.png" for scan in scans]
+    outputs += [f"results/cohort/{table}.tsv" for table in ("scans", "manifest", "rejected", "dropped_nodules")]
+    different = [path for path in outputs if digest(local / path) != digest(work / path)]
+    assert not different, different
     with np.load(work / f"results/slices/{scans[0]}.npz") as data:
-        assert data["image"].shape[1:] == (96, 96) and data["label"].max() == 5  # a real stack, nodule included
+        assert data["image"].shape[1:] == (64, 64) and data["label"].max() == 5  # a real stack, nodule included
