@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-import cv2
 import numpy as np
 import pandas as pd
 import pytest
