@@ -5,7 +5,9 @@ The model is mmdet's own `faster-rcnn_x101-32x4d_fpn_1x_coco` config, read from 
 one class "nodule", the slices written as PNG with COCO annotation files (`work_dir/coco/`) read by
 mmdet's CocoDataset, the slice size kept (no 1333x800 rescale), anchors small enough for nodules of a
 few pixels, no pretrained download, the study's schedule (SGD lr 0.1, 12 epochs of 510 iterations,
-batch 2, linear decay to 0.1x), AMP on CUDA. mmengine's Runner trains and tests; the test-fold metrics
+batch 2, linear decay to 0.1x), AMP on CUDA. Beyond the study, for a from-scratch CPU demo: training crops
+around the nodules (`NoduleCrop`), AdamW, and the RPN's and RoI head's sampling and IoU cuts as options (their
+defaults are mmdet's). mmengine's Runner trains and tests; the test-fold metrics
 are `coco.coco_metrics` and `metrics.froc` (LUNA16's FROC per nodule) of `nodulesynth.downstream`.
 
 Outputs in `work_dir`: model.pth, loss.tsv (iter, loss, lr and mmdet's partial losses), coco/{train,test}.json
