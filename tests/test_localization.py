@@ -66,6 +66,72 @@ def test_config_is_mmdets_installed_one_adapted(tmp_path):
         == "AmpOptimWrapper"
 
 
+def test_small_object_options_reach_mmdets_config(tmp_path):
+    """The defaults are mmdet's own training cuts and the study's SGD on whole slices; each option lands where
+    mmdet's RPN, RoI head, sampler, optimiser and training pipeline read it."""
+    from mmdet.registry import TRANSFORMS
+
+    default = build_config(LocalizationOptions(), SIZE, tmp_path / "coco", tmp_path)
+    rpn, rcnn = default.model.train_cfg.rpn, default.model.train_cfg.rcnn
+    assert (rpn.assigner.pos_iou_thr, rpn.assigner.neg_iou_thr, rpn.assigner.min_pos_iou, rpn.sampler.num) \
+        == (0.7, 0.3, 0.3, 256)
+    assert (rcnn.assigner.pos_iou_thr, rcnn.assigner.neg_iou_thr, rcnn.assigner.min_pos_iou) == (0.5, 0.5, 0.5)
+    assert rcnn.sampler.pos_fraction == 0.25 and default.train_dataloader.sampler.positive_fraction == 0.5
+    assert default.optim_wrapper.optimizer.type == "SGD"
+    assert "NoduleSynthNoduleCrop" not in [step["type"] for step in default.train_dataloader.dataset.pipeline]
+
+    options = LocalizationOptions(train_crop=32, optimizer="adamw", lr=3e-4, weight_decay=0.05, rpn_samples=32,
+                                  rpn_pos_iou=0.4, rpn_neg_iou=0.2, rpn_min_pos_iou=0.1, roi_pos_iou=0.4,
+                                  roi_positive_fraction=0.5, positive_fraction=0.75)
+    cfg = build_config(options, SIZE, tmp_path / "coco", tmp_path)
+    rpn, rcnn = cfg.model.train_cfg.rpn, cfg.model.train_cfg.rcnn
+    assert (rpn.assigner.pos_iou_thr, rpn.assigner.neg_iou_thr, rpn.assigner.min_pos_iou, rpn.sampler.num) \
+        == (0.4, 0.2, 0.1, 32)
+    assert (rcnn.assigner.pos_iou_thr, rcnn.assigner.neg_iou_thr, rcnn.assigner.min_pos_iou) == (0.4, 0.4, 0.4)
+    assert rcnn.sampler.pos_fraction == 0.5 and cfg.train_dataloader.sampler.positive_fraction == 0.75
+    assert dict(cfg.optim_wrapper.optimizer) == dict(type="AdamW", lr=3e-4, weight_decay=0.05)
+    train_steps = [step["type"] for step in cfg.train_dataloader.dataset.pipeline]
+    assert train_steps.index("NoduleSynthNoduleCrop") == train_steps.index("Resize") + 1
+    assert "NoduleSynthNoduleCrop" not in [step["type"] for step in cfg.test_dataloader.dataset.pipeline]
+    crop = TRANSFORMS.build(next(step for step in cfg.train_dataloader.dataset.pipeline
+                                 if step["type"] == "NoduleSynthNoduleCrop"))
+    assert crop.crop_size == (32, 32)
+    with pytest.raises(ValueError, match="rpn_neg_iou .0.8. and rpn_min_pos_iou .0.3. must not exceed"):
+        LocalizationOptions(rpn_neg_iou=0.8)
+    with pytest.raises(ValueError, match="localization.optimizer"):
+        LocalizationOptions(optimizer="adam")
+    with pytest.raises(ValueError, match="localization.train_crop"):
+        LocalizationOptions(train_crop=16)
+
+
+def test_nodule_crop_holds_the_nodule_at_varying_offsets_and_crops_negatives_anywhere():
+    from mmdet.structures.bbox import HorizontalBoxes
+
+    from nodulesynth.downstream.localization import NoduleCrop
+
+    slices = square_slices(1, 1, seed=4, scans=["S1"])
+    x0, y0, x1, y1 = slices.boxes[0, 1:]
+    crop = NoduleCrop(24)
+    np.random.seed(0)
+    offsets = set()
+    for _ in range(20):
+        results = crop(dict(img=slices.image[0].copy(), img_shape=(SIZE, SIZE),
+                            gt_bboxes=HorizontalBoxes(torch.tensor([[x0, y0, x1, y1]])),
+                            gt_bboxes_labels=np.zeros(1, np.int64), gt_ignore_flags=np.zeros(1, bool)))
+        assert results["img"].shape == (24, 24) and results["img_shape"] == (24, 24)
+        (cx0, cy0, cx1, cy1), = results["gt_bboxes"].numpy()
+        assert (cx1 - cx0, cy1 - cy0) == (NODULE, NODULE)  # the whole square, not clipped
+        dx, dy = int(x0 - cx0), int(y0 - cy0)
+        offsets.add((dx, dy))
+        # mmdet cropped the image where it moved the box: the bright square is the box
+        assert (results["img"][int(cy0):int(cy1), int(cx0):int(cx1)] == 220).all()
+        assert np.array_equal(results["img"], slices.image[0][dy:dy + 24, dx:dx + 24])
+    assert len(offsets) > 5
+    empty = crop(dict(img=slices.image[1].copy(), img_shape=(SIZE, SIZE), gt_bboxes=HorizontalBoxes(torch.zeros(0, 4)),
+                      gt_bboxes_labels=np.zeros(0, np.int64), gt_ignore_flags=np.zeros(0, bool)))
+    assert empty["img"].shape == (24, 24) and len(empty["gt_bboxes"]) == 0
+
+
 def test_coco_json_has_the_slices_boxes_as_mmdet_reads_them(tmp_path):
     from mmdet.datasets import CocoDataset
 

@@ -5,7 +5,9 @@ The model is mmdet's own `faster-rcnn_x101-32x4d_fpn_1x_coco` config, read from 
 one class "nodule", the slices written as PNG with COCO annotation files (`work_dir/coco/`) read by
 mmdet's CocoDataset, the slice size kept (no 1333x800 rescale), anchors small enough for nodules of a
 few pixels, no pretrained download, the study's schedule (SGD lr 0.1, 12 epochs of 510 iterations,
-batch 2, linear decay to 0.1x), AMP on CUDA. mmengine's Runner trains and tests; the test-fold metrics
+batch 2, linear decay to 0.1x), AMP on CUDA. Beyond the study, for a from-scratch CPU demo: training crops
+around the nodules (`NoduleCrop`), AdamW, and the RPN's and RoI head's sampling and IoU cuts as options (their
+defaults are mmdet's). mmengine's Runner trains and tests; the test-fold metrics
 are `coco.coco_metrics` and `metrics.froc` (LUNA16's FROC per nodule) of `nodulesynth.downstream`.
 
 Outputs in `work_dir`: model.pth, loss.tsv (iter, loss, lr and mmdet's partial losses), coco/{train,test}.json
@@ -24,6 +26,8 @@ from typing import Optional
 import cv2
 import numpy as np
 import pandas as pd
+from mmdet.datasets.transforms import RandomCrop
+from mmdet.registry import TRANSFORMS
 from mmengine.hooks import Hook
 
 from nodulesynth.downstream import mmlab
@@ -35,6 +39,8 @@ from nodulesynth.options import coerce, from_section
 
 BASE_CONFIG = "mmdet::faster_rcnn/faster-rcnn_x101-32x4d_fpn_1x_coco.py"  # mmdet's shipped config
 CLASSES = ("nodule",)
+OPTIMIZERS = ("sgd", "adamw")
+NODULE_CROP = "NoduleSynthNoduleCrop"
 PREDICTION_COLUMNS = ["scan_id", "patient_id", "slice_index", "x0", "y0", "x1", "y1", "score"]
 
 
@@ -69,6 +75,14 @@ class LocalizationOptions:
     # clips (RetinaNet, FCOS); with it lr 0.1 trains from scratch (loss 2.0 -> 0.07 in 16 iterations).
     clip_grad: Optional[float] = 35.0
     load_from: Optional[str] = None         # LOCAL mmdet checkpoint to start from (no download)
+    # Training inputs: whole slices (None, as the study), or square crops of this many pixels placed around a
+    # nodule box (at a random offset) on slices with one and anywhere on slices without (`NoduleCrop`). The test
+    # stays on whole slices (Faster R-CNN is fully convolutional). A crop costs a fraction of a slice, and a
+    # few-pixel nodule is then a larger part of what the RPN and the RoI sampler see.
+    train_crop: Optional[int] = None
+    # "sgd" (the study's, with momentum) or "adamw" (beyond the study: from scratch it moves within the few
+    # iterations a CPU demo affords, where SGD collapsed every box to background).
+    optimizer: str = "sgd"
     # Test: RPN proposals kept per slice for the RoI head (mmdet's nms_pre and max_per_img, 1000 for COCO's
     # 1333 x 800 images). The RoI head's cost grows with it (about 13 GFLOP per slice at 1000), whatever the
     # slice size: a small slice holds far fewer candidate nodules, and the demo's 64-px slices use 100.
@@ -77,6 +91,22 @@ class LocalizationOptions:
     # head's matrix products and mmcv's RoIAlign backward take most of an iteration at 512 (measured at 64 px);
     # the demo's small slices, with one nodule or none, use 64.
     roi_samples: int = 512
+    # Training, the RPN: anchors sampled per slice (mmdet's 256) and the IoU cuts of its assigner: an anchor is a
+    # positive above rpn_pos_iou and a negative below rpn_neg_iou, and each box's best anchor is a positive from
+    # rpn_min_pos_iou up (mmdet's 0.7 / 0.3 / 0.3). A 2-px box overlaps the smallest (4-px) anchor at IoU 0.25 at
+    # best: at mmdet's cuts no anchor learns it. With one small nodule among 256 sampled anchors, the few
+    # positives also weigh almost nothing in the loss; fewer samples give them their share.
+    rpn_samples: int = 256
+    rpn_pos_iou: float = 0.7
+    rpn_neg_iou: float = 0.3
+    rpn_min_pos_iou: float = 0.3
+    # Training, the RoI head: a proposal is a positive from this IoU with a box (mmdet's 0.5, which is also its
+    # negative cut), and positives make at most roi_positive_fraction of the roi_samples (mmdet's 0.25).
+    roi_pos_iou: float = 0.5
+    roi_positive_fraction: float = 0.25
+    # Share of training draws with a nodule (sampler = balanced): with crops, a nodule-free crop holds little
+    # to learn, and a crop around a nodule holds plenty of healthy tissue beside it.
+    positive_fraction: float = 0.5
     score_threshold: float = 0.05           # test: boxes scoring below are dropped (mmdet's default)
     max_per_img: int = 100                  # test: boxes kept per slice
     num_workers: int = 0  # set by the job from its threads (cli: all but one), not a config key
@@ -108,7 +138,7 @@ class LocalizationOptions:
 
     def validate(self):
         for key in ("epochs", "iters_per_epoch", "batch_size", "max_per_img", "log_interval", "test_proposals",
-                    "roi_samples"):
+                    "roi_samples", "rpn_samples"):
             if getattr(self, key) < 1:
                 raise InputError(f"localization.{key} must be positive, got {getattr(self, key)}")
         for key in ("warmup_iters", "num_workers", "weight_decay", "momentum"):
@@ -122,6 +152,11 @@ class LocalizationOptions:
         if self.sampler == "balanced" and not self.include_negatives:
             raise InputError("localization.sampler = balanced draws slices without a nodule too: it needs "
                              "localization.include_negatives = true (or sampler = shuffle)")
+        if self.train_crop is not None and self.train_crop < 32:
+            raise InputError(f"localization.train_crop must be at least 32 px (FPN's coarsest stride) or null, got "
+                             f"{self.train_crop}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"localization.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.norm not in ("bn", "gn"):
             raise InputError(f"localization.norm must be 'bn' or 'gn', got {self.norm!r}")
         if not self.lr > 0:
@@ -130,6 +165,13 @@ class LocalizationOptions:
             raise InputError(f"localization.lr_end_factor must be in (0, 1], got {self.lr_end_factor}")
         if not self.anchor_scales or min(self.anchor_scales) <= 0:
             raise InputError(f"localization.anchor_scales must be positive numbers, got {list(self.anchor_scales)}")
+        for key in ("rpn_pos_iou", "rpn_neg_iou", "rpn_min_pos_iou", "roi_pos_iou", "roi_positive_fraction",
+                    "positive_fraction"):
+            if not 0 < getattr(self, key) < 1:
+                raise InputError(f"localization.{key} must be in (0, 1), got {getattr(self, key)}")
+        if not self.rpn_neg_iou <= self.rpn_pos_iou or not self.rpn_min_pos_iou <= self.rpn_pos_iou:
+            raise InputError(f"localization: rpn_neg_iou ({self.rpn_neg_iou}) and rpn_min_pos_iou "
+                             f"({self.rpn_min_pos_iou}) must not exceed rpn_pos_iou ({self.rpn_pos_iou})")
         if not 0 <= self.score_threshold < 1:
             raise InputError(f"localization.score_threshold must be in [0, 1), got {self.score_threshold}")
         if self.clip_grad is not None and not self.clip_grad > 0:
@@ -171,6 +213,40 @@ def check_mmcv_ops(device: str, probe=probe_mmcv_ops):
             f"then builds mmcv with them)") from None
 
 
+# ---------------------------------------------------------------- training crops
+
+@TRANSFORMS.register_module(name=NODULE_CROP)
+class NoduleCrop(RandomCrop):
+    """mmdet's RandomCrop of `size` x `size` px, placed so that one of the slice's boxes (drawn at random) lies
+    inside it at a random offset; a slice without a box is cropped anywhere, as RandomCrop does. Written here
+    because mmdet's crops ignore where the boxes are: a 64-px crop of a 128-px slice misses a nodule of a few
+    pixels most of the time. mmdet's own code does the cropping and moves and clips the boxes."""
+
+    def __init__(self, size: int):
+        super().__init__(crop_size=(int(size), int(size)), allow_negative_crop=True)
+        self._boxes = np.zeros((0, 4))
+
+    def transform(self, results: dict):
+        boxes = results.get("gt_bboxes")
+        self._boxes = np.zeros((0, 4)) if boxes is None else np.asarray(boxes.numpy(), float).reshape(-1, 4)
+        return super().transform(results)
+
+    def _rand_offset(self, margin):
+        margin_h, margin_w = margin
+        if not len(self._boxes):
+            return super()._rand_offset(margin)
+        x0, y0, x1, y1 = self._boxes[np.random.randint(len(self._boxes))]
+        height, width = self.crop_size
+
+        def offset(start, stop, size, limit):
+            low, high = max(0, int(np.ceil(stop)) - size), min(limit, int(np.floor(start)))
+            if low > high:  # a box larger than the crop, or one at the edge: centre the crop on it
+                return int(np.clip(round((start + stop - size) / 2), 0, limit))
+            return np.random.randint(low, high + 1)
+
+        return offset(y0, y1, height, margin_h), offset(x0, x1, width, margin_w)
+
+
 # ---------------------------------------------------------------- config
 
 def build_config(options: LocalizationOptions, image_size: int, data_root, work_dir, device: str = "cpu"):
@@ -191,7 +267,14 @@ def build_config(options: LocalizationOptions, image_size: int, data_root, work_
         model.neck.norm_cfg = gn
     model.rpn_head.anchor_generator.scales = list(options.anchor_scales)
     model.roi_head.bbox_head.num_classes = len(CLASSES)
-    model.train_cfg.rcnn.sampler.num = options.roi_samples
+    rpn = model.train_cfg.rpn
+    rpn.assigner.update(pos_iou_thr=options.rpn_pos_iou, neg_iou_thr=options.rpn_neg_iou,
+                        min_pos_iou=options.rpn_min_pos_iou)
+    rpn.sampler.num = options.rpn_samples
+    rcnn = model.train_cfg.rcnn
+    rcnn.assigner.update(pos_iou_thr=options.roi_pos_iou, neg_iou_thr=options.roi_pos_iou,
+                         min_pos_iou=options.roi_pos_iou)
+    rcnn.sampler.update(num=options.roi_samples, pos_fraction=options.roi_positive_fraction)
     model.test_cfg.rpn.nms_pre = options.test_proposals
     model.test_cfg.rpn.max_per_img = options.test_proposals
     model.test_cfg.rcnn.score_thr = options.score_threshold
@@ -212,12 +295,17 @@ def build_config(options: LocalizationOptions, image_size: int, data_root, work_
                 step["scale"] = (image_size, image_size)  # the slice size, not COCO's 1333 x 800
             if "backend_args" in step:
                 step["backend_args"] = None
+        if name == "train" and options.train_crop is not None:
+            after_resize = next(i for i, step in enumerate(dataset.pipeline) if step["type"] == "Resize") + 1
+            dataset.pipeline.insert(after_resize, dict(type=NODULE_CROP, size=options.train_crop))
         loader.num_workers = options.num_workers
         loader.persistent_workers = options.num_workers > 0
     # Negative slices are kept in train.json only when they are to be trained on (see include_negatives).
     cfg.train_dataloader.dataset.filter_cfg = dict(filter_empty_gt=not options.include_negatives, min_size=0)
     cfg.train_dataloader.batch_size = options.batch_size
     cfg.train_dataloader.sampler = mmlab.train_sampler(options.sampler, options.seed)
+    if options.sampler == "balanced":
+        cfg.train_dataloader.sampler.positive_fraction = options.positive_fraction
     cfg.test_dataloader.batch_size = options.batch_size
     cfg.val_dataloader = cfg.val_evaluator = cfg.val_cfg = None
     cfg.test_evaluator = dict(type="CocoMetric", ann_file=str(Path(data_root) / "test.json"), metric="bbox",
@@ -226,8 +314,12 @@ def build_config(options: LocalizationOptions, image_size: int, data_root, work_
     # An epoch is iters_per_epoch iterations whatever the slice count: an iteration-based loop.
     total = options.total_iters
     cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=total, val_interval=total + 1)
+    if options.optimizer == "adamw":
+        optimizer = dict(type="AdamW", lr=options.lr, weight_decay=options.weight_decay)
+    else:
+        optimizer = dict(type="SGD", lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
     cfg.optim_wrapper = mmlab.optim_wrapper(
-        device, dict(type="SGD", lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay),
+        device, optimizer,
         clip_grad=None if options.clip_grad is None else dict(max_norm=options.clip_grad, norm_type=2))
     if options.norm == "gn":
         cfg.optim_wrapper.paramwise_cfg = dict(norm_decay_mult=0.0)
