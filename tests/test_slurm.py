@@ -114,7 +114,7 @@ def test_profile_chooses_partitions_from_the_rules_resources():
     assert profile["executor"] == "slurm"
     partitions = profile_partitions(profile)
     gpu = gpu_rules()
-    assert {"train_generator", "sample_generator", "sample_generator_heldout", "downstream_model"} <= set(gpu)
+    assert {"train_generator", "sample_generator", "downstream_model", "realism"} <= set(gpu)
     # The plugin sends a GPU rule only to a partition with max_gpu, and prefers one without for the others.
     assert any(limits.get("max_gpu", 0) >= max(gpu.values()) for limits in partitions.values()), partitions
     assert any(not limits.get("max_gpu") for limits in partitions.values()), partitions
