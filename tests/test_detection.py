@@ -12,10 +12,12 @@ import torch.nn.functional as F
 from nodulesynth.downstream import mmlab
 from nodulesynth.downstream.datasets import ArmDataset, SliceSet
 from nodulesynth.downstream.detection import (BASE_CONFIG, DetectionOptions, crop_patches, detection_config,
-                                              detection_features, fold_rgb_stem, load_classifier, predict_scores,
-                                              run_detection, slice_units, tile_origins, unit_centres, unit_images)
+                                              detection_features, fold_rgb_stem, inference_batch_size,
+                                              load_classifier, predict_scores, run_detection, slice_units,
+                                              tile_origins, unit_centres, unit_images)
 from nodulesynth.labels import BODY, LEFT_LUNG, NODULE, RIGHT_LUNG
 
+REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
 CORE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 
@@ -120,6 +122,49 @@ def test_patches_centred_on_box_and_in_lung():
     assert np.array_equal(crop_patches(grid, np.array([[5, 5]]), 4)[0], grid[0, 3:7, 3:7])
 
 
+def test_patch_jitter_moves_nodule_patches_only_and_within_its_bound():
+    slices = synthetic_slices(12, 4, seed=5)
+    slices.image[:12] = 0
+    for row, x0, y0, x1, y1 in slices.boxes:  # one marked pixel at each box's centre
+        slices.image[int(row), int((y0 + y1 - 1) // 2), int((x0 + x1 - 1) // 2)] = 255
+    centred, labels = unit_images(slices, DetectionOptions(input="patch", patch_size=16), seed=[0, 0])
+    jittered, again = unit_images(slices, DetectionOptions(input="patch", patch_size=16, patch_jitter=3), seed=[0, 0])
+    assert labels.tolist() == again.tolist()
+    offsets = []
+    for row in range(12):
+        assert centred[row, 8, 8] == 255
+        y, x = np.argwhere(jittered[row] == 255)[0]
+        offsets.append((int(x) - 8, int(y) - 8))
+    assert max(max(abs(dx), abs(dy)) for dx, dy in offsets) <= 3
+    assert len(set(offsets)) > 3  # the offsets vary from patch to patch
+    assert np.array_equal(jittered[12:], centred[12:])  # nodule-free patches are not moved
+    repeat, _ = unit_images(slices, DetectionOptions(input="patch", patch_size=16, patch_jitter=3), seed=[0, 0])
+    assert np.array_equal(repeat, jittered)  # seeded
+    with pytest.raises(ValueError, match="detection.patch_jitter"):
+        DetectionOptions.from_config({"input": "patch", "patch_size": 16, "patch_jitter": 8})
+
+
+def test_schema_defaults_are_the_options_defaults_and_the_demo_reaches_mmpretrain(tmp_path):
+    """The schema's detection defaults are DetectionOptions' (the study's), and the demo config.yaml, validated
+    by the workflow's schema, builds through DetectionOptions into mmpretrain's config."""
+    import yaml
+    from snakemake.utils import validate
+
+    schema_path = REPO / "schemas" / "config.schema.yaml"
+    keys = yaml.safe_load(schema_path.read_text())["properties"]["detection"]["properties"]
+    assert {key: value["default"] for key, value in keys.items()} == DetectionOptions().to_dict()
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    validate(config, str(schema_path))  # fills the schema's defaults in, as the Snakefile does
+    demo = DetectionOptions.from_config(config["detection"])
+    cfg = detection_config(demo, tmp_path, "cpu", mean=100.0, std=50.0, memory_key="k")
+    assert cfg.train_cfg.max_iters == demo.epochs * demo.iters_per_epoch
+    assert cfg.train_dataloader.batch_size == demo.batch_size
+    assert cfg.optim_wrapper.optimizer.lr == demo.lr
+    assert cfg.param_scheduler[0].milestones == [s * demo.iters_per_epoch for s in demo.lr_steps]
+    with pytest.raises(Exception, match="patch_jitter"):
+        validate({**config, "detection": {**config["detection"], "patch_jitter": -1}}, str(schema_path))
+
+
 def test_test_tiles_cover_the_slice_from_its_image_alone():
     slices = synthetic_slices(3, 2, seed=7)
     options = DetectionOptions(input="patch", patch_size=16)  # stride: half a patch
@@ -211,7 +256,9 @@ def test_patch_mode_from_local_checkpoint(trained, tmp_path):
     tiles = slice_units(dataset.test.image, options)
     assert tiles.shape == (4, 9, 32, 32)  # 64 px in tiles of 32 every 16: 3 x 3
     model = load_classifier(tmp_path / "labelled" / "model.pth", "cpu")
-    tile_scores = predict_scores(model, tiles.reshape(-1, 32, 32)).reshape(4, 9)
+    # run_detection scored the 36 tiles in one batch of 64 (inference_batch_size); one at a time scores the same
+    assert inference_batch_size((32, 32), options) == 64 and inference_batch_size((256, 256), options) == 4
+    tile_scores = predict_scores(model, tiles.reshape(-1, 32, 32), batch_size=1).reshape(4, 9)
     np.testing.assert_allclose(predictions["score"], tile_scores.max(axis=1), rtol=1e-5, atol=1e-6)
     assert (tile_scores.max(axis=1) > tile_scores.min(axis=1)).all()  # the max is a choice among differing tiles
 
