@@ -144,6 +144,26 @@ def test_patch_jitter_moves_nodule_patches_only_and_within_its_bound():
         DetectionOptions.from_config({"input": "patch", "patch_size": 16, "patch_jitter": 8})
 
 
+def test_negatives_anywhere_places_nodule_free_patches_over_the_whole_slice():
+    slices = synthetic_slices(2, 60, seed=6)
+    slices.image[2:] = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE), dtype=np.uint8)  # where a patch was cut
+    windows = np.lib.stride_tricks.sliding_window_view(slices.image[2], (16, 16))
+    options = DetectionOptions(input="patch", patch_size=16, negatives_anywhere=1.0)
+    patches, labels = unit_images(slices, options, seed=[0, 0])
+    lung = np.isin(slices.label[2], (LEFT_LUNG, RIGHT_LUNG))
+    centres_in_lung = []
+    for patch in patches[2:]:
+        found = np.argwhere((windows == patch).all(axis=(2, 3)))
+        assert len(found) == 1  # a whole patch of the slice (test tiles lie within it too), not zero-padded
+        top, left = found[0]
+        centres_in_lung.append(lung[top + 8, left + 8])
+    assert 0 < sum(centres_in_lung) < len(centres_in_lung)  # body wall and air too, not only lung
+    lung_only, _ = unit_images(slices, DetectionOptions(input="patch", patch_size=16), seed=[0, 0])
+    assert np.array_equal(patches[:2], lung_only[:2])  # nodule patches stay where they were
+    with pytest.raises(ValueError, match="detection.negatives_anywhere"):
+        DetectionOptions.from_config({"input": "patch", "negatives_anywhere": 1.5})
+
+
 def test_schema_defaults_are_the_options_defaults_and_the_demo_reaches_mmpretrain(tmp_path):
     """The schema's detection defaults are DetectionOptions' (the study's), and the demo config.yaml, validated
     by the workflow's schema, builds through DetectionOptions into mmpretrain's config."""

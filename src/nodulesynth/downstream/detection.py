@@ -59,6 +59,10 @@ class DetectionOptions:
     # Training nodule patches: the centre moved by up to this many pixels on each axis (uniform, seeded), so the
     # classifier also sees nodules off-centre, as the test tiles show them (0: centred on the box, as before).
     patch_jitter: int = 0
+    # Training nodule-free patches: this fraction is centred anywhere a tile can lie (body wall, mediastinum, air),
+    # the rest in the lung. Test tiles cover the whole slice, and a classifier that saw lung only scores the
+    # rest at random (measured on the demo: body-wall tiles at 1.0 in every slice, AUC 0.5). 0: lung only.
+    negatives_anywhere: float = 0.0
     load_from: str | None = None  # optional local mmpretrain checkpoint (never downloaded)
     threshold: float = 0.5
     # Training draws: "balanced" (half with a nodule, in every arm: see mmlab.BalancedSampler), or "shuffle"
@@ -102,6 +106,8 @@ class DetectionOptions:
         if not isinstance(self.patch_jitter, int) or not 0 <= self.patch_jitter < self.patch_size // 2:
             bad("patch_jitter", f"must be an integer from 0 to below half a patch ({self.patch_size // 2}), so the "
                                 "nodule's centre stays inside the patch")
+        if not isinstance(self.negatives_anywhere, (int, float)) or not 0.0 <= self.negatives_anywhere <= 1.0:
+            bad("negatives_anywhere", "must lie in [0, 1]")
         if self.load_from is not None and not Path(self.load_from).is_file():
             bad("load_from", "no such checkpoint file")
 
@@ -161,15 +167,23 @@ def crop_patches(images: np.ndarray, centres: np.ndarray, size: int) -> np.ndarr
 def unit_images(slices: SliceSet, options: DetectionOptions, seed) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N,s,s], labels int64 [N]) of the chosen training input unit, one per slice (patches are
     placed by the labels: training may use them; test slices go through `slice_units`, which does not). Nodule
-    patches move off their box centre by up to `patch_jitter` pixels per axis (a draw of its own for `seed`)."""
+    patches move off their box centre by up to `patch_jitter` pixels per axis, and a `negatives_anywhere` share of
+    the nodule-free ones is centred anywhere a test tile can lie (draws of their own for `seed`)."""
     labels = np.asarray(slices.has_nodule, bool).astype(np.int64)
     if options.input == "slice":
         return np.ascontiguousarray(slices.image), labels
     centres = unit_centres(slices, seed)
+    rng = np.random.default_rng([*np.atleast_1d(seed), 1])
     if options.patch_jitter:
-        jitter = np.random.default_rng([*np.atleast_1d(seed), 1]).integers(
-            -options.patch_jitter, options.patch_jitter + 1, centres.shape)
+        jitter = rng.integers(-options.patch_jitter, options.patch_jitter + 1, centres.shape)
         centres = centres + jitter * labels[:, None]  # nodule-free patches are already drawn anywhere in the lung
+    anywhere = (labels == 0) & (rng.random(len(labels)) < options.negatives_anywhere)
+    if anywhere.any():
+        # uniform over the centres of patches lying within the slice, as test tiles do (slice_units)
+        size, (height, width) = options.patch_size, slices.image.shape[1:]
+        low = size // 2
+        centres[anywhere, 0] = rng.integers(low, max(low, width - size + low) + 1, int(anywhere.sum()))
+        centres[anywhere, 1] = rng.integers(low, max(low, height - size + low) + 1, int(anywhere.sum()))
     return crop_patches(slices.image, centres, options.patch_size), labels
 
 
