@@ -14,7 +14,7 @@ from nodulesynth.downstream.datasets import ArmDataset, SliceSet
 from nodulesynth.downstream.detection import (BASE_CONFIG, DetectionOptions, crop_patches, detection_config,
                                               detection_features, fold_rgb_stem, inference_batch_size,
                                               load_classifier, predict_scores, run_detection, slice_units,
-                                              tile_origins, unit_centres, unit_images)
+                                              tile_origins, unit_centres, unit_images, zoomed)
 from nodulesynth.labels import BODY, LEFT_LUNG, NODULE, RIGHT_LUNG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,6 +162,27 @@ def test_negatives_anywhere_places_nodule_free_patches_over_the_whole_slice():
     assert np.array_equal(patches[:2], lung_only[:2])  # nodule patches stay where they were
     with pytest.raises(ValueError, match="detection.negatives_anywhere"):
         DetectionOptions.from_config({"input": "patch", "negatives_anywhere": 1.5})
+
+
+def test_zoom_enlarges_training_and_test_units_alike():
+    slices = synthetic_slices(2, 2, seed=8)
+    options = DetectionOptions(input="patch", patch_size=16, zoom=2)
+    patches, _ = unit_images(slices, options, seed=[0, 0])
+    plain, _ = unit_images(slices, DetectionOptions(input="patch", patch_size=16), seed=[0, 0])
+    assert patches.shape == (4, 32, 32)
+    assert np.array_equal(patches[:, ::2, ::2], plain) and np.array_equal(patches[:, 1::2, 1::2], plain)
+    tiles = zoomed(slice_units(slices.image, options), options.zoom)
+    assert tiles.shape == (4, 49, 32, 32) and np.array_equal(tiles[:, :, ::2, ::2], slice_units(slices.image, options))
+    with pytest.raises(ValueError, match="detection.zoom"):
+        DetectionOptions.from_config({"zoom": 0})
+
+
+def test_adamw_optimizer_reaches_the_config(tmp_path):
+    cfg = detection_config(DetectionOptions(optimizer="adamw", lr=1e-3), tmp_path, "cpu", 100.0, 50.0, "k")
+    assert cfg.optim_wrapper.optimizer.type == "AdamW" and cfg.optim_wrapper.optimizer.lr == 1e-3
+    assert "momentum" not in cfg.optim_wrapper.optimizer  # AdamW takes none
+    with pytest.raises(ValueError, match="detection.optimizer"):
+        DetectionOptions.from_config({"optimizer": "lbfgs"})
 
 
 def test_schema_defaults_are_the_options_defaults_and_the_demo_reaches_mmpretrain(tmp_path):
