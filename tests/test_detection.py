@@ -204,6 +204,10 @@ def test_schema_defaults_are_the_options_defaults_and_the_demo_reaches_mmpretrai
     assert cfg.param_scheduler[0].milestones == [s * demo.iters_per_epoch for s in demo.lr_steps]
     with pytest.raises(Exception, match="patch_jitter"):
         validate({**config, "detection": {**config["detection"], "patch_jitter": -1}}, str(schema_path))
+    # the detection keys stay detection's: the localization section, defaults filled in, still builds its options
+    from nodulesynth.downstream.localization import LocalizationOptions
+
+    LocalizationOptions.from_config(config["localization"])
 
 
 def test_test_tiles_cover_the_slice_from_its_image_alone():
