@@ -12,10 +12,12 @@ import torch.nn.functional as F
 from nodulesynth.downstream import mmlab
 from nodulesynth.downstream.datasets import ArmDataset, SliceSet
 from nodulesynth.downstream.detection import (BASE_CONFIG, DetectionOptions, crop_patches, detection_config,
-                                              detection_features, fold_rgb_stem, load_classifier, predict_scores,
-                                              run_detection, slice_units, tile_origins, unit_centres, unit_images)
+                                              detection_features, fold_rgb_stem, inference_batch_size,
+                                              load_classifier, predict_scores, run_detection, slice_units,
+                                              tile_origins, unit_centres, unit_images, zoomed)
 from nodulesynth.labels import BODY, LEFT_LUNG, NODULE, RIGHT_LUNG
 
+REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
 CORE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 
@@ -119,6 +121,94 @@ def test_patches_centred_on_box_and_in_lung():
     assert np.array_equal(crop_patches(grid, np.array([[5, 5]]), 4)[0], grid[0, 3:7, 3:7])
 
 
+def test_patch_jitter_moves_nodule_patches_only_and_within_its_bound():
+    slices = synthetic_slices(12, 4, seed=5)
+    slices.image[:12] = 0
+    for row, x0, y0, x1, y1 in slices.boxes:  # one marked pixel at each box's centre
+        slices.image[int(row), int((y0 + y1 - 1) // 2), int((x0 + x1 - 1) // 2)] = 255
+    centred, labels = unit_images(slices, DetectionOptions(input="patch", patch_size=16), seed=[0, 0])
+    jittered, again = unit_images(slices, DetectionOptions(input="patch", patch_size=16, patch_jitter=3), seed=[0, 0])
+    assert labels.tolist() == again.tolist()
+    offsets = []
+    for row in range(12):
+        assert centred[row, 8, 8] == 255
+        y, x = np.argwhere(jittered[row] == 255)[0]
+        offsets.append((int(x) - 8, int(y) - 8))
+    assert max(max(abs(dx), abs(dy)) for dx, dy in offsets) <= 3
+    assert len(set(offsets)) > 3  # the offsets vary from patch to patch
+    assert np.array_equal(jittered[12:], centred[12:])  # nodule-free patches are not moved
+    repeat, _ = unit_images(slices, DetectionOptions(input="patch", patch_size=16, patch_jitter=3), seed=[0, 0])
+    assert np.array_equal(repeat, jittered)  # seeded
+    with pytest.raises(ValueError, match="detection.patch_jitter"):
+        DetectionOptions.from_config({"input": "patch", "patch_size": 16, "patch_jitter": 8})
+
+
+def test_negatives_anywhere_places_nodule_free_patches_over_the_whole_slice():
+    slices = synthetic_slices(2, 60, seed=6)
+    slices.image[2:] = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE), dtype=np.uint8)  # where a patch was cut
+    windows = np.lib.stride_tricks.sliding_window_view(slices.image[2], (16, 16))
+    options = DetectionOptions(input="patch", patch_size=16, negatives_anywhere=1.0)
+    patches, labels = unit_images(slices, options, seed=[0, 0])
+    lung = np.isin(slices.label[2], (LEFT_LUNG, RIGHT_LUNG))
+    centres_in_lung = []
+    for patch in patches[2:]:
+        found = np.argwhere((windows == patch).all(axis=(2, 3)))
+        assert len(found) == 1  # a whole patch of the slice (test tiles lie within it too), not zero-padded
+        top, left = found[0]
+        centres_in_lung.append(lung[top + 8, left + 8])
+    assert 0 < sum(centres_in_lung) < len(centres_in_lung)  # body wall and air too, not only lung
+    lung_only, _ = unit_images(slices, DetectionOptions(input="patch", patch_size=16), seed=[0, 0])
+    assert np.array_equal(patches[:2], lung_only[:2])  # nodule patches stay where they were
+    with pytest.raises(ValueError, match="detection.negatives_anywhere"):
+        DetectionOptions.from_config({"input": "patch", "negatives_anywhere": 1.5})
+
+
+def test_zoom_enlarges_training_and_test_units_alike():
+    slices = synthetic_slices(2, 2, seed=8)
+    options = DetectionOptions(input="patch", patch_size=16, zoom=2)
+    patches, _ = unit_images(slices, options, seed=[0, 0])
+    plain, _ = unit_images(slices, DetectionOptions(input="patch", patch_size=16), seed=[0, 0])
+    assert patches.shape == (4, 32, 32)
+    assert np.array_equal(patches[:, ::2, ::2], plain) and np.array_equal(patches[:, 1::2, 1::2], plain)
+    tiles = zoomed(slice_units(slices.image, options), options.zoom)
+    assert tiles.shape == (4, 49, 32, 32) and np.array_equal(tiles[:, :, ::2, ::2], slice_units(slices.image, options))
+    with pytest.raises(ValueError, match="detection.zoom"):
+        DetectionOptions.from_config({"zoom": 0})
+
+
+def test_adamw_optimizer_reaches_the_config(tmp_path):
+    cfg = detection_config(DetectionOptions(optimizer="adamw", lr=1e-3), tmp_path, "cpu", 100.0, 50.0, "k")
+    assert cfg.optim_wrapper.optimizer.type == "AdamW" and cfg.optim_wrapper.optimizer.lr == 1e-3
+    assert "momentum" not in cfg.optim_wrapper.optimizer  # AdamW takes none
+    with pytest.raises(ValueError, match="detection.optimizer"):
+        DetectionOptions.from_config({"optimizer": "lbfgs"})
+
+
+def test_schema_defaults_are_the_options_defaults_and_the_demo_reaches_mmpretrain(tmp_path):
+    """The schema's detection defaults are DetectionOptions' (the study's), and the demo config.yaml, validated
+    by the workflow's schema, builds through DetectionOptions into mmpretrain's config."""
+    import yaml
+    from snakemake.utils import validate
+
+    schema_path = REPO / "schemas" / "config.schema.yaml"
+    keys = yaml.safe_load(schema_path.read_text())["properties"]["detection"]["properties"]
+    assert {key: value["default"] for key, value in keys.items()} == DetectionOptions().to_dict()
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    validate(config, str(schema_path))  # fills the schema's defaults in, as the Snakefile does
+    demo = DetectionOptions.from_config(config["detection"])
+    cfg = detection_config(demo, tmp_path, "cpu", mean=100.0, std=50.0, memory_key="k")
+    assert cfg.train_cfg.max_iters == demo.epochs * demo.iters_per_epoch
+    assert cfg.train_dataloader.batch_size == demo.batch_size
+    assert cfg.optim_wrapper.optimizer.lr == demo.lr
+    assert cfg.param_scheduler[0].milestones == [s * demo.iters_per_epoch for s in demo.lr_steps]
+    with pytest.raises(Exception, match="patch_jitter"):
+        validate({**config, "detection": {**config["detection"], "patch_jitter": -1}}, str(schema_path))
+    # the detection keys stay detection's: the localization section, defaults filled in, still builds its options
+    from nodulesynth.downstream.localization import LocalizationOptions
+
+    LocalizationOptions.from_config(config["localization"])
+
+
 def test_test_tiles_cover_the_slice_from_its_image_alone():
     slices = synthetic_slices(3, 2, seed=7)
     options = DetectionOptions(input="patch", patch_size=16)  # stride: half a patch
@@ -209,7 +299,9 @@ def test_patch_mode_from_local_checkpoint(trained, tmp_path, one_thread):
     tiles = slice_units(dataset.test.image, options)
     assert tiles.shape == (4, 9, 32, 32)  # 64 px in tiles of 32 every 16: 3 x 3
     model = load_classifier(tmp_path / "labelled" / "model.pth", "cpu")
-    tile_scores = predict_scores(model, tiles.reshape(-1, 32, 32)).reshape(4, 9)
+    # run_detection scored the 36 tiles in one batch of 64 (inference_batch_size); one at a time scores the same
+    assert inference_batch_size((32, 32), options) == 64 and inference_batch_size((256, 256), options) == 4
+    tile_scores = predict_scores(model, tiles.reshape(-1, 32, 32), batch_size=1).reshape(4, 9)
     np.testing.assert_allclose(predictions["score"], tile_scores.max(axis=1), rtol=1e-5, atol=1e-6)
     assert (tile_scores.max(axis=1) > tile_scores.min(axis=1)).all()  # the max is a choice among differing tiles
 
