@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from nodulesynth.downstream import mmlab
 from nodulesynth.downstream.datasets import ArmDataset, SliceSet
-from nodulesynth.downstream.detection import (BASE_CONFIG, DetectionOptions, crop_patches, detection_config,
+from nodulesynth.downstream.detection import (BASE_CONFIG, DetectionOptions, build_config, crop_patches,
                                               detection_features, fold_rgb_stem, inference_batch_size,
                                               load_classifier, predict_scores, run_detection, slice_units,
                                               tile_origins, unit_centres, unit_images, zoomed)
@@ -73,7 +73,7 @@ def test_config_is_mmpretrain_seresnet101_adapted(tmp_path):
     assert base.model.head.num_classes == 1000  # ImageNet, as shipped
 
     options = DetectionOptions()
-    cfg = detection_config(options, tmp_path, "cpu", mean=100.0, std=50.0, memory_key="k")
+    cfg = build_config(options, tmp_path, "cpu", mean=100.0, std=50.0, memory_key="k")
     assert cfg.model.backbone.type == "SEResNet" and cfg.model.backbone.depth == 101
     assert cfg.model.backbone.in_channels == 1
     assert cfg.model.head.num_classes == 2
@@ -83,7 +83,7 @@ def test_config_is_mmpretrain_seresnet101_adapted(tmp_path):
     assert cfg.optim_wrapper.type == "OptimWrapper"
     assert (cfg.optim_wrapper.optimizer.lr, cfg.optim_wrapper.optimizer.momentum) == (0.1, 0.9)
     assert cfg.train_dataloader.batch_size == 8 and cfg.val_dataloader is None
-    assert detection_config(options, tmp_path, "cuda", 100.0, 50.0, "k").optim_wrapper.type == "AmpOptimWrapper"
+    assert build_config(options, tmp_path, "cuda", 100.0, 50.0, "k").optim_wrapper.type == "AmpOptimWrapper"
 
 
 def test_options_refuse_unknown_and_bad_keys():
@@ -91,8 +91,6 @@ def test_options_refuse_unknown_and_bad_keys():
         DetectionOptions.from_config({"epoch": 3})
     with pytest.raises(ValueError, match="detection.input"):
         DetectionOptions.from_config({"input": "volume"})
-    with pytest.raises(ValueError, match="detection.load_from"):
-        DetectionOptions.from_config({"load_from": "/nonexistent/seresnet.pth"})
     with pytest.raises(ValueError, match="detection.patch_stride"):
         DetectionOptions.from_config({"input": "patch", "patch_size": 32, "patch_stride": 40})  # gaps between tiles
     options = DetectionOptions.from_config({"input": "patch", "patch_size": 32})
@@ -177,7 +175,7 @@ def test_zoom_enlarges_training_and_test_units_alike():
 
 
 def test_adamw_optimizer_reaches_the_config(tmp_path):
-    cfg = detection_config(DetectionOptions(optimizer="adamw", lr=1e-3), tmp_path, "cpu", 100.0, 50.0, "k")
+    cfg = build_config(DetectionOptions(optimizer="adamw", lr=1e-3), tmp_path, "cpu", 100.0, 50.0, "k")
     assert cfg.optim_wrapper.optimizer.type == "AdamW" and cfg.optim_wrapper.optimizer.lr == 1e-3
     assert "momentum" not in cfg.optim_wrapper.optimizer  # AdamW takes none
     with pytest.raises(ValueError, match="detection.optimizer"):
@@ -192,11 +190,13 @@ def test_schema_defaults_are_the_options_defaults_and_the_demo_reaches_mmpretrai
 
     schema_path = REPO / "schemas" / "config.schema.yaml"
     keys = yaml.safe_load(schema_path.read_text())["properties"]["detection"]["properties"]
-    assert {key: value["default"] for key, value in keys.items()} == DetectionOptions().to_dict()
+    defaults = DetectionOptions().to_dict()
+    defaults.pop("num_workers")  # set by the job from its threads, not a config key
+    assert {key: value["default"] for key, value in keys.items()} == defaults
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     validate(config, str(schema_path))  # fills the schema's defaults in, as the Snakefile does
     demo = DetectionOptions.from_config(config["detection"])
-    cfg = detection_config(demo, tmp_path, "cpu", mean=100.0, std=50.0, memory_key="k")
+    cfg = build_config(demo, tmp_path, "cpu", mean=100.0, std=50.0, memory_key="k")
     assert cfg.train_cfg.max_iters == demo.epochs * demo.iters_per_epoch
     assert cfg.train_dataloader.batch_size == demo.batch_size
     assert cfg.optim_wrapper.optimizer.lr == demo.lr
@@ -317,3 +317,15 @@ def test_image_stats_in_chunks_equal_numpys_and_cudnn_autotuning_only_on_cuda():
     assert mean == pytest.approx(images.mean()) and std == pytest.approx(images.std())
     assert mmlab.runtime_settings("w", 0, "cuda:1")["env_cfg"]["cudnn_benchmark"] is True
     assert mmlab.runtime_settings("w", 0, "cpu")["env_cfg"]["cudnn_benchmark"] is False
+
+
+def test_a_missing_local_checkpoint_stops_either_task_before_training(tmp_path):
+    """load_from names a LOCAL file (nothing is downloaded): both tasks refuse a missing one first, naming the key."""
+    from nodulesynth.downstream.localization import LocalizationOptions, run_localization
+
+    missing = tmp_path / "nowhere.pth"
+    with pytest.raises(FileNotFoundError, match=f"detection.load_from: no checkpoint file {missing}"):
+        run_detection(None, DetectionOptions(load_from=str(missing)), tmp_path / "det")
+    with pytest.raises(FileNotFoundError, match=f"localization.load_from: no checkpoint file {missing}"):
+        run_localization(None, LocalizationOptions(load_from=str(missing)), tmp_path / "loc")
+    assert not (tmp_path / "det").exists() and not (tmp_path / "loc").exists()

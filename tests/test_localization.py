@@ -93,8 +93,11 @@ def test_small_object_options_reach_mmdets_config(tmp_path):
     train_steps = [step["type"] for step in cfg.train_dataloader.dataset.pipeline]
     assert train_steps.index("NoduleSynthNoduleCrop") == train_steps.index("Resize") + 1
     assert "NoduleSynthNoduleCrop" not in [step["type"] for step in cfg.test_dataloader.dataset.pipeline]
-    crop = TRANSFORMS.build(next(step for step in cfg.train_dataloader.dataset.pipeline
-                                 if step["type"] == "NoduleSynthNoduleCrop"))
+    from mmengine.registry import DefaultScope
+
+    with DefaultScope.overwrite_default_scope("mmdet"):  # as in a localize job (an earlier test may leave mmpretrain's)
+        crop = TRANSFORMS.build(next(step for step in cfg.train_dataloader.dataset.pipeline
+                                     if step["type"] == "NoduleSynthNoduleCrop"))
     assert crop.crop_size == (32, 32)
     with pytest.raises(ValueError, match="rpn_neg_iou .0.8. and rpn_min_pos_iou .0.3. must not exceed"):
         LocalizationOptions(rpn_neg_iou=0.8)

@@ -4,7 +4,7 @@ benchmarks/cost.py (the whole study's GPU-hours).
 
 FLOPs are counted on the networks the package builds from the options: the SDM U-Net and SPADE's generator and
 discriminator on the meta device (no memory, no data), SE-ResNet-101 and Faster R-CNN built by mmpretrain/mmdet from
-the study's own configs (`detection_config`, `build_config`), moved to the meta device, through
+the study's own configs (`build_config` of each), moved to the meta device, through
 `torch.utils.flop_counter.FlopCounterMode` (2 FLOPs a multiply-add; convolutions and matmuls only, which is nearly
 all of these networks' work). Each network is counted once per process and options. torch, mmpretrain and mmdet are
 imported only when a count is asked for: the Snakefile imports this module without them.
@@ -128,16 +128,16 @@ def spade_flops(options) -> dict:
 
 @cached
 def detection_flops(options, image_size: int) -> dict:
-    """SE-ResNet-101 as run_detection builds it (mmpretrain, `detection_config`): forward FLOPs of one training
+    """SE-ResNet-101 as run_detection builds it (mmpretrain, `detection.build_config`): forward FLOPs of one training
     unit (a slice, or a patch) and of one test slice (its tiles, for patch input)."""
     import torch
     from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
 
-    from nodulesynth.downstream.detection import detection_config, tile_origins
+    from nodulesynth.downstream.detection import build_config, tile_origins
 
     with tempfile.TemporaryDirectory() as work_dir:
-        cfg = detection_config(options, work_dir, "cpu", 0.0, 1.0, "cost")
+        cfg = build_config(options, work_dir, "cpu", 0.0, 1.0, "cost")
     model_cfg = cfg.model.copy()
     model_cfg.setdefault("data_preprocessor", cfg.data_preprocessor)
     # Built on the CPU (mmpretrain's ResNet reads a tensor's value while building), then moved to meta.

@@ -29,6 +29,7 @@ from nodulesynth.data.slices import resize_slices
 from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path
 from nodulesynth.labels import NODULE
+from nodulesynth.options import SectionOptions
 
 TASKS = ("detection", "localization")  # the downstream study's two tasks (mmpretrain, mmdet)
 GENERATORS = ("sdm", "spade")  # the generators whose slices arms C and B add
@@ -43,8 +44,10 @@ RELABELLED = "relabelled"  # the `source` of the negative control's added slices
 
 
 @dataclass(frozen=True)
-class DownstreamOptions:
+class DownstreamOptions(SectionOptions):
     """The config's `downstream` section (schemas/config.schema.yaml): the arms' data and the leakage audit."""
+
+    SECTION = "downstream"
 
     synthetic_ratio: float = 1.0
     seed: int = 0
@@ -54,12 +57,6 @@ class DownstreamOptions:
     threads: int = 8  # CPUs of a GPU job (detect, localize, realism): all but one load data
     controls: bool = True
     image_size: Optional[int] = None
-
-    @classmethod
-    def from_config(cls, section: dict | None):
-        from nodulesynth.options import from_section
-
-        return from_section(cls, section, "downstream")
 
 
 def fold_number(path) -> int:
@@ -350,9 +347,12 @@ def relabelled_slices(train: SliceSet, count: int, rng) -> SliceSet:
     return added
 
 
-def _counts(prefix: str, slices: SliceSet) -> dict:
-    positive = int(np.asarray(slices.has_nodule).sum())
-    return {f"n_{prefix}": len(slices), f"n_{prefix}_positive": positive, f"n_{prefix}_negative": len(slices) - positive}
+def split_counts(split: str, positive) -> dict:
+    """n_{split}, n_{split}_positive, n_{split}_negative of a split's units (slices, patches) from their positive
+    flags: the counts every metrics.json and the arm datasets' info hold."""
+    positive = np.asarray(positive, bool)
+    return {f"n_{split}": int(len(positive)), f"n_{split}_positive": int(positive.sum()),
+            f"n_{split}_negative": int(len(positive) - positive.sum())}
 
 
 def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, synth_dir=None, image_size=256,
@@ -425,6 +425,6 @@ def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, 
                     n_train_synthetic=len(added))
     else:
         info.update(n_train_synthetic=0)
-    info.update(_counts("train", train), **_counts("test", test),
+    info.update(split_counts("train", train.has_nodule), **split_counts("test", test.has_nodule),
                 n_train_patients=len(np.unique(train.patient_id)), n_test_patients=len(np.unique(test.patient_id)))
     return ArmDataset(arm, int(fold), train, test, info)

@@ -17,9 +17,8 @@ Input units (`DetectionOptions.input`):
 distance).
 """
 
-import os
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +28,11 @@ from mmpretrain.datasets import BaseDataset
 from mmpretrain.registry import DATASETS
 
 from nodulesynth.downstream import mmlab
-from nodulesynth.downstream.datasets import ArmDataset, SliceSet
+from nodulesynth.downstream.datasets import ArmDataset, SliceSet, split_counts
 from nodulesynth.downstream.metrics import detection_metrics
 from nodulesynth.errors import InputError
 from nodulesynth.labels import LEFT_LUNG, NODULE, RIGHT_LUNG
-from nodulesynth.options import from_section
+from nodulesynth.options import SectionOptions
 
 BASE_CONFIG = "mmpretrain::seresnet/seresnet101_8xb32_in1k.py"
 CLASSES = ("no_nodule", "nodule")
@@ -43,8 +42,10 @@ FEATURE_DIM = 2048  # SE-ResNet-101's last stage, globally pooled by the config'
 
 
 @dataclass
-class DetectionOptions:
+class DetectionOptions(SectionOptions):
     """The `detection` config section; defaults are the study's real run (50 epochs of 128 iterations)."""
+
+    SECTION = "detection"
 
     epochs: int = 50
     iters_per_epoch: int = 128
@@ -79,11 +80,12 @@ class DetectionOptions:
     num_workers: int = 0  # set by the job from its threads (cli: all but one), not a config key
     seed: int = 0
 
-    @classmethod
-    def from_config(cls, section: dict | None):
-        options = from_section(cls, section, "detection")
-        options.validate()
-        return options
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def total_iters(self) -> int:
+        return self.epochs * self.iters_per_epoch
 
     def validate(self):
         def bad(key, why):
@@ -120,11 +122,7 @@ class DetectionOptions:
             bad("zoom", "must be a positive integer")
         if not isinstance(self.negatives_anywhere, (int, float)) or not 0.0 <= self.negatives_anywhere <= 1.0:
             bad("negatives_anywhere", "must lie in [0, 1]")
-        if self.load_from is not None and not Path(self.load_from).is_file():
-            bad("load_from", "no such checkpoint file")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def tile_stride(self) -> int:
@@ -288,7 +286,7 @@ def _train_pipeline(options: DetectionOptions) -> list:
 # Config
 
 
-def detection_config(options: DetectionOptions, work_dir, device: str, mean: float, std: float, memory_key: str):
+def build_config(options: DetectionOptions, work_dir, device: str, mean: float, std: float, memory_key: str):
     """mmpretrain's installed `seresnet101_8xb32_in1k` config, adapted to the study (mmengine `Config`)."""
     cfg = mmlab.package_config(BASE_CONFIG)
     # One input channel: CT is grey, and no ImageNet weights can be downloaded, so repeating the slice to three
@@ -307,8 +305,7 @@ def detection_config(options: DetectionOptions, work_dir, device: str, mean: flo
     for stage in ("val", "test"):  # the test fold is scored after training, by `predict_scores`
         for part in ("dataloader", "cfg", "evaluator"):
             cfg[f"{stage}_{part}"] = None
-    total = options.epochs * options.iters_per_epoch
-    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=total)
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=options.total_iters)
     cfg.log_processor = dict(by_epoch=False)
     optimizer = dict(type=OPTIMIZERS[options.optimizer], lr=options.lr, weight_decay=options.weight_decay)
     if options.optimizer == "sgd":
@@ -358,7 +355,7 @@ def run_detection(dataset: ArmDataset, options: DetectionOptions, work_dir, devi
     Writes work_dir/model.pth (final weights, an mmengine checkpoint whose meta holds the config),
     work_dir/loss.tsv (iter, loss, lr) and mmengine's log under work_dir/<timestamp>/.
     """
-    options.validate()
+    mmlab.require_checkpoint("detection", options.load_from)
     mmlab.allow_full_checkpoint_loading()
     device = mmlab.resolve_device(device)
     work_dir = Path(work_dir)
@@ -371,7 +368,7 @@ def run_detection(dataset: ArmDataset, options: DetectionOptions, work_dir, devi
 
     key = uuid.uuid4().hex
     mean, std = mmlab.image_stats(train_images)
-    cfg = detection_config(options, work_dir, device, mean, std or 1.0, key)
+    cfg = build_config(options, work_dir, device, mean, std or 1.0, key)
     if options.load_from:
         cfg.load_from = _initial_checkpoint(options.load_from, work_dir)
     _IN_MEMORY[key] = (train_images, train_labels)
@@ -379,10 +376,7 @@ def run_detection(dataset: ArmDataset, options: DetectionOptions, work_dir, devi
         runner = mmlab.StudyRunner.from_cfg(cfg)
         try:
             runner.train()
-            tmp = f".model.pth.tmp{os.getpid()}"
-            runner.save_checkpoint(str(work_dir), tmp, save_optimizer=False, save_param_scheduler=False,
-                                   by_epoch=False)
-            os.replace(work_dir / tmp, work_dir / "model.pth")
+            mmlab.save_model(runner, work_dir)
         finally:
             mmlab.close_log_files(runner)
     finally:
@@ -390,19 +384,13 @@ def run_detection(dataset: ArmDataset, options: DetectionOptions, work_dir, devi
 
     scores = score_slices(runner.model, dataset.test.image, options)
     metrics = dict(detection_metrics(test_labels, scores, options.threshold))
-    metrics.update(_counts("train", train_labels), **_counts("test", test_labels),
+    metrics.update(split_counts("train", train_labels), **split_counts("test", test_labels),
                    final_loss=mmlab.final_loss(work_dir / "loss.tsv", options.iters_per_epoch))
     test = dataset.test
     predictions = pd.DataFrame({"scan_id": test.scan_id.astype(str), "patient_id": test.patient_id.astype(str),
                                 "slice_index": test.slice_index.astype(np.int64), "source": test.source.astype(str),
                                 "label": test_labels, "score": scores.astype(np.float64)})
     return metrics, predictions
-
-
-def _counts(split: str, labels: np.ndarray) -> dict:
-    positive = int(labels.sum())
-    return {f"n_{split}": int(len(labels)), f"n_{split}_positive": positive,
-            f"n_{split}_negative": int(len(labels)) - positive}
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import contextlib
 import io
 import json
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -31,11 +31,11 @@ from mmdet.registry import TRANSFORMS
 from mmengine.hooks import Hook
 
 from nodulesynth.downstream import mmlab
-from nodulesynth.downstream.datasets import ArmDataset, SliceSet
+from nodulesynth.downstream.datasets import ArmDataset, SliceSet, split_counts
 from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path
 from nodulesynth.models.device import DeviceError
-from nodulesynth.options import coerce, from_section
+from nodulesynth.options import SectionOptions, coerce
 
 BASE_CONFIG = "mmdet::faster_rcnn/faster-rcnn_x101-32x4d_fpn_1x_coco.py"  # mmdet's shipped config
 CLASSES = ("nodule",)
@@ -45,8 +45,10 @@ PREDICTION_COLUMNS = ["scan_id", "patient_id", "slice_index", "x0", "y0", "x1", 
 
 
 @dataclass(frozen=True)
-class LocalizationOptions:
+class LocalizationOptions(SectionOptions):
     """The `localization:` config section. Defaults are the study's real run."""
+
+    SECTION = "localization"
 
     epochs: int = 12
     iters_per_epoch: int = 510              # an "epoch" is a fixed iteration count, as in the study
@@ -119,18 +121,10 @@ class LocalizationOptions:
                                                          "localization.anchor_scales"))
         self.validate()
 
-    @classmethod
-    def from_config(cls, section: Optional[dict] = None) -> "LocalizationOptions":
-        """Options from the `localization:` config section; an unknown key is an error, not ignored."""
-        return from_section(cls, section, "localization")
-
     def to_dict(self) -> dict:
-        out = asdict(self)
+        out = super().to_dict()
         out["anchor_scales"] = list(self.anchor_scales)
         return out
-
-    def replace(self, **changes) -> "LocalizationOptions":
-        return replace(self, **changes)
 
     @property
     def total_iters(self) -> int:
@@ -432,6 +426,7 @@ def evaluate(slices: SliceSet, pred_boxes) -> dict:
 
 def run_localization(dataset: ArmDataset, options: LocalizationOptions, work_dir, device="auto"):
     """Train on `dataset.train`, predict on `dataset.test`; returns (metrics dict, predictions DataFrame)."""
+    mmlab.require_checkpoint("localization", options.load_from)
     mmlab.allow_full_checkpoint_loading()
 
     work_dir = Path(work_dir)
@@ -445,8 +440,6 @@ def run_localization(dataset: ArmDataset, options: LocalizationOptions, work_dir
     if train.size != test.size:
         raise InputError(f"arm {dataset.arm} fold {dataset.fold}: training slices are {train.size} px, test "
                          f"slices {test.size} px")
-    if options.load_from is not None and not Path(options.load_from).is_file():
-        raise FileNotFoundError(f"localization.load_from: no checkpoint file {options.load_from}")
     positives = positive_rows(train)
     if not len(positives) or not len(test.boxes):
         split = "training" if not len(positives) else "test"
@@ -467,9 +460,7 @@ def run_localization(dataset: ArmDataset, options: LocalizationOptions, work_dir
             runner.train()
             mmdet_metrics = runner.test()
         runner.logger.info(f"printed during training and test:\n{printed.getvalue()}")
-        with atomic_path(work_dir / "model.pth") as tmp:
-            runner.save_checkpoint(str(tmp.parent), tmp.name, save_optimizer=False, save_param_scheduler=False,
-                                   by_epoch=False)
+        mmlab.save_model(runner, work_dir)
     finally:
         mmlab.close_log_files(runner)
     # The PNG slices served mmdet's loaders only (one per slice: ~125k a job at LIDC scale); the COCO files stay.
@@ -481,11 +472,9 @@ def run_localization(dataset: ArmDataset, options: LocalizationOptions, work_dir
     # Boxes clipped to the image edge can come out with no width; they cannot be scored as boxes.
     pred_boxes = [b for b in collector.boxes if b[3] > b[1] and b[4] > b[2]]
     metrics = evaluate(test, pred_boxes)
-    test_positive = positive_rows(test)
-    trained_positive = positive_rows(trained)
-    metrics.update(n_train=len(trained), n_train_positive=len(trained_positive),
-                   n_train_negative=len(trained) - len(trained_positive), n_test=len(test),
-                   n_test_positive=len(test_positive), n_test_boxes=len(test.boxes),
+    metrics.update(split_counts("train", np.isin(np.arange(len(trained)), positive_rows(trained))),
+                   **split_counts("test", np.isin(np.arange(len(test)), positive_rows(test))),
+                   n_test_boxes=len(test.boxes),
                    # the per-nodule FROC's denominators: nodules found of n_test_nodules, FPs per n_test_scans
                    n_test_nodules=len(set(zip(test.scan_id[test.boxes[:, 0].astype(int)].tolist(),
                                               test.box_nodule.tolist()))),

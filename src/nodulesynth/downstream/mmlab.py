@@ -276,3 +276,19 @@ def _scalar(value):
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def require_checkpoint(section: str, load_from) -> None:
+    """A task's `load_from` (a LOCAL checkpoint: nothing is downloaded) must be a file before training starts."""
+    if load_from is not None and not Path(load_from).is_file():
+        raise FileNotFoundError(f"{section}.load_from: no checkpoint file {load_from}")
+
+
+def save_model(runner, work_dir) -> Path:
+    """The trained weights as work_dir/model.pth (an mmengine checkpoint whose meta holds the config), written
+    under a temporary name and renamed: a killed job leaves no half-written model behind."""
+    path = Path(work_dir) / "model.pth"
+    with atomic_path(path) as tmp:
+        runner.save_checkpoint(str(tmp.parent), tmp.name, save_optimizer=False, save_param_scheduler=False,
+                               by_epoch=False)
+    return path
