@@ -49,8 +49,10 @@ class DownstreamOptions(SectionOptions):
 
     SECTION = "downstream"
 
+    # synthetic nodule slices an arm (B, C) adds per real training nodule slice; a shortfall is recorded
     synthetic_ratio: float = 1.0
     seed: int = 0
+    # the leakage audit's near-duplicate test: images reduced to this size, a pair above the threshold fails
     near_duplicate_size: int = 32
     near_duplicate_threshold: float = 0.96
     device: str = "auto"
