@@ -204,7 +204,9 @@ def test_report_as_a_reader_sees_it(results, tmp_path):
     build_report(root, CONFIG, html_path)
     html_to_pdf(html_path, pdf_path)
     html = html_path.read_text()
-    assert not re.search(r"""(src|href)=["'](?!data:)""", html), "the report must not load side files"
+    # inlined data and links within the page only
+    assert not re.search(r"""(src|href)=["'](?!data:|#)""", html), "the report must not load side files"
+    assert 'href="#controls"' in html and 'id="controls"' in html
 
     driver = open_in_chromium(html_path)
     try:
