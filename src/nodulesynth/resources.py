@@ -198,7 +198,7 @@ def report_mem_mb(datasets, attempt: int = 1) -> int:
 # ---------------------------------------------------------------------------------------------- generators
 
 def staging_disk_mb(stacks, image_size: int) -> int:
-    """train_sdm / train_spade: the training slices staged under $TMPDIR (models/data.py load_training_data), a
+    """train_generator (SDM and SPADE): the training slices staged under $TMPDIR (models/data.py load_training_data), a
     uint8 image and label at the model's size each (128 KiB at 256 px), with HEADROOM; at least 1 GiB."""
     return max(int(math.ceil(HEADROOM * stack_slices(stacks) * slice_bytes(image_size) / MIB)), 1024)
 
