@@ -52,13 +52,16 @@ class DownstreamOptions(SectionOptions):
     # synthetic nodule slices an arm (B, C) adds per real training nodule slice; a shortfall is recorded
     synthetic_ratio: float = 1.0
     seed: int = 0
+    # the arms' slice size in pixels; None: the generators' (sdm.image_size), so synthetic and real slices match
+    image_size: Optional[int] = None
+    # the control arms P and N (CONTROLS) beside A, B and C
+    controls: bool = True
     # the leakage audit's near-duplicate test: images reduced to this size, a pair above the threshold fails
     near_duplicate_size: int = 32
     near_duplicate_threshold: float = 0.96
+    # where the GPU jobs (detect, localize, realism) run: auto, cpu, cuda or cuda:N (models/device.py)
     device: str = "auto"
     threads: int = 8  # CPUs of a GPU job (detect, localize, realism): all but one load data
-    controls: bool = True
-    image_size: Optional[int] = None
 
 
 def fold_number(path) -> int:
