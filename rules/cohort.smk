@@ -38,6 +38,7 @@ rule ingest:
     input:
         scans="results/cohort/scans.tsv",
         annotations="results/cohort/annotations.csv",
+        excluded=luna_excluded_findings(),
     output:
         temp("results/volumes/{scan}.npz"),
     log:

@@ -84,6 +84,14 @@ def slice_stacks(wildcards=None):
     return expand("results/slices/{scan}.npz", scan=scan_ids())
 
 
+def luna_excluded_findings():
+    """LUNA16's annotations_excluded.csv where source dicom names one (cohort.annotations_excluded; the ingest
+    command reads its path from the cohort params): an input, so that an edited list re-ingests the scans."""
+    cohort = config["cohort"]
+    path = cohort.get("annotations_excluded")
+    return [path] if path and cohort.get("source") == "dicom" else []
+
+
 def qc_montages(wildcards=None):
     return expand("results/qc/{scan}.png", scan=scan_ids())
 

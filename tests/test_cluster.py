@@ -25,6 +25,10 @@ def test_data_binds_cover_folders_outside_the_working_directory_once(tmp_path):
     twice = {"lidc_root": str(data / "dicom"), "dicom_root": str(data / "dicom")}
     assert len(cluster.data_binds(twice, work)) == 1
     assert cluster.data_binds({"dicom_root": str(tmp_path / "absent")}, work) == []
+    # LUNA16's list of excluded findings, in a folder of its own, is bound too.
+    (data / "evaluation").mkdir()
+    listed = {"annotations_excluded": str(data / "evaluation" / "annotations_excluded.csv")}
+    assert cluster.data_binds(listed, work) == [f"{real(data / 'evaluation')}:{data / 'evaluation'}:ro"]
     assert cluster.data_binds({}, work) == []
 
 

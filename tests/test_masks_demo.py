@@ -160,3 +160,58 @@ def test_demo_nodules_can_be_drawn_larger_at_their_real_centres():
         widest = max(max(s[0].stop - s[0].start, s[1].stop - s[1].start)
                      for k in range(len(truth)) for s in ndimage.find_objects(ndimage.label(nodule[k])[0]))
         assert widest * geometry.pixel_spacing >= 0.65 * 20.0 - geometry.pixel_spacing
+
+
+def test_luna16_excluded_findings_are_ignored_by_the_froc_whatever_their_size(tmp_path, demo_cohort):
+    """cohort.annotations_excluded (LUNA16's annotations_excluded.csv), through `nodulesynth ingest`: its rows
+    of the series become excluded findings beside the annotations under the minimum diameter, a sized one at
+    its size even when large enough to count, an unsized one (diameter -1) at 10 mm; rows of other series
+    are ignored; masks box them all, and the FROC ignores detections on them."""
+    import json
+
+    import pandas as pd
+
+    from nodulesynth.cli import main
+    from nodulesynth.data.demo import annotations_frame
+    from nodulesynth.downstream.datasets import real_slices
+    from nodulesynth.downstream.metrics import froc_curve
+    from nodulesynth.masks.lesion_map import excluded_boxes, slice_stack
+    from nodulesynth.masks.segment import MaskOptions
+
+    out, geometries = demo_cohort
+    geometry = geometries[0]
+    frame = annotations_frame([geometry])
+    frame.to_csv(tmp_path / "annotations.csv", index=False)
+    first, z = frame.iloc[0], np.asarray(geometry.z)
+    on_slice = float(z[len(z) // 2])
+    listed = pd.DataFrame([
+        dict(seriesuid=geometry.series_uid, coordX=first.coordX - 40, coordY=first.coordY, coordZ=on_slice,
+             diameter_mm=-1.0),
+        dict(seriesuid=geometry.series_uid, coordX=first.coordX - 40, coordY=first.coordY - 30, coordZ=on_slice,
+             diameter_mm=6.0),
+        dict(seriesuid="1.2.3.4", coordX=0.0, coordY=0.0, coordZ=0.0, diameter_mm=5.0),
+    ])
+    listed.to_csv(tmp_path / "annotations_excluded.csv", index=False)
+    folder = out / "dicom" / geometry.patient_id / geometry.series_uid
+    pd.DataFrame([dict(scan_id="s0", patient_id=geometry.patient_id, series_uid=geometry.series_uid,
+                       dicom_dir=str(folder))]).to_csv(tmp_path / "scans.tsv", sep="\t", index=False)
+    volume = tmp_path / "s0.npz"
+    params = {"source": "dicom", "annotations_excluded": str(tmp_path / "annotations_excluded.csv")}
+    main(["ingest", "--scans", str(tmp_path / "scans.tsv"), "--scan", "s0", "--annotations",
+          str(tmp_path / "annotations.csv"), "--params", json.dumps(params), "--out", str(volume)])
+    with np.load(volume) as data:
+        assert len(data["nodules"]) == len(frame)
+        excluded = data["excluded"]
+    assert excluded[:, 0].tolist() == [0, 1] and excluded[:, 4].tolist() == [10.0, 6.0]
+
+    stack, boxes = slice_stack(volume, MaskOptions())
+    table = excluded_boxes(volume, stack.slice_index, stack.z)
+    assert set(table.finding) == {0, 1}
+    centre = table[(table.finding == 0) & (table.slice_index == round(excluded[0, 1]))].iloc[0]
+    spacing = geometry.pixel_spacing
+    assert (centre.x1 - centre.x0) * spacing == pytest.approx(10.0, abs=0.1)  # the unsized finding's 10 mm
+    test = real_slices(stack, boxes, 64, table)
+    scan_id = str(test.scan_id[0])
+    on_findings = [(scan_id, s, x0, y0, x1, y1, 0.9) for _, s, x0, y0, x1, y1 in test.excluded_rows()]
+    assert froc_curve(test.nodule_rows(), on_findings, [scan_id], test.excluded_rows())[0].max() == 0
+    assert froc_curve(test.nodule_rows(), on_findings, [scan_id])[0].max() == 2  # two findings: two FPs without

@@ -14,14 +14,15 @@ from nodulesynth.errors import InputError
 
 def data_binds(cohort: dict, working_dir) -> list[str]:
     """Apptainer `SRC:DST:ro` bind specs for the cohort's configured input folders (cohort.lidc_root,
-    cohort.dicom_root, the folder of cohort.annotations) that a container would not see: Snakemake binds only
+    cohort.dicom_root, the folders of cohort.annotations and annotations_excluded) that a container would not see: Snakemake binds only
     the working directory. A folder outside it is bound at the path the commands use (its real folder behind
     any link); a link inside it that leads out is bound at its target, where the link leads inside the
     container too. Absent folders are left to the cohort step, whose error names them."""
     working_dir = os.path.realpath(working_dir)
     folders = [cohort.get("lidc_root"), cohort.get("dicom_root")]
-    if cohort.get("annotations"):
-        folders.append(os.path.dirname(os.path.join(working_dir, cohort["annotations"])))
+    for table in ("annotations", "annotations_excluded"):
+        if cohort.get(table):
+            folders.append(os.path.dirname(os.path.join(working_dir, cohort[table])))
     binds = []
     for folder in filter(None, folders):
         used = os.path.normpath(os.path.join(working_dir, folder))

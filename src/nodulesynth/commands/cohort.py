@@ -100,7 +100,8 @@ def cmd_ingest(args):
         record, args.out, source="lidc" if p.source == "lidc" else "dicom",
         annotations=args.annotations, min_readers=nodules.min_readers,
         min_diameter_mm=nodules.min_diameter_mm, lidc_root=p.lidc_root, tilted=p.tilted,
-        variable_spacing=p.variable_spacing)
+        variable_spacing=p.variable_spacing,
+        annotations_excluded=p.annotations_excluded if p.source == "dicom" else None)
     if status == "ok":
         log.info("ingest %s: ok%s", args.scan, f" ({reason})" if reason else "")
     else:

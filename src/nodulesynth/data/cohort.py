@@ -48,6 +48,7 @@ class CohortOptions(SectionOptions):
     lidc_root: str | None = None
     dicom_root: str | None = None
     annotations: str | None = None
+    annotations_excluded: str | None = None  # LUNA16's annotations_excluded.csv: findings the FROC ignores
     patient_id: str = "PatientID"
     reconstruction: str = "thinnest"
     tilted: str = "reject"

