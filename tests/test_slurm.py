@@ -416,10 +416,14 @@ def apptainer_args(words):
     return base64.b64decode(value[len("base64//"):]).decode()
 
 
+GPU_TARGETS = ("results/generators/sdm/holdout/model.pt", "results/generators/spade/holdout/model.pt")
+
+
 @pytest.fixture(scope="module")
 def slurm_run(cluster, tmp_path_factory):
-    """The cohort's data rules run locally, then through SLURM in containers in a fresh folder, with one GPU
-    rule (train_generator: the holdout SDM, 2 steps on the CPU) after them."""
+    """The cohort's data rules run locally, then through SLURM in containers in a fresh folder, with two GPU
+    jobs (train_generator: the holdout SDM, 2 steps, and SPADE, on the CPU) after them, submitted from a
+    machine whose driver lists one GPU (CUDA_VISIBLE_DEVICES=0), as a login node with a GPU."""
     config = cohort_config(tmp_path_factory.mktemp("config") / "config.yaml", tmp_path_factory.mktemp("data"))
     local = tmp_path_factory.mktemp("local")
     first = checked(snakemake(local, "results/cohort/manifest.tsv", "--configfile", str(config)))
@@ -433,9 +437,9 @@ def slurm_run(cluster, tmp_path_factory):
     profile = write_test_profile(work / "test-profile")
     apptainer_log = work / "apptainer.log"
     env = dict(cluster.env, PATH=f"{STANDINS}{os.pathsep}{cluster.env['PATH']}",
-               APPTAINER_STANDIN_LOG=str(apptainer_log))
+               APPTAINER_STANDIN_LOG=str(apptainer_log), CUDA_VISIBLE_DEVICES="0")
     before = set(submissions(cluster))
-    proc = checked(snakemake(work, *targets, "results/generators/sdm/holdout/model.pt", "--executor", "slurm",
+    proc = checked(snakemake(work, *targets, *GPU_TARGETS, "--executor", "slurm",
                              "--workflow-profile", str(profile), "--configfile", str(config), "--use-singularity",
                              "--verbose", env=env))
     submitted = [job for job in submissions(cluster) if job not in before]
@@ -520,9 +524,10 @@ def group_request(rules, scans, at_once):
 
 def test_per_scan_rules_went_out_in_a_few_grouped_submissions(slurm_run):
     printed = submitted_jobs(slurm_run.log)
-    # The local run's jobs (ingest, masks and qc one by one: a local run ignores groups), and the GPU rule.
+    # The local run's jobs (ingest, masks and qc one by one: a local run ignores groups), and the GPU jobs.
     local = submitted_jobs(slurm_run.local_log)
-    assert set(printed) == set(local) | {("folds", ()), ("train_generator", ("sdm", "holdout"))}, sorted(printed)
+    gpu_jobs = {("train_generator", (generator, "holdout")) for generator in ("sdm", "spade")}
+    assert set(printed) == set(local) | {("folds", ())} | gpu_jobs, sorted(printed)
     assert "Group job" not in slurm_run.local_log and "Group job scan0" in slurm_run.log
     assert not re.search(r"^local(rule|checkpoint) ", slurm_run.log, flags=re.M), "a job ran outside SLURM"
 
@@ -531,8 +536,8 @@ def test_per_scan_rules_went_out_in_a_few_grouped_submissions(slurm_run):
     assert len(calls) == len(slurm_run.submitted) == len(slurm_run.jobs)  # nothing else was submitted
     groups = [words for words in calls if "/group_scan" in option(words, "--output")]
     singles = [words for words in calls if words not in groups]
-    # 12 scans x 3 steps in ceil(12 / 4) = 3 submissions; cohort, manifest, folds, train_generator one each.
-    assert len(groups) == math.ceil(N_SCANS / per_group) and len(singles) == 4
+    # 12 scans x 3 steps in ceil(12 / 4) = 3 submissions; cohort, manifest, folds one each, the two GPU jobs.
+    assert len(groups) == math.ceil(N_SCANS / per_group) and len(singles) == 5
 
     rules = {rule: printed[rule, (slurm_run.scans[0],)] for rule in PER_SCAN_RULES}
     request = group_request(rules, per_group, at_once)
@@ -588,6 +593,20 @@ def test_ungrouped_jobs_asked_for_their_rules_resources_and_scratch(slurm_run):
     assert int(printed["train_generator", ("sdm", "holdout")]["threads"]) == 2  # generators.threads of the test config
 
 
+def test_a_gpu_on_the_submitting_machine_does_not_hold_back_the_clusters_gpu_jobs(slurm_run):
+    """rules/common.smk registers the GPUs the submitting machine's driver lists (here one) as the run's gpu
+    resource, for local runs; profiles/slurm scopes it local, so both GPU jobs went to SLURM at once (SLURM, whose
+    node has one GPU, runs them in turn) rather than the second waiting for the first to end."""
+    from datetime import datetime
+
+    comments = {f"rule_train_generator_wildcards_{generator}_holdout" for generator in ("sdm", "spade")}
+    jobs = [job for job in slurm_run.jobs if job["Comment"] in comments]
+    assert len(jobs) == 2, [job["Comment"] for job in slurm_run.jobs]
+    first, second = sorted(jobs, key=lambda job: job["SubmitTime"])
+    assert datetime.fromisoformat(second["SubmitTime"]) < datetime.fromisoformat(first["EndTime"]), \
+        (first["SubmitTime"], first["EndTime"], second["SubmitTime"])
+
+
 def test_containers_were_given_the_data_folders(slurm_run):
     """The DICOM folder and the annotations' folder lie outside the working directory: every submitted job's
     apptainer arguments bind them (read-only, at the paths the config gives), and so did every container."""
@@ -602,9 +621,9 @@ def test_containers_were_given_the_data_folders(slurm_run):
             assert args.count(bind) == 1 and args[args.index(bind) - 1] == "--bind", (bind, args)
     execs = [record["argv"][1:] for record in map(json.loads, slurm_run.apptainer_log.read_text().splitlines())
              if record["argv"][1] == "exec"]
-    # One container per job: cohort, 3 steps per scan, manifest, folds, train_generator; each given both folders
-    # once (the jobs' Snakemake parses the workflow again and must not bind twice).
-    assert len(execs) == 1 + 3 * N_SCANS + 3
+    # One container per job: cohort, 3 steps per scan, manifest, folds, the two train_generator jobs; each given
+    # both folders once (the jobs' Snakemake parses the workflow again and must not bind twice).
+    assert len(execs) == 1 + 3 * N_SCANS + 4
     for argv in execs:
         for bind in binds:
             assert argv.count(bind) == 1 and argv[argv.index(bind) - 1] == "--bind", (bind, argv)
