@@ -17,7 +17,9 @@ from nodulesynth.models.device import SLOTS_VARIABLE, local_gpu_count
 # none the GPUs the driver lists, so that Snakemake starts no more GPU jobs than there are GPUs. Each job claims one
 # of them (nodulesynth.models.device.job_device) and stops with the reason where it cannot use it. An environment
 # variable rather than a `params:` entry: the jobs inherit it (Apptainer too), and a run with more or fewer GPUs
-# must not rerun every GPU step as a changed param would. No GPU (the demo, CI): nothing is set.
+# must not rerun every GPU step as a changed param would. No GPU (the demo, CI): nothing is set. The executor is not
+# known here, so a SLURM run on a login node with GPUs registers them too: profiles/slurm scopes `gpu` local, so
+# the cluster's jobs are not held to that count.
 _gpu_slots = getattr(workflow.global_resources.get("gpu"), "value", None)
 if not _gpu_slots and workflow.local_exec and not os.environ.get("SLURM_JOB_ID"):
     _gpu_slots = local_gpu_count()
