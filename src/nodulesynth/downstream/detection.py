@@ -37,7 +37,6 @@ from nodulesynth.options import SectionOptions
 BASE_CONFIG = "mmpretrain::seresnet/seresnet101_8xb32_in1k.py"
 CLASSES = ("no_nodule", "nodule")
 INPUTS = ("slice", "patch")
-OPTIMIZERS = {"sgd": "SGD", "adamw": "AdamW"}  # option value -> torch optimizer (mmengine registry name)
 FEATURE_DIM = 2048  # SE-ResNet-101's last stage, globally pooled by the config's neck
 
 
@@ -101,8 +100,8 @@ class DetectionOptions(SectionOptions):
         for key in ("lr", "momentum", "weight_decay", "lr_gamma"):
             if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) < 0:
                 bad(key, "must be a number >= 0")
-        if self.optimizer not in OPTIMIZERS:
-            bad("optimizer", f"must be one of {tuple(OPTIMIZERS)}")
+        if self.optimizer not in mmlab.OPTIMIZERS:
+            bad("optimizer", f"must be one of {tuple(mmlab.OPTIMIZERS)}")
         if self.input not in INPUTS:
             bad("input", f"must be one of {INPUTS}")
         if not 0.0 <= self.threshold <= 1.0:
@@ -307,10 +306,8 @@ def build_config(options: DetectionOptions, work_dir, device: str, mean: float, 
             cfg[f"{stage}_{part}"] = None
     cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=options.total_iters)
     cfg.log_processor = dict(by_epoch=False)
-    optimizer = dict(type=OPTIMIZERS[options.optimizer], lr=options.lr, weight_decay=options.weight_decay)
-    if options.optimizer == "sgd":
-        optimizer["momentum"] = options.momentum
-    cfg.optim_wrapper = mmlab.optim_wrapper(device, optimizer)
+    cfg.optim_wrapper = mmlab.optim_wrapper(
+        device, mmlab.optimizer_config(options.optimizer, options.lr, options.momentum, options.weight_decay))
     cfg.param_scheduler = [dict(type="MultiStepLR", by_epoch=False, gamma=options.lr_gamma,
                                 milestones=[s * options.iters_per_epoch for s in options.lr_steps])]
     cfg.auto_scale_lr = None

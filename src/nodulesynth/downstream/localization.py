@@ -39,7 +39,6 @@ from nodulesynth.options import SectionOptions, coerce
 
 BASE_CONFIG = "mmdet::faster_rcnn/faster-rcnn_x101-32x4d_fpn_1x_coco.py"  # mmdet's shipped config
 CLASSES = ("nodule",)
-OPTIMIZERS = ("sgd", "adamw")
 NODULE_CROP = "NoduleSynthNoduleCrop"
 PREDICTION_COLUMNS = ["scan_id", "patient_id", "slice_index", "x0", "y0", "x1", "y1", "score"]
 
@@ -149,8 +148,9 @@ class LocalizationOptions(SectionOptions):
         if self.train_crop is not None and self.train_crop < 32:
             raise InputError(f"localization.train_crop must be at least 32 px (FPN's coarsest stride) or null, got "
                              f"{self.train_crop}")
-        if self.optimizer not in OPTIMIZERS:
-            raise InputError(f"localization.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.optimizer not in mmlab.OPTIMIZERS:
+            raise InputError(f"localization.optimizer must be one of {tuple(mmlab.OPTIMIZERS)}, got "
+                             f"{self.optimizer!r}")
         if self.norm not in ("bn", "gn"):
             raise InputError(f"localization.norm must be 'bn' or 'gn', got {self.norm!r}")
         if not self.lr > 0:
@@ -308,12 +308,8 @@ def build_config(options: LocalizationOptions, image_size: int, data_root, work_
     # An epoch is iters_per_epoch iterations whatever the slice count: an iteration-based loop.
     total = options.total_iters
     cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=total, val_interval=total + 1)
-    if options.optimizer == "adamw":
-        optimizer = dict(type="AdamW", lr=options.lr, weight_decay=options.weight_decay)
-    else:
-        optimizer = dict(type="SGD", lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
     cfg.optim_wrapper = mmlab.optim_wrapper(
-        device, optimizer,
+        device, mmlab.optimizer_config(options.optimizer, options.lr, options.momentum, options.weight_decay),
         clip_grad=None if options.clip_grad is None else dict(max_norm=options.clip_grad, norm_type=2))
     if options.norm == "gn":
         cfg.optim_wrapper.paramwise_cfg = dict(norm_decay_mult=0.0)

@@ -151,6 +151,19 @@ def package_config(spec: str):
     return get_config(spec, pretrained=False)
 
 
+# The tasks' `optimizer` option -> torch optimizer (mmengine registry name): "sgd" with momentum (the study's) or
+# "adamw" (beyond the study: from scratch it moves within a CPU demo's few iterations; momentum unused).
+OPTIMIZERS = {"sgd": "SGD", "adamw": "AdamW"}
+
+
+def optimizer_config(name: str, lr: float, momentum: float, weight_decay: float) -> dict:
+    """The optimizer entry of a task's optim_wrapper for the `optimizer` option `name` (one of OPTIMIZERS)."""
+    entry = dict(type=OPTIMIZERS[name], lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        entry["momentum"] = momentum
+    return entry
+
+
 def optim_wrapper(device: str, optimizer: dict, **extra) -> dict:
     return dict(type="AmpOptimWrapper" if is_cuda(device) else "OptimWrapper", optimizer=optimizer, **extra)
 
