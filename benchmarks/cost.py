@@ -36,9 +36,8 @@ import yaml
 
 # The counts and the per-job estimates are the package's (nodulesynth.cost), which the rules' runtimes use too.
 from nodulesynth.cost import (DEVICES, achieved_rates, detection_job_flops, guidance_branches,
-                              localization_job_flops, network_evaluations, realism_job_flops, sample_sdm_flops,
-                              sample_spade_flops, sdm_flops, sdm_precision, spade_precision, train_sdm_flops,
-                              train_spade_flops)
+                              localization_job_flops, network_evaluations, precision, realism_job_flops,
+                              sample_sdm_flops, sample_spade_flops, sdm_flops, train_sdm_flops, train_spade_flops)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "schemas" / "config.schema.yaml"
@@ -154,14 +153,14 @@ def study_stages(config: dict, cohort: Cohort, sdm_options=None) -> list[Stage]:
     # SPADE's sampling and the realism features run in fp32, whose convolutions cuDNN runs on TF32 tensor cores (PyTorch's
     # default); detection and localization train under AMP (mmlab.optim_wrapper: fp16, the bf16 rate).
     return [
-        Stage("train SDM", generators, generators * train_sdm_flops(sdm), sdm_precision(sdm),
+        Stage("train SDM", generators, generators * train_sdm_flops(sdm), precision(sdm),
               note=f"{sdm.max_steps} steps x {sdm.batch_size}, {sdm_f['train'] / sdm_f['forward']:.2f} forwards "
                    f"an image (grad_checkpoint {sdm.grad_checkpoint})"),
-        Stage("sample SDM", generators, generators * sample_sdm_flops(sdm, maps), sdm_precision(sdm),
+        Stage("sample SDM", generators, generators * sample_sdm_flops(sdm, maps), precision(sdm),
               note=f"{maps:,.0f} maps x {sdm.sample_steps} steps ({sdm.sampler}) x {guidance_branches(sdm)} "
                    f"guidance branches"),
-        Stage("train SPADE", generators, generators * train_spade_flops(spade), spade_precision(spade),
-              note=f"{spade.max_steps} steps x {spade.batch_size}, G and D steps; {spade_precision(spade)}"),
+        Stage("train SPADE", generators, generators * train_spade_flops(spade), precision(spade),
+              note=f"{spade.max_steps} steps x {spade.batch_size}, G and D steps; {precision(spade)}"),
         Stage("sample SPADE", generators, generators * sample_spade_flops(spade, maps), "tf32",
               note=f"{maps:,.0f} maps, one generator pass"),
         Stage("detection", trainings, trainings * detection_job_flops(detection, size, test_slices), "bf16",

@@ -201,7 +201,7 @@ def test_gpu_runtimes_of_the_study_follow_the_cost_estimate(tmp_path):
 
     study = study_sections()
     spade = SPADEOptions.from_config(study["spade"])
-    seconds = cost.train_spade_flops(spade) / cost.achieved_rates()[cost.spade_precision(spade)]
+    seconds = cost.train_spade_flops(spade) / cost.achieved_rates()[cost.precision(spade)]
     minutes = resources.train_spade_runtime(study["spade"], "auto", 8)
     assert minutes == int(np.ceil(resources.GPU_START_MINUTES + resources.RUNTIME_HEADROOM * seconds / 60))
     # the SDM on sdm.gpus GPUs: the steps are shared (start-up is not)

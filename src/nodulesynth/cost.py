@@ -190,7 +190,6 @@ def localization_flops(options, image_size: int) -> dict:
             "test": base + options.test_proposals * per_roi}
 
 
-
 # What one job runs
 
 
@@ -206,14 +205,9 @@ def guidance_branches(options) -> int:
     return 1 if float(options.guidance_scale) == 1.0 else 2
 
 
-
-
-def sdm_precision(options) -> str:
-    return "bf16" if options.bf16 else "tf32"
-
-
-def spade_precision(options) -> str:
-    """SPADE trains under bf16 autocast unless spade.bf16 is false (the paper's fp32: the TF32 rate)."""
+def precision(options) -> str:
+    """The rate a generator's job runs at: bf16 where its options' `bf16` is on (SDM and SPADE train and sample
+    under bf16 autocast), else TF32 (fp32 paths, as the papers' fp32)."""
     return "bf16" if options.bf16 else "tf32"
 
 
@@ -231,7 +225,7 @@ def sample_sdm_flops(options, maps: float) -> float:
 
 
 def train_spade_flops(options) -> float:
-    """train_spade: max_steps x batch_size images, G and D steps (at `spade_precision`)."""
+    """train_spade: max_steps x batch_size images, G and D steps (at `precision`)."""
     return options.max_steps * options.batch_size * spade_flops(options)["train"]
 
 

@@ -48,6 +48,7 @@ ITERATION_SECONDS = 0.1
 # array of the study has)
 HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
+
 def npz_headers(path) -> dict:
     """{array name: (shape, dtype)} of an .npz, from each member's .npy header alone (numpy's own header reader;
     a compressed member is inflated only as far as its header)."""
@@ -68,12 +69,16 @@ def npz_headers(path) -> dict:
     return headers
 
 
+def _path_list(paths) -> list:
+    """A rule's input as a list: one path (str or Path) or several."""
+    return [paths] if isinstance(paths, (str, Path)) else list(paths)
+
+
 def _npz_files(paths) -> list:
     """The .npz files of `paths`: files as given, folders (a sampling job's output) by their *.npz; paths that do
     not exist yet are left out (a dry run sizes a job before its inputs are written)."""
     files = []
-    for path in [paths] if isinstance(paths, (str, Path)) else paths:
-        path = Path(path)
+    for path in map(Path, _path_list(paths)):
         if path.is_dir():
             files.extend(sorted(path.glob("*.npz")))
         elif path.is_file() and path.suffix == ".npz":
@@ -173,7 +178,7 @@ def audit_runtime(data, synth, threads: int, attempt: int = 1) -> int:
 def datasets_bytes(paths) -> int:
     """Bytes the arm datasets `paths` hold once loaded (images and labels of both splits)."""
     total = 0
-    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+    for path in _path_list(paths):
         counts = dataset_slices(path)
         total += (counts["train"] + counts["test"]) * slice_bytes(counts["size"])
     return total
@@ -189,7 +194,7 @@ def datasets_mem_mb(paths, attempt: int = 1) -> int:
 def report_mem_mb(datasets, attempt: int = 1) -> int:
     """report (report/inputs.py read_test_set): one fold's test split at a time, and the figures drawn from it."""
     largest = 0
-    for path in [datasets] if isinstance(datasets, (str, Path)) else datasets:
+    for path in _path_list(datasets):
         counts = dataset_slices(path)
         largest = max(largest, counts["test"] * slice_bytes(counts["size"]))
     return _mb(2 * largest, 2 * PYTHON_MB, attempt)
@@ -240,31 +245,31 @@ def gpu_runtime(flops: float, precision: str, device: str, threads: int, attempt
 
 
 def train_sdm_runtime(sdm: dict, device: str, threads: int, attempt: int = 1) -> int:
-    from nodulesynth.cost import sdm_precision, train_sdm_flops
+    from nodulesynth.cost import precision, train_sdm_flops
     from nodulesynth.models.sdm.options import SDMOptions
 
     options = SDMOptions.from_config(sdm)
     # sdm.gpus processes share each step (DistributedDataParallel): taken as linear scaling, which the
     # retries' doubling covers where the all-reduce costs more. On the CPU the job's threads are shared too.
     gpus = 1 if str(device) == "cpu" else options.gpus
-    return gpu_runtime(train_sdm_flops(options) / gpus, sdm_precision(options), device, threads, attempt)
+    return gpu_runtime(train_sdm_flops(options) / gpus, precision(options), device, threads, attempt)
 
 
 def sample_sdm_runtime(sdm: dict, synthesis: dict, stacks, device: str, threads: int, attempt: int = 1) -> int:
-    from nodulesynth.cost import sample_sdm_flops, sdm_precision
+    from nodulesynth.cost import precision, sample_sdm_flops
     from nodulesynth.models.sdm.options import SDMOptions
 
     options = SDMOptions.from_config(sdm)
-    return gpu_runtime(sample_sdm_flops(options, sampled_maps(stacks, synthesis)), sdm_precision(options), device,
+    return gpu_runtime(sample_sdm_flops(options, sampled_maps(stacks, synthesis)), precision(options), device,
                        threads, attempt)
 
 
 def train_spade_runtime(spade: dict, device: str, threads: int, attempt: int = 1) -> int:
-    from nodulesynth.cost import spade_precision, train_spade_flops
+    from nodulesynth.cost import precision, train_spade_flops
     from nodulesynth.models.spade.options import SPADEOptions
 
     options = SPADEOptions.from_config(spade)
-    return gpu_runtime(train_spade_flops(options), spade_precision(options), device, threads, attempt)
+    return gpu_runtime(train_spade_flops(options), precision(options), device, threads, attempt)
 
 
 def sample_spade_runtime(spade: dict, synthesis: dict, stacks, device: str, threads: int, attempt: int = 1) -> int:
@@ -273,7 +278,6 @@ def sample_spade_runtime(spade: dict, synthesis: dict, stacks, device: str, thre
 
     flops = sample_spade_flops(SPADEOptions.from_config(spade), sampled_maps(stacks, synthesis))
     return gpu_runtime(flops, "tf32", device, threads, attempt)
-
 
 
 def train_generator_runtime(generator: str, config: dict, device: str, threads: int, attempt: int = 1) -> int:
@@ -291,6 +295,7 @@ def sample_generator_runtime(generator: str, config: dict, stacks, device: str, 
         raise InputError(f"generator {generator!r}: expected one of {', '.join(runtimes)}")
     return runtimes[generator](config.get(generator, {}), config.get("synthesis", {}), stacks, device, threads,
                                attempt)
+
 
 def detect_runtime(detection: dict, data, device: str, threads: int, attempt: int = 1) -> int:
     """detect: the schedule (AMP: the bf16 rate) and the dataset's test slices; reading the dataset."""
@@ -320,7 +325,6 @@ def localize_runtime(localization: dict, data, device: str, threads: int, attemp
                        iterations=options.total_iters)
 
 
-
 def task_runtime(task: str, section: dict, data, device: str, threads: int, attempt: int = 1) -> int:
     """The rule downstream_model's runtime for `task` (detection or localization) from its config section."""
     runtimes = {"detection": detect_runtime, "localization": localize_runtime}
@@ -335,7 +339,7 @@ def realism_runtime(detection: dict, datasets, device: str, threads: int, attemp
     from nodulesynth.cost import realism_job_flops
     from nodulesynth.downstream.detection import DetectionOptions
 
-    counts = [dataset_slices(path) for path in ([datasets] if isinstance(datasets, (str, Path)) else datasets)]
+    counts = [dataset_slices(path) for path in _path_list(datasets)]
     size = max((c["size"] for c in counts), default=0)
     if not size:
         return gpu_runtime(0, "tf32", device, threads, attempt)
