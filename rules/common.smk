@@ -171,12 +171,6 @@ def sdm_training_params():
     return json.dumps({k: v for k, v in config["sdm"].items() if k not in SDM_SAMPLING_KEYS}, sort_keys=True)
 
 
-def sdm_launcher():
-    """The prefix that runs train-sdm on sdm.gpus GPUs (torchrun; "" for one). The sdm section is read here first,
-    so that a batch_size that does not split over the GPUs stops the run before any job starts, naming the key."""
-    return launcher(SDMOptions.from_config(config["sdm"]).gpus)
-
-
 def sdm_sampling_params():
     return json.dumps({k: v for k, v in config["sdm"].items() if k in SDM_SAMPLING_KEYS}, sort_keys=True)
 
@@ -192,8 +186,11 @@ def generator_sampling_args(wildcards):
     return f"--params {shlex.quote(sdm_sampling_params())}" if wildcards.generator == "sdm" else ""
 
 
-# Read when the workflow is parsed: a batch_size that does not split over sdm.gpus stops it before any job.
-SDM_LAUNCHER = sdm_launcher()
+# The GPUs one SDM trains on (sdm.gpus), read once through its options when the workflow is parsed: a batch_size
+# that does not split over them stops the run before any job starts, naming the key. SDM_LAUNCHER: the prefix
+# that runs train-sdm on them (torchrun; "" for one).
+SDM_GPUS = SDMOptions.from_config(config["sdm"]).gpus
+SDM_LAUNCHER = launcher(SDM_GPUS)
 
 
 def generator_launcher(wildcards):
@@ -202,7 +199,7 @@ def generator_launcher(wildcards):
 
 
 def generator_gpus(wildcards):
-    return config["sdm"]["gpus"] if wildcards.generator == "sdm" else 1
+    return SDM_GPUS if wildcards.generator == "sdm" else 1
 
 
 def report_targets():
