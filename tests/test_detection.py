@@ -86,6 +86,31 @@ def test_config_is_mmpretrain_seresnet101_adapted(tmp_path):
     assert build_config(options, tmp_path, "cuda", 100.0, 50.0, "k").optim_wrapper.type == "AmpOptimWrapper"
 
 
+def test_a_narrow_seresnet_builds_from_the_same_config_and_its_features_follow_its_width(tmp_path):
+    """depth and base_channels reach mmpretrain's SEResNet (the head reads the narrower last stage), the model
+    builds and runs, and detection_features' width is the options' feature_dim; the study's stays 101 at 64."""
+    from mmpretrain.registry import MODELS
+
+    assert DetectionOptions().feature_dim == 2048
+    narrow = DetectionOptions(depth=50, base_channels=16)
+    cfg = build_config(narrow, tmp_path, "cpu", mean=100.0, std=50.0, memory_key="k")
+    assert (cfg.model.backbone.depth, cfg.model.backbone.base_channels, cfg.model.backbone.stem_channels) \
+        == (50, 16, 16)
+    assert cfg.model.head.in_channels == narrow.feature_dim == 512
+    model = MODELS.build(cfg.model).eval()
+    with torch.no_grad():
+        features = model.extract_feat(torch.zeros(2, 1, 32, 32), stage="neck")[-1]
+        logits = model(torch.zeros(2, 1, 32, 32), mode="tensor")
+    assert features.shape == (2, 512) and logits.shape == (2, 2)
+    full = MODELS.build(build_config(DetectionOptions(), tmp_path, "cpu", 100.0, 50.0, "k").model)
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in full.parameters()) / 25
+    assert detection_features(model, narrow, np.zeros((0, 32, 32), np.uint8)).shape == (0, 512)
+    with pytest.raises(ValueError, match="detection.depth"):
+        DetectionOptions(depth=34)
+    with pytest.raises(ValueError, match="detection.base_channels"):
+        DetectionOptions(base_channels=2)
+
+
 def test_options_refuse_unknown_and_bad_keys():
     with pytest.raises(KeyError, match="detection.epoch"):
         DetectionOptions.from_config({"epoch": 3})

