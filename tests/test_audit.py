@@ -228,6 +228,42 @@ def test_synthetic_slices_not_from_the_folds_generator_fail(honest):
     assert "made by sdm fold 0, not sdm fold 1" in failed["synthetic_generator (sdm, fold 1)"]
 
 
+def test_samples_enlarged_to_a_larger_study_are_matched_exactly_and_a_swapped_one_fails(honest, tmp_path):
+    """A study larger than its generators (the demo: 64-px samples in a 128-px study) holds the samples as
+    build_arm_dataset enlarges them (synthetic_slices); the provenance check enlarges the generator's stacks
+    alike and finds each slice's very image (here at threshold 1.0, where no near match can stand in), and
+    still fails a slice that carries another slice's image."""
+    from nodulesynth.data.slices import resize_slices
+    from nodulesynth.downstream.datasets import load_dataset, synthetic_slices
+
+    big, fold = 2 * SIZE, 1
+    dataset = load_dataset(honest["datasets"]["C", fold])
+
+    def enlarged(part):
+        image, label = resize_slices(part.image, part.label, big)
+        return SliceSet(image, label, part.has_nodule, part.boxes * [1, 2, 2, 2, 2], part.scan_id, part.patient_id,
+                        part.slice_index, part.source)
+
+    real = dataset.train.subset(np.flatnonzero(dataset.train.source.astype(str) == "real"))
+    samples = SliceSet.concatenate([synthetic_slices(load_slices(p), "sdm", big)
+                                    for p in sorted(honest["synth"]["sdm", str(fold)].glob("*.npz"))])
+    path = tmp_path / "C" / f"fold{fold}.npz"
+    save_dataset(path, ArmDataset("C", fold, SliceSet.concatenate([enlarged(real), samples]),
+                                  enlarged(dataset.test), {}))
+    memorisation = []
+    table = run_audit(honest, dataset_paths={("C", fold): path}, threshold=1.0, memorisation_out=memorisation)
+    assert set(table.status) == {"pass"}, failures(table)
+    assert len(memorisation[0]) == len(samples) and memorisation[0].to_train.between(-1, 1).all()
+
+    swapped = samples.image.copy()
+    swapped[0] = samples.image[1]
+    samples.image = swapped
+    save_dataset(path, ArmDataset("C", fold, SliceSet.concatenate([enlarged(real), samples]),
+                                  enlarged(dataset.test), {}))
+    failed = failures(run_audit(honest, dataset_paths={("C", fold): path}, threshold=1.0))
+    assert "1 sdm slices differ from the image" in failed["synthetic_provenance (arm C, fold 1)"]
+
+
 def test_holdout_samples_copied_into_a_fold_fail(honest, tmp_path, one_thread):
     # A real (untrained, tiny) SPADE as the holdout generator, sampled by nodulesynth.models.spade.sample_spade on the maps of fold 0's
     # training patients, its stacks put in fold 0's SPADE folder in place of that fold's own and arm B's
