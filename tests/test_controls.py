@@ -43,6 +43,15 @@ def test_positive_control_withholds_half_the_nodule_patients_and_nothing_else(co
         assert (p.train.patient_id == patient).sum() == (a.train.patient_id == patient).sum()
 
 
+@pytest.mark.parametrize("fraction, withheld", [(0.25, 1), (0.75, 3), (0.99, 3)])
+def test_positive_control_withholds_the_configured_share_and_keeps_one_nodule_patient(cohort, fraction, withheld):
+    folder, train, test = cohort
+    p = build_arm_dataset("P", 0, train, test, folder, image_size=64, withheld_fraction=fraction)
+    kept = set(p.train.patient_id)
+    assert p.info["n_patients_withheld"] == withheld and len({"N1", "N2", "N3", "N4"} & kept) == 4 - withheld
+    assert {"F1", "F2"} <= kept
+
+
 def test_positive_control_needs_two_nodule_patients():
     s = SliceSet(np.zeros((2, 4, 4), np.uint8), np.zeros((2, 4, 4), np.uint8), np.array([True, False]),
                  np.array([[0, 0, 0, 1, 1]], np.float32), np.array(["a", "b"]), np.array(["a", "b"]),

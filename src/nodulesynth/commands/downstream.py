@@ -27,7 +27,8 @@ def cmd_downstream_dataset(args):
     dataset = build_arm_dataset(
         args.arm, args.fold, training_scans(manifest, folds, args.fold), evaluation_scans(manifest, folds, args.fold),
         slice_dirs.pop(), synth_dir=args.synth[0] if args.synth else None, image_size=args.image_size,
-        synthetic_ratio=p.synthetic_ratio, seed=p.seed)
+        synthetic_ratio=p.synthetic_ratio, seed=p.seed,
+        withheld_fraction=p.positive_control_withheld)
     save_dataset(args.out, dataset)
     log.info("dataset arm %s fold %s: %s", args.arm, args.fold, dataset.info)
 

@@ -35,8 +35,8 @@ TASKS = ("detection", "localization")  # the downstream study's two tasks (mmpre
 GENERATORS = ("sdm", "spade")  # the generators whose slices arms C and B add
 ARMS = {"A": None, "B": "spade", "C": "sdm"}  # the study's arms: arm -> generator whose slices it adds
 # Controls (downstream.controls): arms whose effect on arm A is known, run by the same DAG to prove that the
-# study can measure. P, positive: arm A with half its real nodule patients withheld (less real data: a known
-# loss, so A - P > 0). N, negative: arm A plus as many "synthetic" nodule slices as B and C add, which are real
+# study can measure. P, positive: arm A with a share (downstream.positive_control_withheld, half by default) of
+# its real nodule patients withheld (less real data: a known loss, so A - P > 0). N, negative: arm A plus as many "synthetic" nodule slices as B and C add, which are real
 # nodule-free training slices labelled nodule, with the boxes of real nodules (no nodule information: a known
 # harm or null, so N - A <= 0).
 CONTROLS = {"P": "positive", "N": "negative"}
@@ -56,6 +56,8 @@ class DownstreamOptions(SectionOptions):
     image_size: Optional[int] = None
     # the control arms P and N (CONTROLS) beside A, B and C
     controls: bool = True
+    # the share of the real nodule patients the positive control P withholds (withhold_nodule_patients)
+    positive_control_withheld: float = 0.5
     # the leakage audit's near-duplicate test: images reduced to this size, a pair above the threshold fails
     near_duplicate_size: int = 32
     near_duplicate_threshold: float = 0.96
@@ -361,12 +363,12 @@ def split_counts(split: str, positive) -> dict:
 
 
 def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, synth_dir=None, image_size=256,
-                      synthetic_ratio=1.0, seed=0) -> ArmDataset:
+                      synthetic_ratio=1.0, seed=0, withheld_fraction=0.5) -> ArmDataset:
     """One fold and arm of the study. `train_scans`/`test_scans` come from the fold plan
     (nodulesynth.data.folds); arm B/C add `synthetic_ratio` x (real training nodule slices) synthetic
     nodule slices of the fold's generator, drawn without replacement from `synth_dir`; a shortfall is
-    recorded in `info`, never made up by repeating a slice. The control arms (CONTROLS): P withholds half
-    the real nodule patients (withhold_nodule_patients), N adds relabelled nodule-free slices
+    recorded in `info`, never made up by repeating a slice. The control arms (CONTROLS): P withholds
+    `withheld_fraction` of the real nodule patients (withhold_nodule_patients), N adds relabelled nodule-free slices
     (relabelled_slices) as many as B and C add."""
     import logging
 
@@ -398,7 +400,7 @@ def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, 
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(fold)]))
     info = {"arm": arm, "fold": int(fold), "image_size": int(image_size)}
     if arm == "P":
-        train, withheld = withhold_nodule_patients(train, rng)
+        train, withheld = withhold_nodule_patients(train, rng, withheld_fraction)
         info.update(control=CONTROLS[arm], n_patients_withheld=len(withheld))
     info["n_train_real"] = len(train)
     info["n_train_real_positive"] = int(train.has_nodule.sum())

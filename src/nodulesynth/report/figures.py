@@ -16,7 +16,7 @@ from nodulesynth.labels import colorize
 
 ARM_COLOURS = {"A": "#444444", "B": "#d95f02", "C": "#1b9e77"}
 ARM_NAMES = {"A": "A: real", "B": "B: real + SPADE", "C": "C: real + SDM",
-             "P": "P: positive control (A, half its nodule patients withheld)",
+             "P": "P: positive control (A, nodule patients withheld)",
              "N": "N: negative control (A + relabelled nodule-free slices)"}
 GT_COLOUR, PRED_COLOUR = "#00dd00", "#ff2020"
 
