@@ -418,6 +418,10 @@ def test_controls_table(tmp_path):
     flipped.loc[(flipped["arm"] == "P"), "value"] = flipped.loc[(flipped["arm"] == "A"), "value"].to_numpy()
     table = controls_table(flipped, {"localization": ["cpm"]}).set_index(["task", "metric", "control"])
     assert not table.loc[("localization", "cpm", "positive"), "detected"]
+    # other primary endpoints come first, the study's stay in the table
+    other = controls_table(metrics, {"detection": ["balanced_accuracy"], "localization": ["ar50"]})
+    assert list(dict.fromkeys(other["metric"])) == ["balanced_accuracy", "auc", "average_precision", "ar50", "cpm",
+                                                    "ap50"]
 
 
 # --- Nadeau-Bengio and Holm by hand ------------------------------------------------------------------------------
