@@ -409,7 +409,9 @@ def test_controls_counts_and_tests_explained_in_the_report(tmp_path):
     positive_auc = controls[(controls["control"] == "positive") & (controls["metric"] == "auc")].iloc[0]
     assert f"{positive_auc['difference']:.3g} pp [" in section
     assert re.search(r"<td[^>]*>(yes|no)</td>", section)
-    assert "withholds half of A" in html and "relabelled" in html
+    assert "withholds 50% of A" in html and "relabelled" in html  # the schema's default share
+    config = {**CONFIG, "downstream": {**CONFIG.get("downstream", {}), "positive_control_withheld": 0.7}}
+    assert "withholds 70% of A" in render_html(report_context(root, config))
     counts = html[html.index('id="table-counts"'):]
     counts = counts[:counts.index("</table>")]
     for text in ("A: real", "B: real + SPADE", "P: positive control", "N: negative control", "real training slices",

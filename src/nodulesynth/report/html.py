@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from nodulesynth.downstream.datasets import ARMS, TASKS, study_arms
+from nodulesynth.downstream.datasets import ARMS, TASKS, DownstreamOptions, study_arms
 from nodulesynth.errors import InputError
 from nodulesynth.io import atomic_path, read_table
 from nodulesynth.report import figures, inputs
@@ -38,13 +38,21 @@ COUNTS = (("n_train_real", "real training slices"), ("n_train_real_positive", "o
           ("n_test_positive", "test slices with a nodule"), ("n_test_negative", "test slices without"),
           ("n_test_patients", "test patients"))
 CONTROL_MEANING = {
-    "positive": "Arm A against arm P, which withholds half of A's real nodule patients: less real data should "
-                "cost, so A − P is expected above zero. Detected, it shows the study can see a loss of that size.",
+    "positive": "Arm A against arm P, which withholds {withheld:.0%} of A's real nodule patients "
+                "(downstream.positive_control_withheld): less real data should cost, so A − P is expected above "
+                "zero. Detected, it shows the study can see a loss of that size.",
     "negative": "Arm N (arm A plus real nodule-free slices relabelled “nodule”, with real nodules' boxes, as "
                 "many as B and C add) against A: slices without nodule information should not help, so N − A is "
                 "expected below zero. An interval wholly above zero would mean that added positive slices help "
                 "whatever they show, and that B's and C's gains could be that alone.",
 }
+
+
+def control_meaning(config) -> dict:
+    """CONTROL_MEANING with the run's share of nodule patients P withholds (the config's, else the default)."""
+    withheld = ((config or {}).get("downstream") or {}).get("positive_control_withheld",
+                                                             DownstreamOptions.positive_control_withheld)
+    return {name: text.format(withheld=withheld) for name, text in CONTROL_MEANING.items()}
 
 
 # ---------------------------------------------------------------- formatting
@@ -355,7 +363,7 @@ def report_context(results_dir, config: dict) -> dict:
         "tables": [tables[task] for task in TASKS],
         "significance": SIGNIFICANCE,
         "controls": controls_rows(controls, results_dir / "stats" / "controls.tsv") if controls is not None else None,
-        "control_meaning": CONTROL_MEANING,
+        "control_meaning": control_meaning(config),
         "counts": frame_table(counts) if counts is not None else None,
         "folds": folds,
         "figures": figs,
