@@ -36,9 +36,9 @@ GENERATORS = ("sdm", "spade")  # the generators whose slices arms C and B add
 ARMS = {"A": None, "B": "spade", "C": "sdm"}  # the study's arms: arm -> generator whose slices it adds
 # Controls (downstream.controls): arms whose effect on arm A is known, run by the same DAG to prove that the
 # study can measure. P, positive: arm A with a share (downstream.positive_control_withheld, half by default) of
-# its real nodule patients withheld (less real data: a known loss, so A - P > 0). N, negative: arm A plus as many "synthetic" nodule slices as B and C add, which are real
-# nodule-free training slices labelled nodule, with the boxes of real nodules (no nodule information: a known
-# harm or null, so N - A <= 0).
+# its real nodule patients withheld (less real data: a known loss, so A - P > 0). N, negative: arm A plus as
+# many "synthetic" nodule slices as B and C add, which are real nodule-free training slices labelled nodule,
+# with the boxes of real nodules (no nodule information: a known harm or null, so N - A <= 0).
 CONTROLS = {"P": "positive", "N": "negative"}
 RELABELLED = "relabelled"  # the `source` of the negative control's added slices
 
@@ -368,8 +368,8 @@ def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, 
     (nodulesynth.data.folds); arm B/C add `synthetic_ratio` x (real training nodule slices) synthetic
     nodule slices of the fold's generator, drawn without replacement from `synth_dir`; a shortfall is
     recorded in `info`, never made up by repeating a slice. The control arms (CONTROLS): P withholds
-    `withheld_fraction` of the real nodule patients (withhold_nodule_patients), N adds relabelled nodule-free slices
-    (relabelled_slices) as many as B and C add."""
+    `withheld_fraction` of the real nodule patients (withhold_nodule_patients), N adds relabelled nodule-free
+    slices (relabelled_slices) as many as B and C add."""
     import logging
 
     import pandas as pd
