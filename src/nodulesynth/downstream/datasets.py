@@ -321,7 +321,8 @@ def synthetic_slices(stack, generator: str, size: int) -> SliceSet:
     return stack_slices(stack, size, generator)
 
 
-def withhold_nodule_patients(train: SliceSet, rng, fraction: float = 0.5) -> tuple[SliceSet, list]:
+def withhold_nodule_patients(train: SliceSet, rng, fraction: float = DownstreamOptions.positive_control_withheld
+                             ) -> tuple[SliceSet, list]:
     """(train without the slices of `fraction` of its nodule patients, those patients): the positive control.
     At least one nodule patient is withheld and one kept; patients without a nodule all stay, so that only the
     real positive data shrinks."""
@@ -363,7 +364,8 @@ def split_counts(split: str, positive) -> dict:
 
 
 def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, synth_dir=None, image_size=256,
-                      synthetic_ratio=1.0, seed=0, withheld_fraction=0.5) -> ArmDataset:
+                      synthetic_ratio=1.0, seed=0,
+                      withheld_fraction=DownstreamOptions.positive_control_withheld) -> ArmDataset:
     """One fold and arm of the study. `train_scans`/`test_scans` come from the fold plan
     (nodulesynth.data.folds); arm B/C add `synthetic_ratio` x (real training nodule slices) synthetic
     nodule slices of the fold's generator, drawn without replacement from `synth_dir`; a shortfall is

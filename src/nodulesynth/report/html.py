@@ -50,8 +50,7 @@ CONTROL_MEANING = {
 
 def control_meaning(config) -> dict:
     """CONTROL_MEANING with the run's share of nodule patients P withholds (the config's, else the default)."""
-    withheld = ((config or {}).get("downstream") or {}).get("positive_control_withheld",
-                                                             DownstreamOptions.positive_control_withheld)
+    withheld = DownstreamOptions.from_config((config or {}).get("downstream")).positive_control_withheld
     return {name: text.format(withheld=withheld) for name, text in CONTROL_MEANING.items()}
 
 
