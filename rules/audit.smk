@@ -26,8 +26,9 @@ rule audit:
     container:
         config["containers"]["data"]
     # The near-duplicate scores are float32 matrix products (BLAS, threaded): about 1.2 s per million train x
-    # test pairs on one core (18 views of each test image); runtime and memory follow the dataset's counts.
-    threads: 4
+    # test pairs on one core (18 views of each test image); threads, runtime and memory follow the dataset's
+    # counts (one thread for an audit of under a minute, which would otherwise wait for 4 free cores).
+    threads: lambda wildcards, input: sizing.audit_threads(input.data, input.synth, 4)
     resources:
         mem_mb=lambda wildcards, input, attempt: sizing.audit_mem_mb(
             input.data, input.synth, config["downstream"]["near_duplicate_size"], attempt

@@ -199,6 +199,27 @@ def test_zoom_enlarges_training_and_test_units_alike():
         DetectionOptions.from_config({"zoom": 0})
 
 
+def test_the_classifier_trains_channels_last_with_a_fused_optimizer_and_scores_as_in_nchw(tmp_path):
+    """Speed only: the runner's model holds channels-last weights and its optimizer is fused, and the same weights
+    give the same scores in either layout (what model.pth reloads into)."""
+    narrow = DetectionOptions(depth=50, base_channels=16, optimizer="adamw", lr=1e-3)
+    cfg = build_config(narrow, tmp_path, "cpu", mean=100.0, std=50.0, memory_key="k")
+    runner = mmlab.StudyRunner.from_cfg(cfg)
+    try:
+        conv = runner.model.backbone.layer1[0].conv2.weight  # (the 1-channel stem reads the same in both layouts)
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+        optimizer = runner.build_optim_wrapper(cfg.optim_wrapper).optimizer
+        assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+        images = np.random.default_rng(0).integers(0, 255, (6, 32, 32), dtype=np.uint8)
+        scores = predict_scores(runner.model, images, batch_size=4)
+        runner.model.to(memory_format=torch.contiguous_format)
+        assert runner.model.backbone.layer1[0].conv2.weight.is_contiguous()
+        np.testing.assert_allclose(predict_scores(runner.model, images, batch_size=4), scores, atol=1e-5)
+    finally:
+        mmlab.close_log_files(runner)
+    assert mmlab.optimizer_config("sgd", 0.1, 0.9, 1e-4)["fused"] is True
+
+
 def test_adamw_optimizer_reaches_the_config(tmp_path):
     cfg = build_config(DetectionOptions(optimizer="adamw", lr=1e-3), tmp_path, "cpu", 100.0, 50.0, "k")
     assert cfg.optim_wrapper.optimizer.type == "AdamW" and cfg.optim_wrapper.optimizer.lr == 1e-3

@@ -64,6 +64,8 @@ def test_config_is_mmdets_installed_one_adapted(tmp_path):
     assert cfg.param_scheduler[-1].end_factor == 0.1 and cfg.param_scheduler[-1].end == 12 * 510
     assert build_config(LocalizationOptions(), SIZE, tmp_path, tmp_path, device="cuda").optim_wrapper.type \
         == "AmpOptimWrapper"
+    # NCHW: mmcv's RoIAlign reads its features as NCHW memory (detection's classifier trains channels-last)
+    assert not cfg.get("channels_last") and cfg.optim_wrapper.optimizer.fused is True
 
 
 def test_small_object_options_reach_mmdets_config(tmp_path):
@@ -92,7 +94,7 @@ def test_small_object_options_reach_mmdets_config(tmp_path):
         == (0.4, 0.2, 0.1, 32)
     assert (rcnn.assigner.pos_iou_thr, rcnn.assigner.neg_iou_thr, rcnn.assigner.min_pos_iou) == (0.4, 0.4, 0.4)
     assert rcnn.sampler.pos_fraction == 0.5 and cfg.train_dataloader.sampler.positive_fraction == 0.75
-    assert dict(cfg.optim_wrapper.optimizer) == dict(type="AdamW", lr=3e-4, weight_decay=0.05)
+    assert dict(cfg.optim_wrapper.optimizer) == dict(type="AdamW", lr=3e-4, weight_decay=0.05, fused=True)
     train_steps = [step["type"] for step in cfg.train_dataloader.dataset.pipeline]
     assert train_steps.index("NoduleSynthNoduleCrop") == train_steps.index("Resize") + 1
     assert "NoduleSynthNoduleCrop" not in [step["type"] for step in cfg.test_dataloader.dataset.pipeline]

@@ -140,6 +140,19 @@ def test_audit_runtime_is_its_pairs_at_the_measured_rate(tmp_path):
     assert resources.audit_runtime(tmp_path / "missing.npz", [], 4) == resources.MIN_MINUTES
 
 
+def test_audit_threads_one_for_a_short_audit_the_rules_for_a_cohort(tmp_path):
+    # the demo's fold: ~1,100 training x ~330 test slices and ~170 synthetic, a few seconds on one core
+    demo = write_dataset(tmp_path / "demo.npz", 1100, 330, 32)
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    write_stack(synth / "s.npz", 170)
+    assert resources.audit_threads(demo, [synth], 4) == 1
+    # LIDC: 2.5e9 pairs, some 50 minutes on one core
+    assert resources.audit_threads(lidc_dataset(tmp_path / "A.npz"), [], 4) == 4
+    # before the dataset exists (a dry run): the rule's
+    assert resources.audit_threads(tmp_path / "missing.npz", [], 4) == 4
+
+
 def test_staging_disk_is_the_staged_slices(tmp_path):
     stacks = [write_stack(tmp_path / f"s{k}.npz", 50, size=64) for k in range(3)]
     assert resources.staging_disk_mb(stacks, 64) == 1024  # the floor

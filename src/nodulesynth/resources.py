@@ -166,6 +166,22 @@ def audit_mem_mb(data, synth, near_duplicate_size: int, attempt: int = 1) -> int
     return _mb(dataset + 2 * features, PYTHON_MB, attempt)
 
 
+# An audit whose scores take less than this on one core runs on one thread: asking for more would hold it back until
+# that many cores are free at once, while the cores it waits for sit idle (on the demo's 2 cores each 3-s audit
+# waited for a downstream job to end, 94 core-s in a run).
+AUDIT_ONE_THREAD_SECONDS = 60.0
+
+
+def audit_threads(data, synth, most: int) -> int:
+    """Threads for an audit (its BLAS pool): 1 where its pairs take under AUDIT_ONE_THREAD_SECONDS on one core,
+    else `most` (the rule's). Before the dataset exists (a dry run) the count is unknown: `most`."""
+    counts, synthetic = _audit_counts(data, synth)
+    if not counts["train"] + counts["test"]:
+        return max(int(most), 1)
+    pairs = counts["train"] * counts["test"] + synthetic * (counts["train"] + counts["test"])
+    return 1 if AUDIT_SECONDS_PER_PAIR * pairs < AUDIT_ONE_THREAD_SECONDS else max(int(most), 1)
+
+
 def audit_runtime(data, synth, threads: int, attempt: int = 1) -> int:
     """The near-duplicate scores (train x test) and the memorisation table (synthetic x (real train + test)), at
     AUDIT_SECONDS_PER_PAIR a pair on one core, divided among the job's threads; plus reading the inputs."""
