@@ -333,7 +333,7 @@ def build_config(options: DetectionOptions, work_dir, device: str, mean: float, 
         cfg.pop(leftover, None)
     cfg.load_from = None
     # Channels-last weights (mmlab.StudyRunner): oneDNN's convolutions run a quarter faster on them on the CPU
-    # (SE-ResNet-50/16: 41 instead of 55 ms a step of 16 patches; benchmarks/downstream_step.py), and tensor cores
+    # (SE-ResNet-50/16: 40 instead of 47 ms a step of 16 patches; benchmarks/downstream_step.py), and tensor cores
     # want them on CUDA. A classifier of plain convolutions takes any layout; localization stays NCHW (mmcv's
     # RoIAlign reads its features as NCHW memory).
     cfg.channels_last = True

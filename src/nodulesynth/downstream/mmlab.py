@@ -161,7 +161,7 @@ def optimizer_config(name: str, lr: float, momentum: float, weight_decay: float)
     """The optimizer entry of a task's optim_wrapper for the `optimizer` option `name` (one of OPTIMIZERS).
 
     Fused: one kernel updates every parameter, where torch's default on the CPU loops over the tensors op by op
-    (AdamW on the demo's SE-ResNet-50: 2.2 instead of 9.3 ms a step, a sixth of a training iteration;
+    (AdamW on the demo's SE-ResNet-50: 2.0 instead of 9.4 ms a step, a sixth of a training iteration;
     benchmarks/downstream_step.py). The same update; on CUDA, AMP's gradient scaler unscales inside the kernel."""
     entry = dict(type=OPTIMIZERS[name], lr=lr, weight_decay=weight_decay, fused=True)
     if name == "sgd":
