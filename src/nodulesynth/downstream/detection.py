@@ -332,7 +332,7 @@ def build_config(options: DetectionOptions, work_dir, device: str, mean: float, 
     for leftover in ("dataset_type", "train_pipeline", "test_pipeline"):  # ImageNet's, unused: keep the dump clear
         cfg.pop(leftover, None)
     cfg.load_from = None
-    # Channels-last weights (mmlab.StudyRunner): oneDNN's convolutions run a quarter faster on them on the CPU
+    # Channels-last weights (mmlab.StudyRunner): oneDNN's convolutions run a sixth faster on them on the CPU
     # (SE-ResNet-50/16: 40 instead of 47 ms a step of 16 patches; benchmarks/downstream_step.py), and tensor cores
     # want them on CUDA. A classifier of plain convolutions takes any layout; localization stays NCHW (mmcv's
     # RoIAlign reads its features as NCHW memory).
