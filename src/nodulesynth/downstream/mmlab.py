@@ -9,7 +9,9 @@
 - `runtime_settings` / `apply_settings`: the common run-time part of a config (work dir, seed, device, quiet logging, no
   automatic checkpoints, no visualisation, the loss-curve hook).
 - `optim_wrapper`: `AmpOptimWrapper` on CUDA, plain `OptimWrapper` on CPU (AMP there would only slow down).
-- `StudyRunner`: mmengine's `Runner`, honouring the chosen device and keeping the console quiet.
+- `optimizer_config`: the task's optimizer, fused (one kernel for every parameter).
+- `StudyRunner`: mmengine's `Runner`, honouring the chosen device (and `cfg.channels_last`) and keeping the
+  console quiet.
 - `close_log_files`: closes a finished run's log file.
 - `BalancedSampler`: an endless stream of training indices, half from slices with a nodule and half from slices
   without, so that every arm trains at the same class prior whatever synthetic positives it adds.
