@@ -17,7 +17,6 @@ after --warmup, one thread by default (the demo's jobs run one each).
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,30 +39,19 @@ def median_ms(step, warmup: int, repeats: int) -> float:
 
 def models(study: bool):
     """(task, name, model, input shape) for the demo's sections of config.yaml, or the schema's defaults; built
-    as nodulesynth.cost builds them (each package's registry in its own scope)."""
-    from mmdet.registry import MODELS as MMDET_MODELS
-    from mmdet.utils import register_all_modules
-    from mmengine.registry import DefaultScope
-    from mmpretrain.registry import MODELS as MMPRETRAIN_MODELS
-
+    by nodulesynth.cost, as the jobs build them."""
+    from nodulesynth.cost import detection_model, localization_model
     from nodulesynth.downstream import detection, localization
 
     config = {} if study else yaml.safe_load((REPO / "config.yaml").read_text())
     size = 256 if study else config["downstream"]["image_size"]
     det = detection.DetectionOptions.from_config(config.get("detection", {}))
     loc = localization.LocalizationOptions.from_config(config.get("localization", {}))
-    with tempfile.TemporaryDirectory() as work_dir:
-        det_cfg = detection.build_config(det, work_dir, "cpu", 100.0, 50.0, "unused")
-        loc_cfg = localization.build_config(loc, size, work_dir, work_dir)
-    register_all_modules(init_default_scope=False)
-    with DefaultScope.overwrite_default_scope("mmpretrain"):
-        classifier = MMPRETRAIN_MODELS.build(det_cfg.model)
-    with DefaultScope.overwrite_default_scope("mmdet"):
-        detector = MMDET_MODELS.build(loc_cfg.model)
     unit = det.patch_size if det.input == "patch" else size
-    return [("detection", f"SE-ResNet-{det.depth}/{det.base_channels}, {unit} px x {det.batch_size}", classifier,
-             (det.batch_size, 1, unit, unit)),
-            ("localization", f"Faster R-CNN X{loc.depth}-{loc.groups}x4d/{loc.base_channels}", detector, None)]
+    return [("detection", f"SE-ResNet-{det.depth}/{det.base_channels}, {unit} px x {det.batch_size}",
+             detection_model(det), (det.batch_size, 1, unit, unit)),
+            ("localization", f"Faster R-CNN X{loc.depth}-{loc.groups}x4d/{loc.base_channels}",
+             localization_model(loc, size), None)]
 
 
 def optimizer_ms(model, args) -> dict:

@@ -126,23 +126,46 @@ def spade_flops(options) -> dict:
     return {"train": counted(train), "forward": counted(forward)}
 
 
-@cached
-def detection_flops(options, image_size: int) -> dict:
-    """SE-ResNet-101 as run_detection builds it (mmpretrain, `detection.build_config`): forward FLOPs of one training
-    unit (a slice, or a patch) and of one test slice (its tiles, for patch input)."""
-    import torch
+def detection_model(options):
+    """SE-ResNet as run_detection builds it (mmpretrain, `detection.build_config`), on the CPU."""
     from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
 
-    from nodulesynth.downstream.detection import build_config, tile_origins
+    from nodulesynth.downstream.detection import build_config
 
     with tempfile.TemporaryDirectory() as work_dir:
         cfg = build_config(options, work_dir, "cpu", 0.0, 1.0, "cost")
     model_cfg = cfg.model.copy()
     model_cfg.setdefault("data_preprocessor", cfg.data_preprocessor)
-    # Built on the CPU (mmpretrain's ResNet reads a tensor's value while building), then moved to meta.
     with DefaultScope.overwrite_default_scope("mmpretrain"):
-        model = MODELS.build(model_cfg).to("meta").eval()
+        return MODELS.build(model_cfg)
+
+
+def localization_model(options, image_size: int):
+    """Faster R-CNN as run_localization builds it (mmdet, `localization.build_config`), on the CPU."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.registry import DefaultScope
+
+    from nodulesynth.downstream.localization import build_config
+
+    register_all_modules(init_default_scope=False)
+    with tempfile.TemporaryDirectory() as data_root:
+        cfg = build_config(options, image_size, data_root, data_root, "cpu")
+    with DefaultScope.overwrite_default_scope("mmdet"):  # its data preprocessor is registered in mmdet's scope
+        return MODELS.build(cfg.model)
+
+
+@cached
+def detection_flops(options, image_size: int) -> dict:
+    """SE-ResNet-101 as run_detection builds it (mmpretrain, `detection.build_config`): forward FLOPs of one training
+    unit (a slice, or a patch) and of one test slice (its tiles, for patch input)."""
+    import torch
+
+    from nodulesynth.downstream.detection import tile_origins
+
+    # Built on the CPU (mmpretrain's ResNet reads a tensor's value while building), then moved to meta.
+    model = detection_model(options).to("meta").eval()
 
     def forward_at(size):
         x = torch.zeros(1, 1, size, size, device="meta")
@@ -166,17 +189,8 @@ def localization_flops(options, image_size: int) -> dict:
     fully connected layers (2 x in x out FLOPs each, read off the built head); RoIAlign's bilinear sampling
     (7 x 7 x 256 x 4 points a RoI) is a rounding error beside the first FC's 12544 x 1024."""
     import torch
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
-    from mmengine.registry import DefaultScope
 
-    from nodulesynth.downstream.localization import build_config
-
-    register_all_modules(init_default_scope=False)
-    with tempfile.TemporaryDirectory() as data_root:
-        cfg = build_config(options, image_size, data_root, data_root, "cpu")
-    with DefaultScope.overwrite_default_scope("mmdet"):  # its data preprocessor is registered in mmdet's scope
-        model = MODELS.build(cfg.model).to("meta").eval()
+    model = localization_model(options, image_size).to("meta").eval()
     x = torch.zeros(1, 3, image_size, image_size, device="meta")  # mmdet loads the slices as 3-channel images
 
     def dense():

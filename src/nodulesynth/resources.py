@@ -154,6 +154,11 @@ def _audit_counts(data, synth) -> tuple:
     return counts, stack_slices(synth)
 
 
+def _audit_pairs(counts: dict, synthetic: int) -> int:
+    """Image pairs an audit scores: training x test (near duplicates), synthetic x real (memorisation)."""
+    return counts["train"] * counts["test"] + synthetic * (counts["train"] + counts["test"])
+
+
 def audit_mem_mb(data, synth, near_duplicate_size: int, attempt: int = 1) -> int:
     """audit (downstream/audit.py): the arm dataset loaded whole (its images are freed once reduced), and the
     feature bank: float32 size^2 features of every training image, and of every view of each test image and of
@@ -176,19 +181,17 @@ def audit_threads(data, synth, most: int) -> int:
     """Threads for an audit (its BLAS pool): 1 where its pairs take under AUDIT_ONE_THREAD_SECONDS on one core,
     else `most` (the rule's). Before the dataset exists (a dry run) the count is unknown: `most`."""
     counts, synthetic = _audit_counts(data, synth)
-    if not counts["train"] + counts["test"]:
-        return max(int(most), 1)
-    pairs = counts["train"] * counts["test"] + synthetic * (counts["train"] + counts["test"])
-    return 1 if AUDIT_SECONDS_PER_PAIR * pairs < AUDIT_ONE_THREAD_SECONDS else max(int(most), 1)
+    short = counts["train"] + counts["test"] and AUDIT_SECONDS_PER_PAIR * _audit_pairs(counts, synthetic) \
+        < AUDIT_ONE_THREAD_SECONDS
+    return 1 if short else max(int(most), 1)
 
 
 def audit_runtime(data, synth, threads: int, attempt: int = 1) -> int:
     """The near-duplicate scores (train x test) and the memorisation table (synthetic x (real train + test)), at
     AUDIT_SECONDS_PER_PAIR a pair on one core, divided among the job's threads; plus reading the inputs."""
     counts, synthetic = _audit_counts(data, synth)
-    pairs = counts["train"] * counts["test"] + synthetic * (counts["train"] + counts["test"])
     read = (counts["train"] + counts["test"]) * slice_bytes(counts["size"]) / READ_BYTES_PER_S
-    return _minutes(AUDIT_SECONDS_PER_PAIR * pairs / max(int(threads), 1) + read, attempt)
+    return _minutes(AUDIT_SECONDS_PER_PAIR * _audit_pairs(counts, synthetic) / max(int(threads), 1) + read, attempt)
 
 
 def datasets_bytes(paths) -> int:
