@@ -246,15 +246,15 @@ def memory_report(args, device):
           "(20 bytes a parameter); activations = what autograd keeps for one pass")
 
 
-def write_throughput(path, device, options, train_rate, seconds_per_image, steps, sample_batch):
+def write_throughput(path, device, options, train_rate, seconds_per_image, steps, sample_batch, sampler="dpmpp_2m"):
     """The measured speed-ON rates with the options they hold for (benchmarks/cost.py --measured checks that its
-    config's network is this one). Sampling: dpmpp_2m, one network evaluation a step, both guidance branches in
+    config's network is this one). Sampling: `sampler`, one network evaluation a step, both guidance branches in
     one pass at options.guidance_scale; any sampler at the same step count costs the same."""
     import json
 
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
               "options": options.to_dict(), "train_images_per_s": train_rate,
-              "sampling": {"sampler": "dpmpp_2m", "steps": steps, "guidance_scale": options.guidance_scale,
+              "sampling": {"sampler": sampler, "steps": steps, "guidance_scale": options.guidance_scale,
                            "seconds_per_image": seconds_per_image, "batch": sample_batch}}
     Path(path).write_text(json.dumps(record, indent=2) + "\n")
     print(f"throughput written to {path}")
