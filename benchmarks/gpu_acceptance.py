@@ -89,8 +89,8 @@ def mmcv_ops(device):
     return measure
 
 
-def sdm_training(sdm, options, device, steps, data, store, name):
-    """Stores the measured images/s under store["rates"][name] (the throughput files)."""
+def sdm_training(sdm, options, device, steps, data, store, rate_key):
+    """Stores the measured images/s under store["rates"][rate_key] (the throughput files)."""
     def measure():
         from nodulesynth.models.sdm.memory import training_memory
 
@@ -99,7 +99,7 @@ def sdm_training(sdm, options, device, steps, data, store, name):
             torch.cuda.empty_cache()
         estimate = training_memory(options, bf16=options.bf16) if device.type == "cuda" else None
         rate, peak, trainer = sdm.time_training(options, device, data, steps, warmup=1)
-        store.setdefault("rates", {})[name] = (options, rate)
+        store.setdefault("rates", {})[rate_key] = (options, rate)
         if "model" not in store:  # the speed-ON network samples below (eval copy, as the sample rule loads it)
             store["model"], store["diffusion"] = sdm.eval_model(trainer, options), trainer.diffusion
         del trainer
@@ -201,10 +201,11 @@ def main(argv=None):
             return (f"{options.image_size} px, batch {options.batch_size} in passes of {options.micro_batches[0]}, "
                     f"ckpt {options.grad_checkpoint}")
 
-        for check, options, name in (("SDM training, speed ON", on, "checkpointing"),
-                                     ("SDM training, speed ON, no checkpointing", no_ckpt, "no checkpointing"),
-                                     ("SDM training, speed OFF", off, "speed off")):
-            table.run(check, network(options), sdm_training(sdm, options, device, train_steps, data, store, name))
+        for check, options, rate_key in (("SDM training, speed ON", on, "checkpointing"),
+                                         ("SDM training, speed ON, no checkpointing", no_ckpt, "no checkpointing"),
+                                         ("SDM training, speed OFF", off, "speed off")):
+            table.run(check, network(options), sdm_training(sdm, options, device, train_steps, data, store,
+                                                            rate_key))
         for sampler, steps in (("dpmpp_2m_sde", 25), ("ddpm", ddpm_steps)):
             table.run(f"SDM sampling, {sampler} {steps}", f"{on.image_size} px, speed ON",
                       sdm_sampling(sdm, on, data, store, sampler, steps, sample_batch))

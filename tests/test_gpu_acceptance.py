@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -23,6 +24,7 @@ def smoke(tmp_path, *args):
     lines = table.read_text().splitlines()
     assert lines[0] == "| check | setting | result | note |"
     assert "SMOKE RUN" in proc.stdout
+    assert re.search(r"^CPU \(1 threads\), \d{4}-\d\d-\d\d$", proc.stdout, re.M)  # the table's heading: device, date
     return [line.split(" | ") for line in lines[2:]]
 
 
