@@ -6,7 +6,9 @@ visible GPU, so a build on a login node used to give a CPU-only wheel that the G
 
 - CUDA ops are built wherever a CUDA toolkit whose major version is torch's CUDA major is found (CUDA_HOME,
   CUDA_PATH, nvcc on PATH, /usr/local/cuda), with TORCH_CUDA_ARCH_LIST from torch's own kernel list;
-  otherwise, or with NODULESYNTH_MMCV_OPS=cpu, a build named CPU-only.
+  otherwise, or with NODULESYNTH_MMCV_OPS=cpu, a build named CPU-only. A compiler-only toolkit (nvcc and the
+  runtime, without the cuBLAS/cuSPARSE/cuSOLVER headers that torch's CUDA headers include) is completed from the
+  headers torch's own NVIDIA packages ship (CPATH); where those lack them too, the build is CPU-only, saying which.
 - Wheels are cached under a key of mmcv version, torch version, torch's CUDA variant ("cpu", "cu130") and whether
   CUDA ops were built: `wheels/<key>/mmcv-*.whl`. A wheel of the old unkeyed layout (`wheels/mmcv-*.whl`) is
   taken for a CPU-only one after checking that its extension links no CUDA library, and hard-linked in.
@@ -55,6 +57,33 @@ def wheel_key(mmcv_version: str, torch_version: str, torch_cuda: str | None, cud
     return f"mmcv-{mmcv_version}_torch-{base}_{cuda_variant(torch_cuda)}_{'cuda-ops' if cuda_ops else 'cpu-only'}"
 
 
+# CUDA library headers that torch's CUDA headers include (ATen/cuda/CUDAContextLight.h), so that every CUDA op of
+# mmcv needs them. A compiler-only toolkit lacks them (a conda `cuda-nvcc`, an HPC module, this development
+# machine's: the build stopped at its first CUDA op, "cusparse.h: No such file or directory");
+# torch's pip wheels bring them as NVIDIA packages: site-packages/nvidia/cu13/include (CUDA 13) or
+# nvidia/<library>/include (CUDA 12).
+LIBRARY_HEADERS = ("cusparse.h", "cublas_v2.h", "cublasLt.h", "cusolverDn.h")
+
+
+def library_includes(toolkit, package_roots) -> tuple[list, list]:
+    """(include folders to add, headers found nowhere) for LIBRARY_HEADERS: none where the toolkit has them
+    (include/ or targets/<arch>/include/), else the include folders of the NVIDIA packages under `package_roots`
+    (the site-packages folders beside torch) that hold them."""
+    toolkit = Path(toolkit)
+    own = [toolkit / "include", *sorted(toolkit.glob("targets/*/include"))]
+    packages = [d for root in package_roots for d in sorted(Path(root).glob("nvidia/*/include"))]
+    extra, missing = [], []
+    for header in LIBRARY_HEADERS:
+        if any((d / header).is_file() for d in own):
+            continue
+        found = next((d for d in packages if (d / header).is_file()), None)
+        if found is None:
+            missing.append(header)
+        elif str(found) not in extra:
+            extra.append(str(found))
+    return extra, missing
+
+
 def nvcc_release(version_text: str) -> str | None:
     """"release 13.0" of `nvcc --version`'s output; None where it is not there."""
     match = re.search(r"release (\d+\.\d+)", version_text or "")
@@ -75,12 +104,14 @@ def arch_list(torch_archs) -> str:
 
 
 def plan_build(mmcv_version, torch_version, torch_cuda, torch_archs, toolkit: str | None, toolkit_release: str | None,
-               wanted: str = "auto", gpu_visible: bool = True) -> Plan:
+               wanted: str = "auto", gpu_visible: bool = True, includes=(), missing_headers=()) -> Plan:
     """What to build: CUDA ops where `toolkit` (a CUDA_HOME) has torch's CUDA major version and a GPU is visible,
     unless `wanted` is "cpu"; `wanted` "cuda" builds them without a GPU (a login node building for its GPU nodes)
     and makes a missing or mismatched toolkit an error instead of a CPU-only build. Auto on a machine with a
     toolkit but no GPU builds CPU-only: the CUDA ops take an hour or more on a few cores and nothing there could
-    run them (a GPU node's `make setup` adds them to the same environment later)."""
+    run them (a GPU node's `make setup` adds them to the same environment later). `includes` and
+    `missing_headers` are library_includes' answer for the toolkit: the first go on CPATH; any of the second
+    makes the toolkit unusable (said before the build, not after an hour of it)."""
     if wanted not in ("auto", "cpu", "cuda"):
         raise ValueError(f"{OPS_VARIABLE} must be auto, cpu or cuda, got {wanted!r}")
 
@@ -98,13 +129,22 @@ def plan_build(mmcv_version, torch_version, torch_cuda, torch_archs, toolkit: st
     if not toolkit_release or toolkit_release.split(".")[0] != torch_cuda.split(".")[0]:
         return cpu(f"the CUDA toolkit in {toolkit} is {toolkit_release or 'of unknown version'}, torch's CUDA is "
                    f"{torch_cuda}")
+    if missing_headers:
+        package = f"cuda-libraries-dev-{torch_cuda.replace('.', '-')}"
+        return cpu(f"the CUDA toolkit in {toolkit} lacks {', '.join(missing_headers)}, which torch's CUDA headers "
+                   f"include, and torch's NVIDIA packages do not have them either (install the toolkit's library "
+                   f"headers, e.g. NVIDIA's {package})")
     if wanted == "auto" and not gpu_visible:
         return cpu(f"CUDA toolkit {toolkit_release} in {toolkit} matches torch's CUDA {torch_cuda}, but no GPU is "
                    f"visible here ({OPS_VARIABLE}=cuda builds the CUDA ops anyway)")
     env = {"FORCE_CUDA": "1", "MMCV_WITH_OPS": "1", "CUDA_HOME": str(toolkit),
            "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST") or arch_list(torch_archs)}
-    return Plan(wheel_key(mmcv_version, torch_version, torch_cuda, True), True,
-                f"CUDA toolkit {toolkit_release} in {toolkit} matches torch's CUDA {torch_cuda}", env)
+    reason = f"CUDA toolkit {toolkit_release} in {toolkit} matches torch's CUDA {torch_cuda}"
+    if includes:
+        # after the toolkit's own include folder (CPATH comes after -I), so only what it lacks is taken from there
+        env["CPATH"] = os.pathsep.join([*includes, *filter(None, [os.environ.get("CPATH")])])
+        reason += f" (its library headers from {', '.join(includes)})"
+    return Plan(wheel_key(mmcv_version, torch_version, torch_cuda, True), True, reason, env)
 
 
 def keeps(installed_key: str | None, plan: Plan) -> bool:
@@ -196,10 +236,11 @@ def main(argv=None):
         import torch
 
         toolkit, release = find_toolkit(torch.version.cuda)
+        includes, missing = library_includes(toolkit, [Path(torch.__file__).parents[1]]) if toolkit else ([], [])
         try:
             plan = plan_build(args.mmcv_version, torch.__version__, torch.version.cuda, torch.cuda.get_arch_list(),
                               toolkit, release, os.environ.get(OPS_VARIABLE, "auto") or "auto",
-                              gpu_visible=gpu_visible())
+                              gpu_visible=gpu_visible(), includes=includes, missing_headers=missing)
         except (RuntimeError, ValueError) as error:
             print(f"setup-env: {error}", file=sys.stderr)
             return 1

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +55,65 @@ def test_cuda_ops_where_the_toolkit_matches_torchs_cuda(monkeypatch):
     assert build.nvcc_release("command not found") is None
     with pytest.raises(ValueError, match="no GPU architecture"):
         build.arch_list([])
+
+
+def _headers(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text("/* header */\n")
+    return folder
+
+
+def test_a_compiler_only_toolkit_takes_the_library_headers_of_torchs_nvidia_packages(tmp_path, monkeypatch):
+    """torch's CUDA headers include cuSPARSE, cuBLAS and cuSOLVER: a toolkit without them gets them from torch's
+    NVIDIA packages on CPATH (one folder for CUDA 13, one per library for CUDA 12); none anywhere is said before a
+    build, naming the headers, instead of failing at the first CUDA op."""
+    monkeypatch.delenv("CPATH", raising=False)
+    bare = _headers(tmp_path / "cuda-13.0" / "include", ["cuda_runtime.h"]).parent
+    full = _headers(tmp_path / "cuda-full" / "targets" / "x86_64-linux" / "include", build.LIBRARY_HEADERS).parents[2]
+    cu13 = _headers(tmp_path / "site13" / "nvidia" / "cu13" / "include", build.LIBRARY_HEADERS)
+    site12 = tmp_path / "site12"
+    cu12 = [_headers(site12 / "nvidia" / "cusparse" / "include", ["cusparse.h"]),
+            _headers(site12 / "nvidia" / "cublas" / "include", ["cublas_v2.h", "cublasLt.h"]),
+            _headers(site12 / "nvidia" / "cusolver" / "include", ["cusolverDn.h"])]
+    assert build.library_includes(full, [tmp_path / "site13"]) == ([], [])  # the toolkit's own (targets/...)
+    assert build.library_includes(bare, [tmp_path / "site13"]) == ([str(cu13)], [])
+    assert build.library_includes(bare, [site12]) == ([str(d) for d in (cu12[0], cu12[1], cu12[2])], [])
+    assert build.library_includes(bare, [tmp_path / "nowhere"]) == ([], list(build.LIBRARY_HEADERS))
+
+    includes, missing = build.library_includes(bare, [tmp_path / "site13"])
+    monkeypatch.setenv("CPATH", "/opt/mine/include")  # a user's own CPATH is kept, after these
+    plan = build.plan_build("2.1.0", "2.13.0+cu130", "13.0", ARCHS, str(bare), "13.0", includes=includes,
+                            missing_headers=missing)
+    assert plan.cuda_ops and plan.env["CPATH"] == f"{cu13}{os.pathsep}/opt/mine/include"
+    assert str(cu13) in plan.reason
+    assert "CPATH" not in build.plan_build("2.1.0", "2.13.0+cu130", "13.0", ARCHS, str(full), "13.0").env
+
+    _, missing = build.library_includes(bare, [tmp_path / "nowhere"])
+    plan = build.plan_build("2.1.0", "2.13.0+cu130", "13.0", ARCHS, str(bare), "13.0", missing_headers=missing)
+    assert not plan.cuda_ops and "lacks cusparse.h, cublas_v2.h, cublasLt.h, cusolverDn.h" in plan.reason
+    assert "cuda-libraries-dev-13-0" in plan.reason
+    with pytest.raises(RuntimeError, match="NODULESYNTH_MMCV_OPS=cuda, but the CUDA toolkit .* lacks cusparse.h"):
+        build.plan_build("2.1.0", "2.13.0+cu130", "13.0", ARCHS, str(bare), "13.0", wanted="cuda",
+                         missing_headers=missing)
+
+
+def test_this_machines_toolkit_is_planned_with_the_headers_it_lacks():
+    """The real plan (setup-env.sh's call) on this machine: where its CUDA toolkit lacks the library headers (nvcc
+    only) and torch brought them, NODULESYNTH_MMCV_OPS=cuda plans the build with them on CPATH."""
+    torch = pytest.importorskip("torch")
+    toolkit, release = build.find_toolkit(torch.version.cuda)
+    if not toolkit or not torch.version.cuda:
+        pytest.skip("no CUDA toolkit here, or a CPU-only torch")
+    includes, missing = build.library_includes(toolkit, [Path(torch.__file__).parents[1]])
+    if not includes or missing:
+        pytest.skip(f"this toolkit ({toolkit}) has the library headers, or torch brought none")
+    env = dict(os.environ, NODULESYNTH_MMCV_OPS="cuda")
+    env.pop("CPATH", None)
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "mmcv_build.py"), "plan", "--mmcv-version", "2.1.0"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"export CPATH={includes[0]}" in out.stdout and "mmcv_cuda_ops=1" in out.stdout
 
 
 def test_an_environment_keeps_its_mmcv_unless_cuda_ops_can_now_be_built():
