@@ -206,11 +206,12 @@ def main(argv=None):
                                          ("SDM training, speed OFF", off, "speed off")):
             table.run(check, network(options), sdm_training(sdm, options, device, train_steps, data, store,
                                                             rate_key))
-        for sampler, steps in (("dpmpp_2m_sde", 25), ("ddpm", ddpm_steps)):
+        # the study's sampler (the options': DPM-Solver++ SDE, 25 steps), then the paper's
+        for sampler, steps in ((on.sampler, on.sample_steps), ("ddpm", ddpm_steps)):
             table.run(f"SDM sampling, {sampler} {steps}", f"{on.image_size} px, speed ON",
                       sdm_sampling(sdm, on, data, store, sampler, steps, sample_batch))
         if args.throughput_dir:
-            write_throughputs(sdm, args.throughput_dir, device, store, "dpmpp_2m_sde", 25, sample_batch)
+            write_throughputs(sdm, args.throughput_dir, device, store, on.sampler, on.sample_steps, sample_batch)
     if "downstream" in only:
         for task in ("detection", "localization"):
             table.run(f"{task} iteration", f"{px} px", downstream_iteration(task, px, iters, warmup, device))

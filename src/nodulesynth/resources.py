@@ -181,9 +181,10 @@ def audit_threads(data, synth, most: int) -> int:
     """Threads for an audit (its BLAS pool): 1 where its pairs take under AUDIT_ONE_THREAD_SECONDS on one core,
     else `most` (the rule's). Before the dataset exists (a dry run) the count is unknown: `most`."""
     counts, synthetic = _audit_counts(data, synth)
-    short = counts["train"] + counts["test"] and AUDIT_SECONDS_PER_PAIR * _audit_pairs(counts, synthetic) \
-        < AUDIT_ONE_THREAD_SECONDS
-    return 1 if short else max(int(most), 1)
+    known = counts["train"] + counts["test"] > 0
+    if known and AUDIT_SECONDS_PER_PAIR * _audit_pairs(counts, synthetic) < AUDIT_ONE_THREAD_SECONDS:
+        return 1
+    return max(int(most), 1)
 
 
 def audit_runtime(data, synth, threads: int, attempt: int = 1) -> int:
