@@ -78,7 +78,7 @@ def test_a_compiler_only_toolkit_takes_the_library_headers_of_torchs_nvidia_pack
             _headers(site12 / "nvidia" / "cusolver" / "include", ["cusolverDn.h"])]
     assert build.library_includes(full, [tmp_path / "site13"]) == ([], [])  # the toolkit's own (targets/...)
     assert build.library_includes(bare, [tmp_path / "site13"]) == ([str(cu13)], [])
-    assert build.library_includes(bare, [site12]) == ([str(d) for d in (cu12[0], cu12[1], cu12[2])], [])
+    assert build.library_includes(bare, [site12]) == ([str(d) for d in cu12], [])
     assert build.library_includes(bare, [tmp_path / "nowhere"]) == ([], list(build.LIBRARY_HEADERS))
 
     includes, missing = build.library_includes(bare, [tmp_path / "site13"])
