@@ -97,6 +97,40 @@ def test_stacks_of_another_model_or_setting_are_sampled_again(tmp_path):
     assert set(again.calls) == {"S0", "S1"}
 
 
+
+def test_stacks_sampled_from_other_maps_are_sampled_again(tmp_path):
+    """Settings that choose the maps (synthesis.nodule_maps_per_scan) and the input maps themselves change what a
+    stack holds without changing the model or its sampling settings: a leftover of the killed run must not stay."""
+    paths = write_scans(tmp_path, n_scans=3)
+    out_dir = tmp_path / "synth" / "0"
+    with pytest.raises(Killed):
+        sample(paths, out_dir, Generator(kill_at_scan="S2"), batch_size=3)
+    assert sorted(p.name for p in staging_dir(out_dir).glob("*.npz")) == ["S0.npz", "S1.npz"]
+
+    # The rerun plans every nodule map beside the 3 evenly spaced ones (slices 0, 2, 5): S1's nodule (slice 1)
+    # adds a map, so its leftover is not what the rerun plans; S0's nodule (slice 0) was planned already.
+    rerun = Generator()
+    written = write_synthetic(plan_maps(paths, SIZE, seed=0, max_slices_per_scan=3, nodule_maps_per_scan=None),
+                              out_dir, SIZE, 3, rerun, EXTRA, "test sampling")
+    assert set(rerun.calls) == {"S1", "S2"}
+    planned = plan_maps(paths, SIZE, seed=0, max_slices_per_scan=3, nodule_maps_per_scan=None)
+    for path, (_, _, indices, maps) in zip(written, planned):
+        np.testing.assert_array_equal(load_slices(path).label, maps)
+        np.testing.assert_array_equal(load_slices(path).extra["source_index"], indices)
+
+    # The input stack's maps rewritten (same slices, its nodule gone) between the kill and the rerun.
+    out_dir = tmp_path / "synth" / "1"
+    with pytest.raises(Killed):
+        sample(paths, out_dir, Generator(kill_at_scan="S2"), batch_size=3)
+    stack = load_slices(paths[0])
+    stack.label[stack.label == NODULE] = LEFT_LUNG
+    stack.has_nodule[:] = False
+    save_slices(paths[0], stack)
+    again = Generator()
+    written = sample(paths, out_dir, again, batch_size=3)
+    assert set(again.calls) == {"S0", "S2"}  # S1's leftover is still what the rerun plans
+    assert not (load_slices(written[0]).label == NODULE).any()
+
 def test_the_studys_defaults_sample_only_the_maps_it_uses_with_a_few_step_sampler(tmp_path):
     """Schema defaults (what a user's config gets): every nodule map plus 4 evenly spaced maps per scan, not every
     lung slice; SDE-DPM-Solver++(2M) at 25 steps, the paper's DDPM-1000 one key away."""

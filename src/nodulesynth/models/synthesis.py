@@ -112,17 +112,25 @@ def staging_dir(out_dir) -> Path:
     return out_dir.with_name(out_dir.name + ".partial")
 
 
-def _written_before(path: Path, extra: dict) -> bool:
-    """Whether `path` is a stack a killed run of the same sampling wrote: complete (written atomically, readable)
-    and recording the same `extra` (generator, fold, model digest and sampling settings). Each stack's noise is
-    seeded by its scan, so keeping it gives what an unbroken run would."""
+def _written_before(path: Path, extra: dict, indices: np.ndarray, maps: np.ndarray) -> bool:
+    """Whether `path` is a stack a killed run of the same sampling wrote: complete (written atomically, readable),
+    recording the same `extra` (generator, fold, model digest and sampling settings), and sampled from the same
+    maps as this run plans (the same slices of the input stack, with the same labels). The maps are compared
+    themselves, not the settings that chose them: a rerun after editing synthesis.nodule_maps_per_scan, or after
+    the input stack's maps were rewritten, leaves the model and its settings unchanged but plans other maps.
+    Each stack's noise is seeded by its scan and map, so keeping it gives what an unbroken run would."""
     if not path.is_file():
         return False
     try:
         recorded = load_slice_info(path)["extra"]
+        if not all(key in recorded and str(recorded[key]) == str(value) for key, value in extra.items()):
+            return False
+        with np.load(path, allow_pickle=False) as data:
+            sampled_from = data["label"]
     except (KeyError, ValueError, OSError, zipfile.BadZipFile):
         return False
-    return all(key in recorded and str(recorded[key]) == str(value) for key, value in extra.items())
+    return (np.array_equal(recorded.get("source_index"), np.asarray(indices))
+            and np.array_equal(sampled_from, np.asarray(maps).astype(np.uint8)))
 
 
 @dataclass
@@ -149,7 +157,7 @@ def write_synthetic(plans, out_dir, size, batch_size, synthesise, extra, desc):
     images independent of the batch size. `extra` is stored with each stack: the `generator_provenance` keys
     (required) and the sampling settings (mask source, sampler, seed).
     Resumable: stacks go to `staging_dir(out_dir)` first and into out_dir once every stack is there; a rerun
-    after a killed job keeps the stacks it finished (same `extra`) and samples only the rest.
+    after a killed job keeps the stacks it finished (same `extra`, same maps) and samples only the rest.
     """
     missing = [key for key in PROVENANCE if key not in extra]
     if missing:
@@ -187,7 +195,7 @@ def write_synthetic(plans, out_dir, size, batch_size, synthesise, extra, desc):
             save_slices(target, SliceStack.rejected(scan_id, stack.patient_id, stack.reason or "no slices",
                                                     (size, size)))
             continue
-        if _written_before(target, extra):
+        if _written_before(target, extra, indices, maps):
             kept += 1
             continue
         current = _PendingStack(

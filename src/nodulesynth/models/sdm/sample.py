@@ -99,6 +99,6 @@ def sample_sdm(model_path, slice_paths, out_dir, sampler=None, steps=None, guida
                              [sample_generator(seed, scan_id, index) for scan_id, index in keys], eta=eta)
 
     extra = {**generator_provenance("sdm", fold, model_path), "mask_source": mask_source, "sampler": sampler,
-             "steps": steps, "guidance_scale": guidance_scale, "seed": seed}
+             "steps": steps, "guidance_scale": guidance_scale, "eta": eta, "seed": seed}
     return write_synthetic(plans, out_dir, options.image_size, int(batch_size or options.sample_batch_size),
                            synthesise, extra, f"sdm sample on {next(model.parameters()).device}")
