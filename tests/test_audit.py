@@ -125,6 +125,16 @@ def test_honest_layout_passes_every_check(honest, tmp_path):
     assert_clean(table, tmp_path / "leakage.tsv")
 
 
+
+def test_a_several_fold_audit_checks_each_fold_as_its_own_audit_does(honest):
+    """One audit over every fold gives each fold's rows exactly as an audit of that fold alone: nothing (the
+    near-duplicate bank's size, features) carries over from one fold to the next."""
+    together = set(run_audit(honest).itertuples(index=False))
+    for k in range(K):
+        alone = run_audit(honest, dataset_paths={key: path for key, path in honest["datasets"].items() if key[1] == k})
+        missing = set(alone.itertuples(index=False)) - together
+        assert not missing, f"fold {k}: rows of its own audit that the several-fold audit reads otherwise: {missing}"
+
 def copy_dir(src, dst):
     shutil.copytree(src, dst)
     return dst

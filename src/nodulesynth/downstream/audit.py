@@ -605,14 +605,14 @@ def audit(folds_tsv, manifest_tsv, generator_dirs, synth_dirs, dataset_paths, si
             train_ids, test_ids = bank.add(dataset.train.image), bank.add(dataset.test.image, views=True)
             rows.extend(check_split(path, arm, fold, dataset, folds, manifest))
             rows.append(check_provenance(path, arm, fold, dataset, train_ids, synthetic, bank, threshold))
-            size = dataset.train.size
+            arm_size = dataset.train.size  # its own name: `size` is the bank's, for every fold
             dataset.train.image = dataset.train.label = dataset.test.image = dataset.test.label = None  # free
-            compared.append((path, arm, dataset, train_ids, test_ids, size))
-        for path, arm, dataset, train_ids, test_ids, size in compared:
+            compared.append((path, arm, dataset, train_ids, test_ids, arm_size))
+        for path, arm, dataset, train_ids, test_ids, arm_size in compared:
             rows.append(check_near_duplicates(path, arm, fold, dataset, train_ids, test_ids, bank, threshold))
             if memorisation_out is not None and ARMS.get(arm):
                 memorisation_out.append(memorisation(ARMS[arm], fold, dataset, train_ids, test_ids, synthetic, bank,
-                                                     size))
+                                                     arm_size))
     return pd.DataFrame(rows, columns=["check", "status", "detail"])
 
 
