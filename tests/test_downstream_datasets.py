@@ -7,7 +7,7 @@ import pytest
 
 from conftest import write_boxed_stack
 from nodulesynth.data.slices import SliceStack
-from nodulesynth.downstream.datasets import (SliceSet, build_arm_dataset, component_boxes, load_dataset,
+from nodulesynth.downstream.datasets import (SliceSet, build_arm_dataset, component_boxes, load_dataset, map_boxes,
                                              real_slices, save_dataset, synthetic_slices)
 from nodulesynth.labels import LEFT_LUNG, NODULE
 
@@ -139,9 +139,40 @@ def test_one_map_gives_the_same_boxes_as_a_real_and_as_a_synthetic_slice(size):
     # every (slice, nodule) of nodules.tsv has its box, named by the nodule
     assert sorted(zip(real.slice_index[real.boxes[:, 0].astype(int)].tolist(), real.box_nodule.tolist())) == \
         [(7, 0), (8, 0), (8, 1), (9, 1), (9, 2), (9, 2)]
-    # scaled once from the full-resolution component by size / 512, as floats
+    # scaled once from the full-resolution component by size / 512, as floats; a side under a pixel at `size`
+    # becomes one pixel about its centre (at 64 px: 0.125 x 0.25 px; at 256: 0.5 x 1)
+    k = int(np.flatnonzero((real.box_nodule == 0) & (real.boxes[:, 0] == 0))[0])
+    np.testing.assert_allclose(real.boxes[k, 1:], np.array([200, 100, 236, 130]) * size / 512)
     k = int(np.flatnonzero((real.box_nodule == 1) & (real.boxes[:, 0] == 1))[0])
-    np.testing.assert_allclose(real.boxes[k, 1:], np.array([401, 301, 402, 303]) * size / 512)
+    x0, y0, x1, y1 = np.array([401, 301, 402, 303]) * size / 512
+    centre_x, centre_y = (x0 + x1) / 2, (y0 + y1) / 2
+    expected = [centre_x - 0.5, y0, centre_x + 0.5, y1] if y1 - y0 >= 1 else \
+        [centre_x - 0.5, centre_y - 0.5, centre_x + 0.5, centre_y + 0.5]
+    np.testing.assert_allclose(real.boxes[k, 1:], expected)
+    assert ((real.boxes[:, 3] - real.boxes[:, 1] >= 1) & (real.boxes[:, 4] - real.boxes[:, 2] >= 1)).all()
+
+
+def test_a_box_under_a_pixel_becomes_one_pixel_within_the_image_and_mmdet_trains_on_it(tmp_path):
+    """mmdet's CocoDataset drops a box under a pixel wide or tall; the evaluation counts every box. A nodule's
+    1-pixel edge on a 512-px map (half a pixel at 256) is widened to a pixel about its centre, inside the image
+    where it lies on the border, and the localizer's training loader keeps it."""
+    from mmdet.datasets import CocoDataset
+
+    from nodulesynth.downstream.localization import write_coco
+
+    label = np.zeros((512, 512), np.uint8)
+    label[200:203, 300] = NODULE      # 3 x 1 pixels
+    label[100:110, 100:110] = NODULE  # 10 x 10
+    label[0, 511] = NODULE            # one pixel in the corner
+    boxes, _ = map_boxes(label, 256)
+    np.testing.assert_allclose(boxes, [[255, 0, 256, 1], [50, 50, 55, 55], [149.75, 100, 150.75, 101.5]])
+    slices = SliceSet(np.zeros((1, 256, 256), np.uint8), np.zeros((1, 256, 256), np.uint8), np.ones(1, bool),
+                      np.c_[np.zeros(len(boxes)), boxes].astype(np.float32), np.array(["S"]), np.array(["P"]),
+                      np.array([0]), np.array(["real"]))
+    write_coco(slices, tmp_path, "train")
+    dataset = CocoDataset(data_root=str(tmp_path), ann_file="train.json", data_prefix=dict(img="train/"),
+                          metainfo=dict(classes=("nodule",)), filter_cfg=dict(filter_empty_gt=False), pipeline=[])
+    assert sorted(inst["bbox"] for inst in dataset.get_data_info(0)["instances"]) == sorted(boxes.tolist())
 
 
 def test_a_nodules_tsv_row_the_map_contradicts_is_an_error(tmp_path):

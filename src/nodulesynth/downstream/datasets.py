@@ -215,11 +215,23 @@ def load_dataset(path) -> ArmDataset:
         return ArmDataset(str(data["arm"]), int(data["fold"]), sets["train"], sets["test"], json.loads(str(data["info"])))
 
 
+def _at_least_a_pixel(low: float, high: float, extent: int) -> tuple[float, float]:
+    """One side of a box, widened to one pixel about its centre (within 0..extent) where it is narrower."""
+    if high - low >= 1:
+        return low, high
+    low = min(max((low + high) / 2 - 0.5, 0.0), extent - 1.0)
+    return low, low + 1.0
+
+
 def _scaled(box, height: int, width: int, size: int) -> tuple:
     """A box (x0, y0, x1, y1) of a height x width map in pixels of the same map at size x size: the one scaling
-    rule of every box the study draws (floats, so that a nodule of a pixel or two keeps its box)."""
-    x0, y0, x1, y1 = box
-    return x0 * size / width, y0 * size / height, x1 * size / width, y1 * size / height
+    rule of every box the study draws (floats, so that a nodule of a pixel or two keeps its box). A side that
+    scales to under a pixel (a nodule's edge slice, 1 px on a 512-px map, is half a pixel at 256) becomes one
+    pixel about its centre: mmdet's CocoDataset drops a box under a pixel wide or tall from the localizer's
+    training, which the evaluation would still count, so training and test would see different nodules."""
+    x0, x1 = _at_least_a_pixel(box[0] * size / width, box[2] * size / width, size)
+    y0, y1 = _at_least_a_pixel(box[1] * size / height, box[3] * size / height, size)
+    return x0, y0, x1, y1
 
 
 def _tsv_boxes(table, scan_id, what: str):
