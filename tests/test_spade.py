@@ -220,6 +220,19 @@ def test_changed_options_train_from_scratch_instead_of_resuming(stacks, tmp_path
     assert load_checkpoint(resumed)["step"] == 2
 
 
+def test_a_shorter_run_after_a_longer_one_trains_afresh(stacks, tmp_path, capsys):
+    """spade.max_steps lowered after a finished run: the checkpoint past it is not resumed (its weights are not a
+    run of the new length's), so the model is what a fresh run of that length gives."""
+    options = SPADEOptions(**TINY, max_steps=3, checkpoint_every=1)
+    train_spade(stacks, tmp_path / "m", options, device="cpu")
+    capsys.readouterr()
+    shorter = load_checkpoint(train_spade(stacks, tmp_path / "m", options.replace(max_steps=2), device="cpu"))
+    assert "its step 3 is past spade.max_steps 2" in capsys.readouterr().err
+    fresh = load_checkpoint(train_spade(stacks, tmp_path / "fresh", options.replace(max_steps=2), device="cpu"))
+    assert shorter["step"] == fresh["step"] == 2
+    assert all(torch.equal(shorter["generator"][k], fresh["generator"][k]) for k in fresh["generator"])
+
+
 def test_checkpoint_is_bound_to_its_training_data(tmp_path, capsys):
     """Trained on stack A, rerun on stack B with the same options: the run must train afresh on B (the
     old checkpoint of A used to be written out as B's model, bit-identical to A's)."""

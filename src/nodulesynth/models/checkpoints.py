@@ -47,11 +47,15 @@ def resume_refusal(state: dict, options: dict, data: dict, resumable=(), section
     It may only when the checkpoint was trained on exactly this data (`load_training_data`'s record)
     with these options, the keys in `resumable` aside. Otherwise a rerun after a change of the
     training data (another fold, cohort or mask setting) would continue, and write out as its model,
-    a generator trained on other patients.
+    a generator trained on other patients. Nor is a checkpoint past this run's `max_steps` (a shorter run
+    after a longer one): its weights are not what a fresh run of this length gives.
     """
     changed = changed_options(state["options"], options, resumable)
     if changed:
         return "it was trained with other " + ", ".join(f"{section}.{key}" for key in changed)
+    step, max_steps = state.get("step"), options.get("max_steps")
+    if step is not None and max_steps is not None and int(step) > int(max_steps):
+        return f"its step {step} is past {section}.max_steps {max_steps}"
     return data_change(state.get("data"), data)
 
 

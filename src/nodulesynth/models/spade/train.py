@@ -232,8 +232,6 @@ def _train(data: SlicePairs, data_record: dict, stacks: int, out_dir: Path, opti
         curve.rows = [dict(row) for row in state["curve"]]
         running.sums, running.count = dict(state["running"]["sums"]), int(state["running"]["count"])
         _say(f"resumed from {checkpoint_path} at step {trainer.step}")
-        if trainer.step > options.max_steps:
-            _say(f"the checkpoint is past spade.max_steps ({options.max_steps}): its step-{trainer.step} weights are used")
     _say(f"{len(data)} training slices from {stacks} stacks at {options.image_size} px on {device}; "
          f"G {count_parameters(trainer.generator) / 1e6:.2f} M, "
          f"D {count_parameters(trainer.discriminator) / 1e6:.2f} M "
