@@ -37,7 +37,7 @@ rule audit:
             input.data, input.synth, threads, attempt
         ),
     params:
-        downstream=section("downstream"),
+        downstream=section("downstream", DownstreamOptions.AUDIT_KEYS),
     shell:
         "nodulesynth audit --manifest {input.manifest} --folds {input.folds} --generators {input.generators} "
         "--synth {input.synth} --data {input.data} --params {params.downstream:q} --out {output.audit} "

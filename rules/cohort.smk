@@ -4,6 +4,8 @@
 
 
 checkpoint cohort:
+    input:
+        annotations=config_file("cohort", "annotations", source="dicom"),
     output:
         scans="results/cohort/scans.tsv",
         annotations="results/cohort/annotations.csv",
@@ -38,7 +40,7 @@ rule ingest:
     input:
         scans="results/cohort/scans.tsv",
         annotations="results/cohort/annotations.csv",
-        excluded=luna_excluded_findings(),
+        excluded=config_file("cohort", "annotations_excluded", source="dicom"),
     output:
         temp("results/volumes/{scan}.npz"),
     log:

@@ -29,7 +29,7 @@ if _gpu_slots:
     os.environ[SLOTS_VARIABLE] = str(int(_gpu_slots))
 from nodulesynth.data.folds import evaluation_scans, has_test_patients, read_folds, training_scans
 from nodulesynth.commands.downstream import TASK_COMMANDS
-from nodulesynth.downstream.datasets import ARMS, GENERATORS, TASKS, study_arms, study_image_size
+from nodulesynth.downstream.datasets import ARMS, GENERATORS, TASKS, DownstreamOptions, study_arms, study_image_size
 from nodulesynth.io import read_table
 from nodulesynth.models.distributed import launcher
 from nodulesynth.models.sdm.options import SDMOptions
@@ -49,9 +49,13 @@ wildcard_constraints:
     task=r"detection|localization",
 
 
-def section(name):
-    """A config section as compact JSON, for `params:` (a changed value reruns the step)."""
-    return json.dumps(config.get(name, {}), sort_keys=True)
+def section(name, keys=None):
+    """A config section as compact JSON, for `params:` (a changed value reruns the step); only `keys` of it for a
+    command that reads only those, so that a change of another key does not rerun its jobs."""
+    values = config.get(name, {})
+    if keys is not None:
+        values = {key: values[key] for key in keys if key in values}
+    return json.dumps(values, sort_keys=True)
 
 
 def scan_ids():
@@ -86,12 +90,23 @@ def slice_stacks(wildcards=None):
     return expand("results/slices/{scan}.npz", scan=scan_ids())
 
 
-def luna_excluded_findings():
-    """LUNA16's annotations_excluded.csv where source dicom names one (cohort.annotations_excluded; the ingest
-    command reads its path from the cohort params): an input, so that an edited list re-ingests the scans."""
-    cohort = config["cohort"]
-    path = cohort.get("annotations_excluded")
-    return [path] if path and cohort.get("source") == "dicom" else []
+def config_file(name, key, source=None):
+    """[the file config[name][key] names], or [] where it names none (or cohort.source is not `source`): an input
+    of the step that reads it, so that a replaced file reruns that step as an edited value does (the step reads its
+    path from its params, where only the path is). LUNA16's annotations.csv and annotations_excluded.csv (source
+    dicom), SPADE's VGG19 weights, the downstream models' load_from."""
+    path = config.get(name, {}).get(key)
+    if not path or (source is not None and config["cohort"].get("source") != source):
+        return []
+    return [path]
+
+
+def spade_vgg_weights(wildcards):
+    return config_file("spade", "vgg_weights") if wildcards.generator == "spade" else []
+
+
+def task_load_from(wildcards):
+    return config_file(wildcards.task, "load_from")
 
 
 def qc_montages(wildcards=None):

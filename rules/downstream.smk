@@ -27,7 +27,7 @@ rule downstream_dataset:
         ),
         runtime=lambda wildcards, input, attempt: sizing.downstream_dataset_runtime(input.slices, input.synth, attempt),
     params:
-        downstream=section("downstream"),
+        downstream=section("downstream", DownstreamOptions.DATASET_KEYS),
         image_size=downstream_image_size(),
     shell:
         "nodulesynth downstream-dataset --arm {wildcards.arm} --fold {wildcards.fold} --manifest {input.manifest} "
@@ -41,6 +41,7 @@ rule downstream_model:
     input:
         data="results/downstream/data/{arm}/fold{fold}.npz",
         audit="results/audit/{arm}/fold{fold}.tsv",
+        load_from=task_load_from,
     output:
         metrics="results/downstream/{task}/{arm}/fold{fold}/metrics.json",
         predictions="results/downstream/{task}/{arm}/fold{fold}/predictions.tsv",

@@ -8,7 +8,8 @@
 
 rule train_generator:
     input:
-        training_stacks,
+        stacks=training_stacks,
+        vgg_weights=spade_vgg_weights,
     output:
         model="results/generators/{generator}/{fold}/model.pt",
         scans="results/generators/{generator}/{fold}/training_scans.tsv",
@@ -37,14 +38,14 @@ rule train_generator:
             wildcards.generator, config, config["generators"]["device"], threads, attempt
         ),
         # the training slices staged as uint8 memory maps under $TMPDIR (--tmp on SLURM)
-        disk_mb=lambda wildcards, input: sizing.staging_disk_mb(input, config[wildcards.generator]["image_size"]),
+        disk_mb=lambda wildcards, input: sizing.staging_disk_mb(input.stacks, config[wildcards.generator]["image_size"]),
     params:
         options=generator_training_params,
         launch=generator_launcher,
         out_dir=subpath(output.model, parent=True),
         device=config["generators"]["device"],
     shell:
-        "{params.launch} nodulesynth train-{wildcards.generator} --slices {input} --params {params.options:q} "
+        "{params.launch} nodulesynth train-{wildcards.generator} --slices {input.stacks} --params {params.options:q} "
         "--out-dir {params.out_dir} --device {params.device} --threads {threads} > {log} 2>&1"
 
 

@@ -211,7 +211,8 @@ def test_synthetic_slices_follow_a_study_size_above_the_generators(cohort):
 
 
 def test_downstream_commands_take_every_key_of_the_schema_section():
-    """`--params` is the whole `downstream:` section (rules' section()): each key the schema allows is read."""
+    """`--params` takes the whole `downstream:` section: each key the schema allows is read. The rules pass only
+    the keys each command reads (DATASET_KEYS, AUDIT_KEYS), fields of the section."""
     from dataclasses import asdict
     from pathlib import Path
 
@@ -226,6 +227,10 @@ def test_downstream_commands_take_every_key_of_the_schema_section():
     assert asdict(DownstreamOptions.from_config({})) == defaults  # the command's own defaults are the schema's
     with pytest.raises(KeyError, match="downstream.imagesize"):
         DownstreamOptions.from_config({"imagesize": 128})
+    assert set(DownstreamOptions.DATASET_KEYS) | set(DownstreamOptions.AUDIT_KEYS) < set(defaults)
+    rules = {name: (Path(__file__).parents[1] / "rules" / name).read_text() for name in ("downstream.smk", "audit.smk")}
+    assert 'section("downstream", DownstreamOptions.DATASET_KEYS)' in rules["downstream.smk"]
+    assert 'section("downstream", DownstreamOptions.AUDIT_KEYS)' in rules["audit.smk"]
 
 
 def test_downstream_dataset_command_takes_the_control_arms():

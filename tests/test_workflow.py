@@ -236,6 +236,16 @@ def test_a_changed_value_reruns_only_what_uses_it(demo_run, tmp_path):
     generators = set(re.findall(r"wildcards: [^\n]*\bgenerator=(\w+)", dry.stdout + dry.stderr))
     assert generators == {"sdm"}, generators  # SPADE's samples are not redrawn
 
+    # Keys a step does not read leave it alone: downstream.threads (the model jobs' CPUs, no param of theirs) and
+    # downstream.controls (which arms run) rebuild no arm's data, audit nothing again and retrain no model.
+    config = yaml.safe_load(small_config(tmp_path).read_text())
+    config["downstream"]["threads"] += 1
+    qc.write_text(yaml.safe_dump(config))
+    assert dry_run_jobs(work, qc) == {"report", "all"}
+    config["downstream"]["controls"] = False
+    qc.write_text(yaml.safe_dump(config))
+    assert dry_run_jobs(work, qc) == {"leakage", "stats", "report", "all"}
+
     masks = small_config(tmp_path, min_lung_area_mm2=150)
     jobs = dry_run_jobs(work, masks)
     assert {"ingest", "masks", "manifest"} <= jobs and "cohort" not in jobs
@@ -250,6 +260,44 @@ def test_a_changed_value_reruns_only_what_uses_it(demo_run, tmp_path):
             "report"} <= jobs
     assert "cohort" not in jobs
 
+
+
+def test_a_replaced_file_a_config_key_names_reruns_the_step_that_reads_it(demo_run, tmp_path):
+    """The files the config names (source dicom's annotations.csv, a downstream model's load_from, SPADE's VGG19
+    weights) are inputs of the steps that read them: a corrected annotations.csv re-reads the cohort, as an edited
+    value would, where only its path used to be a param."""
+    import os
+    import shutil
+
+    work, *_ = demo_run
+    export = tmp_path / "export"
+    shutil.copytree(work / "results" / "demo", export)  # the demo's DICOM and LUNA16-style annotations.csv
+    annotations = export / "annotations.csv"
+    config = yaml.safe_load(small_config(tmp_path).read_text())
+    config["cohort"].update(source="dicom", dicom_root=str(export / "dicom"), annotations=str(annotations))
+    path = tmp_path / "dicom.yaml"
+    path.write_text(yaml.safe_dump(config))
+    study = tmp_path / "study"
+    study.mkdir()
+    run_bare(study, "--configfile", str(path), "results/cohort/scans.tsv")
+    assert "cohort" not in dry_run_jobs(study, path)
+    rows = annotations.read_text().splitlines(keepends=True)
+    annotations.write_text("".join(rows[:-1]))  # a nodule row removed
+    later = annotations.stat().st_mtime_ns + 2 * 10**9  # past any file-system timestamp resolution
+    os.utime(annotations, ns=(later, later))
+    assert "cohort" in dry_run_jobs(study, path)
+
+    weights = tmp_path / "start.pth"
+    weights.write_bytes(b"")  # a dry run reads no weights
+    config = yaml.safe_load(small_config(tmp_path).read_text())
+    config["detection"]["load_from"] = str(weights)
+    path.write_text(yaml.safe_dump(config))
+    dry = run_bare(work, "--configfile", str(path), "-n")
+    jobs = (dry.stdout + dry.stderr).split("rule downstream_model:")[1:]
+    detection = [job for job in jobs if "task=detection" in job]
+    assert detection and len(detection) < len(jobs)
+    assert all(str(weights) in job.split("output:")[0] for job in detection)
+    assert not any(str(weights) in job for job in jobs if "task=localization" in job)
 
 def test_config_error_fails_before_any_job_naming_the_key(tmp_path):
     config = yaml.safe_load(open(REPO / "config.yaml"))

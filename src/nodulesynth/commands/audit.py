@@ -57,7 +57,9 @@ def audit_parser(sub):
                    help="results/generators/*/*/training_scans.tsv and model.pt (the synthetic stacks' provenance)")
     p.add_argument("--synth", nargs="*", default=[], help="results/synth/{generator}/{fold} folders")
     p.add_argument("--data", nargs="+", required=True, help="results/downstream/data/{arm}/fold{k}.npz")
-    p.add_argument("--params", type=json_section, default={}, help="the config's downstream section as JSON")
+    p.add_argument("--params", type=json_section, default={},
+                   help="the downstream section's keys this step reads as JSON: "
+                        "near_duplicate_size, near_duplicate_threshold (the whole section works too)")
     p.add_argument("--out", required=True)
     p.add_argument("--memorisation", help="TSV of each synthetic slice's nearest-neighbour score to its generator's "
                                           "training patients and to the fold's test patients (arms B, C; others: "

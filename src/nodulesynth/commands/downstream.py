@@ -44,7 +44,9 @@ def downstream_dataset_parser(sub):
     p.add_argument("--slices", nargs="+", required=True, help="the fold's slice stacks (and their nodule tables)")
     p.add_argument("--synth", nargs="*", default=[], help="arm B/C: the fold's synthetic stacks folder")
     p.add_argument("--image-size", type=int, required=True, help="the generators' image size")
-    p.add_argument("--params", type=json_section, default={}, help="the config's downstream section as JSON")
+    p.add_argument("--params", type=json_section, default={},
+                   help="the downstream section's keys this step reads as JSON: "
+                        "synthetic_ratio, seed, positive_control_withheld (the whole section works too)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_downstream_dataset)
 

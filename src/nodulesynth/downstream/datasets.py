@@ -65,6 +65,11 @@ class DownstreamOptions(SectionOptions):
     device: str = "auto"
     threads: int = 8  # CPUs of a GPU job (detect, localize, realism): all but one load data
 
+    # The keys each command reads: its rule passes only these (rules/common.smk), so that a change of another
+    # key reruns none of its jobs (threads, device: the model jobs' own; controls: which arms run, not how).
+    DATASET_KEYS = ("synthetic_ratio", "seed", "positive_control_withheld")
+    AUDIT_KEYS = ("near_duplicate_size", "near_duplicate_threshold")
+
 
 def fold_number(path) -> int:
     """k of a downstream fold's file or folder, `fold<k>` before any suffix (fold3, fold3.npz, fold3.json,
