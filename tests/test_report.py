@@ -427,6 +427,43 @@ def test_controls_counts_and_tests_explained_in_the_report(tmp_path):
         assert text in explained, text
 
 
+
+def test_results_an_earlier_run_left_are_not_shown(tmp_path):
+    """Snakemake deletes no file a run stops producing: after downstream.controls was turned off, the earlier run's
+    controls.tsv and P/N metrics stay; after folds.k was lowered, its fold2 (another patient split) stays. The
+    report shows only the run's folds and arms, as its statistics use them."""
+    root = tmp_path / "results"
+    write_required(root, np.random.default_rng(4))  # arms A, B, C; folds 0 and 1
+    for task in ("detection", "localization"):
+        for arm in ("A", "B", "C", "P", "N"):
+            source = root / "downstream" / task / "A" / "fold1"
+            for fold in (0, 1, 2) if arm in "PN" else (2,):
+                target = root / "downstream" / task / arm / f"fold{fold}"
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy(source / "metrics.json", target / "metrics.json")
+    earlier = sorted((root / "downstream").glob("*/*/fold*/metrics.json"))  # folds.k 3, controls on
+    run_stats(earlier, root / "stats", StatsOptions(n_boot=0))
+    assert (root / "stats" / "controls.tsv").is_file()
+    (root / "downstream" / "realism").mkdir(parents=True)
+    for fold in (0, 1, 2):
+        (root / "downstream" / "realism" / f"fold{fold}.json").write_text(json.dumps(
+            {"n_nodule": 6, "fd_nodule_real_train": 1.5, "fd_nodule_spade": 12.25, "fd_nodule_sdm": 7.125}))
+    # This run: folds.k 2, controls off; its stats step read only its own folds and arms.
+    current = [p for p in earlier if p.parent.parent.name in "ABC" and p.parent.name in ("fold0", "fold1")]
+    run_stats(current, root / "stats", StatsOptions(n_boot=0))
+    config = {**CONFIG, "folds": {"k": 2}, "downstream": {"controls": False}}
+    context = report_context(root, config)
+    assert context["folds"] == [0, 1] and context["controls"] is None
+    assert [row[0]["text"] for row in context["realism"]["rows"]] == ["0", "1", "mean ± sd"]
+    html = render_html(context)
+    assert "Controls table: not available" in html
+    counts = html[html.index('id="table-counts"'):]
+    counts = counts[:counts.index("</table>")]
+    assert "A: real" in counts and "P: positive control" not in counts and "N: negative control" not in counts
+    # The earlier run's own config still reads everything it made.
+    earlier_run = report_context(root, {**CONFIG, "folds": {"k": 3}, "downstream": {"controls": True}})
+    assert earlier_run["folds"] == [0, 1, 2] and earlier_run["controls"] is not None
+
 def write_synthetic_stack(path, maps, images, scan_id, patient_id):
     """A generator's stack in the layout write_synthetic gives it: every map of a real stack, in order."""
     rows = np.arange(len(maps))

@@ -312,13 +312,14 @@ def _figure(make, *args):
 def report_context(results_dir, config: dict) -> dict:
     """Everything the template shows, read from `results_dir`; raises on missing required inputs."""
     results_dir = Path(results_dir)
+    scope = inputs.RunScope.of(config)  # the run's folds and arms: what else the tree holds is an earlier run's
     settings = dict((config or {}).get("report") or {})
     threshold = float(settings.get("score_threshold", 0.5))
     n_examples = int(settings.get("examples", 4))
 
     metrics, tables = {}, {}
     for task in TASKS:
-        metrics[task] = inputs.read_metrics(results_dir, task)
+        metrics[task] = inputs.read_metrics(results_dir, task, scope)
         summary, tests = inputs.read_stats(results_dir, task)
         tables[task] = study_table(task, summary, tests, results_dir / "stats" / f"{task}_summary.tsv",
                                    results_dir / "stats" / f"{task}_tests.tsv")
@@ -327,24 +328,24 @@ def report_context(results_dir, config: dict) -> dict:
 
     figs = {f"folds_{task}": _figure(figures.paired_folds, fold_values(metrics[task], task), labels)
             for task in TASKS}
-    grid = inputs.grid_slices(results_dir)
+    grid = inputs.grid_slices(results_dir, scope)
     figs["grid"] = _figure(figures.image_grid, grid) if grid else None
     examples = localization_panels(results_dir, folds, threshold, n_examples)
     figs["examples"] = _figure(figures.localization_examples, examples[0], list(ARMS)) if examples else None
     curves, points = froc_curves(results_dir, folds), froc_points(metrics["localization"])
     figs["froc"] = _figure(figures.froc_figure, curves, points) if curves or points else None
-    losses = inputs.read_loss_curves(results_dir)
+    losses = inputs.read_loss_curves(results_dir, scope)
     figs["loss"] = _figure(figures.loss_curves, losses) if losses else None
-    memorised = inputs.read_memorisation(results_dir)
+    memorised = inputs.read_memorisation(results_dir, scope)
     near_duplicate = ((config or {}).get("downstream") or {}).get("near_duplicate_threshold")
     figs["memorisation"] = (_figure(figures.memorisation_figure, memorised, near_duplicate)
                             if memorised is not None else None)
 
-    controls = inputs.read_controls(results_dir)
-    counts = counts_table(inputs.read_counts(results_dir, "detection"))
+    controls = inputs.read_controls(results_dir, scope)
+    counts = counts_table(inputs.read_counts(results_dir, "detection", scope))
 
-    fidelity = inputs.read_fidelity(results_dir)
-    realism = inputs.read_realism(results_dir)
+    fidelity = inputs.read_fidelity(results_dir, scope)
+    realism = inputs.read_realism(results_dir, scope)
     if realism is not None:
         values = realism.drop(columns="fold")
         summary_row = {"fold": "mean ± sd", **{c: f"{values[c].mean():.3f} ± {values[c].std(ddof=1):.3f}"
@@ -378,7 +379,7 @@ def report_context(results_dir, config: dict) -> dict:
         "cohort": inputs.cohort_counts(manifest) if manifest is not None else None,
         "rejected": frame_table(rejected) if rejected is not None else None,
         "leakage": frame_table(leakage) if leakage is not None else None,
-        "spade_vgg": inputs.spade_vgg(results_dir),
+        "spade_vgg": inputs.spade_vgg(results_dir, scope),
         "benchmarks": frame_table(bench, "{:.1f}") if bench is not None else None,
         "benchmark_total": f"{bench['seconds'].sum():.1f}" if bench is not None else None,
     }

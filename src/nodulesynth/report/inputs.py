@@ -2,19 +2,20 @@
 inputs behind its figures and tables, and the run's provenance.
 
 Required inputs raise a clear error naming the file; an optional one that is absent comes back as None
-(the report then says "not available").
+(the report then says "not available"). What a results tree holds beyond the run's folds and arms (`RunScope`) is
+not read.
 """
 
 import importlib.metadata
 import json
 import subprocess
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from nodulesynth.downstream.datasets import ARMS, GENERATORS, SliceSet, fold_number, study_arms
+from nodulesynth.downstream.datasets import ARMS, CONTROLS, GENERATORS, SliceSet, fold_number, study_arms
 from nodulesynth.data.folds import read_folds
 from nodulesynth.errors import InputError
 from nodulesynth.io import read_columns, read_tsv
@@ -26,6 +27,34 @@ TESTS_COLUMNS = ("arm", "baseline", "metric", "n", "mean_diff", "ci_low", "ci_hi
 CONTROLS_COLUMNS = ("task", "metric", "control", "difference", "ci_low", "ci_high", "ci_method", "expected",
                     "detected", "unit")
 SOFTWARE = ("torch", "mmdet", "mmpretrain", "mmengine", "snakemake", "pydicom", "numpy")
+
+
+@dataclass(frozen=True)
+class RunScope:
+    """The folds and arms of the run a report is of, from its config (folds.k, downstream.controls). A results tree
+    can hold more: Snakemake deletes no file a run stops producing, so after folds.k was lowered or the controls
+    turned off, an earlier run's fold3/ or controls.tsv is still there, from another patient split or arms this run
+    has not trained; the report must not show them beside this run's statistics. folds None: every fold found."""
+
+    folds: tuple | None = None
+    arms: tuple = tuple(study_arms(controls=True))
+
+    @classmethod
+    def of(cls, config: dict | None) -> "RunScope":
+        config = config or {}
+        k = (config.get("folds") or {}).get("k")
+        controls = bool((config.get("downstream") or {}).get("controls", True))
+        return cls(None if k is None else tuple(range(int(k))), tuple(study_arms(controls=controls)))
+
+    def has_fold(self, fold) -> bool:
+        """Whether a fold (3, "3", or the generators' "holdout") is one of this run's."""
+        if self.folds is None or str(fold) == "holdout":
+            return True
+        return str(fold).isdigit() and int(fold) in self.folds
+
+    @property
+    def has_controls(self) -> bool:
+        return any(arm in CONTROLS for arm in self.arms)
 
 
 # ---------------------------------------------------------------- required: metrics and statistics
@@ -42,15 +71,16 @@ def _metrics_rows(path, arm) -> list[tuple]:
             if isinstance(value, (int, float)) and not isinstance(value, bool)]
 
 
-def read_metrics(results_dir, task) -> pd.DataFrame:
-    """Every fold's metrics.json of one task, long form: arm, fold, metric, value.
+def read_metrics(results_dir, task, scope: RunScope = RunScope()) -> pd.DataFrame:
+    """Every fold's metrics.json of one task (of the run's folds), long form: arm, fold, metric, value.
 
     All three arms must be there with the same folds (the arms are paired by fold).
     """
     rows, folds_by_arm = [], {}
     for arm in ARMS:
         arm_dir = Path(results_dir) / "downstream" / task / arm
-        paths = sorted(arm_dir.glob("fold*/metrics.json"), key=lambda p: fold_number(p.parent))
+        paths = sorted((p for p in arm_dir.glob("fold*/metrics.json") if scope.has_fold(fold_number(p.parent))),
+                       key=lambda p: fold_number(p.parent))
         if not paths:
             raise FileNotFoundError(f"{arm_dir}: no fold*/metrics.json (task {task}, arm {arm}): required input")
         folds_by_arm[arm] = [fold_number(p.parent) for p in paths]
@@ -74,19 +104,21 @@ def read_stats(results_dir, task):
     return summary, tests
 
 
-def read_controls(results_dir):
-    """results/stats/controls.tsv (written where the control arms ran), or None when absent."""
+def read_controls(results_dir, scope: RunScope = RunScope()):
+    """results/stats/controls.tsv (written where the control arms ran), or None when absent or when the run has no
+    control arms (a file of an earlier run)."""
     path = Path(results_dir) / "stats" / "controls.tsv"
-    return read_columns(path, CONTROLS_COLUMNS) if path.is_file() else None
+    return read_columns(path, CONTROLS_COLUMNS) if scope.has_controls and path.is_file() else None
 
 
-def read_counts(results_dir, task) -> pd.DataFrame:
-    """arm, fold, metric, value of every arm's metrics.json of one task that is present (the control arms too),
-    for the counts table."""
+def read_counts(results_dir, task, scope: RunScope = RunScope()) -> pd.DataFrame:
+    """arm, fold, metric, value of every metrics.json of one task that is present for the run's arms (the control
+    arms too) and folds, for the counts table."""
     rows = []
-    for arm in study_arms(controls=True):
+    for arm in scope.arms:
         for path in sorted((Path(results_dir) / "downstream" / task / arm).glob("fold*/metrics.json")):
-            rows += _metrics_rows(path, arm)
+            if scope.has_fold(fold_number(path.parent)):
+                rows += _metrics_rows(path, arm)
     return pd.DataFrame(rows, columns=["arm", "fold", "metric", "value"])
 
 
@@ -114,20 +146,24 @@ def read_test_set(results_dir, fold, arm="A"):
         return SliceSet(**{f.name: data[f"test_{f.name}"] for f in fields(SliceSet)})
 
 
-def read_loss_curves(results_dir) -> dict:
-    """{generator: {fold: DataFrame}} of every loss.tsv found (empty when none)."""
+def read_loss_curves(results_dir, scope: RunScope = RunScope()) -> dict:
+    """{generator: {fold: DataFrame}} of every loss.tsv found of the run's generators (empty when none)."""
     curves = {}
     for generator in GENERATORS:
         for path in sorted((Path(results_dir) / "generators" / generator).glob("*/loss.tsv")):
+            if not scope.has_fold(path.parent.name):
+                continue
             table = read_columns(path, ("step",))
             if len(table):
                 curves.setdefault(generator, {})[path.parent.name] = table
     return curves
 
 
-def read_fidelity(results_dir):
-    """Mean mask fidelity per generator and fold (and split, when the table has one), or None."""
-    paths = sorted(p for g in GENERATORS for p in (Path(results_dir) / "synth" / g).glob("*.fidelity.tsv"))
+def read_fidelity(results_dir, scope: RunScope = RunScope()):
+    """Mean mask fidelity per generator and fold (and split, when the table has one) of the run's generators, or
+    None."""
+    paths = sorted(p for g in GENERATORS for p in (Path(results_dir) / "synth" / g).glob("*.fidelity.tsv")
+                   if scope.has_fold(p.name[: -len(".fidelity.tsv")]))
     tables = []
     for path in paths:
         table = read_tsv(path)
@@ -148,13 +184,14 @@ def read_fidelity(results_dir):
 REALISM_CLASSES = ("nodule", "nodule_free")  # nodulesynth.downstream.realism.CLASSES (imports torch: not here)
 
 
-def read_realism(results_dir):
+def read_realism(results_dir, scope: RunScope = RunScope()):
     """Class-matched feature-space Fréchet distances per fold, or None: fold, and per class compared (nodule
     always, nodule-free where a generator's set held some) the count every set was drawn to, the floor (real
     training slices), each generator's distance and its ratio to the floor. A null distance (too few slices)
     reads as NaN."""
     rows = []
-    paths = (Path(results_dir) / "downstream" / "realism").glob("fold*.json")
+    paths = (p for p in (Path(results_dir) / "downstream" / "realism").glob("fold*.json")
+             if scope.has_fold(fold_number(p)))
     for path in sorted(paths, key=lambda p: fold_number(p)):
         values = json.loads(path.read_text())
         required = ["n_nodule", "fd_nodule_real_train"] + [f"fd_nodule_{g}" for g in GENERATORS]
@@ -177,13 +214,14 @@ def read_realism(results_dir):
     return pd.DataFrame(rows) if rows else None
 
 
-def _heldout_folds(results_dir) -> list:
-    """The folds whose generators sampled their test patients' maps (results/synth_heldout/sdm/<k>), in order."""
+def _heldout_folds(results_dir, scope: RunScope = RunScope()) -> list:
+    """The run's folds whose generators sampled their test patients' maps (results/synth_heldout/sdm/<k>), in
+    order."""
     folds = [p.name for p in (Path(results_dir) / "synth_heldout" / "sdm").glob("*") if p.is_dir()]
-    return sorted((f for f in folds if f.isdigit()), key=int)
+    return sorted((f for f in folds if f.isdigit() and scope.has_fold(f)), key=int)
 
 
-def read_memorisation(results_dir):
+def read_memorisation(results_dir, scope: RunScope = RunScope()):
     """The audit's memorisation scores of arms B and C (results/audit/{arm}/fold{k}.memorisation.tsv: generator,
     fold, scan_id, slice_index, to_train, to_test per synthetic slice), or None when there are none."""
     tables = []
@@ -191,13 +229,15 @@ def read_memorisation(results_dir):
         if generator is None:
             continue
         for path in sorted((Path(results_dir) / "audit" / arm).glob("fold*.memorisation.tsv")):
+            if not scope.has_fold(fold_number(path)):
+                continue
             table = read_columns(path, ("generator", "fold", "to_train", "to_test"))
             if len(table):
                 tables.append(table)
     return pd.concat(tables, ignore_index=True) if tables else None
 
 
-def grid_slices(results_dir):
+def grid_slices(results_dir, scope: RunScope = RunScope()):
     """For the image grid (Figure 1): a nodule slice and a nodule-free slice of a test patient of the first fold
     that has one, with the images that fold's own generators (which never saw the patient) made from its maps
     (results/synth_heldout/{generator}/{fold}): dicts with fold, scan_id, patient_id, CT (the real slice), the
@@ -212,7 +252,7 @@ def grid_slices(results_dir):
     if folds_tsv.is_file():
         table = read_folds(folds_tsv)
         fold_of_patient = dict(zip(table["patient_id"].astype(str), table["fold"].astype(int)))
-    for fold in _heldout_folds(results_dir):
+    for fold in _heldout_folds(results_dir, scope):
         for sdm_path in sorted((results_dir / "synth_heldout" / "sdm" / fold).glob("*.npz")):
             spade_path = results_dir / "synth_heldout" / "spade" / fold / sdm_path.name
             real_path = results_dir / "slices" / sdm_path.name
@@ -313,11 +353,12 @@ def _vgg_from_options(path: Path):
     return None, ""
 
 
-def spade_vgg(results_dir) -> dict:
-    """Per SPADE run folder: "with VGG loss", "without VGG loss" or "unknown", from its options file or,
-    failing that, from its loss curve (a g_vgg column that is not all zero)."""
+def spade_vgg(results_dir, scope: RunScope = RunScope()) -> dict:
+    """Per SPADE run folder of the run's folds: "with VGG loss", "without VGG loss" or "unknown", from its options
+    file or, failing that, from its loss curve (a g_vgg column that is not all zero)."""
     out = {}
-    for folder in sorted(p for p in (Path(results_dir) / "generators" / "spade").glob("*") if p.is_dir()):
+    for folder in sorted(p for p in (Path(results_dir) / "generators" / "spade").glob("*")
+                         if p.is_dir() and scope.has_fold(p.name)):
         verdict, detail = None, ""
         for path in sorted(folder.glob("options*")):
             if path.suffix in (".json", ".yaml", ".yml"):
