@@ -17,16 +17,17 @@ from nodulesynth.models.device import SLOTS_VARIABLE, local_gpu_count
 # none the GPUs the driver lists, so that Snakemake starts no more GPU jobs than there are GPUs. Each job claims one
 # of them (nodulesynth.models.device.job_device) and stops with the reason where it cannot use it. An environment
 # variable rather than a `params:` entry: the jobs inherit it (Apptainer too), and a run with more or fewer GPUs
-# must not rerun every GPU step as a changed param would. No GPU (the demo, CI): nothing is set. The executor is not
-# known here, so a SLURM run on a login node with GPUs registers them too: profiles/slurm scopes `gpu` local, so
-# the cluster's jobs are not held to that count.
+# must not rerun every GPU step as a changed param would. No GPU (the demo, CI): nothing is set. A local run inside a
+# SLURM allocation (`salloc --gpus=2`, then snakemake) shares the allocation's GPUs the same way. A cluster run's
+# jobs own their GPUs: nothing is set for them (sbatch would pass it on), and profiles/slurm scopes `gpu` local.
 _gpu_slots = getattr(workflow.global_resources.get("gpu"), "value", None)
-if not _gpu_slots and workflow.local_exec and not os.environ.get("SLURM_JOB_ID"):
-    _gpu_slots = local_gpu_count()
+if workflow.local_exec:
+    if not _gpu_slots:
+        _gpu_slots = local_gpu_count()
+        if _gpu_slots:
+            workflow.register_resource("gpu", _gpu_slots)
     if _gpu_slots:
-        workflow.register_resource("gpu", _gpu_slots)
-if _gpu_slots:
-    os.environ[SLOTS_VARIABLE] = str(int(_gpu_slots))
+        os.environ[SLOTS_VARIABLE] = str(int(_gpu_slots))
 from nodulesynth.data.folds import evaluation_scans, has_test_patients, read_folds, training_scans
 from nodulesynth.commands.downstream import TASK_COMMANDS
 from nodulesynth.downstream.datasets import ARMS, GENERATORS, TASKS, DownstreamOptions, study_arms, study_image_size

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nodulesynth.models.device import (SLOTS_VARIABLE, DeviceError, claim_gpu, gpu_request, job_device,
-                                       local_gpu_count, pick_device, visible_devices)
+                                       local_gpu_count, pick_device, shares_gpus, visible_devices)
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a usable GPU")
 
@@ -46,6 +46,19 @@ def test_visible_devices_and_the_gpus_a_local_run_shares(tmp_path):
     smi.chmod(0o755)
     assert local_gpu_count({"PATH": str(tmp_path)}) == 2
 
+
+
+@pytest.mark.parametrize("environ, shared", [
+    ({}, True),                                                          # a local run without GPU slots set
+    ({SLOTS_VARIABLE: "2"}, True),                                       # a local run sharing 2 GPUs
+    # a local run inside `salloc --gpus=2`: its jobs share the allocation's GPUs, one slot each
+    ({SLOTS_VARIABLE: "2", "SLURM_JOB_ID": "42", "SLURM_GPUS_ON_NODE": "2", "CUDA_VISIBLE_DEVICES": "0,1"}, True),
+    # a job the SLURM executor submitted (srun's step, its own GPU)
+    ({"SLURM_JOB_ID": "42", "SLURM_STEP_ID": "0", "SLURM_STEP_GPUS": "3", "CUDA_VISIBLE_DEVICES": "0"}, False),
+    ({"SLURM_JOB_ID": "42", SLOTS_VARIABLE: "0"}, False),
+])
+def test_a_job_shares_the_gpus_of_a_local_run_and_owns_those_slurm_gave_it(environ, shared):
+    assert shares_gpus(environ) is shared
 
 @needs_no_cuda
 def test_auto_is_the_cpu_only_where_no_gpu_was_asked_for():

@@ -172,12 +172,23 @@ def claim_gpu(n_slots: int, directory=None, timeout: float | None = None, names=
         time.sleep(poll)
 
 
+def shares_gpus(environ=None) -> bool:
+    """Whether a job shares its machine's GPUs with the run's other jobs (and so claims a slot) rather than owning
+    its GPUs. A local run sets NODULESYNTH_GPU_SLOTS (rules/common.smk), inside a SLURM allocation too: after
+    `salloc --gpus=2`, `snakemake --cores 8` runs its GPU jobs side by side on the allocation's two GPUs. A job the
+    SLURM executor submitted (its variables set, no slots) was given GPUs of its own."""
+    environ = os.environ if environ is None else environ
+    if int(environ.get(SLOTS_VARIABLE) or 0) > 0:
+        return True
+    return not any(environ.get(name) for name in SLURM_GPU_VARIABLES + ("SLURM_JOB_ID", "SLURM_STEP_ID"))
+
+
 def job_device(requested: str = "auto", environ=None, timeout: float | None = None) -> str:
     """The device of one workflow job, as a string for the library calls: its own GPU on a shared machine.
 
     "auto" or a bare "cuda" on a machine with CUDA claims a slot (`claim_gpu`) among the run's GPUs
-    (NODULESYNTH_GPU_SLOTS, else all that torch sees) and becomes "cuda:<slot>"; under SLURM the job's GPUs are
-    its own already ("cuda"). "cpu" and an indexed "cuda:N" are taken as they are.
+    (NODULESYNTH_GPU_SLOTS, else all that torch sees) and becomes "cuda:<slot>"; a job the SLURM executor submitted
+    owns its GPUs already ("cuda"; `shares_gpus`). "cpu" and an indexed "cuda:N" are taken as they are.
     """
     import torch
 
@@ -186,7 +197,7 @@ def job_device(requested: str = "auto", environ=None, timeout: float | None = No
     device = pick_device(requested, environ)
     if device.type != "cuda" or device.index is not None or requested not in ("auto", "cuda"):
         return str(device)
-    if any(environ.get(name) for name in SLURM_GPU_VARIABLES + ("SLURM_JOB_ID", "SLURM_STEP_ID")):
+    if not shares_gpus(environ):
         # SLURM gives a job its own GPUs (and may number them from 0 in every job): slots would only collide.
         # Of a job's several processes (torchrun's WORLD_SIZE), each takes the GPU of its LOCAL_RANK.
         if int(environ.get("WORLD_SIZE") or 1) > 1:
