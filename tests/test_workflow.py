@@ -279,7 +279,7 @@ def test_a_replaced_file_a_config_key_names_reruns_the_step_that_reads_it(demo_r
     path.write_text(yaml.safe_dump(config))
     study = tmp_path / "study"
     study.mkdir()
-    run_bare(study, "--configfile", str(path), "results/cohort/scans.tsv")
+    run_bare(study, "results/cohort/scans.tsv", "--configfile", str(path))  # --configfile takes several files
     assert "cohort" not in dry_run_jobs(study, path)
     rows = annotations.read_text().splitlines(keepends=True)
     annotations.write_text("".join(rows[:-1]))  # a nodule row removed
