@@ -261,7 +261,6 @@ def test_a_changed_value_reruns_only_what_uses_it(demo_run, tmp_path):
     assert "cohort" not in jobs
 
 
-
 def test_a_replaced_file_a_config_key_names_reruns_the_step_that_reads_it(demo_run, tmp_path):
     """The files the config names (source dicom's annotations.csv, a downstream model's load_from, SPADE's VGG19
     weights) are inputs of the steps that read them: a corrected annotations.csv re-reads the cohort, as an edited
@@ -297,6 +296,7 @@ def test_a_replaced_file_a_config_key_names_reruns_the_step_that_reads_it(demo_r
     # every detection model reruns (its params changed) with the file among its inputs; localization does not
     assert jobs and all("task=detection" in job for job in jobs), [job.split("output:")[0] for job in jobs]
     assert all(str(weights) in job.split("output:")[0] for job in jobs)
+
 
 def test_config_error_fails_before_any_job_naming_the_key(tmp_path):
     config = yaml.safe_load(open(REPO / "config.yaml"))
