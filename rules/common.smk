@@ -184,11 +184,11 @@ SDM_SAMPLING_KEYS = SDMOptions.SAMPLING_KEYS
 
 
 def sdm_training_params():
-    return json.dumps({k: v for k, v in config["sdm"].items() if k not in SDM_SAMPLING_KEYS}, sort_keys=True)
+    return section("sdm", [key for key in config["sdm"] if key not in SDM_SAMPLING_KEYS])
 
 
 def sdm_sampling_params():
-    return json.dumps({k: v for k, v in config["sdm"].items() if k in SDM_SAMPLING_KEYS}, sort_keys=True)
+    return section("sdm", SDM_SAMPLING_KEYS)
 
 
 # What the generator rules (wildcard generator) take from each generator's section. The SDM's sampling keys
