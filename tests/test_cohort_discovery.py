@@ -7,6 +7,7 @@ Series are tiny real DICOM written by the project's phantom writer; discovery re
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -166,3 +167,21 @@ def test_schema_documents_reconstruction_tilted_and_variable_spacing():
                        ("variable_spacing", "finest")]:
         with pytest.raises(Exception, match=key):
             validate({**config, "cohort": {**config["cohort"], key: value}}, str(schema_path))
+
+
+def test_patient_ids_that_make_the_same_name_keep_their_own_scans(tmp_path):
+    """"CHEST 01" and "CHEST_01" (two sites' spellings) are two patients: each gets its own scan_id and files,
+    the next free suffix telling them apart."""
+    root = tmp_path / "dicom"
+    folders = {"CHEST 01": [tiny_series(root / "a", "CHEST 01")],
+               "CHEST_01": [tiny_series(root / "b", "CHEST_01"), tiny_series(root / "b", "CHEST_01")],
+               "CHEST/01": [tiny_series(root / "c", "CHEST/01")]}
+    found = discover_dicom(root)
+    scans = found.scans
+    assert scans.scan_id.is_unique and len(scans) == 4
+    for patient, series in folders.items():
+        mine = scans[scans.patient_id == patient]
+        assert sorted(map(str, series)) == sorted(mine.dicom_dir)
+        for scan_id, folder in zip(mine.scan_id, mine.dicom_dir):
+            assert {str(Path(path).parent) for path in found.files[scan_id]} == {folder}
+    assert set(scans.scan_id) == {"CHEST_01", "CHEST_01_2", "CHEST_01_3", "CHEST_01_4"}

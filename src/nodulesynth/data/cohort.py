@@ -82,13 +82,21 @@ def _safe_id(text):
 
 
 def assign_scan_ids(frame: pd.DataFrame) -> pd.DataFrame:
-    """scan_id = patient id; a patient's further series get _2, _3, ... (ordered by series UID)."""
+    """scan_id = patient id made safe for file names; a patient's further series get _2, _3, ... (ordered by
+    series UID). Distinct patient ids that become the same name ("CHEST 01", "CHEST_01") take the next free
+    suffix, so that every scan keeps its own id and files."""
     frame = frame.sort_values(["patient_id", "series_uid", "dicom_dir"], ignore_index=True)
     if "files" not in frame:
         frame["files"] = ""
-    rank = frame.groupby("patient_id").cumcount()
-    base = frame.patient_id.map(_safe_id)
-    frame["scan_id"] = [b if r == 0 else f"{b}_{r + 1}" for b, r in zip(base, rank)]
+    taken, scan_ids = set(), []
+    for base in frame.patient_id.map(_safe_id):
+        scan_id, n = base, 1
+        while scan_id in taken:
+            n += 1
+            scan_id = f"{base}_{n}"
+        taken.add(scan_id)
+        scan_ids.append(scan_id)
+    frame["scan_id"] = scan_ids
     return frame[SCAN_COLUMNS]
 
 
