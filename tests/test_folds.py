@@ -39,6 +39,18 @@ def test_folds_are_stratified_by_nodule_patients():
         assert folds.patient_id.is_unique
 
 
+def test_a_pilot_cohort_with_every_stratum_under_k_is_still_split_by_patient():
+    # 8 patients, 4 with a nodule, k=5: every stratum is smaller than k, which scikit-learn refuses to stratify.
+    table = manifest(8, scans_per_patient=1)
+    has_nodule = pd.Series({f"P{p:02d}": p < 4 for p in range(8)})
+    folds = assign_folds(table, k=5, seed=0, has_nodule=has_nodule)
+    assert folds.patient_id.is_unique and len(folds) == 8 and set(folds.fold) == set(range(5))
+    for stratum in (True, False):
+        assert folds[has_nodule[folds.patient_id].to_numpy() == stratum].fold.is_unique
+    pd.testing.assert_frame_equal(folds, assign_folds(table, k=5, seed=0, has_nodule=has_nodule))
+    assert not folds.equals(assign_folds(table, k=5, seed=1, has_nodule=has_nodule))
+
+
 def test_missing_nodule_status_names_the_patient():
     with pytest.raises(KeyError, match="P03"):
         assign_folds(manifest(5, 1), k=5, has_nodule=pd.Series({f"P{p:02d}": True for p in range(3)}))

@@ -56,6 +56,12 @@ def assign_folds(manifest: pd.DataFrame, k=5, seed=0, has_nodule: pd.Series | No
             raise InputError(f"no slice stack gives the nodule status of patient {missing[0]}")
         strata = has_nodule.reindex(patients).astype(int).to_numpy()
     fold = np.empty(len(patients), int)
+    if np.bincount(strata).max() < k:
+        # A pilot cohort whose every stratum is smaller than k, which scikit-learn refuses to stratify: deal
+        # each stratum's patients, shuffled, round the folds, so that no fold gets two of a stratum's patients.
+        order = np.lexsort((np.random.default_rng(seed).permutation(len(patients)), strata))
+        fold[order] = np.arange(len(patients)) % k
+        return pd.DataFrame({"patient_id": patients, "fold": fold})
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     # Each patient is its own group here (one row per patient), which keeps the split patient-level
     # by construction; a stratum smaller than k only warns in scikit-learn.
