@@ -148,3 +148,45 @@ def test_clusters_that_do_not_count_are_kept_as_excluded_findings(lidc_scan):
     for strict in (dict(min_readers=5), dict(min_diameter_mm=40.0)):
         assert consensus_nodules(scan, **strict) == []
         assert excluded_findings(scan, **strict) == [nodule]
+
+
+def test_an_unreadable_file_costs_its_patient_at_most(tmp_path, caplog):
+    """Today's TCIA layout (folders by date and series number): pylidc reads the first .dcm of each folder of a
+    patient and stops at an unreadable one (an interrupted download). The series is still found past such files,
+    and a patient whose series cannot be found is one rejected row naming the file, not the cohort's end."""
+    from nodulesynth.cli import main
+    from nodulesynth.data.cohort import discover_lidc
+    from nodulesynth.data.lidc import database_scan_count, pylidc_root
+
+    root = tmp_path / "LIDC-IDRI"
+    study = root / "LIDC-IDRI-0001" / "01-01-2000-NA-NA-30178"
+    series = study / "3000566.000000-NA-03192"
+    series.mkdir(parents=True)
+    files = sorted(next(LIDC_0001.glob("*/*")).glob("*.dcm"))
+    for path in files[1:]:
+        (series / path.name).symlink_to(path)
+    (series / files[0].name).write_bytes(b"\0" * 64)  # the series' own first file, truncated
+    (study / "1.000000-NA-00001").mkdir()
+    (study / "1.000000-NA-00001" / "1-1.dcm").write_bytes(b"\0" * 64)  # another series' only file
+    (root / "LIDC-IDRI-0002" / "01-01-2000-NA-NA-1").mkdir(parents=True)
+    broken = root / "LIDC-IDRI-0002" / "01-01-2000-NA-NA-1" / "1-1.dcm"
+    broken.write_bytes(b"\0" * 64)
+
+    found = discover_lidc(root)
+    assert found.scans.dicom_dir.tolist() == [str(series)]
+    assert found.rejected.patient_id.unique().tolist() == ["LIDC-IDRI-0002"]
+    assert all(str(broken) in reason and "not found" in reason for reason in found.rejected.reason)
+    with pylidc_root(root):
+        assert found.absent == database_scan_count() - 1 - len(found.rejected)
+    assert len(found.notes) == 1 and found.notes[0].startswith(
+        f"series {found.scans.series_uid[0]} found past 2 unreadable DICOM files in its patient's folder, "
+        f"first {study / '1.000000-NA-00001' / '1-1.dcm'}: ")
+
+    caplog.set_level(logging.INFO, logger="nodulesynth")
+    out = tmp_path / "results"
+    params = json.dumps(dict(source="lidc", lidc_root=str(root)))
+    assert main(["cohort", "--params", params, "--scans", str(out / "scans.tsv"), "--annotations",
+                 str(out / "annotations.csv"), "--cohort-rejected", str(out / "cohort_rejected.tsv")]) == 0
+    cohort_rejected = pd.read_csv(out / "cohort_rejected.tsv", sep="\t", dtype=str)
+    assert (cohort_rejected.patient_id == "LIDC-IDRI-0002").sum() == len(found.rejected)
+    assert "found past 2 unreadable DICOM files" in caplog.text

