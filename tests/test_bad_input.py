@@ -75,6 +75,24 @@ def break_spacing(folder):
     ds.save_as(path)
 
 
+def break_position(folder):
+    path = folder / "000005.dcm"
+    ds = pydicom.dcmread(path)
+    ds.ImagePositionPatient = list(ds.ImagePositionPatient)[:2]
+    ds.save_as(path)
+
+
+def break_orientation(folder):
+    path = folder / "000008.dcm"
+    ds = pydicom.dcmread(path)
+    ds.ImageOrientationPatient = list(ds.ImageOrientationPatient)[:5]
+    ds.save_as(path)
+
+
+def break_rows(folder):
+    edit_all(folder, lambda ds: setattr(ds, "Rows", ds.Rows // 2))
+
+
 BREAKS = {
     "UNREADABLE": (break_unreadable, "unreadable DICOM file 000010.dcm"),
     "NONCT": (break_modality, "modality MR"),
@@ -82,6 +100,9 @@ BREAKS = {
     "DUPLICATE": (break_duplicate, "duplicated slice"),
     "MISSING": (break_missing, "missing slice"),
     "SPACING": (break_spacing, "inconsistent pixel spacing in 000015.dcm"),
+    "POSITION": (break_position, "ImagePositionPatient of 000005.dcm is "),
+    "ORIENTATION": (break_orientation, "ImageOrientationPatient of 000008.dcm is "),
+    "ROWS": (break_rows, "pixel data of 000001.dcm has the shape"),
 }
 
 
@@ -116,6 +137,14 @@ def test_read_series_names_the_problem(broken_cohort, pid):
     _, folders = broken_cohort
     with pytest.raises(ScanRejected, match=BREAKS[pid][1]):
         read_series(folders[pid])
+
+
+def test_a_degenerate_orientation_is_named(tmp_path):
+    # Parallel direction cosines: no slice normal, so no order or tilt; named, not a NaN tilt or a singular matrix.
+    _, folder = write_scan(tmp_path, "DEGENERATE")
+    edit_all(folder, lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 1, 0, 0]))
+    with pytest.raises(ScanRejected, match=r"ImageOrientationPatient of 000001.dcm is degenerate"):
+        read_series(folder)
 
 
 def test_workflow_rejects_each_bad_scan_and_finishes_the_others(broken_cohort, tmp_path):

@@ -203,6 +203,34 @@ def check_slice_gaps(along, variable_spacing: str = "reject", tolerance: float =
     return step
 
 
+# The geometry tags a slice needs, and how many numbers each holds.
+GEOMETRY_TAGS = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2, "Rows": 1, "Columns": 1}
+
+
+def _check_geometry(path, ds):
+    """ScanRejected naming the file and tag where a geometry tag is missing, has the wrong number of values or
+    a value that is no finite number, a pixel spacing or image size is not positive, or the orientation's two
+    directions are parallel (exports and anonymisers do write such headers)."""
+    values = {}
+    for key, count in GEOMETRY_TAGS.items():
+        if key not in ds:
+            raise ScanRejected(f"{key} missing in {path.name}")
+        raw = ds.get(key)
+        try:
+            value = np.array(raw, float).reshape(-1)
+        except (TypeError, ValueError):
+            raise ScanRejected(f"{key} of {path.name} is not numeric: {raw!r}") from None
+        if value.size != count or not np.isfinite(value).all():
+            raise ScanRejected(f"{key} of {path.name} is {raw!r}: expected {count} numbers")
+        values[key] = value
+    if (values["PixelSpacing"] <= 0).any() or values["Rows"][0] < 1 or values["Columns"][0] < 1:
+        raise ScanRejected(f"PixelSpacing or Rows x Columns of {path.name} not positive")
+    cosines = values["ImageOrientationPatient"]
+    if np.linalg.norm(np.cross(cosines[:3], cosines[3:])) < 1e-3:
+        raise ScanRejected(f"ImageOrientationPatient of {path.name} is degenerate (its directions are parallel "
+                           f"or zero): {cosines.tolist()}")
+
+
 def read_series(source, spacing_tolerance: float = SPACING_TOLERANCE, series_uid=None,
                 variable_spacing: str = "reject") -> CTVolume:
     """Read a single axial CT series from a folder or a list of files (classic single-frame files, or an
@@ -225,9 +253,7 @@ def read_series(source, spacing_tolerance: float = SPACING_TOLERANCE, series_uid
             raise ScanRejected(f"modality {modality or 'missing'} in {path.name}, not CT")
         if "PixelData" not in ds:
             raise ScanRejected(f"no pixel data in {path.name}")
-        for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-            if key not in ds:
-                raise ScanRejected(f"{key} missing in {path.name}")
+        _check_geometry(path, ds)
 
     first = datasets[0][1]
     orientation = np.array(first.ImageOrientationPatient, float)
@@ -267,6 +293,9 @@ def read_series(source, spacing_tolerance: float = SPACING_TOLERANCE, series_uid
             syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
             syntax = getattr(syntax, "name", syntax)
             raise ScanRejected(f"pixel data of {path.name} ({syntax}) cannot be decoded: {err}") from err
+        if pixels.shape != shape:
+            raise ScanRejected(f"pixel data of {path.name} has the shape {pixels.shape}, not its Rows x Columns "
+                               f"{shape}")
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         hu[i] = np.clip(pixels * slope + intercept, -32768, 32767).astype(np.int16)
