@@ -7,8 +7,16 @@ import shlex
 import sys
 from pathlib import Path
 
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
 # What each model may see is decided in the package (tested there); the rules only ask it.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+# Jobs run this workflow's own package: the project's environment (scripts/setup-env.sh) is shared by every clone of
+# one lock, and its editable install points at whichever clone was set up last. Not in containers, whose image
+# holds the package (and which see the host's variables).
+if DeploymentMethod.APPTAINER not in workflow.deployment_settings.deployment_method:
+    _inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ.update(PYTHONPATH=os.pathsep.join([str(Path(workflow.basedir) / "src"), *_inherited]))
 # envs/*.yaml install the lock and this checkout from here (Snakemake copies env files elsewhere).
 os.environ.setdefault("NODULESYNTH_ROOT", str(Path(workflow.basedir)))
 from nodulesynth.models.device import SLOTS_VARIABLE, local_gpu_count
@@ -39,7 +47,6 @@ from nodulesynth.report.pdf import pdf_wanted
 # Each job's mem_mb, runtime and disk_mb, sized from its inputs and the config (tested there).
 from nodulesynth import resources as sizing
 from snakemake.logging import logger
-from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 
 wildcard_constraints:

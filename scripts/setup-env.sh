@@ -73,7 +73,9 @@ else
 fi
 
 ln -sfn "$env" .venv
-# The package itself is installed editable from this clone; skipped when already pointing here.
+# The package itself is installed editable from this clone; skipped when already pointing here. Every clone of
+# one lock shares the environment: its `nodulesynth` script names the environment's own python (not this clone's
+# .venv link), and the workflow's jobs import their own clone's src/ first (rules/common.smk).
 if [ "$(.venv/bin/python -c 'import nodulesynth, os; print(os.path.dirname(nodulesynth.__file__))' 2>/dev/null)" != "$root/src/nodulesynth" ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  $pip install -q --no-deps --no-build-isolation -e .
 fi

@@ -389,3 +389,17 @@ def test_a_job_killed_midway_reruns_cleanly(demo_run, tmp_path):
     assert torch.load(out / "model.pt", map_location="cpu", weights_only=False)["step"] == 40
     loss = pd.read_csv(out / "loss.tsv", sep="\t")
     assert loss.step.is_unique and loss.step.max() == 40  # the replayed steps are not logged twice
+
+
+def test_jobs_import_this_workflows_own_package(tmp_path, monkeypatch):
+    """Every clone of one lock shares the project's environment, whose editable install names the clone set up
+    last (here another clone's package, first on PYTHONPATH): a job still runs this workflow's src/."""
+    other = tmp_path / "other-clone" / "src"
+    (other / "nodulesynth").mkdir(parents=True)
+    (other / "nodulesynth" / "__init__.py").write_text('raise ImportError("the package of another clone")\n')
+    monkeypatch.setenv("PYTHONPATH", str(other))
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    run_snakemake(work, "results/cohort/scans.tsv")
+    assert len(pd.read_csv(work / "results/cohort/scans.tsv", sep="\t")) > 0
