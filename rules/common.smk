@@ -27,9 +27,12 @@ from nodulesynth.models.device import SLOTS_VARIABLE, local_gpu_count
 # variable rather than a `params:` entry: the jobs inherit it (Apptainer too), and a run with more or fewer GPUs
 # must not rerun every GPU step as a changed param would. No GPU (the demo, CI): nothing is set. A local run inside a
 # SLURM allocation (`salloc --gpus=2`, then snakemake) shares the allocation's GPUs the same way. A cluster run's
-# jobs own their GPUs: nothing is set for them (sbatch would pass it on), and profiles/slurm scopes `gpu` local.
+# jobs own their GPUs: Snakemake reads the workflow again in each (remote mode), which drops the slots there, also
+# those sbatch passes on from the submitting host; profiles/slurm scopes `gpu` local.
 _gpu_slots = getattr(workflow.global_resources.get("gpu"), "value", None)
-if workflow.local_exec:
+if workflow.remote_exec:
+    os.environ.pop(SLOTS_VARIABLE, None)
+elif workflow.local_exec:
     if not _gpu_slots:
         _gpu_slots = local_gpu_count()
         if _gpu_slots:

@@ -4,6 +4,7 @@ CPU only: where this machine has no CUDA, a job that was given a GPU must stop w
 sharing two (fake) GPU slots get different ones and a third waits; a `cuda:1` survives into mmengine's config.
 """
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -59,6 +60,38 @@ def test_visible_devices_and_the_gpus_a_local_run_shares(tmp_path):
 ])
 def test_a_job_shares_the_gpus_of_a_local_run_and_owns_those_slurm_gave_it(environ, shared):
     assert shares_gpus(environ) is shared
+
+
+# The workflow read as Snakemake reads it in the main process and in a job the SLURM executor submitted (remote
+# mode), on a host whose one GPU is visible and whose submitting environment passed slots on.
+READ_WORKFLOW = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import OutputSettings, ResourceSettings, WorkflowSettings
+    from snakemake_interface_executor_plugins.settings import ExecMode
+
+    mode = ExecMode.REMOTE if sys.argv[2] == "remote" else ExecMode.DEFAULT
+    with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+        api.workflow(resource_settings=ResourceSettings(cores=1), workflow_settings=WorkflowSettings(exec_mode=mode),
+                     snakefile=Path(sys.argv[1]) / "Snakefile", workdir=Path.cwd()).list_rules()
+    print("slots:", os.environ.get(sys.argv[3]))
+""")
+
+
+@pytest.mark.parametrize("mode, slots", [("default", "1"), ("remote", "None")])
+def test_a_job_slurm_submitted_claims_no_slot(tmp_path, mode, slots):
+    """Each SLURM job reads the workflow again; there it must not set slots (which would make it queue for a
+    lock on the node's GPU 0 behind a user's other jobs), and drops those inherited from the submitting host."""
+    from conftest import REPO
+
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0", SLOTS_VARIABLE: "2",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", READ_WORKFLOW, str(REPO), mode, SLOTS_VARIABLE], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == f"slots: {slots}"
 
 @needs_no_cuda
 def test_auto_is_the_cpu_only_where_no_gpu_was_asked_for():
