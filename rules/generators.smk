@@ -33,7 +33,7 @@ rule train_generator:
     resources:
         # the SDM on sdm.gpus GPUs of one node: torchrun runs a process on each (params.launch)
         gpu=generator_gpus,
-        mem_mb=16000,
+        mem_mb=lambda wildcards, attempt: sizing.generator_mem_mb(attempt),
         runtime=lambda wildcards, threads, attempt: sizing.train_generator_runtime(
             wildcards.generator, config, config["generators"]["device"], threads, attempt
         ),
@@ -67,7 +67,7 @@ rule sample_generator:
     threads: config["generators"]["threads"]
     resources:
         gpu=1,
-        mem_mb=16000,
+        mem_mb=lambda wildcards, attempt: sizing.generator_mem_mb(attempt),
         runtime=lambda wildcards, input, threads, attempt: sizing.sample_generator_runtime(
             wildcards.generator, config, input.stacks, config["generators"]["device"], threads, attempt
         ),

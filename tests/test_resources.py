@@ -235,3 +235,45 @@ def test_gpu_runtimes_of_the_study_follow_the_cost_estimate(tmp_path):
     paper = {**study["sdm"], "sampler": "ddpm", "sample_steps": 1000}
     every = {**study["synthesis"], "max_slices_per_scan": None}
     assert resources.sample_sdm_runtime(paper, every, stacks, "auto", 8) > 50 * 60
+
+
+# Each rule that retries, read from the workflow as Snakemake parses it: its mem_mb and runtime for attempts 1 and 2,
+# the callables given inputs not written yet (which sizing counts as empty, as in a dry run).
+RULE_RESOURCES = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.iocontainers import Namedlist, Wildcards
+from snakemake.settings.types import OutputSettings, ResourceSettings
+
+def value(resource, rule, attempt):
+    inputs = Namedlist(fromdict={name: "not-written-yet" for name in rule.input._names})
+    wildcards = Wildcards(fromdict={"generator": "sdm", "fold": "0", "task": "detection", "arm": "A"})
+    return resource.evaluate(wildcards=wildcards, input=inputs, attempt=attempt, threads=1).value
+
+with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+    workflow = api.workflow(resource_settings=ResourceSettings(cores=2), snakefile=Path(sys.argv[1]) / "Snakefile",
+                            workdir=Path.cwd())._workflow
+    print(json.dumps({rule.name: {key: [value(rule.resources[key], rule, a) for a in (1, 2)]
+                                  for key in ("mem_mb", "runtime")}
+                      for rule in workflow.rules if rule._restart_times}))
+"""
+
+
+def test_every_retry_asks_for_more_memory_and_time(tmp_path):
+    """A retried job was most likely killed for memory or time: asking the same again fails the same way."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", RULE_RESOURCES, str(REPO)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rules = json.loads(done.stdout.splitlines()[-1])
+    assert {"train_generator", "sample_generator", "downstream_model", "audit"} <= set(rules)
+    for name, asked in rules.items():
+        for key, (first, retry) in asked.items():
+            assert retry > first, (name, key, first, retry)

@@ -222,6 +222,14 @@ def report_mem_mb(datasets, attempt: int = 1) -> int:
 
 # ---------------------------------------------------------------------------------------------- generators
 
+GENERATOR_MB = 16000  # a generator job: torch, the networks and their EMA copy, loader workers (slices memory-mapped)
+
+
+def generator_mem_mb(attempt: int = 1) -> int:
+    """A generator job's host memory, more for each retry as every rule's (a killed attempt asked too little)."""
+    return _mb(0, GENERATOR_MB, attempt)
+
+
 def staging_disk_mb(stacks, image_size: int) -> int:
     """train_generator (SDM and SPADE): the training slices staged under $TMPDIR (models/data.py load_training_data), a
     uint8 image and label at the model's size each (128 KiB at 256 px), with HEADROOM; at least 1 GiB."""
