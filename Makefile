@@ -38,8 +38,9 @@ CONTAINER_GROUPS := data generators mmlab report
 IMAGES := $(CONTAINER_GROUPS:%=containers/%.sif)
 containers: $(IMAGES)
 
-containers/%.sif: containers/%.def requirements.lock scripts/lock_requirements.py pyproject.toml \
-		$(shell find src -name '*.py' -o -name '*.j2')
+# Every file a definition copies (its %files), the package's data files and scripts/mmcv_build.py too.
+containers/%.sif: containers/%.def requirements.lock scripts/lock_requirements.py scripts/mmcv_build.py \
+		pyproject.toml README.md $(shell find src -type f -not -path '*/__pycache__/*' -not -path '*.egg-info/*')
 	@command -v apptainer >/dev/null || { echo "make containers: apptainer is not on PATH" \
 		"(https://apptainer.org/docs/admin/main/installation.html)" >&2; exit 1; }
 	apptainer build --force $@ $<

@@ -340,6 +340,21 @@ def test_make_containers_builds_each_group_from_its_definition():
     assert builds == [(f"containers/{g}.sif", f"containers/{g}.def") for g in ["data", "generators", "mmlab", "report"]]
 
 
+def test_an_image_is_rebuilt_when_a_file_it_copies_changes():
+    """Each source a definition's %files copies (every file of a folder) is a prerequisite of its image."""
+    database = subprocess.run(["make", "-p", "-n", "-q", "containers/data.sif"], cwd=REPO, capture_output=True,
+                              text=True).stdout
+    prerequisites = set(re.search(r"^containers/%\.sif:(.*)$", database, re.M).group(1).split())
+    for definition in sorted((REPO / "containers").glob("*.def")):
+        for block in re.findall(r"^%files\n(.*?)(?=^%|\Z)", definition.read_text(), re.M | re.S):
+            for line in filter(str.strip, block.splitlines()):
+                source = REPO / line.split()[0]
+                files = [p for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                         and not any(part.endswith(".egg-info") for part in p.parts)] if source.is_dir() else [source]
+                missing = [str(p.relative_to(REPO)) for p in files if str(p.relative_to(REPO)) not in prerequisites]
+                assert not missing, (definition.name, missing)
+
+
 def exec_calls(log):
     """(image, options, command) of each recorded `apptainer exec`."""
     calls = []
