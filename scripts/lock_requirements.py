@@ -14,6 +14,7 @@ Standard library only: it runs in a bare image before anything is installed.
 """
 
 import argparse
+import hashlib
 import re
 import sys
 from pathlib import Path
@@ -90,6 +91,12 @@ def group_requirements(group: str, lock: dict) -> list:
     return pinned(group_packages(group), lock)
 
 
+def lock_digest(lock: dict) -> str:
+    """A short sha256 of every pin of the lock (comments and order aside)."""
+    pins = "\n".join(f"{key}{op}{version}" for key, (_, op, version) in sorted(lock.items()))
+    return hashlib.sha256(pins.encode()).hexdigest()[:16]
+
+
 def conda_env(group: str, lock: dict) -> str:
     """envs/GROUP.yaml: python and pip from conda-forge, the group's pins through pip.
 
@@ -106,6 +113,9 @@ def conda_env(group: str, lock: dict) -> str:
     ]
     if built:
         lines.append(f"# {', '.join(built)}: built against torch by {group}.post-deploy.sh, once torch is installed.")
+    # Snakemake names a conda environment from this file's text: a lock that moves only a dependency pulled in
+    # (or mmcv) must still give a new environment.
+    lines.append(f"# the lock's pins: {lock_digest(lock)}")
     lines += [f"name: nodulesynth-{group}", "channels:", "  - conda-forge", "  - nodefaults", "dependencies:",
               "  - python=3.11", "  - pip", "  - pip:", "      - -c ${NODULESYNTH_ROOT}/requirements.lock"]
     lines += [f"      - {req}" for req, name in zip(group_requirements(group, lock), group_packages(group))

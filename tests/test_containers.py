@@ -127,6 +127,16 @@ def test_mmlab_image_builds_mmcv_against_cuda_torch():
     assert "get_compiling_cuda_version() != 'not available'" in sections["test"][0]
 
 
+@pytest.mark.parametrize("group", sorted(lockreq.GROUPS))
+def test_a_new_lock_makes_new_conda_environments(group):
+    """Snakemake names a conda environment from its file's text: a lock moving only mmcv (built after the yaml's
+    pins) or a dependency pulled in (in the yaml through the lock as constraints) must change every env file."""
+    for key in ("mmcv", "pillow"):
+        name, op, version = LOCK[key]
+        moved = {**LOCK, key: (name, op, version + ".post1")}
+        assert lockreq.conda_env(group, moved) != lockreq.conda_env(group, LOCK), key
+
+
 def test_report_image_has_chromium():
     post = def_sections((REPO / "containers" / "report.def").read_text())["post"][0]
     assert re.search(r"apt-get install [^\n]*\bchromium\b", post)
