@@ -739,6 +739,18 @@ def test_memory_model_paper_defaults_fit_an_80_gb_gpu():
     assert same_pass.activation_bytes > 3 * fits.activation_bytes
 
 
+def test_memory_model_keeps_group_norms_in_fp32_under_bf16_as_cuda_does():
+    """CUDA's autocast runs group norms in fp32, and what follows them up to the next convolution too, while a
+    convolution saves the bf16 copy of its input: under bf16 the paper's network keeps about as many bytes for
+    backward as in fp32, not half (the CPU's autocast, under which the estimate runs, left group norms in bf16)."""
+    from nodulesynth.models.sdm.memory import training_memory
+
+    paper = SDMOptions().replace(grad_checkpoint=False)
+    bf16 = training_memory(paper, micro_batch=1, bf16=True).activation_bytes
+    fp32 = training_memory(paper, micro_batch=1, bf16=False).activation_bytes
+    assert 0.9 * fp32 < bf16 < 1.2 * fp32
+
+
 def test_memory_model_counts_what_autograd_keeps_on_a_real_pass():
     """Without checkpointing the fake-tensor count equals the bytes a real CPU pass keeps for backward."""
     from torch.multiprocessing.reductions import StorageWeakRef

@@ -84,8 +84,13 @@ def training_memory(options: SDMOptions, micro_batch: int | None = None, bf16: b
         for block in blocks:
             block.register_forward_pre_hook(enter)
             block.register_forward_hook(leave)
-        # Autocast on the CPU device type: fake tensors live there; its op lists match CUDA's for this
-        # network's ops (convolutions and linears in bf16, group norms in fp32).
+        # Autocast on the CPU device type, where fake tensors live (CUDA's autocast needs a GPU). Both run
+        # convolutions, linears and attention in bf16, but CUDA's runs group norms in fp32, and with them what
+        # follows up to the next convolution (SiLU, SPADE's modulation), while the CPU's leaves them in bf16:
+        # each group norm's input is made fp32, as CUDA's autocast makes it.
+        if bf16:
+            for norm in (m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)):
+                norm.register_forward_pre_hook(lambda module, args: (args[0].float(), *args[1:]))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             model(x, t, cond)
