@@ -31,8 +31,10 @@ rule train_generator:
         config["containers"]["generators"]
     threads: config["generators"]["threads"]
     resources:
-        # the SDM on sdm.gpus GPUs of one node: torchrun runs a process on each (params.launch)
+        # the SDM on sdm.gpus GPUs of one node: torchrun runs a process on each (params.launch); SLURM keeps the
+        # GPUs on one node (--nodes), which torchrun --standalone needs
         gpu=generator_gpus,
+        nodes=1,
         mem_mb=lambda wildcards, attempt: sizing.generator_mem_mb(attempt),
         runtime=lambda wildcards, threads, attempt: sizing.train_generator_runtime(
             wildcards.generator, config, config["generators"]["device"], threads, attempt

@@ -591,6 +591,9 @@ def test_ungrouped_jobs_asked_for_their_rules_resources_and_scratch(slurm_run):
         assert (option(words, "--gpus") == str(gpu)) if gpu else option(words, "--gpus") is None, (comment, words)
         assert bool(partitions[job["Partition"]].get("max_gpu")) == bool(gpu), (comment, job["Partition"])
     assert int(printed["train_generator", ("sdm", "holdout")]["threads"]) == 2  # generators.threads of the test config
+    # the SDM's GPUs (sdm.gpus) on one node, where torchrun --standalone starts its processes
+    words = calls["rule_train_generator_wildcards_sdm_holdout"]
+    assert option(words, "--nodes") == "1" and by_comment["rule_train_generator_wildcards_sdm_holdout"]["NumNodes"] == "1"
 
 
 def test_a_gpu_on_the_submitting_machine_does_not_hold_back_the_clusters_gpu_jobs(slurm_run):
