@@ -19,6 +19,7 @@ visible GPU, so a build on a login node used to give a CPU-only wheel that the G
     mmcv_build.py plan --mmcv-version V [--installed KEY]               shell assignments for setup-env.sh
     mmcv_build.py adopt --wheels DIR --key KEY                          an unkeyed CPU-only wheel into its folder
     mmcv_build.py check --cuda-ops 0|1                                   the installed mmcv has (no) CUDA ops
+    mmcv_build.py tools                                                 the compiler and headers a build needs
 
 Run with the environment's python (torch installed); the functions below it take plain values, for the tests.
 """
@@ -218,6 +219,18 @@ def installed_cuda_ops() -> bool:
     return mmcv.ops.get_compiling_cuda_version() != "not available"
 
 
+def missing_build_tools(include_dir, path) -> list:
+    """What building mmcv needs and this machine lacks, each with the Debian package that gives it: a C++
+    compiler on `path`, and Python.h in `include_dir` (the interpreter's headers, a package of their own on Debian).
+    Checked before the build, which otherwise fails minutes in on a compiler error."""
+    missing = []
+    if not any(shutil.which(name, path=path) for name in ("c++", "g++", "clang++")):
+        missing.append("a C++ compiler (Debian: apt-get install g++)")
+    if not (Path(include_dir) / "Python.h").is_file():
+        missing.append(f"Python's headers, {Path(include_dir) / 'Python.h'} (Debian: apt-get install python3-dev)")
+    return missing
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,7 +243,16 @@ def main(argv=None):
     p.add_argument("--mmcv-version", required=True)
     p = sub.add_parser("check")
     p.add_argument("--cuda-ops", type=int, choices=(0, 1), required=True)
+    sub.add_parser("tools")
     args = parser.parse_args(argv)
+
+    if args.command == "tools":
+        import sysconfig
+
+        missing = missing_build_tools(sysconfig.get_paths()["include"], os.environ.get("PATH"))
+        if missing:
+            print(f"setup-env: building mmcv needs {' and '.join(missing)}", file=sys.stderr)
+        return int(bool(missing))
 
     if args.command == "plan":
         import torch

@@ -36,6 +36,7 @@ install_mmcv() (
     "$env/bin/python" scripts/mmcv_build.py adopt --wheels "$cache/wheels" --key "$mmcv_key" \
       --mmcv-version "$mmcv_version"
     if ! ls "$wheels"/mmcv-"$mmcv_version"-*.whl >/dev/null 2>&1; then
+      "$env/bin/python" scripts/mmcv_build.py tools
       echo "setup-env: building $mmcv_key (CPU-only: about 10 minutes on 2 cores; CUDA ops: an hour or more)"
       mkdir -p "$wheels"
       MAX_JOBS=${MAX_JOBS:-$(nproc)} $pip wheel -q --no-build-isolation --no-deps -w "$wheels" "mmcv==$mmcv_version"

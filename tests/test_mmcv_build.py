@@ -173,6 +173,21 @@ def test_setup_scripts_use_the_plan():
     assert "NODULESYNTH_MMCV_OPS=cpu" in (REPO / ".ci" / "run").read_text()  # CI has no GPU to run CUDA ops
 
 
+def test_a_bare_machine_hears_what_the_build_needs_before_it_starts(tmp_path):
+    """No compiler and no Python headers (a bare Debian's python3): named with their packages, before the build
+    that would fail minutes in; this machine (CI's set-up builds mmcv) has both."""
+    import sysconfig
+
+    missing = build.missing_build_tools(tmp_path, str(tmp_path))
+    assert len(missing) == 2 and "apt-get install g++" in missing[0] and "apt-get install python3-dev" in missing[1]
+    assert str(tmp_path / "Python.h") in missing[1]
+    assert build.missing_build_tools(sysconfig.get_paths()["include"], os.environ["PATH"]) == []
+    bare = subprocess.run([sys.executable, str(REPO / "scripts" / "mmcv_build.py"), "tools"], capture_output=True,
+                          text=True, env={**os.environ, "PATH": str(tmp_path)})
+    assert bare.returncode == 1 and bare.stderr.startswith("setup-env: building mmcv needs a C++ compiler")
+    assert "mmcv_build.py tools" in (REPO / "scripts" / "setup-env.sh").read_text()
+
+
 def test_localize_on_cuda_refuses_mmcv_without_cuda_ops_in_one_line():
     """mmcv's own error for a device it has no kernels for (here the meta device: the same registry lookup that
     fails for cuda:0 in a CPU-only build) becomes one line that says how to get the ops; on the CPU nothing runs."""
