@@ -175,6 +175,30 @@ def test_a_box_under_a_pixel_becomes_one_pixel_within_the_image_and_mmdet_trains
     assert sorted(inst["bbox"] for inst in dataset.get_data_info(0)["instances"]) == sorted(boxes.tolist())
 
 
+def test_two_nodules_are_two_boxes_when_they_touch_or_one_lies_in_the_others_box():
+    """The per-nodule FROC counts each nodule of nodules.tsv: two that touch (one component of the map) are split
+    by their boxes, and a small one within a larger one's box keeps its own id, not the first row's."""
+    touching = np.full((64, 64), LEFT_LUNG, np.uint8)
+    touching[20:26, 10:16] = NODULE
+    touching[21:24, 16:19] = NODULE
+    boxes, ids = map_boxes(touching, 64, [(1, 10, 20, 16, 26), (2, 16, 21, 19, 24)])
+    assert sorted(zip(ids.tolist(), boxes.tolist())) == [(1, [10, 20, 16, 26]), (2, [16, 21, 19, 24])]
+    assert len(map_boxes(touching, 64)[0]) == 1  # a synthetic map: no nodules.tsv to tell them apart
+
+    nested = np.full((64, 64), LEFT_LUNG, np.uint8)
+    nested[10:30, 10:14] = NODULE
+    nested[10:14, 10:30] = NODULE  # an L-shaped nodule
+    nested[20:23, 20:23] = NODULE  # a small one in its bend, within its box
+    boxes, ids = map_boxes(nested, 32, [(1, 10, 10, 30, 30), (2, 20, 20, 23, 23)])
+    assert sorted(zip(ids.tolist(), boxes.tolist())) == [(1, [5, 5, 15, 15]), (2, [10, 10, 11.5, 11.5])]
+
+    stack = SliceStack(np.zeros((1, 64, 64), np.uint8), touching[None], np.zeros(1), np.array([5]), np.ones(1, bool),
+                       "S1", "P1")
+    table = pd.DataFrame([dict(slice_index=5, nodule=1, x0=10, y0=20, x1=16, y1=26),
+                          dict(slice_index=5, nodule=2, x0=16, y0=21, x1=19, y1=24)])
+    assert sorted(row[2] for row in real_slices(stack, table, 64).nodule_rows()) == [1, 2]
+
+
 def test_a_nodules_tsv_row_the_map_contradicts_is_an_error(tmp_path):
     label = np.full((1, 32, 32), LEFT_LUNG, np.uint8)
     stack = SliceStack(np.zeros_like(label), label, np.zeros(1), np.array([3]), np.zeros(1, bool), "S1", "P1")

@@ -258,19 +258,35 @@ def map_boxes(label: np.ndarray, size: int, nodules=()) -> tuple[np.ndarray, np.
     the one way the study boxes a nodule, for real and synthetic slices alike. Each 8-connected nodule component
     of the full-resolution map gives one box, scaled once to `size` (`_scaled`), so that a nodule too small to
     survive the nearest-neighbour resize of the map keeps its box. `nodules`: the slice's rows of
-    `{scan}.nodules.tsv` as (nodule id, x0, y0, x1, y1) at the map's resolution; a component takes the id of the
-    nodule whose box holds most of its pixels (-1 when none does, and for every component when none are given)."""
+    `{scan}.nodules.tsv` as (nodule id, x0, y0, x1, y1) at the map's resolution. Each nodule pixel belongs to the
+    smallest of those boxes that holds it; a component takes the id of its pixels' nodule (-1 where no box holds
+    one, and for every component when none are given), and one whose pixels belong to several nodules (nodules
+    that touch) gives each its own box. So two nodules are two boxes also when they touch or one lies within the
+    other's box: the FROC counts each (a synthetic map, boxed without `nodules`, cannot tell touching ones apart)."""
     height, width = label.shape
     components, boxes = _components(label)
     ids = np.full(len(boxes), -1, np.int64)
     if len(nodules) and len(boxes):
         ys, xs = np.nonzero(components)
         which = components[ys, xs] - 1
+        owner = np.full(len(ys), -1)
+        areas = [(x1 - x0) * (y1 - y0) for _, x0, y0, x1, y1 in nodules]
+        for j in sorted(range(len(nodules)), key=lambda j: -areas[j]):  # a smaller box takes over a pixel it holds
+            _, x0, y0, x1, y1 = nodules[j]
+            owner[(xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)] = j
+        split_boxes, split_ids = [], []
         for k in range(len(boxes)):
-            inside = [((xs[which == k] >= x0) & (xs[which == k] < x1) & (ys[which == k] >= y0)
-                       & (ys[which == k] < y1)).sum() for _, x0, y0, x1, y1 in nodules]
-            if max(inside) > 0:
-                ids[k] = nodules[int(np.argmax(inside))][0]
+            mine = which == k
+            owners = sorted(set(owner[mine].tolist()) - {-1})
+            if len(owners) <= 1:
+                split_boxes.append(boxes[k])
+                split_ids.append(nodules[owners[0]][0] if owners else -1)
+                continue
+            for j in owners:
+                x, y = xs[mine & (owner == j)], ys[mine & (owner == j)]
+                split_boxes.append((x.min(), y.min(), x.max() + 1, y.max() + 1))
+                split_ids.append(nodules[j][0])
+        boxes, ids = np.array(split_boxes, np.float32).reshape(-1, 4), np.array(split_ids, np.int64)
     scaled = np.array([_scaled(b, height, width, size) for b in boxes], np.float32).reshape(-1, 4)
     return scaled, ids
 
@@ -293,8 +309,7 @@ def stack_slices(stack, size: int, source: str, nodule_boxes=None, excluded=None
     for row in range(n):
         on_slice = nodules.get(int(stack.slice_index[row]), [])
         found, found_ids = map_boxes(stack.label[row], size, on_slice)
-        # A nodule without a component of its own on a slice touches another there (its pixels went to the
-        # component of the nodule holding most of them); one whose box holds no nodule pixel contradicts the map.
+        # A nodule whose box holds no nodule pixel of its slice contradicts the map.
         for nodule, x0, y0, x1, y1 in on_slice:
             if nodule not in found_ids and not (stack.label[row, int(y0):int(y1), int(x0):int(x1)] == NODULE).any():
                 raise InputError(f"{stack.scan_id}: nodule {nodule} has a box on slice {int(stack.slice_index[row])} "
