@@ -203,6 +203,23 @@ def test_a_nodule_with_an_empty_mask_is_recorded(tmp_path):
     assert dropped.reason[0].startswith("empty mask: no contrast inside its sphere")
 
 
+def test_a_scan_with_no_slice_of_enough_lung_is_rejected_not_an_empty_usable_stack(tmp_path):
+    """An "ok" stack of no slice would be a usable scan of the fold plan, and stop every arm of its fold."""
+    from nodulesynth.data.cohort import manifest
+    from nodulesynth.data.slices import save_slices
+    from nodulesynth.masks.lesion_map import scan_lesion_maps
+    from nodulesynth.masks.segment import MaskOptions
+
+    geometry, folder = write_scan(tmp_path / "dicom", "P1")
+    ingest_scan(ScanRecord("P1", "P1", geometry.series_uid, str(folder)), tmp_path / "vol.npz")
+    stack, _, _ = scan_lesion_maps(tmp_path / "vol.npz", MaskOptions(min_lung_area_mm2=1e9))
+    assert stack.status == "rejected" and "masks.min_lung_area_mm2" in stack.reason
+    save_slices(tmp_path / "P1.npz", stack)
+    table, rejected = manifest(pd.DataFrame([dict(scan_id="P1", patient_id="P1", series_uid=geometry.series_uid)]),
+                               [tmp_path / "P1.npz"])
+    assert table.status.tolist() == ["rejected"] and "min_lung_area_mm2" in rejected.reason[0]
+
+
 def test_an_annotation_outside_the_scan_rejects_it_unless_it_is_an_excluded_finding():
     """A nodule annotated outside the scan rejects the scan; a finding too small to count there is left out, as
     it would not be evaluated anyway. Findings under nodules.min_diameter_mm are kept apart, not dropped."""

@@ -84,6 +84,9 @@ def scan_lesion_maps(volume_file, opts: MaskOptions, window=DEFAULT_WINDOW):
         image, label, keep, nodule_masks = lesion_maps(hu, z, spacing, orientation, nodules, opts, window)
     except ValueError as err:
         return SliceStack.rejected(scan_id, patient_id, str(err), hu.shape[1:]), no_boxes, none_dropped
+    if not keep.any():  # an "ok" stack of no slice would reach the folds and stop every arm of its fold
+        reason = f"no slice holds {opts.min_lung_area_mm2:g} mm² of lung (masks.min_lung_area_mm2)"
+        return SliceStack.rejected(scan_id, patient_id, reason, hu.shape[1:]), no_boxes, none_dropped
     idx = np.flatnonzero(keep)
     stack = SliceStack(image=image[idx], label=label[idx], z=z[idx], slice_index=idx.astype(np.int32),
                        has_nodule=(label[idx] == L.NODULE).any((1, 2)), scan_id=scan_id,
