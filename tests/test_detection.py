@@ -186,6 +186,18 @@ def test_negatives_anywhere_places_nodule_free_patches_over_the_whole_slice():
         DetectionOptions.from_config({"input": "patch", "negatives_anywhere": 1.5})
 
 
+def test_the_real_slices_every_arm_shares_give_every_arm_the_same_patches():
+    """An arm's training set is the fold's real slices, then the slices it adds: the real slices' patches (jitter,
+    where a nodule-free one lies) must not depend on how many slices follow, or the arms differ in more than
+    the added slices."""
+    real = synthetic_slices(6, 14, seed=9)
+    added = SliceSet.concatenate([real, synthetic_slices(5, 0, seed=10)])
+    options = DetectionOptions(input="patch", patch_size=16, patch_jitter=4, negatives_anywhere=0.5)
+    alone, _ = unit_images(real, options, seed=[0, 0])
+    followed, _ = unit_images(added, options, seed=[0, 0])
+    assert np.array_equal(alone, followed[:len(real)])
+
+
 def test_zoom_enlarges_training_and_test_units_alike():
     slices = synthetic_slices(2, 2, seed=8)
     options = DetectionOptions(input="patch", patch_size=16, zoom=2)

@@ -192,22 +192,24 @@ def unit_images(slices: SliceSet, options: DetectionOptions, seed) -> tuple[np.n
     """(images uint8 [N,s,s], labels int64 [N]) of the chosen training input unit, one per slice (patches are
     placed by the labels: training may use them; test slices go through `slice_units`, which does not). Nodule
     patches move off their box centre by up to `patch_jitter` pixels per axis, and a `negatives_anywhere` share of
-    the nodule-free ones is centred anywhere a test tile can lie (draws of their own for `seed`)."""
+    the nodule-free ones is centred anywhere a test tile can lie (draws of their own for `seed`). Each kind of
+    draw has its own stream, drawn row by row: a row's patch does not depend on the rows after it, so the real
+    slices every arm shares (first in its training set) give every arm the same patches."""
     labels = np.asarray(slices.has_nodule, bool).astype(np.int64)
     if options.input == "slice":
         return zoomed(np.ascontiguousarray(slices.image), options.zoom), labels
     centres = unit_centres(slices, seed)
-    rng = np.random.default_rng([*np.atleast_1d(seed), 1])
+    jitter_rng, anywhere_rng, where_rng = (np.random.default_rng([*np.atleast_1d(seed), k]) for k in (1, 2, 3))
     if options.patch_jitter:
-        jitter = rng.integers(-options.patch_jitter, options.patch_jitter + 1, centres.shape)
+        jitter = jitter_rng.integers(-options.patch_jitter, options.patch_jitter + 1, centres.shape)
         centres = centres + jitter * labels[:, None]  # nodule-free patches are already drawn anywhere in the lung
-    anywhere = (labels == 0) & (rng.random(len(labels)) < options.negatives_anywhere)
+    anywhere = (labels == 0) & (anywhere_rng.random(len(labels)) < options.negatives_anywhere)
     if anywhere.any():
         # uniform over the centres of patches lying within the slice, as test tiles do (slice_units)
         size, (height, width) = options.patch_size, slices.image.shape[1:]
         low = size // 2
-        centres[anywhere, 0] = rng.integers(low, max(low, width - size + low) + 1, int(anywhere.sum()))
-        centres[anywhere, 1] = rng.integers(low, max(low, height - size + low) + 1, int(anywhere.sum()))
+        high = [max(low, width - size + low) + 1, max(low, height - size + low) + 1]
+        centres[anywhere] = where_rng.integers(low, high, (int(anywhere.sum()), 2))
     return zoomed(crop_patches(slices.image, centres, options.patch_size), options.zoom), labels
 
 
