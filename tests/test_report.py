@@ -260,6 +260,15 @@ def test_report_as_a_reader_sees_it(results, tmp_path):
         pixels = np.asarray(Image.open(png).convert("L"), float)
         assert pixels.std() > 0, f"{png.name} is blank"
 
+    # the PDF keeps every column of the wide tables (Chromium clips what overflows the page's edge): each
+    # headline label, and each comparison's Holm p (C - B's is the rightmost)
+    text = subprocess.run(["pdftotext", "-raw", pdf_path, "-"], capture_output=True, text=True, check=True).stdout
+    words = re.sub(r"\s+", " ", text)
+    for task in summaries:
+        for _, label in HEADLINE[task]:
+            assert label in words, f"{label!r} of the {task} table is missing from the PDF"
+    assert words.count("exploratory") == html.count("exploratory") > html.count(">exploratory<") > 0
+
 
 # ---------------------------------------------------------------- contents, without a browser
 
