@@ -544,7 +544,11 @@ def test_realism_table_reads_the_class_matched_keys(results):
     realism = read_realism(root)
     assert realism["nodule-free: SDM / floor"].tolist()[1] == 1.5 and np.isnan(realism["nodule-free: SDM"][0])
     assert np.isnan(realism["nodule: SDM"][1])  # too few slices to fit a Gaussian: no distance
-    html = render_html(report_context(root, CONFIG))
+    # the summary row over the folds that have a distance, saying how many; never "nan"
+    context = report_context(root, CONFIG)
+    summary = {c: cell["text"] for c, cell in zip(context["realism"]["columns"], context["realism"]["rows"][-1])}
+    assert summary["nodule: SDM"] == "7.125 (1 of 2 folds)" and summary["nodule: SPADE"] == "12.250 ± 0.000"
+    html = render_html(context)
     assert "Class-matched" in html and "nodule-free: SPADE" not in html
     path.write_text(json.dumps({"fd_real_train": 1.0, "fd_spade": 2.0, "fd_sdm": 3.0}))  # the old, class-blind keys
     with pytest.raises(KeyError, match=r"fold1\.json: missing key\(s\) \['n_nodule'"):

@@ -73,6 +73,16 @@ def fmt_number(value, spec="{:.3g}") -> str:
     return "–" if not math.isfinite(value) else spec.format(value)
 
 
+def mean_sd(column: pd.Series, folds: int, spec="{:.3f}") -> str:
+    """Mean ± sd over a column's folds; a fold without a value (a null distance) is left out and said so."""
+    values = pd.to_numeric(column, errors="coerce").dropna()
+    if len(values) < 2:
+        text = fmt_number(values.mean() if len(values) else float("nan"), spec)
+    else:
+        text = f"{spec.format(values.mean())} ± {spec.format(values.std(ddof=1))}"
+    return text if len(values) in (0, folds) else f"{text} ({len(values)} of {folds} folds)"
+
+
 def frame_table(frame: pd.DataFrame, spec="{:.3f}") -> dict:
     """A DataFrame as template rows of cells (text, numeric) so numbers align right and words left."""
     def cell(value):
@@ -348,9 +358,7 @@ def report_context(results_dir, config: dict) -> dict:
     realism = inputs.read_realism(results_dir, scope)
     if realism is not None:
         values = realism.drop(columns="fold")
-        summary_row = {"fold": "mean ± sd", **{c: f"{values[c].mean():.3f} ± {values[c].std(ddof=1):.3f}"
-                                               if len(values) > 1 else fmt_number(values[c].mean(), "{:.3f}")
-                                               for c in values.columns}}
+        summary_row = {"fold": "mean ± sd", **{c: mean_sd(values[c], len(values)) for c in values.columns}}
         realism = pd.concat([realism.astype(object), pd.DataFrame([summary_row])], ignore_index=True)
 
     manifest_tsv = results_dir / "cohort" / "manifest.tsv"
