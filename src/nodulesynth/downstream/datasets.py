@@ -356,8 +356,8 @@ def synthetic_slices(stack, generator: str, size: int) -> SliceSet:
 def withhold_nodule_patients(train: SliceSet, rng, fraction: float = DownstreamOptions.positive_control_withheld
                              ) -> tuple[SliceSet, list]:
     """(train without the slices of `fraction` of its nodule patients, those patients): the positive control.
-    At least one nodule patient is withheld and one kept; patients without a nodule all stay, so that only the
-    real positive data shrinks."""
+    At least one nodule patient is withheld and one kept; patients without a nodule all stay. A withheld patient
+    goes whole (its nodule-free slices too), as a cohort with fewer nodule patients would have it."""
     positive = sorted(set(train.patient_id[np.asarray(train.has_nodule, bool)].tolist()))
     if len(positive) < 2:
         raise InputError(f"the positive control withholds some of the nodule patients and keeps the others; the "
