@@ -395,24 +395,20 @@ def split_counts(split: str, positive) -> dict:
             f"n_{split}_negative": int(len(positive) - positive.sum())}
 
 
-def usable_synthetic_stacks(synth_dir, train_scans):
-    """The usable synthetic stacks of the training scans in `synth_dir` (each training scan must have one)."""
+def synthetic_nodule_slices(synth_dir, train_scans) -> int:
+    """How many synthetic nodule slices of the training scans' stacks in `synth_dir` an arm could add (those that
+    build_arm_dataset draws from)."""
     from nodulesynth.data.slices import load_slices
 
+    count = 0
     for scan in train_scans:
         path = Path(synth_dir) / f"{scan}.npz"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no synthetic stack of training scan {scan}")
         stack = load_slices(path)
         if stack.status == "ok" and len(stack):
-            yield stack
-
-
-def synthetic_nodule_slices(synth_dir, train_scans) -> int:
-    """How many synthetic nodule slices of the training scans' stacks in `synth_dir` an arm could add (those that
-    build_arm_dataset draws from)."""
-    return sum(int((np.asarray(stack.label) == NODULE).any((1, 2)).sum())
-               for stack in usable_synthetic_stacks(synth_dir, train_scans))
+            count += int((np.asarray(stack.label) == NODULE).any((1, 2)).sum())
+    return count
 
 
 def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, synth_dir=None, image_size=256,
@@ -460,8 +456,14 @@ def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, 
     info["n_train_real"] = len(train)
     info["n_train_real_positive"] = int(train.has_nodule.sum())
     if generator:
-        pool = [synthetic_slices(stack, generator, image_size)
-                for stack in usable_synthetic_stacks(synth_dir, train_scans)]
+        pool = []
+        for scan in train_scans:
+            path = Path(synth_dir) / f"{scan}.npz"
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: no synthetic stack of training scan {scan}")
+            stack = load_slices(path)
+            if stack.status == "ok" and len(stack):
+                pool.append(synthetic_slices(stack, generator, image_size))
         pool = SliceSet.concatenate(pool) if pool else SliceSet.empty(image_size)
         candidates = np.flatnonzero(pool.has_nodule)
         wanted = int(round(synthetic_ratio * int(train.has_nodule.sum())))
