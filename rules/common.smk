@@ -173,13 +173,6 @@ def arm_synthetic(wildcards):
     return [] if generator is None else [f"results/synth/{generator}/{wildcards.fold}"]
 
 
-def arm_dose_sources(wildcards):
-    """The negative control N adds as many slices as B and C do: the fold's synthetic folders that bound it."""
-    if wildcards.arm != "N":
-        return []
-    return [f"results/synth/{generator}/{wildcards.fold}" for generator in GENERATORS]
-
-
 def arm_generator_files(wildcards):
     """The training list and model file of the generator whose slices an arm adds (none for A, P, N), for the
     audit: its synthetic stacks must record that model's sha256."""

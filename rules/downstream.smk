@@ -9,7 +9,6 @@ rule downstream_dataset:
         folds="results/folds/folds.tsv",
         slices=fold_stacks,
         synth=arm_synthetic,
-        dose=arm_dose_sources,
     output:
         "results/downstream/data/{arm}/fold{fold}.npz",
     log:
@@ -32,8 +31,7 @@ rule downstream_dataset:
         image_size=downstream_image_size(),
     shell:
         "nodulesynth downstream-dataset --arm {wildcards.arm} --fold {wildcards.fold} --manifest {input.manifest} "
-        "--folds {input.folds} --slices {input.slices} --synth {input.synth} --dose-from {input.dose} "
-        "--image-size {params.image_size} "
+        "--folds {input.folds} --slices {input.slices} --synth {input.synth} --image-size {params.image_size} "
         "--params {params.downstream:q} --out {output} > {log} 2>&1"
 
 

@@ -28,7 +28,7 @@ def cmd_downstream_dataset(args):
         args.arm, args.fold, training_scans(manifest, folds, args.fold), evaluation_scans(manifest, folds, args.fold),
         slice_dirs.pop(), synth_dir=args.synth[0] if args.synth else None, image_size=args.image_size,
         synthetic_ratio=p.synthetic_ratio, seed=p.seed,
-        withheld_fraction=p.positive_control_withheld, dose_dirs=args.dose_from)
+        withheld_fraction=p.positive_control_withheld)
     save_dataset(args.out, dataset)
     log.info("dataset arm %s fold %s: %s", args.arm, args.fold, dataset.info)
 
@@ -43,8 +43,6 @@ def downstream_dataset_parser(sub):
     p.add_argument("--folds", required=True)
     p.add_argument("--slices", nargs="+", required=True, help="the fold's slice stacks (and their nodule tables)")
     p.add_argument("--synth", nargs="*", default=[], help="arm B/C: the fold's synthetic stacks folder")
-    p.add_argument("--dose-from", nargs="*", default=[],
-                   help="arm N: the fold's synthetic stacks folders of B and C, whose nodule slices bound N's count")
     p.add_argument("--image-size", type=int, required=True, help="the generators' image size")
     p.add_argument("--params", type=json_section, default={},
                    help="the downstream section's keys this step reads as JSON: "

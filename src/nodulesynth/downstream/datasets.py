@@ -395,32 +395,15 @@ def split_counts(split: str, positive) -> dict:
             f"n_{split}_negative": int(len(positive) - positive.sum())}
 
 
-def synthetic_nodule_slices(synth_dir, train_scans) -> int:
-    """How many synthetic nodule slices of the training scans' stacks in `synth_dir` an arm could add (those that
-    build_arm_dataset draws from)."""
-    from nodulesynth.data.slices import load_slices
-
-    count = 0
-    for scan in train_scans:
-        path = Path(synth_dir) / f"{scan}.npz"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no synthetic stack of training scan {scan}")
-        stack = load_slices(path)
-        if stack.status == "ok" and len(stack):
-            count += int((np.asarray(stack.label) == NODULE).any((1, 2)).sum())
-    return count
-
-
 def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, synth_dir=None, image_size=256,
                       synthetic_ratio=1.0, seed=0,
-                      withheld_fraction=DownstreamOptions.positive_control_withheld, dose_dirs=()) -> ArmDataset:
+                      withheld_fraction=DownstreamOptions.positive_control_withheld) -> ArmDataset:
     """One fold and arm of the study. `train_scans`/`test_scans` come from the fold plan
     (nodulesynth.data.folds); arm B/C add `synthetic_ratio` x (real training nodule slices) synthetic
     nodule slices of the fold's generator, drawn without replacement from `synth_dir`; a shortfall is
     recorded in `info`, never made up by repeating a slice. The control arms (CONTROLS): P withholds
     `withheld_fraction` of the real nodule patients (withhold_nodule_patients), N adds relabelled nodule-free
-    slices (relabelled_slices) as many as B and C add: as many as wanted, at most as many as the fold's
-    synthetic folders `dose_dirs` (SPADE's and the SDM's) hold, so that a shortfall of synthesis shrinks N too."""
+    slices (relabelled_slices) as many as B and C add."""
     import logging
 
     import pandas as pd
@@ -477,11 +460,10 @@ def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, 
                     n_synthetic_available=len(candidates), n_train_synthetic=len(chosen))
     elif arm == "N":
         wanted = int(round(synthetic_ratio * int(train.has_nodule.sum())))
-        available = min((synthetic_nodule_slices(d, train_scans) for d in dose_dirs), default=wanted)
-        added = relabelled_slices(train, min(wanted, available), rng)
+        added = relabelled_slices(train, wanted, rng)
         train = SliceSet.concatenate([train, added])
         info.update(control=CONTROLS[arm], synthetic_ratio=float(synthetic_ratio), n_synthetic_wanted=wanted,
-                    n_synthetic_available=available, n_train_synthetic=len(added))
+                    n_train_synthetic=len(added))
     else:
         info.update(n_train_synthetic=0)
     info.update(split_counts("train", train.has_nodule), **split_counts("test", test.has_nodule),
