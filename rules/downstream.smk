@@ -27,7 +27,7 @@ rule downstream_dataset:
         ),
         runtime=lambda wildcards, input, attempt: sizing.downstream_dataset_runtime(input.slices, input.synth, attempt),
     params:
-        downstream=section("downstream", DownstreamOptions.DATASET_KEYS),
+        downstream=lambda wildcards: section("downstream", DownstreamOptions.dataset_keys(wildcards.arm)),
         image_size=downstream_image_size(),
     shell:
         "nodulesynth downstream-dataset --arm {wildcards.arm} --fold {wildcards.fold} --manifest {input.manifest} "

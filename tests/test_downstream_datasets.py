@@ -8,7 +8,7 @@ import pytest
 from conftest import write_boxed_stack
 from nodulesynth.data.slices import SliceStack
 from nodulesynth.downstream.datasets import (SliceSet, build_arm_dataset, component_boxes, load_dataset, map_boxes,
-                                             real_slices, save_dataset, synthetic_slices)
+                                             real_slices, save_dataset, study_arms, synthetic_slices)
 from nodulesynth.labels import LEFT_LUNG, NODULE
 
 
@@ -236,7 +236,7 @@ def test_synthetic_slices_follow_a_study_size_above_the_generators(cohort):
 
 def test_downstream_commands_take_every_key_of_the_schema_section():
     """`--params` takes the whole `downstream:` section: each key the schema allows is read. The rules pass only
-    the keys each command reads (DATASET_KEYS, AUDIT_KEYS), fields of the section."""
+    the keys each command reads (dataset_keys of an arm, AUDIT_KEYS), fields of the section."""
     from dataclasses import asdict
     from pathlib import Path
 
@@ -251,10 +251,41 @@ def test_downstream_commands_take_every_key_of_the_schema_section():
     assert asdict(DownstreamOptions.from_config({})) == defaults  # the command's own defaults are the schema's
     with pytest.raises(KeyError, match="downstream.imagesize"):
         DownstreamOptions.from_config({"imagesize": 128})
-    assert set(DownstreamOptions.DATASET_KEYS) | set(DownstreamOptions.AUDIT_KEYS) < set(defaults)
+    dataset_keys = {key for arm in study_arms(controls=True) for key in DownstreamOptions.dataset_keys(arm)}
+    assert dataset_keys | set(DownstreamOptions.AUDIT_KEYS) < set(defaults)
     rules = {name: (Path(__file__).parents[1] / "rules" / name).read_text() for name in ("downstream.smk", "audit.smk")}
-    assert 'section("downstream", DownstreamOptions.DATASET_KEYS)' in rules["downstream.smk"]
+    assert 'section("downstream", DownstreamOptions.dataset_keys(wildcards.arm))' in rules["downstream.smk"]
     assert 'section("downstream", DownstreamOptions.AUDIT_KEYS)' in rules["audit.smk"]
+
+
+@pytest.mark.parametrize("arm", ["A", "B", "C", "P", "N"])
+def test_an_arm_is_the_same_whatever_the_dataset_keys_it_does_not_read(cohort, arm):
+    """The rule passes an arm only its own keys (DownstreamOptions.dataset_keys), so that a changed
+    synthetic_ratio rebuilds (and retrains) B, C and N, not A or P: each key left out must leave the arm as it is,
+    and each key passed must change it (else it need not be passed)."""
+    from nodulesynth.downstream.datasets import DownstreamOptions
+
+    real, synth = cohort
+    base = dict(synthetic_ratio=0.5, seed=0, withheld_fraction=0.5)
+    changed = dict(synthetic_ratio=1.0, seed=1, withheld_fraction=0.99)
+    option = dict(synthetic_ratio="synthetic_ratio", seed="seed", withheld_fraction="positive_control_withheld")
+    # four training patients with nodules, for P to withhold from and B, C to draw among 8 synthetic nodule maps
+    write_boxed_stack(real, "P4", "P4", 6, 128, nodule_rows=(0, 1), seed=5, first_index=100)
+    write_boxed_stack(real, "P5", "P5", 5, 128, nodule_rows=(2,), seed=6, first_index=100)
+    write_boxed_stack(synth, "P4", "P4", 3, 64, nodule_rows=(0, 1, 2), seed=7, first_index=100, boxes=False)
+    write_boxed_stack(synth, "P5", "P5", 2, 64, nodule_rows=(0, 1), seed=8, first_index=100, boxes=False)
+    train = ["P1", "P2", "P4", "P5"]
+
+    def build(**values):
+        data = build_arm_dataset(arm, 0, train, ["P3"], real, synth_dir=synth, image_size=64, **values)
+        return data.train.image, data.train.has_nodule
+
+    reference = build(**base)
+    for name, value in changed.items():
+        image, has_nodule = build(**{**base, name: value})
+        same = image.shape == reference[0].shape and (image == reference[0]).all() and (
+            has_nodule == reference[1]).all()
+        assert same == (option[name] not in DownstreamOptions.dataset_keys(arm)), (arm, name)
 
 
 def test_downstream_dataset_command_takes_the_control_arms():

@@ -246,6 +246,15 @@ def test_a_changed_value_reruns_only_what_uses_it(demo_run, tmp_path):
     qc.write_text(yaml.safe_dump(config))
     assert dry_run_jobs(work, qc) == {"leakage", "stats", "report", "all"}
 
+    # An arm's data reads only its own keys (DownstreamOptions.dataset_keys): a changed synthetic_ratio rebuilds
+    # and retrains the arms that add slices (B, C and N), not A or P.
+    config = yaml.safe_load(small_config(tmp_path).read_text())
+    config["downstream"]["synthetic_ratio"] = 0.5
+    qc.write_text(yaml.safe_dump(config))
+    dry = run_bare(work, "--configfile", str(qc), "-n")
+    arms = set(re.findall(r"wildcards: [^\n]*\barm=([ABCPN])", dry.stdout + dry.stderr))
+    assert arms == {"B", "C", "N"}, arms
+
     masks = small_config(tmp_path, min_lung_area_mm2=150)
     jobs = dry_run_jobs(work, masks)
     assert {"ingest", "masks", "manifest"} <= jobs and "cohort" not in jobs

@@ -67,8 +67,17 @@ class DownstreamOptions(SectionOptions):
 
     # The keys each command reads: its rule passes only these (rules/common.smk), so that a change of another
     # key reruns none of its jobs (threads, device: the model jobs' own; controls: which arms run, not how).
-    DATASET_KEYS = ("synthetic_ratio", "seed", "positive_control_withheld")
     AUDIT_KEYS = ("near_duplicate_size", "near_duplicate_threshold")
+
+    @staticmethod
+    def dataset_keys(arm: str) -> tuple:
+        """The keys arm `arm`'s data depends on (build_arm_dataset): a changed synthetic_ratio rebuilds and
+        retrains B, C and N, a changed withheld share P, and neither touches A, which draws nothing."""
+        keys = {"A": (), "B": ("synthetic_ratio", "seed"), "C": ("synthetic_ratio", "seed"),
+                "P": ("seed", "positive_control_withheld"), "N": ("synthetic_ratio", "seed")}
+        if arm not in keys:
+            raise InputError(f"unknown arm {arm!r}: expected one of {study_arms(controls=True)}")
+        return keys[arm]
 
 
 def fold_number(path) -> int:
