@@ -11,8 +11,10 @@ need=()
 command -v chromium >/dev/null || command -v chromium-browser >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
 command -v pdftoppm >/dev/null || need+=(poppler-utils)
-command -v slurmctld >/dev/null || need+=(slurm-wlm)
-command -v munged >/dev/null || need+=(munge)
+# Daemons install in /usr/sbin, which a non-root user's PATH often lacks.
+daemon() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+daemon slurmctld || need+=(slurm-wlm)
+daemon munged || need+=(munge)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "${1:-}" = "--install" ]; then
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
