@@ -12,12 +12,15 @@ visible GPU, so a build on a login node used to give a CPU-only wheel that the G
 - Wheels are cached under a key of mmcv version, torch version, torch's CUDA variant ("cpu", "cu130") and whether
   CUDA ops were built: `wheels/<key>/mmcv-*.whl`. A wheel of the old unkeyed layout (`wheels/mmcv-*.whl`) is
   taken for a CPU-only one after checking that its extension links no CUDA library, and hard-linked in.
+- A key's folder may hold wheels of several interpreters and platforms (x86_64 and aarch64 nodes sharing a home):
+  pip picks the one this interpreter can install, by the tags in the wheels' names (`wheel`).
 - An environment keeps the key of its mmcv (`<env>/.mmcv-key`): a CPU-only mmcv is replaced once CUDA ops can be
   built (the GPU node after the login node); a CUDA one is never replaced by a CPU-only one (it runs on CPUs too).
 - After installing, `check` asserts that the installed mmcv is what was planned.
 
     mmcv_build.py plan --mmcv-version V [--installed KEY]               shell assignments for setup-env.sh
     mmcv_build.py adopt --wheels DIR --key KEY                          an unkeyed CPU-only wheel into its folder
+    mmcv_build.py wheel --wheels DIR --mmcv-version V                   the folder's wheel for this interpreter
     mmcv_build.py check --cuda-ops 0|1                                   the installed mmcv has (no) CUDA ops
     mmcv_build.py tools                                                 the compiler and headers a build needs
 
@@ -186,6 +189,21 @@ def adopt_unkeyed(wheels: Path, key: str, mmcv_version: str) -> Path | None:
     return None
 
 
+def compatible_wheel(wheels, mmcv_version: str, python=sys.executable) -> Path | None:
+    """The wheel of mmcv `mmcv_version` in folder `wheels` that `python` can install, or None: pip's own choice
+    (a dry run against the folder alone), so a wheel of another Python or platform in the folder is passed over."""
+    import json
+    from urllib.parse import unquote, urlparse
+
+    out = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--dry-run",
+                          "--ignore-installed", "--no-index", "--no-deps", "--only-binary", ":all:", "--find-links",
+                          str(wheels), "--report", "-", f"mmcv=={mmcv_version}"], capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    chosen = [item["download_info"]["url"] for item in json.loads(out.stdout)["install"]]
+    return Path(unquote(urlparse(chosen[0]).path)) if chosen else None
+
+
 def find_toolkit(torch_cuda: str | None, environ=None):
     """(CUDA_HOME, its nvcc release) of the first toolkit found: CUDA_HOME, CUDA_PATH, nvcc on PATH,
     /usr/local/cuda-<torch's>, /usr/local/cuda. A folder counts when it holds bin/nvcc and include/cuda_runtime.h
@@ -241,6 +259,9 @@ def main(argv=None):
     p.add_argument("--wheels", required=True)
     p.add_argument("--key", required=True)
     p.add_argument("--mmcv-version", required=True)
+    p = sub.add_parser("wheel")
+    p.add_argument("--wheels", required=True)
+    p.add_argument("--mmcv-version", required=True)
     p = sub.add_parser("check")
     p.add_argument("--cuda-ops", type=int, choices=(0, 1), required=True)
     sub.add_parser("tools")
@@ -277,6 +298,11 @@ def main(argv=None):
         if adopted:
             print(f"setup-env: reusing the CPU-only mmcv wheel built before as {adopted}", file=sys.stderr)
         return 0
+    if args.command == "wheel":
+        wheel = compatible_wheel(args.wheels, args.mmcv_version)
+        if wheel:
+            print(wheel)
+        return 0 if wheel else 1
     has = installed_cuda_ops()
     if has != bool(args.cuda_ops):
         print(f"setup-env: mmcv was to be built {'with' if args.cuda_ops else 'without'} CUDA ops, but the installed "

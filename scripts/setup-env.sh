@@ -2,8 +2,9 @@
 # Creates the project's environment from requirements.lock, once per lock.
 #
 # The environment lives outside the clone, in $NODULESYNTH_CACHE (default ~/.cache/nodulesynth),
-# keyed by the hash of the lock and this script; `.venv` is a link to it. A second call with the
-# same lock reinstalls nothing. mmcv 2.1.0 has no wheel on PyPI: it is built against the pinned torch,
+# keyed by the hash of the lock, this script and the interpreter's platform and version (x86_64 and aarch64
+# nodes may share one home); `.venv` is a link to it, and `--print-env` prints its path and does nothing else.
+# A second call with the same lock reinstalls nothing. mmcv 2.1.0 has no wheel on PyPI: it is built against the pinned torch,
 # with its CUDA ops wherever a CUDA toolkit of torch's CUDA version is found (NODULESYNTH_MMCV_OPS=cpu: without),
 # and the wheel is kept in the cache under a key of mmcv, torch, CUDA variant and ops (scripts/mmcv_build.py).
 # An environment whose mmcv lacks CUDA ops gets them once a later call can build them (on a GPU node).
@@ -12,8 +13,13 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 cache=${NODULESYNTH_CACHE:-$HOME/.cache/nodulesynth}
 python=${PYTHON:-python3}
-key=$(cat requirements.lock scripts/setup-env.sh | sha256sum | cut -c1-16)
+platform=$("$python" -c 'import sys, sysconfig; print(sysconfig.get_platform(), sys.implementation.cache_tag)')
+key=$({ cat requirements.lock scripts/setup-env.sh; echo "$platform"; } | sha256sum | cut -c1-16)
 env="$cache/env-$key"
+if [ "${1:-}" = "--print-env" ]; then
+  echo "$env"
+  exit 0
+fi
 mkdir -p "$cache/wheels"
 
 pip="$env/bin/python -m pip --disable-pip-version-check"
@@ -35,14 +41,18 @@ install_mmcv() (
     flock 9
     "$env/bin/python" scripts/mmcv_build.py adopt --wheels "$cache/wheels" --key "$mmcv_key" \
       --mmcv-version "$mmcv_version"
-    if ! ls "$wheels"/mmcv-"$mmcv_version"-*.whl >/dev/null 2>&1; then
+    if ! "$env/bin/python" scripts/mmcv_build.py wheel --wheels "$wheels" --mmcv-version "$mmcv_version" >/dev/null; then
       "$env/bin/python" scripts/mmcv_build.py tools
       echo "setup-env: building $mmcv_key (CPU-only: about 10 minutes on 2 cores; CUDA ops: an hour or more)"
       mkdir -p "$wheels"
       MAX_JOBS=${MAX_JOBS:-$(nproc)} $pip wheel -q --no-build-isolation --no-deps -w "$wheels" "mmcv==$mmcv_version"
     fi
   ) 9>"$cache/wheels/.lock"
-  $pip install -q --no-deps --force-reinstall "$wheels"/mmcv-"$mmcv_version"-*.whl
+  wheel=$("$env/bin/python" scripts/mmcv_build.py wheel --wheels "$wheels" --mmcv-version "$mmcv_version") || {
+    echo "setup-env: $wheels holds no mmcv $mmcv_version wheel this Python can install" >&2
+    exit 1
+  }
+  $pip install -q --no-deps --force-reinstall "$wheel"
   echo "$mmcv_key" > "$env/.mmcv-key.new"
 )
 

@@ -211,3 +211,57 @@ def test_localize_on_cuda_refuses_mmcv_without_cuda_ops_in_one_line():
         raise RuntimeError("CUDA out of memory")
     with pytest.raises(RuntimeError, match="out of memory"):  # not mmcv's missing ops: left as it is
         check_mmcv_ops("cuda", probe=other_failure)
+
+
+def _tagged_wheel(folder, tag, version="2.1.0"):
+    """An installable-looking mmcv wheel (its name's tags and dist-info, nothing else) for pip to choose among."""
+    import zipfile
+
+    path = Path(folder) / f"mmcv-{version}-{tag}.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(f"mmcv-{version}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: mmcv\nVersion: {version}\n")
+        archive.writestr(f"mmcv-{version}.dist-info/WHEEL", f"Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: {tag}\n")
+        archive.writestr(f"mmcv-{version}.dist-info/RECORD", "")
+    return path
+
+
+def test_the_cached_wheel_is_the_one_this_interpreter_can_install(tmp_path):
+    """A home shared by x86_64 and aarch64 nodes, or by two Pythons, holds several builds of one key: each takes its
+    own, and one finds none where only another's is there (so it builds its own instead of failing to install)."""
+    import sysconfig
+
+    python = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    machine = sysconfig.get_platform().replace("-", "_").replace(".", "_")
+    other = machine.replace("x86_64", "aarch64") if "x86_64" in machine else "linux_x86_64"
+    foreign = _tagged_wheel(tmp_path, f"{python}-{python}-{other}")
+    older = _tagged_wheel(tmp_path, f"cp39-cp39-{machine}")
+    assert build.compatible_wheel(tmp_path, "2.1.0") is None
+    ours = _tagged_wheel(tmp_path, f"{python}-{python}-{machine}")
+    assert build.compatible_wheel(tmp_path, "2.1.0") == ours
+    assert build.compatible_wheel(tmp_path, "2.2.0") is None
+    assert foreign.exists() and older.exists()
+    script = [sys.executable, str(REPO / "scripts" / "mmcv_build.py"), "wheel", "--wheels"]
+    out = subprocess.run(script + [str(tmp_path), "--mmcv-version", "2.1.0"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == str(ours)
+    none = subprocess.run(script + [str(tmp_path / "absent"), "--mmcv-version", "2.1.0"], capture_output=True)
+    assert none.returncode == 1
+    setup = (REPO / "scripts" / "setup-env.sh").read_text()
+    assert setup.count("mmcv_build.py wheel --wheels") == 2 and '"$wheels"/mmcv-' not in setup
+
+
+def test_the_environment_is_one_interpreters_on_one_platform(tmp_path):
+    """setup-env.sh keys the shared environment by the interpreter's platform and version as well as the lock: an
+    aarch64 node sharing a home with x86_64 ones gets an environment of its own (sysconfig reports the platform
+    named by _PYTHON_HOST_PLATFORM, as when cross-building)."""
+
+    def env_path(**extra):
+        out = subprocess.run(["bash", str(REPO / "scripts" / "setup-env.sh"), "--print-env"], capture_output=True,
+                             text=True, env={**os.environ, "PYTHON": sys.executable, "NODULESYNTH_CACHE": str(tmp_path),
+                                             **extra})
+        assert out.returncode == 0, out.stderr
+        return Path(out.stdout.strip())
+
+    here = env_path()
+    assert here.parent == tmp_path and here.name.startswith("env-") and env_path() == here
+    assert env_path(_PYTHON_HOST_PLATFORM="linux-aarch64") != here
+    assert not any(tmp_path.iterdir())  # printing the path makes nothing
