@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both set up the pinned environment
-# first (once per lock: scripts/setup-env.sh keeps it in ~/.cache/nodulesynth, keyed by the lock's hash).
+# first (once per lock: scripts/setup-env.sh keeps it in ~/.cache/nodulesynth, keyed by the lock's hash and the
+# interpreter's platform).
 CORES ?= 2
 PYTEST_ARGS ?=
 VENV := .venv
