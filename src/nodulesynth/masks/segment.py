@@ -97,8 +97,21 @@ def _central_round_components(air, body, min_px, max_px):
     return found
 
 
+# Where the airway's air region has merged with a lung's (track_trachea), the airway is taken as the part of it
+# within a disc the size of the airway last seen apart, widened by AIRWAY_STEP_MM (about 2 pixels of a LIDC-IDRI
+# slice: how far the outline moves between slices), about the previous slice's airway; around an airway that
+# has entered a lung that disc is all air, larger than the airway by more than AIRWAY_MERGE_GROWTH.
+AIRWAY_STEP_MM = 1.5
+AIRWAY_MERGE_GROWTH = 1.2
+
+
 def track_trachea(air, body, pixel_area_mm2, opts: MaskOptions):
-    """Find the trachea in the top slices and follow it down until it divides or meets the lungs."""
+    """Find the trachea in the top slices and follow it down until it divides (the carina) or enters a lung.
+
+    At masks.lung_threshold_hu a thin tracheal wall against a lung reads as air, merging the two regions; the
+    airway is then cut out of the merged region (AIRWAY_STEP_MM) rather than ending there, which would give
+    the rest of the trachea to that lung.
+    """
     n = len(air)
     trachea = np.zeros_like(air)
     min_px = opts.trachea_min_area_mm2 / pixel_area_mm2
@@ -114,8 +127,38 @@ def track_trachea(air, body, pixel_area_mm2, opts: MaskOptions):
             break
     if start is None:
         return trachea
+    step = AIRWAY_STEP_MM / np.sqrt(pixel_area_mm2)
+    rows, cols = np.indices(air.shape[1:])
     # Follow it down to the carina, then up: one air region must continue it in the next slice
-    # without merging into a lung or dividing into the main bronchi.
+    # without dividing into the main bronchi.
+    for direction in (-1, 1):
+        apart = trachea[start]  # the airway last seen as an air region of its own
+        k = start + direction
+        while 0 <= k < n:
+            previous = trachea[k - direction]
+            lab, _ = ndimage.label(air[k])
+            touching = np.unique(lab[previous & (lab > 0)])
+            if len(touching) != 1:
+                break
+            comp = lab == touching[0]
+            area = comp.sum()
+            # The airway widens from the larynx down (about twice per slice at most); a lung it
+            # merges with is far larger than masks.trachea_max_area_mm2.
+            if area > max_px or area > 2.5 * previous.sum() + 4:
+                centre_row, centre_col = ndimage.center_of_mass(previous)
+                radius = np.sqrt(apart.sum() / np.pi) + step
+                comp &= (rows - centre_row) ** 2 + (cols - centre_col) ** 2 <= radius ** 2
+                if comp.sum() > AIRWAY_MERGE_GROWTH * apart.sum():
+                    break
+            else:
+                apart = comp
+            trachea[k] = comp
+            k += direction
+    return trachea
+    step = max(1, int(round(AIRWAY_STEP_MM / np.sqrt(pixel_area_mm2))))
+    within = ndimage.iterate_structure(ndimage.generate_binary_structure(2, 1), step)
+    # Follow it down to the carina, then up: one air region must continue it in the next slice
+    # without dividing into the main bronchi.
     for direction in (-1, 1):
         k = start + direction
         while 0 <= k < n:
@@ -129,7 +172,10 @@ def track_trachea(air, body, pixel_area_mm2, opts: MaskOptions):
             # The airway widens from the larynx down (about twice per slice at most); a lung it
             # merges with is far larger than masks.trachea_max_area_mm2.
             if area > max_px or area > 2.5 * previous.sum() + 4:
-                break
+                # the opening drops the rim of lung within reach, which would otherwise creep on slice by slice
+                comp = ndimage.binary_opening(comp & ndimage.binary_dilation(previous, iterations=step), within)
+                if not comp.any() or comp.sum() > AIRWAY_MERGE_GROWTH * previous.sum():
+                    break
             trachea[k] = comp
             k += direction
     return trachea

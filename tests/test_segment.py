@@ -1,0 +1,46 @@
+"""nodulesynth.masks.segment on small constructed volumes: what the phantom's clean anatomy never shows."""
+
+import numpy as np
+
+from nodulesynth.masks.segment import MaskOptions, track_trachea
+
+
+def disk(shape, centre, radius):
+    rows, cols = np.ogrid[: shape[0], : shape[1]]
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius ** 2
+
+
+def airway_volume(touching=(18, 19, 20), within_lung=range(0, 10)):
+    """30 slices (inferior -> superior) of 128 x 128 one-mm pixels: a body, two lungs, and a trachea of radius 7
+    down the middle from the top to slice 10; on the `touching` slices the right lung reaches it over a broad
+    front (a thin tracheal wall read as air), and on the `within_lung` slices the airway lies inside a lung's air."""
+    n, shape = 30, (128, 128)
+    body = np.zeros((n, *shape), bool)
+    body[:, 10:118, 5:123] = True
+    air = np.zeros_like(body)
+    air[:, 30:100, 15:52] = True   # one lung
+    air[:, 30:100, 76:113] = True  # the other
+    for k in range(10, n):
+        air[k] |= disk(shape, (62, 64), 7)
+    for k in touching:
+        air[k, 58:70, 52:58] = True  # the lung up against the airway
+    for k in within_lung:
+        air[k, 30:100, 15:113] = True
+    return air, body
+
+
+def test_the_trachea_is_followed_past_a_lung_it_touches_down_to_where_it_enters_one():
+    """LIDC-IDRI-0001's trachea touches its right lung on three slices at -400 HU; tracking used to stop there and
+    the 14 slices of trachea below went to the right lung (the study's lesion maps had a trachea on half its
+    length, and mask fidelity a trachea ceiling of 0.3)."""
+    air, body = airway_volume()
+    trachea = track_trachea(air, body, 1.0, MaskOptions())
+    tube = disk(air.shape[1:], (62, 64), 7)
+    found = np.flatnonzero(trachea.any((1, 2)))
+    assert found.tolist() == list(range(10, 30)), found
+    for k in (18, 19, 20):  # the part near the airway, not the lung it touches
+        assert (trachea[k] & ~tube).sum() <= 0.25 * tube.sum() and (trachea[k] & tube).sum() == tube.sum()
+    assert not trachea[:, :, :52].any()  # nothing of the lung itself (columns 15-51)
+    # Without the contact the same airway, and inside lung nothing: an airway within lung is not the trachea.
+    assert np.array_equal(track_trachea(*airway_volume(touching=()), 1.0, MaskOptions()).any((1, 2)),
+                          trachea.any((1, 2)))
