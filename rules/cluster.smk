@@ -1,8 +1,9 @@
 # What a run outside this folder's plain processes needs, included last (it reads every rule); the decisions
 # are nodulesynth.cluster's (tested there), applied here to the workflow:
 # - under --use-singularity, the configured data folders bound into the containers;
-# - on SLURM (profiles/slurm), partitions that exist on the cluster, checked before anything is submitted, and
-#   each job's disk_mb asked for as node-local scratch (`sbatch --tmp`).
+# - on SLURM (profiles/slurm), partitions that exist on the cluster, checked before anything is submitted,
+#   each job's disk_mb asked for as node-local scratch (`sbatch --tmp`), and its runtime kept within what a
+#   partition that can take it allows.
 from snakemake.exceptions import WorkflowError
 
 from nodulesynth import cluster
@@ -23,15 +24,17 @@ def on_slurm():
     return plugin is not None and plugin.name == "slurm"
 
 
+def partition_file():
+    """The SLURM plugin's partition file: profiles/slurm's `slurm-partition-config`, or
+    $SNAKEMAKE_SLURM_PARTITIONS; None where neither is set."""
+    return getattr(workflow.executor_settings, "partition_config", None) or os.environ.get("SNAKEMAKE_SLURM_PARTITIONS")
+
+
 onstart:
-    # After the DAG is built and before the first job is submitted; never in a dry run or inside a job. The
-    # plugin's partition file: profiles/slurm's `slurm-partition-config`, or $SNAKEMAKE_SLURM_PARTITIONS.
-    partition_file = getattr(workflow.executor_settings, "partition_config", None) or os.environ.get(
-        "SNAKEMAKE_SLURM_PARTITIONS"
-    )
-    if on_slurm() and partition_file:
+    # After the DAG is built and before the first job is submitted; never in a dry run or inside a job.
+    if on_slurm() and partition_file():
         try:
-            cluster.check_partitions(partition_file, cluster.cluster_partitions())
+            cluster.check_partitions(partition_file(), cluster.cluster_partitions())
         except InputError as err:
             raise WorkflowError(str(err))
 
@@ -50,7 +53,27 @@ def node_scratch_request(smk_rule):
     return slurm_extra
 
 
+def runtime_within_partitions(smk_rule, runtime, gpu):
+    """The rule's `runtime` resource, on SLURM cut to the longest a partition that can take its jobs allows
+    (cluster.runtime_limit, cluster.capped_runtime); as declared otherwise. `gpu`: the rule's gpu resource."""
+
+    def capped(wildcards, input, threads, attempt):
+        aux = dict(input=input, threads=threads, attempt=attempt, rulename=smk_rule.name)
+        minutes = runtime.evaluate(wildcards, **aux).value
+        if not on_slurm() or not partition_file():
+            return minutes
+        gpus = gpu.evaluate(wildcards, **aux).value if gpu is not None else 0
+        gpus = gpus if isinstance(gpus, int) else 0  # a gpu count not known yet counts as none
+        return cluster.capped_runtime(minutes, cluster.runtime_limit(partition_file(), gpus))
+
+    return capped
+
+
 for declared in workflow.rules:
     # A rule given its own slurm_extra (a rule, or the profile's set-resources) keeps it as it is.
     if "slurm_extra" not in declared.resources:
         declared.resources["slurm_extra"] = node_scratch_request(declared)
+    if "runtime" in declared.resources:
+        declared.resources["runtime"] = runtime_within_partitions(
+            declared, declared.resources["runtime"], declared.resources.get("gpu")
+        )

@@ -72,3 +72,28 @@ def test_scratch_request_only_for_a_disk_size():
     assert cluster.scratch_request(4096) == "--tmp=4096"
     assert cluster.scratch_request(None) is None
     assert cluster.scratch_request("4 GB") is None  # a string disk resource is Snakemake's to convert, not sbatch's
+
+
+def test_a_runtime_above_every_partitions_limit_is_cut_to_the_longest_that_can_take_the_job(tmp_path):
+    """snakemake-executor-plugin-slurm sends a job no partition of its partition file fits to the cluster's default
+    partition: an SDM training asking 67 h where the GPU partitions allow 48 would go to a CPU partition. The rules'
+    runtime is cut to the longest a partition that can take the job allows (the trainings and sampling resume, so
+    the next attempt goes on where the cut one stopped); limits read as the plugin reads them."""
+    import yaml
+
+    path = tmp_path / "partitions.yaml"
+    path.write_text(yaml.safe_dump({"partitions": {
+        "short": {"max_runtime": 240},
+        "long": {"max_runtime": "3-00:00:00"},
+        "gpu": {"max_runtime": 1440, "max_gpu": 4},
+        "gpu-big": {"max_runtime": "2-00:00:00", "max_gpu": 8},
+        "other-cluster": {"max_runtime": 99999, "max_gpu": 8, "cluster": "elsewhere"},  # jobs name no cluster
+    }}))
+    assert cluster.runtime_limit(path, gpus=0) == 3 * 24 * 60
+    assert cluster.runtime_limit(path, gpus=1) == 2 * 24 * 60 == cluster.runtime_limit(path, gpus=8)
+    assert cluster.runtime_limit(path, gpus=16) is None  # no partition takes it: left to the plugin to refuse
+    assert cluster.capped_runtime(4043, 2880) == 2880 and cluster.capped_runtime(60, 2880) == 60
+    assert cluster.capped_runtime(4043, None) == 4043
+    path.write_text(yaml.safe_dump({"partitions": {"gpu": {"max_gpu": 4}, "cpu": {"max_runtime": 60}}}))
+    assert cluster.runtime_limit(path, gpus=1) is None  # no limit given: nothing to cut to
+    assert cluster.runtime_limit(path, gpus=0) is None

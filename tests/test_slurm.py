@@ -337,15 +337,20 @@ def cohort_config(path, data):
     return path
 
 
-def write_test_profile(folder, partitions=True):
+def write_test_profile(folder, partitions=True, gpu_runtime=None):
     """profiles/slurm with the settings only the test cluster needs (TEST_PROFILE) and, unless `partitions` is
-    False, the test cluster's partition names in its partitions.yaml."""
+    False, the test cluster's partition names in its partitions.yaml; `gpu_runtime`: the GPU partitions'
+    max_runtime there instead of the profile's."""
     shutil.copytree(PROFILE.parent, folder)
     profile = load_profile()
     profile.update(TEST_PROFILE)
     (folder / "config.yaml").write_text(yaml.safe_dump(profile))
     if partitions:
-        (folder / profile["slurm-partition-config"]).write_text(yaml.safe_dump({"partitions": cluster_partitions()}))
+        limits = cluster_partitions()
+        for partition in limits.values():
+            if gpu_runtime is not None and partition.get("max_gpu"):
+                partition["max_runtime"] = gpu_runtime
+        (folder / profile["slurm-partition-config"]).write_text(yaml.safe_dump({"partitions": limits}))
     return folder
 
 
@@ -417,6 +422,10 @@ def apptainer_args(words):
 
 
 GPU_TARGETS = ("results/generators/sdm/holdout/model.pt", "results/generators/spade/holdout/model.pt")
+# The GPU partitions' max_runtime in the run's partition file (the slurm.conf allows any): below what the GPU jobs
+# ask for (nodulesynth.resources: their start-up, GPU_START_MINUTES, plus twice their estimate), as a 48-hour GPU
+# partition is below an SDM training's 67 hours at the study's defaults.
+GPU_RUNTIME_LIMIT = 10
 
 
 @pytest.fixture(scope="module")
@@ -434,7 +443,7 @@ def slurm_run(cluster, tmp_path_factory):
     local_log = "\n\n".join(p.stdout + p.stderr for p in (first, second))
 
     work = tmp_path_factory.mktemp("slurm")
-    profile = write_test_profile(work / "test-profile")
+    profile = write_test_profile(work / "test-profile", gpu_runtime=GPU_RUNTIME_LIMIT)
     apptainer_log = work / "apptainer.log"
     env = dict(cluster.env, PATH=f"{STANDINS}{os.pathsep}{cluster.env['PATH']}",
                APPTAINER_STANDIN_LOG=str(apptainer_log), CUDA_VISIBLE_DEVICES="0")
@@ -591,6 +600,17 @@ def test_ungrouped_jobs_asked_for_their_rules_resources_and_scratch(slurm_run):
         assert (option(words, "--gpus") == str(gpu)) if gpu else option(words, "--gpus") is None, (comment, words)
         assert bool(partitions[job["Partition"]].get("max_gpu")) == bool(gpu), (comment, job["Partition"])
     assert int(printed["train_generator", ("sdm", "holdout")]["threads"]) == 2  # generators.threads of the test config
+    # The GPU jobs asked for more than the GPU partitions allow (GPU_RUNTIME_LIMIT): cut to it, on a GPU partition,
+    # not sent to the default partition (the CPU one here) by the plugin's fallback.
+    from nodulesynth import resources as sizing
+
+    for generator in ("sdm", "spade"):
+        comment = f"rule_train_generator_wildcards_{generator}_holdout"
+        job = by_comment[comment]
+        assert minutes(job["TimeLimit"]) == GPU_RUNTIME_LIMIT, (comment, job["TimeLimit"])
+        assert partitions[job["Partition"]].get("max_gpu"), (comment, job["Partition"])
+        asked = sizing.train_generator_runtime(generator, slurm_run.config, slurm_run.config["generators"]["device"], 2)
+        assert asked > GPU_RUNTIME_LIMIT, asked
     # the SDM's GPUs (sdm.gpus) on one node, where torchrun --standalone starts its processes
     words = calls["rule_train_generator_wildcards_sdm_holdout"]
     assert option(words, "--nodes") == "1" and by_comment["rule_train_generator_wildcards_sdm_holdout"]["NumNodes"] == "1"

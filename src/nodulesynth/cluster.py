@@ -1,7 +1,9 @@
 """What a run outside plain local processes needs, decided here and applied by rules/cluster.smk: the data
-folders bound into Apptainer containers, the SLURM partitions checked against the cluster, and node-local
-scratch asked of sbatch. Pure functions of their arguments (no Snakemake objects), so they are tested alone."""
+folders bound into Apptainer containers, the SLURM partitions checked against the cluster, node-local
+scratch asked of sbatch, and runtimes within the partitions' limits. Pure functions of their arguments (no
+Snakemake objects), so they are tested alone."""
 
+import math
 import os
 import shlex
 import subprocess
@@ -87,3 +89,29 @@ def scratch_request(disk_mb) -> str | None:
     snakemake-executor-plugin-slurm 2.8 passes mem_mb, runtime, threads and gpu to sbatch but not disk_mb,
     so without it a job that stages data in $TMPDIR (the generators) may land on a node without the room."""
     return f"--tmp={disk_mb}" if isinstance(disk_mb, int) and not isinstance(disk_mb, bool) else None
+
+
+def runtime_limit(partition_file, gpus: int = 0) -> int | None:
+    """The longest runtime (minutes) that a partition of the SLURM plugin's partition file able to take a job of
+    `gpus` GPUs allows: for a GPU job the partitions with max_gpu >= gpus, for any other every partition (the
+    plugin only prefers one without GPUs); partitions of another cluster (`cluster:`) take none of this
+    workflow's jobs. None where one of them sets no limit, or none can take the job. Read as the plugin reads
+    it (its own reader: max_runtime in minutes or as SLURM's [D-]HH:MM:SS)."""
+    from snakemake_executor_plugin_slurm.partitions import read_partition_file
+
+    limits = [p.limits.max_runtime for p in read_partition_file(Path(partition_file))
+              if p.partition_cluster is None and (not gpus or p.limits.max_gpu >= gpus)]
+    if not limits or any(math.isinf(limit) for limit in limits):
+        return None
+    return int(max(limits))
+
+
+def capped_runtime(minutes, limit):
+    """A job's runtime (minutes) cut to `limit` (runtime_limit; None: none). snakemake-executor-plugin-slurm 2.8
+    sends a job that asks for more than every partition allows to the cluster's default partition, where a GPU
+    job finds no GPU, or that refuses or holds it (PartitionTimeLimit). The trainings and sampling resume where a
+    killed attempt stopped, so the rules' retries finish a job cut at the limit. A value not yet known (a
+    dry run's TBD) passes as it is."""
+    if limit is None or isinstance(minutes, bool) or not isinstance(minutes, (int, float)):
+        return minutes
+    return min(int(minutes), int(limit))
