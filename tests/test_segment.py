@@ -34,7 +34,7 @@ def test_the_trachea_is_followed_past_a_lung_it_touches_down_to_where_it_enters_
     the 14 slices of trachea below went to the right lung (the study's lesion maps had a trachea on half its
     length, and mask fidelity a trachea ceiling of 0.3)."""
     air, body = airway_volume()
-    trachea = track_trachea(air, body, 1.0, MaskOptions())
+    trachea = track_trachea(air, body, 1.0, 1.0, MaskOptions())
     tube = disk(air.shape[1:], (62, 64), 7)
     found = np.flatnonzero(trachea.any((1, 2)))
     assert found.tolist() == list(range(10, 30)), found
@@ -42,5 +42,33 @@ def test_the_trachea_is_followed_past_a_lung_it_touches_down_to_where_it_enters_
         assert (trachea[k] & ~tube).sum() <= 0.25 * tube.sum() and (trachea[k] & tube).sum() == tube.sum()
     assert not trachea[:, :, :52].any()  # nothing of the lung itself (columns 15-51)
     # Without the contact the same airway, and inside lung nothing: an airway within lung is not the trachea.
-    assert np.array_equal(track_trachea(*airway_volume(touching=()), 1.0, MaskOptions()).any((1, 2)),
+    assert np.array_equal(track_trachea(*airway_volume(touching=()), 1.0, 1.0, MaskOptions()).any((1, 2)),
                           trachea.any((1, 2)))
+    # Slices where the airway meets a lung and is not seen apart again below are not kept: it ends there.
+    ending = track_trachea(*airway_volume(touching=(10, 11), within_lung=()), 1.0, 1.0, MaskOptions())
+    assert np.flatnonzero(ending.any((1, 2))).tolist() == list(range(12, 30))
+
+
+def test_a_nodule_mask_keeps_its_lesion_and_drops_specks_of_the_spheres_edge():
+    """LIDC-IDRI-0001's sphere-and-k-means mask held a voxel on slice 84 and two on slice 85 apart from its
+    nodule (vessels at the sphere's edge): each made a nodule slice with a 1-pixel box. A nodule is its largest
+    connected part and any other at least a tenth of it (a nodule the cut splits in two keeps both)."""
+    from nodulesynth.masks.segment import nodule_mask
+
+    shape = (21, 64, 64)
+    z = np.arange(shape[0]) * 1.0  # 1-mm slices and pixels
+    image = np.full(shape, 40, np.uint8)  # lung
+    blob = np.zeros(shape, bool)
+    for k in range(7, 14):
+        blob[k] |= disk(shape[1:], (32, 32), 5)
+    image[blob] = 200
+    image[3, 32, 36] = 200  # specks within the 20-mm sphere, apart from the nodule
+    image[4, 33, 37] = image[4, 33, 38] = 200
+    mask = nodule_mask(image, z, (1.0, 1.0), (10.0, 32.0, 32.0), 20.0)
+    assert np.array_equal(mask, blob), (np.flatnonzero(mask.any((1, 2))), (mask & ~blob).sum())
+    # A nodule cut into two parts of like size keeps both.
+    second = np.zeros(shape, bool)
+    for k in range(7, 14):
+        second[k] |= disk(shape[1:], (32, 44), 3)
+    image[second] = 200
+    assert np.array_equal(nodule_mask(image, z, (1.0, 1.0), (10.0, 32.0, 36.0), 28.0), blob | second)

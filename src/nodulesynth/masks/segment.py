@@ -100,17 +100,20 @@ def _central_round_components(air, body, min_px, max_px):
 # Where the airway's air region has merged with a lung's (track_trachea), the airway is taken as the part of it
 # within a disc the size of the airway last seen apart, widened by AIRWAY_STEP_MM (about 2 pixels of a LIDC-IDRI
 # slice: how far the outline moves between slices), about the previous slice's airway; around an airway that
-# has entered a lung that disc is all air, larger than the airway by more than AIRWAY_MERGE_GROWTH.
+# has entered a lung that disc is all air, larger than the airway by more than AIRWAY_MERGE_GROWTH. Such slices
+# count as trachea only where the airway is seen apart again below them, within AIRWAY_MERGED_MM: a trachea
+# that touches a lung on its way down, not one that ends in it.
 AIRWAY_STEP_MM = 1.5
 AIRWAY_MERGE_GROWTH = 1.2
+AIRWAY_MERGED_MM = 15.0
 
 
-def track_trachea(air, body, pixel_area_mm2, opts: MaskOptions):
+def track_trachea(air, body, pixel_area_mm2, slice_mm, opts: MaskOptions):
     """Find the trachea in the top slices and follow it down until it divides (the carina) or enters a lung.
 
-    At masks.lung_threshold_hu a thin tracheal wall against a lung reads as air, merging the two regions; the
-    airway is then cut out of the merged region (AIRWAY_STEP_MM) rather than ending there, which would give
-    the rest of the trachea to that lung.
+    At masks.lung_threshold_hu a thin tracheal wall against a lung reads as air, merging the two regions; where
+    the airway runs on apart below such slices, it is cut out of them (AIRWAY_STEP_MM, AIRWAY_MERGED_MM) rather
+    than ended there, which gave the rest of the trachea to that lung. `slice_mm`: the slice spacing.
     """
     n = len(air)
     trachea = np.zeros_like(air)
@@ -127,6 +130,39 @@ def track_trachea(air, body, pixel_area_mm2, opts: MaskOptions):
             break
     if start is None:
         return trachea
+    step = AIRWAY_STEP_MM / np.sqrt(pixel_area_mm2)
+    most_merged = int(AIRWAY_MERGED_MM // slice_mm)
+    rows, cols = np.indices(air.shape[1:])
+    # Follow it down to the carina, then up: one air region must continue it in the next slice
+    # without dividing into the main bronchi.
+    for direction in (-1, 1):
+        previous = apart = trachea[start]  # the airway on the slice before, and last seen as a region of its own
+        merged = []  # (slice, airway) since then, kept once it is seen apart again
+        k = start + direction
+        while 0 <= k < n:
+            lab, _ = ndimage.label(air[k])
+            touching = np.unique(lab[previous & (lab > 0)])
+            if len(touching) != 1:
+                break
+            comp = lab == touching[0]
+            area = comp.sum()
+            # The airway widens from the larynx down (about twice per slice at most); a lung it
+            # merges with is far larger than masks.trachea_max_area_mm2.
+            if area > max_px or area > 2.5 * previous.sum() + 4:
+                centre_row, centre_col = ndimage.center_of_mass(previous)
+                radius = np.sqrt(apart.sum() / np.pi) + step
+                comp &= (rows - centre_row) ** 2 + (cols - centre_col) ** 2 <= radius ** 2
+                if comp.sum() > AIRWAY_MERGE_GROWTH * apart.sum() or len(merged) >= most_merged:
+                    break
+                merged.append((k, comp))
+            else:
+                for j, part in merged:
+                    trachea[j] = part
+                merged, apart = [], comp
+                trachea[k] = comp
+            previous = comp
+            k += direction
+    return trachea
     step = AIRWAY_STEP_MM / np.sqrt(pixel_area_mm2)
     rows, cols = np.indices(air.shape[1:])
     # Follow it down to the carina, then up: one air region must continue it in the next slice
@@ -197,7 +233,7 @@ def segment_volume(image, spacing, columns_toward_left=True, opts: MaskOptions |
     voxel_ml = spacing[0] * pixel_area / 1000.0
     body = np.stack([body_mask_2d(s, opts.body_threshold) for s in image])
     air = (image < hu_to_level(opts.lung_threshold_hu, window)) & body
-    trachea = track_trachea(air, body, pixel_area, opts)
+    trachea = track_trachea(air, body, pixel_area, float(spacing[0]), opts)
 
     lab, n = ndimage.label(air & ~trachea)
     volumes = np.bincount(lab.ravel())[1:] * voxel_ml
@@ -246,9 +282,12 @@ def segment_slice(image, columns_toward_left=True, pixel_mm=None, opts: MaskOpti
     return L.compose(body, left, right, trachea, np.zeros_like(body))
 
 
+NODULE_MIN_PART = 0.1  # a nodule mask's part apart from its largest, as a share of it, that is kept
+
+
 def nodule_mask(image, z, spacing_rc, center, diameter_mm):
     """The study's nodule mask: a sphere of the annotated diameter at the annotated centre, cut at
-    the mean of the two k-means centres of the intensities inside it.
+    the mean of the two k-means centres of the intensities inside it, less specks apart from the lesion.
 
     image: windowed uint8 [Z,H,W]; z: slice positions (mm); spacing_rc: (row, column) mm;
     center: fractional (slice, row, column) index.
@@ -273,6 +312,13 @@ def nodule_mask(image, z, spacing_rc, center, diameter_mm):
         return mask
     centres = KMeans(n_clusters=2, n_init=3, random_state=0).fit(values.reshape(-1, 1)).cluster_centers_
     threshold = float(centres.mean())
-    crop = image[ks][:, r0:r1, c0:c1] > threshold
-    mask[ks[:, None, None], rr[None], cc[None]] = sphere & crop
+    cut = sphere & (image[ks][:, r0:r1, c0:c1] > threshold)
+    # The cut also keeps specks at the sphere's edge (a vessel: a voxel or two, on a slice of their own a
+    # nodule slice with a 1-pixel box): the nodule is its largest connected part and any other of at least
+    # NODULE_MIN_PART of it (a nodule the cut splits).
+    parts, count = ndimage.label(cut, structure=np.ones((3, 3, 3)))
+    if count > 1:
+        sizes = np.bincount(parts.ravel())[1:]
+        cut = np.isin(parts, np.flatnonzero(sizes >= NODULE_MIN_PART * sizes.max()) + 1)
+    mask[ks[:, None, None], rr[None], cc[None]] = cut
     return mask
