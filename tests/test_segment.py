@@ -10,10 +10,12 @@ def disk(shape, centre, radius):
     return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius ** 2
 
 
-def airway_volume(touching=(18, 19, 20), within_lung=range(0, 10)):
-    """30 slices (inferior -> superior) of 128 x 128 one-mm pixels: a body, two lungs, and a trachea of radius 7
-    down the middle from the top to slice 10; on the `touching` slices the right lung reaches it over a broad
-    front (a thin tracheal wall read as air), and on the `within_lung` slices the airway lies inside a lung's air."""
+def airway_volume(touching=(18, 19, 20), within_lung=range(0, 10), wall=None):
+    """30 slices (inferior -> superior) of 128 x 128 pixels: a body, two lungs, and a trachea of radius 7 down the
+    middle from the top to slice 10; on the `touching` slices the right lung reaches it over a broad front (a thin
+    tracheal wall read as air), and on the `within_lung` slices the airway lies inside a lung's air. `wall`: the
+    right lung lies that many pixels from the airway on every slice (its wall), and on the `touching` slices the
+    wall is air."""
     n, shape = 30, (128, 128)
     body = np.zeros((n, *shape), bool)
     body[:, 10:118, 5:123] = True
@@ -22,6 +24,8 @@ def airway_volume(touching=(18, 19, 20), within_lung=range(0, 10)):
     air[:, 30:100, 76:113] = True  # the other
     for k in range(10, n):
         air[k] |= disk(shape, (62, 64), 7)
+    if wall is not None:
+        air[:, 58:70, 52:57 - wall] = True  # the lung up to the airway's wall
     for k in touching:
         air[k, 58:70, 52:58] = True  # the lung up against the airway
     for k in within_lung:
@@ -38,12 +42,17 @@ def test_the_trachea_is_followed_past_a_lung_it_touches_down_to_where_it_enters_
     tube = disk(air.shape[1:], (62, 64), 7)
     found = np.flatnonzero(trachea.any((1, 2)))
     assert found.tolist() == list(range(10, 30)), found
-    for k in (18, 19, 20):  # the part near the airway, not the lung it touches
-        assert (trachea[k] & ~tube).sum() <= 0.25 * tube.sum() and (trachea[k] & tube).sum() == tube.sum()
+    for k in (18, 19, 20):  # the airway (a disc its size about it), not the lung it touches
+        assert (trachea[k] & ~tube).sum() <= 0.05 * tube.sum() and (trachea[k] & tube).sum() >= 0.95 * tube.sum()
     assert not trachea[:, :, :52].any()  # nothing of the lung itself (columns 15-51)
     # Without the contact the same airway, and inside lung nothing: an airway within lung is not the trachea.
     assert np.array_equal(track_trachea(*airway_volume(touching=()), 1.0, 1.0, MaskOptions()).any((1, 2)),
                           trachea.any((1, 2)))
+    # A one-pixel wall at LIDC-IDRI's 0.7-mm pixels: the airway cut out of a merged slice (widened by 1.5 mm)
+    # reaches past the wall into the lung; the slice below, the airway apart again, is still its continuation.
+    thin = track_trachea(*airway_volume(wall=1, within_lung=()), 0.7 ** 2, 2.5, MaskOptions())
+    assert np.flatnonzero(thin.any((1, 2))).tolist() == list(range(10, 30))
+    assert not thin[:, :, :57].any()
     # Slices where the airway meets a lung and is not seen apart again below are not kept: it ends there.
     ending = track_trachea(*airway_volume(touching=(10, 11), within_lung=()), 1.0, 1.0, MaskOptions())
     assert np.flatnonzero(ending.any((1, 2))).tolist() == list(range(12, 30))

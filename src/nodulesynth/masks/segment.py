@@ -98,11 +98,11 @@ def _central_round_components(air, body, min_px, max_px):
 
 
 # Where the airway's air region has merged with a lung's (track_trachea), the airway is taken as the part of it
-# within a disc the size of the airway last seen apart, widened by AIRWAY_STEP_MM (about 2 pixels of a LIDC-IDRI
-# slice: how far the outline moves between slices), about the previous slice's airway; around an airway that
-# has entered a lung that disc is all air, larger than the airway by more than AIRWAY_MERGE_GROWTH. Such slices
-# count as trachea only where the airway is seen apart again below them, within AIRWAY_MERGED_MM: a trachea
-# that touches a lung on its way down, not one that ends in it.
+# within a disc the size of the airway last seen apart, about the previous slice's airway. Around an airway that
+# has entered a lung that disc widened by AIRWAY_STEP_MM (about 2 pixels of a LIDC-IDRI slice: how far the
+# outline moves between slices) is all air, more than AIRWAY_MERGE_GROWTH times the airway: tracking ends. Such
+# slices count as trachea only where the airway is seen apart again below them, within AIRWAY_MERGED_MM: a
+# trachea that touches a lung on its way down, not one that ends in it.
 AIRWAY_STEP_MM = 1.5
 AIRWAY_MERGE_GROWTH = 1.2
 AIRWAY_MERGED_MM = 15.0
@@ -150,10 +150,13 @@ def track_trachea(air, body, pixel_area_mm2, slice_mm, opts: MaskOptions):
             # merges with is far larger than masks.trachea_max_area_mm2.
             if area > max_px or area > 2.5 * previous.sum() + 4:
                 centre_row, centre_col = ndimage.center_of_mass(previous)
-                radius = np.sqrt(apart.sum() / np.pi) + step
-                comp &= (rows - centre_row) ** 2 + (cols - centre_col) ** 2 <= radius ** 2
-                if comp.sum() > AIRWAY_MERGE_GROWTH * apart.sum() or len(merged) >= most_merged:
+                distance2 = (rows - centre_row) ** 2 + (cols - centre_col) ** 2
+                radius = np.sqrt(apart.sum() / np.pi)
+                if (comp & (distance2 <= (radius + step) ** 2)).sum() > AIRWAY_MERGE_GROWTH * apart.sum() \
+                        or len(merged) >= most_merged:
                     break
+                # the airway's own disc: a wider one would reach past a thin wall into the lung of the next slice
+                comp &= distance2 <= radius ** 2
                 merged.append((k, comp))
             else:
                 for j, part in merged:
@@ -161,58 +164,6 @@ def track_trachea(air, body, pixel_area_mm2, slice_mm, opts: MaskOptions):
                 merged, apart = [], comp
                 trachea[k] = comp
             previous = comp
-            k += direction
-    return trachea
-    step = AIRWAY_STEP_MM / np.sqrt(pixel_area_mm2)
-    rows, cols = np.indices(air.shape[1:])
-    # Follow it down to the carina, then up: one air region must continue it in the next slice
-    # without dividing into the main bronchi.
-    for direction in (-1, 1):
-        apart = trachea[start]  # the airway last seen as an air region of its own
-        k = start + direction
-        while 0 <= k < n:
-            previous = trachea[k - direction]
-            lab, _ = ndimage.label(air[k])
-            touching = np.unique(lab[previous & (lab > 0)])
-            if len(touching) != 1:
-                break
-            comp = lab == touching[0]
-            area = comp.sum()
-            # The airway widens from the larynx down (about twice per slice at most); a lung it
-            # merges with is far larger than masks.trachea_max_area_mm2.
-            if area > max_px or area > 2.5 * previous.sum() + 4:
-                centre_row, centre_col = ndimage.center_of_mass(previous)
-                radius = np.sqrt(apart.sum() / np.pi) + step
-                comp &= (rows - centre_row) ** 2 + (cols - centre_col) ** 2 <= radius ** 2
-                if comp.sum() > AIRWAY_MERGE_GROWTH * apart.sum():
-                    break
-            else:
-                apart = comp
-            trachea[k] = comp
-            k += direction
-    return trachea
-    step = max(1, int(round(AIRWAY_STEP_MM / np.sqrt(pixel_area_mm2))))
-    within = ndimage.iterate_structure(ndimage.generate_binary_structure(2, 1), step)
-    # Follow it down to the carina, then up: one air region must continue it in the next slice
-    # without dividing into the main bronchi.
-    for direction in (-1, 1):
-        k = start + direction
-        while 0 <= k < n:
-            previous = trachea[k - direction]
-            lab, _ = ndimage.label(air[k])
-            touching = np.unique(lab[previous & (lab > 0)])
-            if len(touching) != 1:
-                break
-            comp = lab == touching[0]
-            area = comp.sum()
-            # The airway widens from the larynx down (about twice per slice at most); a lung it
-            # merges with is far larger than masks.trachea_max_area_mm2.
-            if area > max_px or area > 2.5 * previous.sum() + 4:
-                # the opening drops the rim of lung within reach, which would otherwise creep on slice by slice
-                comp = ndimage.binary_opening(comp & ndimage.binary_dilation(previous, iterations=step), within)
-                if not comp.any() or comp.sum() > AIRWAY_MERGE_GROWTH * previous.sum():
-                    break
-            trachea[k] = comp
             k += direction
     return trachea
 
