@@ -191,17 +191,22 @@ def adopt_unkeyed(wheels: Path, key: str, mmcv_version: str) -> Path | None:
 
 def compatible_wheel(wheels, mmcv_version: str, python=sys.executable) -> Path | None:
     """The wheel of mmcv `mmcv_version` in folder `wheels` that `python` can install, or None: pip's own choice
-    (a dry run against the folder alone), so a wheel of another Python or platform in the folder is passed over."""
+    (a dry run against the folder alone), so a wheel of another Python or platform in the folder is passed over.
+    pip's configuration (PIP_* variables, pip.conf: find-links of other wheels, constraints) is left out."""
     import json
     from urllib.parse import unquote, urlparse
 
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    environ["PIP_CONFIG_FILE"] = os.devnull  # pip reads no configuration file
     out = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--dry-run",
                           "--ignore-installed", "--no-index", "--no-deps", "--only-binary", ":all:", "--find-links",
-                          str(wheels), "--report", "-", f"mmcv=={mmcv_version}"], capture_output=True, text=True)
+                          str(wheels), "--report", "-", f"mmcv=={mmcv_version}"], capture_output=True, text=True,
+                         env=environ)
     if out.returncode != 0:
         return None
-    chosen = [item["download_info"]["url"] for item in json.loads(out.stdout)["install"]]
-    return Path(unquote(urlparse(chosen[0]).path)) if chosen else None
+    chosen = [Path(unquote(urlparse(item["download_info"]["url"]).path)) for item in json.loads(out.stdout)["install"]]
+    inside = [path for path in chosen if path.parent.resolve() == Path(wheels).resolve()]
+    return inside[0] if inside else None
 
 
 def find_toolkit(torch_cuda: str | None, environ=None):

@@ -225,7 +225,7 @@ def _tagged_wheel(folder, tag, version="2.1.0"):
     return path
 
 
-def test_the_cached_wheel_is_the_one_this_interpreter_can_install(tmp_path):
+def test_the_cached_wheel_is_the_one_this_interpreter_can_install(tmp_path, monkeypatch):
     """A home shared by x86_64 and aarch64 nodes, or by two Pythons, holds several builds of one key: each takes its
     own, and one finds none where only another's is there (so it builds its own instead of failing to install)."""
     import sysconfig
@@ -239,6 +239,17 @@ def test_the_cached_wheel_is_the_one_this_interpreter_can_install(tmp_path):
     ours = _tagged_wheel(tmp_path, f"{python}-{python}-{machine}")
     assert build.compatible_wheel(tmp_path, "2.1.0") == ours
     assert build.compatible_wheel(tmp_path, "2.2.0") is None
+    # pip's own configuration (PIP_FIND_LINKS, pip.conf's find-links: this machine has both) adds folders of
+    # wheels of other keys: the folder alone is searched.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _tagged_wheel(elsewhere, f"{python}-{python}-{machine}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PIP_FIND_LINKS", str(elsewhere))
+    assert build.compatible_wheel(empty, "2.1.0") is None
+    assert build.compatible_wheel(tmp_path, "2.1.0") == ours
+    monkeypatch.delenv("PIP_FIND_LINKS")
     assert foreign.exists() and older.exists()
     script = [sys.executable, str(REPO / "scripts" / "mmcv_build.py"), "wheel", "--wheels"]
     out = subprocess.run(script + [str(tmp_path), "--mmcv-version", "2.1.0"], capture_output=True, text=True)
