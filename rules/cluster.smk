@@ -53,18 +53,21 @@ def node_scratch_request(smk_rule):
     return slurm_extra
 
 
-def runtime_within_partitions(smk_rule, runtime, gpu):
-    """The rule's `runtime` resource, on SLURM cut to the longest a partition that can take its jobs allows
-    (cluster.runtime_limit, cluster.capped_runtime); as declared otherwise. `gpu`: the rule's gpu resource."""
+def runtime_within_partitions(smk_rule, runtime):
+    """The rule's `runtime` resource, on SLURM cut to the longest a partition that can take the job (its other
+    resources and threads) allows (cluster.runtime_limit, cluster.capped_runtime); as declared otherwise."""
 
     def capped(wildcards, input, threads, attempt):
-        aux = dict(input=input, threads=threads, attempt=attempt, rulename=smk_rule.name)
-        minutes = runtime.evaluate(wildcards, **aux).value
+        minutes = runtime.evaluate(
+            wildcards, input=input, threads=threads, attempt=attempt, rulename=smk_rule.name
+        ).value
         if not on_slurm() or not partition_file():
             return minutes
-        gpus = gpu.evaluate(wildcards, **aux).value if gpu is not None else 0
-        gpus = gpus if isinstance(gpus, int) else 0  # a gpu count not known yet counts as none
-        return cluster.capped_runtime(minutes, cluster.runtime_limit(partition_file(), gpus))
+        others = smk_rule.expand_resources(
+            dict(wildcards.items()), input, attempt, skip_evaluation={"runtime", "slurm_extra"}
+        )
+        resources = {name: value for name, value in others.items() if name not in ("runtime", "slurm_extra", "_cores")}
+        return cluster.capped_runtime(minutes, cluster.runtime_limit(partition_file(), resources, threads))
 
     return capped
 
@@ -74,6 +77,4 @@ for declared in workflow.rules:
     if "slurm_extra" not in declared.resources:
         declared.resources["slurm_extra"] = node_scratch_request(declared)
     if "runtime" in declared.resources:
-        declared.resources["runtime"] = runtime_within_partitions(
-            declared, declared.resources["runtime"], declared.resources.get("gpu")
-        )
+        declared.resources["runtime"] = runtime_within_partitions(declared, declared.resources["runtime"])

@@ -77,23 +77,30 @@ def test_scratch_request_only_for_a_disk_size():
 def test_a_runtime_above_every_partitions_limit_is_cut_to_the_longest_that_can_take_the_job(tmp_path):
     """snakemake-executor-plugin-slurm sends a job no partition of its partition file fits to the cluster's default
     partition: an SDM training asking 67 h where the GPU partitions allow 48 would go to a CPU partition. The rules'
-    runtime is cut to the longest a partition that can take the job allows (the trainings and sampling resume, so
-    the next attempt goes on where the cut one stopped); limits read as the plugin reads them."""
+    runtime is cut to the longest a partition that can take the job (by the plugin's own fit, runtime aside)
+    allows: the trainings and sampling resume, so the next attempt goes on where the cut one stopped."""
     import yaml
 
     path = tmp_path / "partitions.yaml"
     path.write_text(yaml.safe_dump({"partitions": {
         "short": {"max_runtime": 240},
-        "long": {"max_runtime": "3-00:00:00"},
-        "gpu": {"max_runtime": 1440, "max_gpu": 4},
-        "gpu-big": {"max_runtime": "2-00:00:00", "max_gpu": 8},
+        "long": {"max_runtime": "3-00:00:00", "max_mem_mb": 64000},
+        "gpu": {"max_runtime": 1440, "max_gpu": 4, "max_mem_mb": 256000},
+        "gpu-long": {"max_runtime": "2-00:00:00", "max_gpu": 8, "max_mem_mb": 64000,
+                     "available_gpu_models": ["v100"]},
         "other-cluster": {"max_runtime": 99999, "max_gpu": 8, "cluster": "elsewhere"},  # jobs name no cluster
     }}))
-    assert cluster.runtime_limit(path, gpus=0) == 3 * 24 * 60
-    assert cluster.runtime_limit(path, gpus=1) == 2 * 24 * 60 == cluster.runtime_limit(path, gpus=8)
-    assert cluster.runtime_limit(path, gpus=16) is None  # no partition takes it: left to the plugin to refuse
+    assert cluster.runtime_limit(path, {"mem_mb": 8000}) == 3 * 24 * 60
+    assert cluster.runtime_limit(path, {"mem_mb": 128000}) == 1440  # "long" lacks the memory
+    assert cluster.runtime_limit(path, {"mem_mb": 512000}) == 240  # "short" sets no memory limit
+    assert cluster.runtime_limit(path, {"gpu": 1, "mem_mb": 16000}, threads=8) == 2 * 24 * 60
+    assert cluster.runtime_limit(path, {"gpu": 8, "mem_mb": 16000}) == 2 * 24 * 60
+    assert cluster.runtime_limit(path, {"gpu": 1, "mem_mb": 128000}) == 1440  # gpu-long has too little memory
+    assert cluster.runtime_limit(path, {"gpu": 1, "gpu_model": "a100"}) == 1440  # and only V100s
+    assert cluster.runtime_limit(path, {"gpu": 16}) is None  # none takes it: left to the plugin to report
+    assert cluster.runtime_limit(path, {"gpu": 1, "runtime": 4043}) == 2 * 24 * 60  # its own runtime aside
     assert cluster.capped_runtime(4043, 2880) == 2880 and cluster.capped_runtime(60, 2880) == 60
     assert cluster.capped_runtime(4043, None) == 4043
     path.write_text(yaml.safe_dump({"partitions": {"gpu": {"max_gpu": 4}, "cpu": {"max_runtime": 60}}}))
-    assert cluster.runtime_limit(path, gpus=1) is None  # no limit given: nothing to cut to
-    assert cluster.runtime_limit(path, gpus=0) is None
+    assert cluster.runtime_limit(path, {"gpu": 1}) is None  # no limit given: nothing to cut to
+    assert cluster.runtime_limit(path, {}) is None

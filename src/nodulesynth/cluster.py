@@ -91,16 +91,19 @@ def scratch_request(disk_mb) -> str | None:
     return f"--tmp={disk_mb}" if isinstance(disk_mb, int) and not isinstance(disk_mb, bool) else None
 
 
-def runtime_limit(partition_file, gpus: int = 0) -> int | None:
+def runtime_limit(partition_file, resources: dict, threads: int = 1) -> int | None:
     """The longest runtime (minutes) that a partition of the SLURM plugin's partition file able to take a job of
-    `gpus` GPUs allows: for a GPU job the partitions with max_gpu >= gpus, for any other every partition (the
-    plugin only prefers one without GPUs); partitions of another cluster (`cluster:`) take none of this
-    workflow's jobs. None where one of them sets no limit, or none can take the job. Read as the plugin reads
-    it (its own reader: max_runtime in minutes or as SLURM's [D-]HH:MM:SS)."""
+    these `resources` and `threads` allows: the partitions the plugin's own fit (Partition.score_job_fit: GPUs,
+    GPU model, memory, CPUs, constraints, cluster) accepts for the job with its runtime left out. None where one
+    of them sets no limit, or none can take the job (left to the plugin to report)."""
+    from types import SimpleNamespace
+
     from snakemake_executor_plugin_slurm.partitions import read_partition_file
 
+    job = SimpleNamespace(name="runtime limit", threads=threads,
+                          resources={name: value for name, value in resources.items() if name != "runtime"})
     limits = [p.limits.max_runtime for p in read_partition_file(Path(partition_file))
-              if p.partition_cluster is None and (not gpus or p.limits.max_gpu >= gpus)]
+              if p.score_job_fit(job) is not None]
     if not limits or any(math.isinf(limit) for limit in limits):
         return None
     return int(max(limits))
