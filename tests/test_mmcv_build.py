@@ -218,10 +218,11 @@ def _tagged_wheel(folder, tag, version="2.1.0"):
     import zipfile
 
     path = Path(folder) / f"mmcv-{version}-{tag}.whl"
+    info = f"mmcv-{version}.dist-info"
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr(f"mmcv-{version}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: mmcv\nVersion: {version}\n")
-        archive.writestr(f"mmcv-{version}.dist-info/WHEEL", f"Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: {tag}\n")
-        archive.writestr(f"mmcv-{version}.dist-info/RECORD", "")
+        archive.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: mmcv\nVersion: {version}\n")
+        archive.writestr(f"{info}/WHEEL", f"Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: {tag}\n")
+        archive.writestr(f"{info}/RECORD", "")
     return path
 
 
