@@ -73,11 +73,9 @@ class DownstreamOptions(SectionOptions):
     def dataset_keys(arm: str) -> tuple:
         """The keys arm `arm`'s data depends on (build_arm_dataset): a changed synthetic_ratio rebuilds and
         retrains B, C and N, a changed withheld share P, and neither touches A, which draws nothing."""
-        keys = {"A": (), "B": ("synthetic_ratio", "seed"), "C": ("synthetic_ratio", "seed"),
-                "P": ("seed", "positive_control_withheld"), "N": ("synthetic_ratio", "seed")}
-        if arm not in keys:
-            raise InputError(f"unknown arm {arm!r}: expected one of {study_arms(controls=True)}")
-        return keys[arm]
+        check_arm(arm)
+        return {"A": (), "B": ("synthetic_ratio", "seed"), "C": ("synthetic_ratio", "seed"),
+                "P": ("seed", "positive_control_withheld"), "N": ("synthetic_ratio", "seed")}[arm]
 
 
 def fold_number(path) -> int:
@@ -92,6 +90,12 @@ def fold_number(path) -> int:
 def study_arms(controls: bool = False) -> list[str]:
     """The arms the DAG trains: A, B, C, and the control arms P and N where downstream.controls is on."""
     return list(ARMS) + (list(CONTROLS) if controls else [])
+
+
+def check_arm(arm: str) -> None:
+    """Refuse a name that is none of the study's arms or controls."""
+    if arm not in ARMS and arm not in CONTROLS:
+        raise InputError(f"unknown arm {arm!r}: expected one of {study_arms(controls=True)}")
 
 
 def study_image_size(image_size, generator_sizes: dict) -> int:
@@ -420,8 +424,7 @@ def build_arm_dataset(arm: str, fold: int, train_scans, test_scans, slices_dir, 
 
     from nodulesynth.data.slices import load_slices
 
-    if arm not in ARMS and arm not in CONTROLS:
-        raise InputError(f"unknown arm {arm!r}: expected one of {study_arms(controls=True)}")
+    check_arm(arm)
     generator = ARMS.get(arm)
     if generator and synth_dir is None:
         raise InputError(f"arm {arm} needs the synthetic slices of {generator}")
